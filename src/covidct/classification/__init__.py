@@ -1,0 +1,1 @@
+"""COVID / non-COVID classification: EfficientNet from timm, cached inputs, training and scoring."""

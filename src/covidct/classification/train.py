@@ -1,0 +1,93 @@
+"""Training of the classifier: BCE on one logit, Adam, the paper's augmentation, and the
+checkpoint with the best validation score (never the test split)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from covidct.classification.data import CachedImages, paper_augmentation, to_model_input
+from covidct.classification.model import build_classifier, normalisation, save_classifier
+from covidct.config import ClassifierConfig
+from covidct.metrics import binary_metrics
+from covidct.runtime import autocast, grad_scaler, seed_everything
+
+
+@torch.inference_mode()
+def predict_scores(model: torch.nn.Module, images: np.ndarray, device: torch.device, mean, std, batch_size: int = 32, progress: str | None = None) -> np.ndarray:
+    """COVID probabilities for uint8 (N, S, S) images."""
+    model.eval()
+    loader = DataLoader(CachedImages(images, np.zeros(len(images))), batch_size=batch_size)
+    scores = []
+    for batch, _ in tqdm(loader, desc=progress, unit="batch", disable=progress is None):
+        with autocast(device):
+            logits = model(to_model_input(batch, mean, std, device))
+        scores.append(torch.sigmoid(logits.float()[:, 0]).cpu().numpy())
+    return np.concatenate(scores)
+
+
+def _selection_score(metrics: dict[str, float], val_loss: float, name: str) -> float:
+    return -val_loss if name == "neg_loss" else metrics[name]
+
+
+def train_classifier(
+    train: tuple[np.ndarray, np.ndarray],
+    val: tuple[np.ndarray, np.ndarray],
+    config: ClassifierConfig,
+    device: torch.device,
+    checkpoint: Path,
+    meta: dict,
+    on_epoch: Callable[[dict], None] = lambda row: None,
+) -> pd.DataFrame:
+    """Train; keep the weights with the best validation ``config.select_metric``; return history."""
+    seed_everything(config.seed)
+    model = build_classifier(config.model).to(device).to(memory_format=torch.channels_last)
+    mean, std = normalisation(model)
+    optimiser = torch.optim.Adam(model.parameters(), lr=config.lr)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    loader = DataLoader(
+        CachedImages(*train, paper_augmentation(config.augment, config.seed)),
+        batch_size=config.batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(config.seed),
+        drop_last=len(train[0]) > config.batch_size,  # a batch of 1 breaks batch norm
+    )
+    scaler = grad_scaler(device)
+    history, best = [], -np.inf
+    for epoch in range(1, config.epochs + 1):
+        model.train()
+        started, losses, seen = time.perf_counter(), [], 0
+        bar = tqdm(loader, desc=f"classifier epoch {epoch}/{config.epochs}", unit="batch")
+        for images, labels in bar:
+            x, y = to_model_input(images, mean, std, device), labels.to(device)
+            optimiser.zero_grad(set_to_none=True)
+            with autocast(device):
+                logits = model(x)[:, 0]
+            loss = loss_fn(logits.float(), y)
+            scaler.scale(loss).backward()
+            scaler.step(optimiser)
+            scaler.update()
+            losses.append(loss.item())
+            seen += len(images)
+            bar.set_postfix(loss=f"{np.mean(losses):.4f}")
+        train_seconds = time.perf_counter() - started
+        val_scores = predict_scores(model, val[0], device, mean, std, config.batch_size * 2)
+        val_loss = float(torch.nn.functional.binary_cross_entropy(torch.from_numpy(val_scores).double().clamp(1e-7, 1 - 1e-7), torch.from_numpy(val[1]).double()))
+        val_metrics = binary_metrics(val[1], val_scores)
+        score = _selection_score(val_metrics, val_loss, config.select_metric)
+        if score > best:
+            best = score
+            save_classifier(checkpoint, model, meta | {"epoch": epoch, f"val_{config.select_metric}": score, "mean": list(mean), "std": list(std)})
+        row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "val_loss": val_loss, **{f"val_{k}": v for k, v in val_metrics.items()}}
+        row |= {"best_val_score": best, "train_images_per_s": seen / train_seconds, "epoch_seconds": time.perf_counter() - started}
+        history.append(row)
+        on_epoch(row)
+        tqdm.write(f"classifier epoch {epoch}: loss {row['train_loss']:.4f}, val loss {val_loss:.4f}, val AUC {val_metrics['auc']:.3f}, val acc {val_metrics['accuracy']:.3f} ({row['train_images_per_s']:.1f} img/s)")
+    return pd.DataFrame(history)

@@ -1,0 +1,212 @@
+"""Typed, validated views of ``params.yaml``: one dataclass per section, so each stage reads only its keys.
+
+A bad value stops the stage with one message naming the key (``segmenter.tversky_alpha``),
+instead of a traceback deep inside training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+EFFICIENTNET_VARIANTS = tuple(f"efficientnet_b{i}" for i in range(8))
+
+
+class ConfigError(ValueError):
+    """A missing, unknown or out-of-range key in params.yaml."""
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"params.yaml: {key} {message}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source_dir: str = "../shared/data"  # holds covid-ct/ and lung-seg/; relative to the repo root
+    subset_per_class: int = 0  # >0: keep only N images per class and split (tiny profiles for tests)
+    lung_subset_per_patient: int = 0  # >0: keep only N slices per patient
+
+    def validate(self) -> None:
+        _check(self.subset_per_class >= 0, "data.subset_per_class", f"must be >= 0, got {self.subset_per_class}")
+        _check(self.lung_subset_per_patient >= 0, "data.lung_subset_per_patient", f"must be >= 0, got {self.lung_subset_per_patient}")
+
+
+@dataclass(frozen=True)
+class LungSplitConfig:
+    test_slices: int = 100
+    val_slices: int = 100
+    seed: int = 0
+
+    def validate(self) -> None:
+        for key in ("test_slices", "val_slices"):
+            _check(getattr(self, key) > 0, f"lung_split.{key}", f"must be > 0, got {getattr(self, key)}")
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    size: int = 256
+    clahe_clip: float = 7.0  # the lung set was made with OpenCV CLAHE clipLimit 7.0; 0 disables
+
+    def validate(self) -> None:
+        _check(self.size >= 32 and self.size % 16 == 0, "preprocess.size", f"must be a multiple of 16 and >= 32, got {self.size}")
+        _check(self.clahe_clip >= 0, "preprocess.clahe_clip", f"must be >= 0, got {self.clahe_clip}")
+
+
+@dataclass(frozen=True)
+class SegmenterConfig:
+    channels: tuple[int, ...] = (8, 16, 32, 64, 128)
+    epochs: int = 10
+    batch_size: int = 8
+    lr: float = 1e-3
+    tversky_alpha: float = 0.7  # weight of false NEGATIVES (the paper's convention, not MONAI's)
+    tversky_beta: float = 0.3  # weight of false positives
+    tversky_gamma: float = 1.3  # loss = (1 - TI) ** (1 / gamma), as in Abraham & Khan's reference code
+    augment: bool = True
+    seed: int = 0
+
+    def validate(self) -> None:
+        _check(len(self.channels) >= 2 and all(c > 0 for c in self.channels), "segmenter.channels", f"must list >= 2 positive widths, got {list(self.channels)}")
+        _check(self.epochs >= 1, "segmenter.epochs", f"must be >= 1, got {self.epochs}")
+        _check(self.batch_size >= 1, "segmenter.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.lr > 0, "segmenter.lr", f"must be > 0, got {self.lr}")
+        for key in ("tversky_alpha", "tversky_beta"):
+            value = getattr(self, key)
+            _check(0.0 <= value <= 1.0, f"segmenter.{key}", f"must be in [0, 1], got {value}")
+        _check(self.tversky_alpha + self.tversky_beta > 0, "segmenter.tversky_alpha", "and tversky_beta must not both be 0")
+        _check(0.0 < self.tversky_gamma <= 5.0, "segmenter.tversky_gamma", f"must be in (0, 5], got {self.tversky_gamma}")
+
+
+@dataclass(frozen=True)
+class CropConfig:
+    margin: int = 5  # the paper's r: the lung box shrinks by r px on every side (negative grows it)
+    min_lung_fraction: float = 0.02  # below this the mask is implausible and the whole image is kept
+    keep_components: int = 2  # two lungs; drops burnt-in text and page background
+    batch_size: int = 16
+
+    def validate(self) -> None:
+        _check(-200 <= self.margin <= 200, "crop.margin", f"must be in [-200, 200] px, got {self.margin}")
+        _check(0.0 <= self.min_lung_fraction < 1.0, "crop.min_lung_fraction", f"must be in [0, 1), got {self.min_lung_fraction}")
+        _check(self.keep_components >= 1, "crop.keep_components", f"must be >= 1, got {self.keep_components}")
+        _check(self.batch_size >= 1, "crop.batch_size", f"must be >= 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    scale: float = 0.1  # random scale in [1 - scale, 1 + scale]
+    rotate: float = 5.0  # degrees, uniform in [-rotate, rotate]
+    hflip: float = 0.5  # probability
+
+    def validate(self) -> None:
+        _check(0.0 <= self.scale < 1.0, "classifier.augment.scale", f"must be in [0, 1), got {self.scale}")
+        _check(0.0 <= self.rotate <= 180.0, "classifier.augment.rotate", f"must be in [0, 180], got {self.rotate}")
+        _check(0.0 <= self.hflip <= 1.0, "classifier.augment.hflip", f"must be in [0, 1], got {self.hflip}")
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    model: str = "efficientnet_b0"
+    image_size: int = 224
+    epochs: int = 25
+    batch_size: int = 16
+    lr: float = 1e-4
+    select_metric: str = "auc"  # validation metric that picks the checkpoint
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    seed: int = 0
+
+    def validate(self) -> None:
+        _check(self.model in EFFICIENTNET_VARIANTS, "classifier.model", f"must be one of {', '.join(EFFICIENTNET_VARIANTS)}, got {self.model!r}")
+        _check(self.image_size >= 32, "classifier.image_size", f"must be >= 32, got {self.image_size}")
+        _check(self.epochs >= 1, "classifier.epochs", f"must be >= 1, got {self.epochs}")
+        _check(self.batch_size >= 2, "classifier.batch_size", f"must be >= 2 (batch norm), got {self.batch_size}")
+        _check(self.lr > 0, "classifier.lr", f"must be > 0, got {self.lr}")
+        _check(self.select_metric in ("auc", "accuracy", "f1", "recall", "neg_loss"), "classifier.select_metric", f"must be auc, accuracy, f1, recall or neg_loss, got {self.select_metric!r}")
+        self.augment.validate()
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    threshold: float = 0.5
+    n_bootstrap: int = 1000
+    seed: int = 0
+
+    def validate(self) -> None:
+        _check(0.0 < self.threshold < 1.0, "evaluate.threshold", f"must be in (0, 1), got {self.threshold}")
+        _check(self.n_bootstrap >= 100, "evaluate.n_bootstrap", f"must be >= 100, got {self.n_bootstrap}")
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "lung_split": LungSplitConfig,
+    "preprocess": PreprocessConfig,
+    "segmenter": SegmenterConfig,
+    "crop": CropConfig,
+    "classifier": ClassifierConfig,
+    "evaluate": EvaluateConfig,
+}
+
+
+def _build(cls: type[T], raw: Any, prefix: str) -> T:
+    _check(isinstance(raw, dict), prefix, f"must be a mapping, got {type(raw).__name__}")
+    known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(raw) - set(known))
+    _check(not unknown, f"{prefix}.{unknown[0] if unknown else ''}", f"is not a known key (known: {', '.join(known)})")
+    values: dict[str, Any] = {}
+    for name, value in raw.items():
+        default = known[name].default if known[name].default is not dataclasses.MISSING else known[name].default_factory()  # type: ignore[misc]
+        key = f"{prefix}.{name}"
+        if dataclasses.is_dataclass(default):
+            values[name] = _build(type(default), value, key)
+        elif isinstance(default, tuple):
+            _check(isinstance(value, list), key, f"must be a list, got {value!r}")
+            values[name] = tuple(value)
+        elif isinstance(default, bool):
+            _check(isinstance(value, bool), key, f"must be true or false, got {value!r}")
+            values[name] = value
+        elif isinstance(default, (int, float)):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if isinstance(default, int) and not isinstance(default, bool):
+                ok = ok and float(value).is_integer()
+            _check(ok, key, f"must be a number, got {value!r}")
+            values[name] = type(default)(value)
+        else:
+            _check(isinstance(value, str), key, f"must be a string, got {value!r}")
+            values[name] = value
+    config = cls(**values)
+    config.validate()  # type: ignore[attr-defined]
+    return config
+
+
+def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: must hold a mapping of sections")
+    return raw
+
+
+def section(params: dict[str, Any], name: str) -> Any:
+    """The validated dataclass for one section of params.yaml."""
+    if name not in params:
+        raise ConfigError(f"params.yaml: section {name!r} is missing")
+    return _build(SECTIONS[name], params[name], name)
+
+
+def validate_all(params: dict[str, Any]) -> None:
+    """Check every known section; used for profiles and before a long run."""
+    unknown = sorted(set(params) - set(SECTIONS))
+    _check(not unknown, unknown[0] if unknown else "", f"is not a known section (known: {', '.join(SECTIONS)})")
+    for name in SECTIONS:
+        if name in params:
+            section(params, name)

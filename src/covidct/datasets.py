@@ -1,0 +1,150 @@
+"""The two raw datasets: checksum verification, the official COVID-CT split and a patient-level lung split.
+
+Split tables use paths relative to each dataset's root, so the same table serves the
+verified copy under ``data/raw`` and, for the crops, the cropped copy of the images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+COVID_CT = "covid-ct"
+LUNG_SEG = "lung-seg"
+CLASS_DIRS = {"CT_COVID": 1, "CT_NonCOVID": 0}  # COVID is the positive class
+SPLITS = ("train", "val", "test")
+
+
+class DatasetError(ValueError):
+    """A dataset file that is missing, altered or inconsistent; the message names it."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_checksums(root: Path) -> dict[str, str]:
+    sums = root / "SHA256SUMS"
+    if not sums.is_file():
+        raise DatasetError(f"{sums}: checksum list not found (is data.source_dir right?)")
+    entries: dict[str, str] = {}
+    for line_no, line in enumerate(sums.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        digest, sep, name = line.partition("  ")
+        if not sep or len(digest) != 64:
+            raise DatasetError(f"{sums}:{line_no}: not a 'sha256  path' line")
+        entries[name.lstrip("*")] = digest
+    return entries
+
+
+def verify_checksums(root: Path) -> int:
+    """Check every file listed in ``root/SHA256SUMS``; return how many were checked.
+
+    Fails on the first missing or altered file so a partial download or an edited
+    image never reaches training silently.
+    """
+    entries = read_checksums(root)
+    for name, expected in entries.items():
+        path = root / name
+        if not path.is_file():
+            raise DatasetError(f"{path}: listed in SHA256SUMS but missing")
+        if _sha256(path) != expected:
+            raise DatasetError(f"{path}: sha256 does not match SHA256SUMS (file altered or truncated)")
+    return len(entries)
+
+
+def copy_verified(source: Path, dest: Path) -> int:
+    """Copy a dataset (the files SHA256SUMS lists, plus that list) into ``dest``, verified.
+
+    The copy goes to a sibling temp folder that is renamed at the end, so an interrupted
+    copy never leaves a half-filled ``dest``.
+    """
+    count = verify_checksums(source)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for name in [*read_checksums(source), "SHA256SUMS"]:
+        target = tmp / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source / name, target)
+    for extra in ("PROVENANCE.md", "manifest.csv"):
+        if (source / extra).is_file() and not (tmp / extra).exists():
+            shutil.copy2(source / extra, tmp / extra)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return count
+
+
+def covid_ct_split(root: Path, subset_per_class: int = 0) -> pd.DataFrame:
+    """The official patient-level split (``Data-split/*.txt``) as a table: relpath, label, split.
+
+    Every listed image must exist and appear in exactly one list.
+    """
+    rows = []
+    for split in SPLITS:
+        for class_dir, label in CLASS_DIRS.items():
+            split_list = root / "Data-split" / f"{split}{class_dir}.txt"
+            if not split_list.is_file():
+                raise DatasetError(f"{split_list}: split list not found")
+            names = [n.strip() for n in split_list.read_text(encoding="utf-8").splitlines() if n.strip()]
+            for name in names:
+                relpath = f"{class_dir}/{name}"
+                if not (root / relpath).is_file():
+                    raise DatasetError(f"{split_list}: names {name!r}, but {root / relpath} does not exist")
+                rows.append({"relpath": relpath, "label": label, "split": split})
+    table = pd.DataFrame(rows)
+    duplicated = table[table["relpath"].duplicated()]
+    if not duplicated.empty:
+        raise DatasetError(f"{root / 'Data-split'}: {duplicated['relpath'].iloc[0]} appears in more than one list")
+    if subset_per_class:
+        table = table.groupby(["split", "label"], sort=False).head(subset_per_class)
+    return table.reset_index(drop=True)
+
+
+def _closest_subset(sizes: dict[str, int], target: int, rng: np.random.Generator) -> list[str]:
+    """Patients whose slice count sums closest to ``target`` (ties broken at random)."""
+    names = list(sizes)
+    best: list[tuple[str, ...]] = []
+    best_gap = None
+    # Up to 4 patients per subset: exact for ~100-slice targets (70 slices is the largest patient).
+    for k in range(1, min(4, len(names) - 1) + 1):
+        for combo in itertools.combinations(names, k):
+            gap = abs(sum(sizes[n] for n in combo) - target)
+            if best_gap is None or gap < best_gap:
+                best, best_gap = [combo], gap
+            elif gap == best_gap:
+                best.append(combo)
+    return list(best[int(rng.integers(len(best)))])
+
+
+def lung_split(manifest: pd.DataFrame, test_slices: int, val_slices: int, seed: int, subset_per_patient: int = 0) -> pd.DataFrame:
+    """Split the lung set by ``patient_id`` (never by slice): about ``test_slices`` test slices
+    and ``val_slices`` validation slices from patients seen nowhere else; the rest trains.
+    """
+    for column in ("id", "patient_id"):
+        if column not in manifest.columns:
+            raise DatasetError(f"manifest.csv: column {column!r} is missing")
+    rng = np.random.default_rng(seed)
+    sizes = manifest.groupby("patient_id").size().to_dict()
+    if len(sizes) < 3:
+        raise DatasetError(f"manifest.csv: needs >= 3 patients for train/val/test, found {len(sizes)}")
+    test = _closest_subset(sizes, test_slices, rng)
+    rest = {p: n for p, n in sizes.items() if p not in test}
+    val = _closest_subset(rest, val_slices, rng)
+    split_of = {p: "test" for p in test} | {p: "val" for p in val}
+    table = manifest[["id", "patient_id"]].copy()
+    table["split"] = table["patient_id"].map(split_of).fillna("train")
+    table["image"] = "images/" + table["id"] + ".png"
+    table["mask"] = "masks/" + table["id"] + ".png"
+    if subset_per_patient:
+        table = table.groupby("patient_id", sort=False).head(subset_per_patient)
+    return table.reset_index(drop=True)

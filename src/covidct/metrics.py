@@ -1,0 +1,197 @@
+"""Segmentation and classification metrics, with stratified bootstrap confidence intervals.
+
+COVID is the positive class (label 1) everywhere; an image is predicted COVID when its
+score is ``>= threshold``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from numpy.typing import ArrayLike
+from sklearn.metrics import (
+    accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+    roc_curve,
+)
+
+METRIC_NAMES: tuple[str, ...] = ("accuracy", "precision", "recall", "specificity", "f1", "auc")
+
+
+def dice_score(pred: np.ndarray, target: np.ndarray, eps: float = 1e-6) -> float:
+    """Dice = 2|P∩G| / (|P|+|G|) of two binary masks.
+
+    Two empty masks agree perfectly, so they score 1.0 rather than 0/0; ``eps`` only guards
+    the division and does not bias non-empty cases noticeably.
+    """
+    p = np.asarray(pred).astype(bool)
+    g = np.asarray(target).astype(bool)
+    if p.shape != g.shape:
+        raise ValueError(f"mask shapes differ: {p.shape} vs {g.shape}")
+    total = int(p.sum()) + int(g.sum())
+    if total == 0:
+        return 1.0
+    return float((2.0 * np.logical_and(p, g).sum() + eps) / (total + eps))
+
+
+def _as_arrays(y_true: ArrayLike, y_score: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    t = np.asarray(y_true).astype(int).ravel()
+    s = np.asarray(y_score, dtype=float).ravel()
+    if t.shape != s.shape:
+        raise ValueError(f"y_true and y_score differ in length: {t.size} vs {s.size}")
+    if not np.isin(t, (0, 1)).all():
+        raise ValueError("y_true must contain only 0 (non-COVID) and 1 (COVID)")
+    return t, s
+
+
+def confusion(y_true: ArrayLike, y_score: ArrayLike, threshold: float = 0.5) -> dict[str, int]:
+    """Confusion counts as plain ints, so they serialise to JSON/YAML without numpy types."""
+    t, s = _as_arrays(y_true, y_score)
+    tn, fp, fn, tp = confusion_matrix(t, (s >= threshold).astype(int), labels=[0, 1]).ravel()
+    return {"tn": int(tn), "fp": int(fp), "fn": int(fn), "tp": int(tp)}
+
+
+def binary_metrics(y_true: ArrayLike, y_score: ArrayLike, threshold: float = 0.5) -> dict[str, float]:
+    """Accuracy, precision, recall, specificity, F1 and ROC AUC.
+
+    Undefined ratios (e.g. precision with no positive prediction) are 0.0, not NaN, so
+    tiny debug runs still produce numbers; AUC alone is NaN when only one class is present,
+    because no ranking can be scored then.
+    """
+    t, s = _as_arrays(y_true, y_score)
+    pred = (s >= threshold).astype(int)
+    auc = float(roc_auc_score(t, s)) if np.unique(t).size == 2 else float("nan")
+    return {
+        "accuracy": float(accuracy_score(t, pred)),
+        "precision": float(precision_score(t, pred, labels=[0, 1], pos_label=1, zero_division=0)),
+        "recall": float(recall_score(t, pred, labels=[0, 1], pos_label=1, zero_division=0)),
+        "specificity": float(recall_score(t, pred, labels=[0, 1], pos_label=0, zero_division=0)),
+        "f1": float(f1_score(t, pred, labels=[0, 1], pos_label=1, zero_division=0)),
+        "auc": auc,
+    }
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """Elementwise num/den with 0.0 where den == 0 (same convention as ``zero_division=0``)."""
+    num = num.astype(float)
+    return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
+
+
+def _resample_metrics(y_true: np.ndarray, y_score: np.ndarray, threshold: float, idx: np.ndarray) -> dict[str, np.ndarray]:
+    """Metrics of every resample ``y[idx[b]]`` at once, without a Python loop over resamples.
+
+    Each resample is reduced to counts per (class, distinct score) bin; confusion counts and
+    the Mann-Whitney AUC (ties count one half, as in ``roc_auc_score``) follow from those
+    counts. Memory is O(n_boot x n_distinct_scores), never O(n_pos x n_neg).
+    """
+    uniq, inverse = np.unique(y_score, return_inverse=True)
+    n_bins = uniq.size
+    n_boot = idx.shape[0]
+    bins = inverse[idx] + y_true[idx] * n_bins + np.arange(n_boot)[:, None] * (2 * n_bins)
+    counts = np.bincount(bins.ravel(), minlength=n_boot * 2 * n_bins).reshape(n_boot, 2, n_bins)
+    neg, pos = counts[:, 0, :], counts[:, 1, :]
+
+    above = uniq >= threshold
+    tp, fn = pos[:, above].sum(axis=1), pos[:, ~above].sum(axis=1)
+    fp, tn = neg[:, above].sum(axis=1), neg[:, ~above].sum(axis=1)
+    n_pos, n_neg = tp + fn, tn + fp
+
+    neg_below = np.cumsum(neg, axis=1) - neg
+    wins = (pos * (neg_below + 0.5 * neg)).sum(axis=1)
+    pairs = (n_pos * n_neg).astype(float)
+    auc = np.divide(wins, pairs, out=np.full(n_boot, np.nan), where=pairs > 0)
+
+    precision, recall = _ratio(tp, tp + fp), _ratio(tp, n_pos)
+    return {
+        "accuracy": _ratio(tp + tn, n_pos + n_neg),
+        "precision": precision,
+        "recall": recall,
+        "specificity": _ratio(tn, n_neg),
+        "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+        "auc": auc,
+    }
+
+
+def bootstrap_ci(
+    y_true: ArrayLike,
+    y_score: ArrayLike,
+    threshold: float = 0.5,
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> dict[str, tuple[float, float]]:
+    """Percentile ``1 - alpha`` CI of each metric over ``n_boot`` image resamples.
+
+    Resampling is stratified (COVID and non-COVID images are drawn with replacement within
+    their class, keeping the class sizes), so every resample has an AUC and the class
+    balance of the test set is preserved.
+    """
+    t, s = _as_arrays(y_true, y_score)
+    pos_idx, neg_idx = np.flatnonzero(t == 1), np.flatnonzero(t == 0)
+    if pos_idx.size == 0 or neg_idx.size == 0:
+        raise ValueError("bootstrap_ci needs both classes in y_true")
+    if n_boot < 1:
+        raise ValueError("n_boot must be >= 1")
+    rng = np.random.default_rng(seed)
+    idx = np.concatenate(
+        [
+            pos_idx[rng.integers(0, pos_idx.size, size=(n_boot, pos_idx.size))],
+            neg_idx[rng.integers(0, neg_idx.size, size=(n_boot, neg_idx.size))],
+        ],
+        axis=1,
+    )
+    boot = _resample_metrics(t, s, threshold, idx)
+    q = [100 * alpha / 2, 100 * (1 - alpha / 2)]
+    out: dict[str, tuple[float, float]] = {}
+    for name in METRIC_NAMES:
+        lo, hi = np.percentile(boot[name], q)
+        out[name] = (float(lo), float(hi))
+    return out
+
+
+def metrics_with_ci(
+    y_true: ArrayLike,
+    y_score: ArrayLike,
+    threshold: float = 0.5,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """Point estimates with 95% stratified-bootstrap CIs.
+
+    Returns ``{metric: {"value": v, "ci_low": lo, "ci_high": hi}}`` for each name in
+    ``METRIC_NAMES``; every leaf is a float in [0, 1] and nothing else is at the top level,
+    so the dict writes straight to a DVC metrics JSON and ``flatten_metrics`` turns it into
+    MLflow keys. Counts belong to ``confusion``.
+    """
+    point = binary_metrics(y_true, y_score, threshold)
+    ci = bootstrap_ci(y_true, y_score, threshold=threshold, n_boot=n_boot, seed=seed)
+    return {name: {"value": point[name], "ci_low": ci[name][0], "ci_high": ci[name][1]} for name in METRIC_NAMES}
+
+
+def flatten_metrics(nested: dict[str, dict[str, float]], prefix: str = "") -> dict[str, float]:
+    """``{"auc": {"value": v, "ci_low": lo, ...}}`` -> ``{"auc": v, "auc_ci_low": lo, ...}``.
+
+    MLflow's ``log_metrics`` takes only flat name -> float pairs.
+    """
+    flat: dict[str, float] = {}
+    for name, stats in nested.items():
+        for key, value in stats.items():
+            flat[f"{prefix}{name}" if key == "value" else f"{prefix}{name}_{key}"] = float(value)
+    return flat
+
+
+def roc_points(y_true: ArrayLike, y_score: ArrayLike) -> pd.DataFrame:
+    """ROC curve as a DataFrame with columns fpr, tpr, threshold.
+
+    sklearn's first threshold is +inf, which is not valid JSON/CSV for ``dvc plots``; it is
+    replaced by ``max(score) + 1`` (sklearn's own convention before 1.3), which still
+    predicts nothing positive.
+    """
+    t, s = _as_arrays(y_true, y_score)
+    fpr, tpr, thr = roc_curve(t, s, pos_label=1)
+    thr = np.where(np.isfinite(thr), thr, s.max() + 1.0)
+    return pd.DataFrame({"fpr": fpr, "tpr": tpr, "threshold": thr})

@@ -1,0 +1,54 @@
+"""Named parameter profiles (``pipelines/profiles/*.yaml``) merged into params.yaml.
+
+A profile holds only the keys it changes; merging with ruamel keeps params.yaml's comments,
+so ``git diff params.yaml`` shows exactly what a profile did, and DVC re-runs only the stages
+whose keys changed.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ruamel.yaml import YAML
+
+from covidct.atomic import write_text_atomic
+from covidct.config import ConfigError, validate_all
+
+PROFILES = Path("pipelines/profiles")
+
+
+def available(root: Path) -> list[str]:
+    return sorted(p.stem for p in (root / PROFILES).glob("*.yaml"))
+
+
+def _merge(target: Any, overrides: Mapping[str, Any], prefix: str = "") -> None:
+    for key, value in overrides.items():
+        name = f"{prefix}{key}"
+        if key not in target:
+            raise ConfigError(f"profile key {name} does not exist in params.yaml")
+        if isinstance(value, Mapping):
+            _merge(target[key], value, f"{name}.")
+        else:
+            target[key] = value
+
+
+def apply_profile(root: Path, name: str, params_file: str = "params.yaml") -> dict[str, Any]:
+    """Merge profile ``name`` into ``params_file``; validate the result before writing it."""
+    profile = root / PROFILES / f"{name}.yaml"
+    if not profile.is_file():
+        raise ConfigError(f"{profile}: no such profile (available: {', '.join(available(root))})")
+    yaml = YAML()
+    params = yaml.load((root / params_file).read_text(encoding="utf-8"))
+    _merge(params, YAML(typ="safe").load(profile.read_text(encoding="utf-8")) or {})
+    validate_all(YAML(typ="safe").load(_dump(yaml, params)))
+    write_text_atomic(root / params_file, _dump(yaml, params))
+    return params
+
+
+def _dump(yaml: YAML, data: Any) -> str:
+    buffer = io.StringIO()
+    yaml.dump(data, buffer)
+    return buffer.getvalue()

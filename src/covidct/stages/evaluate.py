@@ -1,0 +1,62 @@
+"""Stage evaluate: test-split metrics with bootstrap CIs for both variants, ROC curves (Fig. 9),
+confusion matrices and the results page with the paper's Tables 1 and 2."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+
+from covidct.atomic import write_text_atomic
+from covidct.config import section
+from covidct.metrics import confusion, flatten_metrics, metrics_with_ci, roc_points
+from covidct.plots import plot_confusion_matrices, plot_roc_curves
+from covidct.reports import results_report
+from covidct.stages.train_classifier import VARIANTS, model_dir
+from covidct.tracking import stage_run
+
+REPORTS = Path("reports")
+
+
+def run(params: dict[str, Any], root: Path) -> None:
+    config = section(params, "evaluate")
+    results, confusions, curves, metrics = {}, {}, {}, {}
+    with stage_run("evaluate", {"evaluate": dataclasses.asdict(config)}):
+        for variant in VARIANTS:
+            predictions = pd.read_csv(root / model_dir(variant) / "predictions.csv")
+            per_split = {}
+            for split in ("val", "test"):
+                part = predictions[predictions["split"] == split]
+                per_split[split] = metrics_with_ci(part["label"].to_numpy(), part["score"].to_numpy(), config.threshold, config.n_bootstrap, config.seed)
+            test = predictions[predictions["split"] == "test"]
+            y, s = test["label"].to_numpy(), test["score"].to_numpy()
+            results[variant] = per_split["test"]
+            confusions[variant] = confusion(y, s, config.threshold)
+            roc = roc_points(y, s)
+            write_text_atomic(root / REPORTS / "roc" / f"{variant}.csv", roc.to_csv(index=False))
+            curves[variant] = (roc["fpr"].to_numpy(), roc["tpr"].to_numpy(), per_split["test"]["auc"]["value"])
+            metrics[variant] = {split: flatten_metrics(m) for split, m in per_split.items()} | {"test_confusion": confusions[variant]}
+            for split, m in per_split.items():
+                mlflow.log_metrics({f"{variant}.{split}.{k}": v for k, v in flatten_metrics(m).items()})
+        segmenter = json.loads((root / "reports/segmenter/metrics.json").read_text())
+        crop = json.loads((root / "reports/crop/metrics.json").read_text())
+        write_text_atomic(root / REPORTS / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        plot_roc_curves(curves, root / REPORTS / "figures" / "roc.png")
+        plot_confusion_matrices(confusions, root / REPORTS / "figures" / "confusion.png")
+        n_test = {"COVID": int(y.sum()), "non-COVID": int((1 - y).sum())}
+        dice = {"test Dice (mean)": segmenter["dice_mean"], "test Dice (std)": segmenter["dice_std"], "test slices": segmenter["n_slices"], "test patients": segmenter["n_patients"]}
+        extra = (
+            f"\n## Crop stage\n\n{crop['n_images']} COVID-CT images segmented; the whole image was kept for "
+            f"{crop['n_fallback_empty_mask']} with an empty lung mask and {crop['n_fallback_small_mask']} with an implausibly small one.\n"
+            "\nReproduce: `dvc repro` with this commit's `params.yaml`; `dvc metrics show` prints these figures.\n"
+        )
+        report = results_report(results, confusions=confusions, dice_summary=dice, n_test=n_test, threshold=config.threshold, n_boot=config.n_bootstrap, extra_md=extra)
+        write_text_atomic(root / REPORTS / "results.md", report)
+        for path in ("metrics.json", "results.md", "figures/roc.png", "figures/confusion.png"):
+            mlflow.log_artifact(str(root / REPORTS / path))
+    print(report)

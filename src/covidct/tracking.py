@@ -1,0 +1,122 @@
+"""MLflow runs for pipeline stages: one store under ``mlruns/``, one experiment, and every stage
+run of one ``dvc repro`` nested under a shared parent run so the UI compares them side by side.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+DEFAULT_EXPERIMENT = "covidct"
+GROUP_TAG = "covidct.pipeline_run"
+
+
+def repo_root() -> Path:
+    """The real repository, also under ``dvc exp run --temp`` (which runs in a temporary copy)."""
+    return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
+
+
+def tracking_uri(root: Path | None = None) -> str:
+    """``MLFLOW_TRACKING_URI`` (a team server) or SQLite in ``mlruns/`` (MLflow 3 refuses a plain file store)."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    store = (root or repo_root()) / "mlruns"
+    store.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{store / 'mlflow.db'}"
+
+
+def git_commit(root: Path) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() + ("-dirty" if dirty.strip() else "")
+
+
+def _dvc_ancestor() -> str | None:
+    """``pid-starttime`` of the ``dvc`` process that launched this stage (Linux /proc), if any.
+
+    DVC gives stages no invocation id; the launching process identifies one ``dvc repro``.
+    """
+    pid = os.getppid()
+    for _ in range(8):
+        proc = Path("/proc") / str(pid)
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        if any(Path(arg.decode(errors="replace")).name == "dvc" for arg in cmdline[:2]):
+            return f"{pid}-{stat[19]}"
+        pid = int(stat[1])
+        if pid <= 1:
+            return None
+    return None
+
+
+def pipeline_group_id() -> str:
+    """Groups the stage runs of one pipeline execution: ``COVIDCT_PIPELINE_RUN``, else the dvc process."""
+    return os.environ.get("COVIDCT_PIPELINE_RUN") or _dvc_ancestor() or uuid.uuid4().hex
+
+
+def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat |= flatten(value, f"{name}.")
+        else:
+            flat[name] = value
+    return flat
+
+
+def _experiment_id(client: MlflowClient, name: str, root: Path) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    artifacts = (root / "mlruns" / "artifacts").as_uri()
+    return client.create_experiment(name, artifact_location=artifacts)
+
+
+def _parent_run(client: MlflowClient, experiment_id: str, group: str, commit: str) -> str:
+    found = client.search_runs([experiment_id], filter_string=f"tags.`{GROUP_TAG}` = '{group}' and tags.`covidct.role` = 'pipeline'", max_results=1)
+    if found:
+        return found[0].info.run_id
+    exp_name = os.environ.get("DVC_EXP_NAME")
+    run = client.create_run(
+        experiment_id,
+        run_name=f"pipeline {exp_name or group[:12]}",
+        tags={GROUP_TAG: group, "covidct.role": "pipeline", "covidct.git_commit": commit},
+    )
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, params: Mapping[str, Any]) -> Iterator[mlflow.ActiveRun]:
+    """An MLflow run for one DVC stage, nested under the run of its pipeline execution."""
+    root = repo_root()
+    mlflow.set_tracking_uri(tracking_uri(root))
+    client = MlflowClient()
+    experiment_id = _experiment_id(client, os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT), root)
+    group = pipeline_group_id()
+    commit = git_commit(root)
+    parent = _parent_run(client, experiment_id, group, commit)
+    tags = {
+        GROUP_TAG: group,
+        "covidct.role": "stage",
+        "covidct.stage": os.environ.get("DVC_STAGE", stage),
+        "covidct.git_commit": commit,
+    }
+    with mlflow.start_run(experiment_id=experiment_id, run_name=stage, parent_run_id=parent, tags=tags) as run:
+        mlflow.log_params(flatten(params))
+        yield run

@@ -1,0 +1,145 @@
+import math
+import time
+
+import numpy as np
+import pytest
+
+from covidct.metrics import (
+    METRIC_NAMES,
+    _resample_metrics,
+    binary_metrics,
+    bootstrap_ci,
+    confusion,
+    dice_score,
+    flatten_metrics,
+    metrics_with_ci,
+    roc_points,
+)
+
+# tp=2 (0.9, 0.6), fn=1 (0.3), tn=1 (0.2), fp=1 (0.7) at threshold 0.5.
+Y_TRUE = [1, 1, 1, 0, 0]
+Y_SCORE = [0.9, 0.6, 0.3, 0.7, 0.2]
+
+
+def _synthetic(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    y[:2] = [0, 1]
+    score = np.clip(0.5 + 0.25 * (2 * y - 1) + rng.normal(0, 0.25, n), 0, 1)
+    return y, np.round(score, 2)  # rounding creates ties, which AUC must handle
+
+
+def test_dice_hand_made_masks():
+    a = np.zeros((4, 4), dtype=bool)
+    b = np.zeros((4, 4), dtype=bool)
+    a[0, :3] = True  # 3 pixels
+    b[0, 1:] = True  # 3 pixels, 2 shared
+    assert dice_score(a, b) == pytest.approx(4 / 6, abs=1e-6)
+    assert dice_score(a, a) == pytest.approx(1.0, abs=1e-6)
+    assert dice_score(a.astype(np.uint8), np.zeros((4, 4), np.uint8)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_dice_empty_masks_is_one():
+    empty = np.zeros((3, 3), dtype=np.uint8)
+    assert dice_score(empty, empty) == 1.0
+
+
+def test_dice_shape_mismatch():
+    with pytest.raises(ValueError):
+        dice_score(np.zeros((2, 2)), np.zeros((2, 3)))
+
+
+def test_confusion_hand_computed():
+    assert confusion(Y_TRUE, Y_SCORE, 0.5) == {"tn": 1, "fp": 1, "fn": 1, "tp": 2}
+    # Threshold is inclusive: a score equal to it is predicted COVID.
+    assert confusion([1, 0], [0.5, 0.4], 0.5) == {"tn": 1, "fp": 0, "fn": 0, "tp": 1}
+
+
+def test_binary_metrics_hand_computed():
+    m = binary_metrics(Y_TRUE, Y_SCORE)
+    assert list(m) == list(METRIC_NAMES)
+    assert m["accuracy"] == pytest.approx(3 / 5)
+    assert m["precision"] == pytest.approx(2 / 3)
+    assert m["recall"] == pytest.approx(2 / 3)
+    assert m["specificity"] == pytest.approx(1 / 2)
+    assert m["f1"] == pytest.approx(2 / 3)
+    # Pairs (pos > neg): 0.9 beats both, 0.6 beats 0.2, 0.3 beats 0.2 -> 4 of 6.
+    assert m["auc"] == pytest.approx(4 / 6)
+
+
+def test_binary_metrics_zero_division_and_single_class():
+    m = binary_metrics([1, 0, 0], [0.1, 0.2, 0.3])  # nothing predicted positive
+    assert m["precision"] == 0.0 and m["recall"] == 0.0 and m["f1"] == 0.0
+    assert m["specificity"] == 1.0
+    single = binary_metrics([1, 1], [0.9, 0.2])
+    assert math.isnan(single["auc"])
+    assert single["specificity"] == 0.0
+    assert single["recall"] == pytest.approx(0.5)
+
+
+def test_resample_metrics_match_sklearn_per_resample():
+    y, s = _synthetic(60, seed=1)
+    rng = np.random.default_rng(2)
+    idx = rng.integers(0, y.size, size=(25, y.size))
+    idx[:, :2] = [0, 1]  # both classes in every resample
+    vec = _resample_metrics(y, s, 0.5, idx)
+    for b in range(idx.shape[0]):
+        ref = binary_metrics(y[idx[b]], s[idx[b]], 0.5)
+        for name in METRIC_NAMES:
+            assert vec[name][b] == pytest.approx(ref[name], abs=1e-12), (name, b)
+
+
+def test_bootstrap_ci_contains_point_and_shrinks_with_n():
+    y_small, s_small = _synthetic(60, seed=3)
+    y_big, s_big = _synthetic(2000, seed=3)
+    point = binary_metrics(y_small, s_small)
+    ci_small = bootstrap_ci(y_small, s_small, n_boot=500, seed=0)
+    ci_big = bootstrap_ci(y_big, s_big, n_boot=500, seed=0)
+    for name in METRIC_NAMES:
+        lo, hi = ci_small[name]
+        assert lo <= point[name] <= hi, name
+        assert hi - lo > 0, name
+        assert ci_big[name][1] - ci_big[name][0] < hi - lo, name
+
+
+def test_bootstrap_ci_is_seeded():
+    y, s = _synthetic(100, seed=4)
+    assert bootstrap_ci(y, s, n_boot=200, seed=7) == bootstrap_ci(y, s, n_boot=200, seed=7)
+    assert bootstrap_ci(y, s, n_boot=200, seed=7) != bootstrap_ci(y, s, n_boot=200, seed=8)
+
+
+def test_bootstrap_ci_needs_both_classes():
+    with pytest.raises(ValueError):
+        bootstrap_ci([1, 1, 1], [0.2, 0.5, 0.9])
+
+
+def test_bootstrap_ci_fast_for_paper_test_set():
+    y, s = _synthetic(203, seed=5)
+    start = time.perf_counter()
+    bootstrap_ci(y, s, n_boot=1000, seed=0)
+    assert time.perf_counter() - start < 2.0
+
+
+def test_metrics_with_ci_structure_and_flatten():
+    y, s = _synthetic(80, seed=6)
+    out = metrics_with_ci(y, s, n_boot=100, seed=0)
+    assert list(out) == list(METRIC_NAMES)
+    point = binary_metrics(y, s)
+    for name, stats in out.items():
+        assert set(stats) == {"value", "ci_low", "ci_high"}
+        assert stats["value"] == point[name]
+        assert all(isinstance(v, float) for v in stats.values())
+    flat = flatten_metrics(out, prefix="test_")
+    assert flat["test_auc"] == out["auc"]["value"]
+    assert flat["test_auc_ci_low"] == out["auc"]["ci_low"]
+    assert len(flat) == 3 * len(METRIC_NAMES)
+
+
+def test_roc_points_finite_and_monotone():
+    df = roc_points(Y_TRUE, Y_SCORE)
+    assert list(df.columns) == ["fpr", "tpr", "threshold"]
+    assert np.isfinite(df.to_numpy()).all()
+    assert df.iloc[0][["fpr", "tpr"]].tolist() == [0.0, 0.0]
+    assert df.iloc[-1][["fpr", "tpr"]].tolist() == [1.0, 1.0]
+    assert df["threshold"].iloc[0] == pytest.approx(1.9)
+    assert (np.diff(df["fpr"]) >= 0).all() and (np.diff(df["tpr"]) >= 0).all()
