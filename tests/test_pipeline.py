@@ -1,0 +1,148 @@
+"""The real ``dvc repro`` on the tiny profile, in a temporary copy of the repository.
+
+Checks every stage's outputs, metric ranges, the MLflow runs, that a second repro does
+nothing, and that changing only the crop margin re-runs only the crop and what follows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+from PIL import Image
+from ruamel.yaml import YAML
+
+from conftest import DATA, REPO
+from covidct.profiles import apply_profile
+
+pytestmark = pytest.mark.slow
+
+STAGES = {"prepare_data", "train_segmenter", "evaluate_segmenter", "crop_images", "train_classifier@cropped", "train_classifier@raw", "evaluate"}
+
+
+def _run(args: list[str], cwd: Path, env: dict[str, str], timeout: int = 900) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return result
+
+
+def _ran_stages(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def _set_param(repo: Path, dotted: str, value: object) -> None:
+    yaml = YAML()
+    path = repo / "params.yaml"
+    params = yaml.load(path.read_text())
+    *parents, leaf = dotted.split(".")
+    node = params
+    for key in parents:
+        node = node[key]
+    node[leaf] = value
+    with path.open("w") as handle:
+        yaml.dump(params, handle)
+
+
+@pytest.fixture(scope="module")
+def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    repo = tmp_path_factory.mktemp("covidct") / "repo"
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        if (REPO / name).is_file() and not name.startswith(("dvc.lock", "reports/")):
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, repo / name)
+    apply_profile(repo, "tiny")
+    _set_param(repo, "data.source_dir", str(DATA))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "COVIDCT_"))}
+    env |= {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", "NO_ALBUMENTATIONS_UPDATE": "1", "COVIDCT_DEVICE": "cpu",
+            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    _run(["git", "init", "-q"], repo, env)
+    if not (repo / ".dvc").is_dir():
+        _run(["dvc", "init", "-q"], repo, env)
+    _run(["dvc", "config", "core.analytics", "false"], repo, env)
+    _run(["git", "add", "-A"], repo, env)
+    _run(["git", "commit", "-qm", "tiny"], repo, env)
+    result = _run(["dvc", "repro"], repo, env)
+    assert _ran_stages(result.stdout) == STAGES
+    return repo, env
+
+
+def test_every_output_is_written(tiny_repo: tuple[Path, dict[str, str]]) -> None:
+    repo, _ = tiny_repo
+    for path in ["models/segmenter/model.pt", "models/classifier_cropped/model.pt", "models/classifier_raw/model.pt", "reports/results.md",
+                 "reports/segmenter/overlays.png", "reports/crop/gallery.png", "reports/figures/roc.png", "reports/figures/confusion.png",
+                 "models/classifier_cropped/training_curves.png", "reports/segmenter/training_curves.png", "reports/roc/cropped.csv", "reports/roc/raw.csv"]:
+        assert (repo / path).is_file(), path
+    for png in repo.glob("reports/**/*.png"):
+        with Image.open(png) as image:
+            image.verify()
+    split = pd.read_csv(repo / "data/splits/covid_ct.csv")
+    assert len(split) == 3 * 2 * 3  # tiny profile: 3 per class and split
+    boxes = pd.read_csv(repo / "reports/crop/boxes.csv")
+    assert len(boxes) == len(split)
+    assert ((boxes["x_min"] >= 0) & (boxes["x_max"] < boxes["width"]) & (boxes["y_min"] >= 0) & (boxes["y_max"] < boxes["height"])).all()
+    for crop in boxes["crop"]:
+        with Image.open(repo / "data/crops/images" / crop) as image:
+            original = boxes.loc[boxes["crop"] == crop].iloc[0]
+            assert image.size == (original["width"], original["height"])  # resized back to the original size
+    report = (repo / "reports/results.md").read_text()
+    assert "87.2" in report and "Zhao" in report  # published figures beside this run's
+
+
+def test_metrics_are_in_range(tiny_repo: tuple[Path, dict[str, str]]) -> None:
+    repo, _ = tiny_repo
+    metrics = json.loads((repo / "reports/metrics.json").read_text())
+    for variant in ("cropped", "raw"):
+        test = metrics[variant]["test"]
+        for name in ("accuracy", "precision", "recall", "specificity", "f1", "auc"):
+            assert 0.0 <= test[f"{name}_ci_low"] <= test[name] <= test[f"{name}_ci_high"] <= 1.0, (variant, name)
+        assert sum(metrics[variant]["test_confusion"].values()) == 6
+    dice = json.loads((repo / "reports/segmenter/metrics.json").read_text())
+    assert 0.0 <= dice["dice_mean"] <= 1.0 and dice["n_patients"] == 3
+    crop = json.loads((repo / "reports/crop/metrics.json").read_text())
+    assert crop["n_images"] == 18
+
+
+def test_mlflow_has_one_parent_and_every_stage(tiny_repo: tuple[Path, dict[str, str]]) -> None:
+    repo, _ = tiny_repo
+    client = MlflowClient(f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("covidct")
+    runs = client.search_runs([experiment.experiment_id])
+    [parent] = [r for r in runs if r.data.tags.get("covidct.role") == "pipeline"]
+    stages = {r.info.run_name: r for r in runs if r.data.tags.get("covidct.role") == "stage"}
+    assert set(stages) == {"train_segmenter", "evaluate_segmenter", "crop_images", "train_classifier_cropped", "train_classifier_raw", "evaluate"}
+    for run in stages.values():
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    classifier = stages["train_classifier_cropped"]
+    assert [m.step for m in client.get_metric_history(classifier.info.run_id, "val_auc")] == [1, 2]
+    assert classifier.data.params["classifier.model"] == "efficientnet_b0"
+    artifacts = {a.path for a in client.list_artifacts(classifier.info.run_id)}
+    assert {"model.pt", "predictions.csv", "training_curves.png"} <= artifacts
+    assert "cropped.test.auc" in stages["evaluate"].data.metrics
+
+
+def test_second_repro_does_nothing_and_margin_reruns_only_downstream(tiny_repo: tuple[Path, dict[str, str]]) -> None:
+    repo, env = tiny_repo
+    again = _run(["dvc", "repro"], repo, env)
+    assert _ran_stages(again.stdout) == set()
+    _set_param(repo, "crop.margin", 3)
+    changed = _run(["dvc", "repro"], repo, env)
+    assert _ran_stages(changed.stdout) == {"crop_images", "train_classifier@cropped", "evaluate"}
+
+
+def test_bad_parameter_stops_a_stage_with_one_clear_line(tmp_path: Path) -> None:
+    params = (REPO / "params.yaml").read_text().replace("model: efficientnet_b0", "model: efficientnet_b9")
+    (tmp_path / "params.yaml").write_text(params)
+    result = subprocess.run([sys.executable, str(REPO / "pipelines/train_classifier.py"), "--variant", "raw"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # one line, no traceback
+    assert "classifier.model" in result.stderr and "efficientnet_b9" in result.stderr

@@ -1,0 +1,64 @@
+"""MLflow grouping of stage runs, against a real SQLite store in a temporary directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from covidct.tracking import GROUP_TAG, flatten, stage_run, tracking_uri
+
+
+@pytest.fixture()
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "covidct-test")
+    return tmp_path
+
+
+def test_default_store_is_sqlite_inside_mlruns(store: Path) -> None:
+    assert tracking_uri() == f"sqlite:///{store / 'mlruns' / 'mlflow.db'}"
+
+
+def test_stage_runs_of_one_pipeline_share_a_parent(store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COVIDCT_PIPELINE_RUN", "repro-1")
+    with stage_run("train_segmenter", {"segmenter": {"epochs": 3}}):
+        mlflow.log_metric("val_dice", 0.5, step=1)
+    with stage_run("crop_images", {"crop": {"margin": 5}}):
+        pass
+    monkeypatch.setenv("COVIDCT_PIPELINE_RUN", "repro-2")
+    with stage_run("crop_images", {"crop": {"margin": 7}}):
+        pass
+
+    client = MlflowClient(tracking_uri())
+    experiment = client.get_experiment_by_name("covidct-test")
+    assert experiment.artifact_location == (store / "mlruns" / "artifacts").as_uri()
+    runs = client.search_runs([experiment.experiment_id])
+    parents = {r.data.tags[GROUP_TAG]: r for r in runs if r.data.tags.get("covidct.role") == "pipeline"}
+    stages = [r for r in runs if r.data.tags.get("covidct.role") == "stage"]
+    assert set(parents) == {"repro-1", "repro-2"}
+    assert len(stages) == 3
+    for run in stages:
+        assert run.data.tags["mlflow.parentRunId"] == parents[run.data.tags[GROUP_TAG]].info.run_id
+        assert run.info.status == "FINISHED"
+        assert "covidct.git_commit" in run.data.tags
+    segmenter = next(r for r in stages if r.info.run_name == "train_segmenter")
+    assert segmenter.data.params["segmenter.epochs"] == "3"
+    assert segmenter.data.metrics["val_dice"] == 0.5
+
+
+def test_failed_stage_is_recorded_as_failed(store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COVIDCT_PIPELINE_RUN", "repro-fail")
+    with pytest.raises(RuntimeError), stage_run("train_classifier_raw", {}):
+        raise RuntimeError("boom")
+    client = MlflowClient(tracking_uri())
+    experiment = client.get_experiment_by_name("covidct-test")
+    [run] = [r for r in client.search_runs([experiment.experiment_id]) if r.info.run_name == "train_classifier_raw"]
+    assert run.info.status == "FAILED"
+
+
+def test_flatten_nested_params() -> None:
+    assert flatten({"a": {"b": 1, "c": {"d": 2}}, "e": 3}) == {"a.b": 1, "a.c.d": 2, "e": 3}
