@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 import yaml
-
 from conftest import REPO
+
 from covidct.config import (
     ClassifierConfig,
     ConfigError,
@@ -105,11 +105,6 @@ def test_value_named_in_message(params: dict[str, Any]) -> None:
         validate_all(_with(params, "classifier.model", "efficientnet_b9"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG config.py SegmenterConfig.validate: list elements are not type-checked, "
-    "so channels: [8, '16'] raises TypeError ('>' between str and int) instead of ConfigError",
-)
 def test_string_inside_channels_list_names_key(params: dict[str, Any]) -> None:
     with pytest.raises(ConfigError, match=r"segmenter\.channels"):
         validate_all(_with(params, "segmenter.channels", [8, "16", 32]))
@@ -138,12 +133,6 @@ def test_missing_section_names_it(params: dict[str, Any]) -> None:
         section(without, "crop")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG config.py validate_all: sections absent from params are skipped "
-    "(`if name in params`), so `covidct check-params` reports a params.yaml without e.g. "
-    "'crop' as valid and the crop stage fails later",
-)
 def test_validate_all_rejects_missing_section(params: dict[str, Any]) -> None:
     without = {k: v for k, v in params.items() if k != "crop"}
     with pytest.raises(ConfigError, match="crop"):

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import shutil
 from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import DATA
+
 from covidct.datasets import (
     DatasetError,
     copy_verified,
@@ -298,12 +297,6 @@ def test_lung_split_missing_column() -> None:
         lung_split(pd.DataFrame({"id": ["a", "b"]}), 10, 10, seed=0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG datasets.py _closest_subset/lung_split: the test subset may take all but one "
-    "patient (k <= len-1), leaving one patient for val, whose search then has no candidates "
-    "(range(1, 1)) and rng.integers(0) raises ValueError('high <= 0')",
-)
 def test_lung_split_three_patients_where_two_fit_test_target() -> None:
     # 3 patients of 50 slices, targets 100/100: the best test set is 2 patients (exactly 100),
     # which leaves a single patient for val and train together.

@@ -9,11 +9,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import DATA
 from PIL import Image, ImageFile
 
-from covidct.images import DEFAULT_MAX_PIXELS, ImageReadError, read_grayscale, read_mask, write_png
+from covidct.images import (
+    DEFAULT_MAX_PIXELS,
+    ImageReadError,
+    read_grayscale,
+    read_mask,
+    write_png,
+)
 
-from conftest import DATA
 COVID_DIR = DATA / "covid-ct" / "CT_COVID"
 LUNG_DIR = DATA / "lung-seg"
 # A CT_COVID ".png" that holds JPEG bytes (see covid-ct/PROVENANCE.md).

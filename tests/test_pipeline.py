@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import DATA, REPO
 from mlflow.tracking import MlflowClient
 from PIL import Image
 from ruamel.yaml import YAML
 
-from conftest import DATA, REPO
 from covidct.profiles import apply_profile
 
 pytestmark = pytest.mark.slow

@@ -72,7 +72,7 @@ class SegmenterConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        _check(len(self.channels) >= 2 and all(c > 0 for c in self.channels), "segmenter.channels", f"must list >= 2 positive widths, got {list(self.channels)}")
+        _check(len(self.channels) >= 2 and all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in self.channels), "segmenter.channels", f"must list >= 2 positive widths, got {list(self.channels)}")
         _check(self.epochs >= 1, "segmenter.epochs", f"must be >= 1, got {self.epochs}")
         _check(self.batch_size >= 1, "segmenter.batch_size", f"must be >= 1, got {self.batch_size}")
         _check(self.lr > 0, "segmenter.lr", f"must be > 0, got {self.lr}")
@@ -208,5 +208,4 @@ def validate_all(params: dict[str, Any]) -> None:
     unknown = sorted(set(params) - set(SECTIONS))
     _check(not unknown, unknown[0] if unknown else "", f"is not a known section (known: {', '.join(SECTIONS)})")
     for name in SECTIONS:
-        if name in params:
-            section(params, name)
+        section(params, name)

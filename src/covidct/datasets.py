@@ -110,13 +110,14 @@ def covid_ct_split(root: Path, subset_per_class: int = 0) -> pd.DataFrame:
     return table.reset_index(drop=True)
 
 
-def _closest_subset(sizes: dict[str, int], target: int, rng: np.random.Generator) -> list[str]:
-    """Patients whose slice count sums closest to ``target`` (ties broken at random)."""
+def _closest_subset(sizes: dict[str, int], target: int, rng: np.random.Generator, leave: int) -> list[str]:
+    """Patients whose slice count sums closest to ``target`` (ties broken at random),
+    leaving at least ``leave`` patients for the other splits."""
     names = list(sizes)
     best: list[tuple[str, ...]] = []
     best_gap = None
     # Up to 4 patients per subset: exact for ~100-slice targets (70 slices is the largest patient).
-    for k in range(1, min(4, len(names) - 1) + 1):
+    for k in range(1, min(4, len(names) - leave) + 1):
         for combo in itertools.combinations(names, k):
             gap = abs(sum(sizes[n] for n in combo) - target)
             if best_gap is None or gap < best_gap:
@@ -137,9 +138,9 @@ def lung_split(manifest: pd.DataFrame, test_slices: int, val_slices: int, seed: 
     sizes = manifest.groupby("patient_id").size().to_dict()
     if len(sizes) < 3:
         raise DatasetError(f"manifest.csv: needs >= 3 patients for train/val/test, found {len(sizes)}")
-    test = _closest_subset(sizes, test_slices, rng)
+    test = _closest_subset(sizes, test_slices, rng, leave=2)
     rest = {p: n for p, n in sizes.items() if p not in test}
-    val = _closest_subset(rest, val_slices, rng)
+    val = _closest_subset(rest, val_slices, rng, leave=1)
     split_of = {p: "test" for p in test} | {p: "val" for p in val}
     table = manifest[["id", "patient_id"]].copy()
     table["split"] = table["patient_id"].map(split_of).fillna("train")

@@ -1,4 +1,4 @@
-"""The EfficientNet classifier, reached by name through timm, and its checkpoint format."""
+"""The EfficientNet classifier, reached by name through timm, and how it is rebuilt from a checkpoint."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 import timm
 import torch
 
-from covidct.atomic import atomic_path
+from covidct.checkpoints import load_checkpoint
 
 
 def build_classifier(name: str) -> torch.nn.Module:
@@ -22,17 +22,9 @@ def normalisation(model: torch.nn.Module) -> tuple[tuple[float, ...], tuple[floa
     return tuple(data_config["mean"]), tuple(data_config["std"])
 
 
-def save_classifier(path: Path, model: torch.nn.Module, meta: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        torch.save({"state_dict": model.state_dict(), "meta": meta}, tmp)
-
-
 def load_classifier(path: Path, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: classifier checkpoint not found (run the train_classifier stage)")
-    checkpoint = torch.load(path, map_location=device, weights_only=True)
-    meta = checkpoint["meta"]
+    """The network in eval mode, and its meta (variant, input size, normalisation, epoch)."""
+    state, meta = load_checkpoint(path, device, "train_classifier")
     model = build_classifier(meta["model"]).to(device)
-    model.load_state_dict(checkpoint["state_dict"])
-    model.eval()
-    return model, meta
+    model.load_state_dict(state)
+    return model.eval(), meta

@@ -13,11 +13,13 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from covidct.checkpoints import save_checkpoint
 from covidct.classification.data import CachedImages, paper_augmentation, to_model_input
-from covidct.classification.model import build_classifier, normalisation, save_classifier
+from covidct.classification.model import build_classifier, normalisation
 from covidct.config import ClassifierConfig
 from covidct.metrics import binary_metrics
 from covidct.runtime import autocast, grad_scaler, seed_everything
+from covidct.training import train_one_epoch
 
 
 @torch.inference_mode()
@@ -62,21 +64,17 @@ def train_classifier(
     scaler = grad_scaler(device)
     history, best = [], -np.inf
     for epoch in range(1, config.epochs + 1):
-        model.train()
-        started, losses, seen = time.perf_counter(), [], 0
-        bar = tqdm(loader, desc=f"classifier epoch {epoch}/{config.epochs}", unit="batch")
-        for images, labels in bar:
-            x, y = to_model_input(images, mean, std, device), labels.to(device)
-            optimiser.zero_grad(set_to_none=True)
-            with autocast(device):
-                logits = model(x)[:, 0]
-            loss = loss_fn(logits.float(), y)
-            scaler.scale(loss).backward()
-            scaler.step(optimiser)
-            scaler.update()
-            losses.append(loss.item())
-            seen += len(images)
-            bar.set_postfix(loss=f"{np.mean(losses):.4f}")
+        started = time.perf_counter()
+        train_loss, seen = train_one_epoch(
+            model,
+            loader,
+            lambda batch: (to_model_input(batch[0], mean, std, device), batch[1].to(device)),
+            lambda logits, labels: loss_fn(logits[:, 0], labels),
+            optimiser,
+            scaler,
+            device,
+            desc=f"classifier epoch {epoch}/{config.epochs}",
+        )
         train_seconds = time.perf_counter() - started
         val_scores = predict_scores(model, val[0], device, mean, std, config.batch_size * 2)
         val_loss = float(torch.nn.functional.binary_cross_entropy(torch.from_numpy(val_scores).double().clamp(1e-7, 1 - 1e-7), torch.from_numpy(val[1]).double()))
@@ -84,8 +82,8 @@ def train_classifier(
         score = _selection_score(val_metrics, val_loss, config.select_metric)
         if score > best:
             best = score
-            save_classifier(checkpoint, model, meta | {"epoch": epoch, f"val_{config.select_metric}": score, "mean": list(mean), "std": list(std)})
-        row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "val_loss": val_loss, **{f"val_{k}": v for k, v in val_metrics.items()}}
+            save_checkpoint(checkpoint, model, meta | {"epoch": epoch, f"val_{config.select_metric}": score, "mean": list(mean), "std": list(std)})
+        row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, **{f"val_{k}": v for k, v in val_metrics.items()}}
         row |= {"best_val_score": best, "train_images_per_s": seen / train_seconds, "epoch_seconds": time.perf_counter() - started}
         history.append(row)
         on_epoch(row)

@@ -15,12 +15,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from covidct.checkpoints import save_checkpoint
 from covidct.config import SegmenterConfig
 from covidct.metrics import dice_score
-from covidct.runtime import autocast, grad_scaler, seed_everything
+from covidct.runtime import grad_scaler, seed_everything
 from covidct.segmentation.inference import predict_probabilities
 from covidct.segmentation.losses import FocalTverskyLoss
-from covidct.segmentation.model import build_segmenter, save_segmenter
+from covidct.segmentation.model import build_segmenter
+from covidct.training import train_one_epoch
 
 
 def segmentation_augmentation(seed: int) -> A.Compose:
@@ -86,26 +88,15 @@ def train_segmenter(
     scaler = grad_scaler(device)
     history, best = [], -1.0
     for epoch in range(1, config.epochs + 1):
-        model.train()
-        started, losses = time.perf_counter(), []
-        bar = tqdm(loader, desc=f"segmenter epoch {epoch}/{config.epochs}", unit="batch")
-        for images, masks in bar:
-            images, masks = images.to(device), masks.to(device)
-            optimiser.zero_grad(set_to_none=True)
-            with autocast(device):
-                logits = model(images)
-            loss = loss_fn(logits.float(), masks)
-            scaler.scale(loss).backward()
-            scaler.step(optimiser)
-            scaler.update()
-            schedule.step()
-            losses.append(loss.item())
-            bar.set_postfix(loss=f"{np.mean(losses):.4f}")
+        started = time.perf_counter()
+        train_loss, _ = train_one_epoch(
+            model, loader, lambda batch: (batch[0].to(device), batch[1].to(device)), loss_fn, optimiser, scaler, device, schedule, f"segmenter epoch {epoch}/{config.epochs}"
+        )
         val_dice = mean_dice(predict_probabilities(model, val[0], device, config.batch_size), val[1])
-        row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "val_dice": val_dice, "epoch_seconds": time.perf_counter() - started}
+        row = {"epoch": epoch, "train_loss": train_loss, "val_dice": val_dice, "epoch_seconds": time.perf_counter() - started}
         if val_dice > best:
             best = val_dice
-            save_segmenter(checkpoint, model, meta | {"epoch": epoch, "val_dice": val_dice})
+            save_checkpoint(checkpoint, model, meta | {"epoch": epoch, "val_dice": val_dice})
         row["best_val_dice"] = best
         history.append(row)
         on_epoch(row)

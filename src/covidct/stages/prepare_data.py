@@ -9,7 +9,13 @@ import pandas as pd
 
 from covidct.atomic import write_text_atomic
 from covidct.config import section
-from covidct.datasets import COVID_CT, LUNG_SEG, copy_verified, covid_ct_split, lung_split
+from covidct.datasets import (
+    COVID_CT,
+    LUNG_SEG,
+    copy_verified,
+    covid_ct_split,
+    lung_split,
+)
 
 RAW = Path("data/raw")
 SPLITS = Path("data/splits")

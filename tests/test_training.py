@@ -1,0 +1,198 @@
+"""Smoke tests of the real training code on a handful of real images: one epoch, tiny nets, CPU.
+
+They check the wiring (data -> loss -> checkpoint -> reload -> scores), the checkpoint format
+(``torch.load(weights_only=True)``) and CPU determinism, not accuracy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import DATA
+
+from covidct.classification.data import load_resized
+from covidct.classification.model import load_classifier
+from covidct.classification.train import predict_scores, train_classifier
+from covidct.config import ClassifierConfig, SegmenterConfig
+from covidct.datasets import covid_ct_split
+from covidct.images import read_grayscale, read_mask
+from covidct.metrics import binary_metrics
+from covidct.preprocessing import segmenter_input
+from covidct.segmentation.inference import predict_probabilities
+from covidct.segmentation.model import load_segmenter
+from covidct.segmentation.train import mean_dice, train_segmenter
+
+CPU = torch.device("cpu")
+SIZE = 64
+LUNG = DATA / "lung-seg"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: the nets are tiny, and two threads on a busy 2-core machine spin
+    against each other (several times slower); restored afterwards for the other test files."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------- segmenter
+
+
+def _lung_slices(ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    import cv2
+
+    images = np.stack([segmenter_input(read_grayscale(LUNG / "images" / f"{i}.png"), SIZE, 7.0) for i in ids])
+    masks = []
+    for i in ids:
+        mask = read_mask(LUNG / "masks" / f"{i}.png")
+        masks.append(cv2.resize(mask.astype(np.uint8), (SIZE, SIZE), interpolation=cv2.INTER_NEAREST).astype(bool))
+    return images, np.stack(masks)
+
+
+@pytest.fixture(scope="module")
+def lung_data() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    manifest = pd.read_csv(LUNG / "manifest.csv")
+    # slices from several patients, the middle of each volume (large lungs)
+    picked = manifest.groupby("patient_id", sort=True).nth(20)["id"].tolist()
+    assert len(picked) >= 12
+    train, val = _lung_slices(picked[:8]), _lung_slices(picked[8:12])
+    assert train[0].shape == (8, SIZE, SIZE) and train[0].dtype == np.uint8
+    assert train[1].dtype == bool and 0 < train[1].mean() < 1
+    return train, val
+
+
+SEG_CONFIG = SegmenterConfig(channels=(4, 8, 16), epochs=1, batch_size=4, lr=2e-3, augment=True, seed=0)
+
+
+def _train_segmenter(lung_data, checkpoint: Path) -> pd.DataFrame:
+    train, val = lung_data
+    meta = {"channels": list(SEG_CONFIG.channels), "size": SIZE, "clahe_clip": 7.0}
+    return train_segmenter(train, val, SEG_CONFIG, CPU, checkpoint, meta)
+
+
+@pytest.fixture(scope="module")
+def segmenter_run(lung_data, tmp_path_factory) -> tuple[pd.DataFrame, Path]:
+    checkpoint = tmp_path_factory.mktemp("seg") / "model.pt"
+    return _train_segmenter(lung_data, checkpoint), checkpoint
+
+
+def test_segmenter_history(segmenter_run) -> None:
+    history, _ = segmenter_run
+    assert list(history["epoch"]) == [1]
+    row = history.iloc[0]
+    assert 0.0 <= row["val_dice"] <= 1.0
+    assert row["best_val_dice"] == row["val_dice"]
+    assert 0.0 < row["train_loss"] <= 1.0  # a Focal Tversky loss
+    assert np.isfinite(row["train_loss"])
+
+
+def test_segmenter_checkpoint_loads(segmenter_run, lung_data) -> None:
+    history, checkpoint = segmenter_run
+    assert checkpoint.is_file()
+    assert [p.name for p in checkpoint.parent.iterdir()] == ["model.pt"]  # no temp file left
+    model, meta = load_segmenter(checkpoint, CPU)
+    assert meta["channels"] == [4, 8, 16] and meta["size"] == SIZE
+    assert meta["epoch"] == 1
+    assert meta["val_dice"] == pytest.approx(history.iloc[0]["val_dice"])
+    assert not model.training
+    # the reloaded weights reproduce the validation Dice recorded at save time
+    val_images, val_masks = lung_data[1]
+    probabilities = predict_probabilities(model, val_images, CPU, batch_size=4)
+    assert probabilities.shape == val_images.shape and probabilities.dtype == np.float32
+    assert ((probabilities >= 0) & (probabilities <= 1)).all()
+    assert mean_dice(probabilities, val_masks) == pytest.approx(meta["val_dice"], abs=1e-6)
+
+
+def test_segmenter_deterministic_on_cpu(segmenter_run, lung_data, tmp_path: Path) -> None:
+    history, _ = segmenter_run
+    again = _train_segmenter(lung_data, tmp_path / "model.pt")
+    assert again["train_loss"].tolist() == history["train_loss"].tolist()
+    assert again["val_dice"].tolist() == history["val_dice"].tolist()
+
+
+def test_segmenter_missing_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="model.pt"):
+        load_segmenter(tmp_path / "model.pt", CPU)
+
+
+# ---------------------------------------------------------------- classifier
+
+
+CLF_CONFIG = ClassifierConfig(model="efficientnet_b0", image_size=SIZE, epochs=1, batch_size=4, seed=0)
+
+
+@pytest.fixture(scope="module")
+def covid_data() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    table = covid_ct_split(DATA / "covid-ct", subset_per_class=4)
+    parts = {}
+    for split, n in (("train", 4), ("val", 2)):
+        rows = table[table["split"] == split].groupby("label").head(n)
+        images = load_resized([DATA / "covid-ct" / p for p in rows["relpath"]], SIZE, progress=None)
+        parts[split] = (images, rows["label"].to_numpy().copy())
+    assert parts["train"][0].shape == (8, SIZE, SIZE) and parts["train"][0].dtype == np.uint8
+    assert sorted(parts["train"][1].tolist()) == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert sorted(parts["val"][1].tolist()) == [0, 0, 1, 1]
+    return parts["train"], parts["val"]
+
+
+def _train_classifier(covid_data, checkpoint: Path) -> pd.DataFrame:
+    train, val = covid_data
+    return train_classifier(train, val, CLF_CONFIG, CPU, checkpoint, {"model": CLF_CONFIG.model, "image_size": SIZE})
+
+
+@pytest.fixture(scope="module")
+def classifier_run(covid_data, tmp_path_factory) -> tuple[pd.DataFrame, Path]:
+    checkpoint = tmp_path_factory.mktemp("clf") / "model.pt"
+    return _train_classifier(covid_data, checkpoint), checkpoint
+
+
+def test_classifier_history(classifier_run) -> None:
+    history, _ = classifier_run
+    assert list(history["epoch"]) == [1]
+    row = history.iloc[0]
+    assert np.isfinite(row["train_loss"]) and row["train_loss"] > 0
+    assert np.isfinite(row["val_loss"]) and row["val_loss"] > 0
+    assert 0.0 <= row["val_auc"] <= 1.0
+    assert 0.0 <= row["val_accuracy"] <= 1.0
+    assert row["best_val_score"] == row["val_auc"]  # select_metric = auc
+
+
+def test_classifier_checkpoint_scores(classifier_run, covid_data) -> None:
+    history, checkpoint = classifier_run
+    assert checkpoint.is_file()
+    model, meta = load_classifier(checkpoint, CPU)
+    assert meta["model"] == "efficientnet_b0" and meta["epoch"] == 1
+    assert len(meta["mean"]) == 3 and len(meta["std"]) == 3
+    assert not model.training
+    (train_images, _), (val_images, val_labels) = covid_data
+    scores = predict_scores(model, val_images, CPU, meta["mean"], meta["std"], batch_size=3)
+    assert scores.shape == (len(val_images),)
+    assert ((scores >= 0) & (scores <= 1)).all()
+    # the reloaded weights reproduce the validation figures of training
+    assert binary_metrics(val_labels, scores)["auc"] == pytest.approx(meta["val_auc"])
+    assert meta["val_auc"] == pytest.approx(history.iloc[0]["val_auc"])
+    bce = -np.mean(val_labels * np.log(np.clip(scores, 1e-7, 1)) + (1 - val_labels) * np.log(np.clip(1 - scores, 1e-7, 1)))
+    assert bce == pytest.approx(history.iloc[0]["val_loss"], abs=1e-4)
+    # batch size does not change the scores (eval mode: no batch statistics)
+    all_scores = predict_scores(model, train_images, CPU, meta["mean"], meta["std"], batch_size=8)
+    one_by_one = predict_scores(model, train_images, CPU, meta["mean"], meta["std"], batch_size=1)
+    assert all_scores.shape == (8,)
+    np.testing.assert_allclose(all_scores, one_by_one, atol=1e-5)
+
+
+def test_classifier_deterministic_on_cpu(classifier_run, covid_data, tmp_path: Path) -> None:
+    history, _ = classifier_run
+    again = _train_classifier(covid_data, tmp_path / "model.pt")
+    assert again["train_loss"].tolist() == history["train_loss"].tolist()
+    assert again["val_loss"].tolist() == history["val_loss"].tolist()
+
+
+def test_classifier_missing_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="model.pt"):
+        load_classifier(tmp_path / "model.pt", CPU)
