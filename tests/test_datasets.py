@@ -36,8 +36,12 @@ def test_covid_ct_split_sizes(split: pd.DataFrame) -> None:
     assert split["split"].value_counts().to_dict() == {"train": 425, "val": 118, "test": 203}
     counts = split.groupby(["split", "label"]).size().to_dict()
     assert counts == {
-        ("train", 1): 191, ("val", 1): 60, ("test", 1): 98,
-        ("train", 0): 234, ("val", 0): 58, ("test", 0): 105,
+        ("train", 1): 191,
+        ("val", 1): 60,
+        ("test", 1): 98,
+        ("train", 0): 234,
+        ("val", 0): 58,
+        ("test", 0): 105,
     }
 
 

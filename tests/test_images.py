@@ -29,7 +29,6 @@ RGBA_PNG = COVID_DIR / "2019-novel-Coronavirus-severe-adult-respiratory-dist_202
 LUNG_ID = "coronacases_001_000"
 
 
-
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -37,12 +36,7 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
 def _png_header_only(width: int, height: int) -> bytes:
     """A syntactically valid 8-bit grayscale PNG header declaring width x height, no pixel data."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + _png_chunk(b"IHDR", ihdr)
-        + _png_chunk(b"IDAT", zlib.compress(b""))
-        + _png_chunk(b"IEND", b"")
-    )
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(b"")) + _png_chunk(b"IEND", b"")
 
 
 def _assert_read_error(path: Path, *fragments: str, reader=read_grayscale, **kwargs) -> ImageReadError:

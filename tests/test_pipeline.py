@@ -62,8 +62,15 @@ def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
     apply_profile(repo, "tiny")
     _set_param(repo, "data.source_dir", str(DATA))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "COVIDCT_"))}
-    env |= {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", "NO_ALBUMENTATIONS_UPDATE": "1", "COVIDCT_DEVICE": "cpu",
-            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    env |= {
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
+        "NO_ALBUMENTATIONS_UPDATE": "1",
+        "COVIDCT_DEVICE": "cpu",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
     _run(["git", "init", "-q"], repo, env)
     if not (repo / ".dvc").is_dir():
         _run(["dvc", "init", "-q"], repo, env)
@@ -77,9 +84,20 @@ def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
 
 def test_every_output_is_written(tiny_repo: tuple[Path, dict[str, str]]) -> None:
     repo, _ = tiny_repo
-    for path in ["models/segmenter/model.pt", "models/classifier_cropped/model.pt", "models/classifier_raw/model.pt", "reports/results.md",
-                 "reports/segmenter/overlays.png", "reports/crop/gallery.png", "reports/figures/roc.png", "reports/figures/confusion.png",
-                 "models/classifier_cropped/training_curves.png", "reports/segmenter/training_curves.png", "reports/roc/cropped.csv", "reports/roc/raw.csv"]:
+    for path in [
+        "models/segmenter/model.pt",
+        "models/classifier_cropped/model.pt",
+        "models/classifier_raw/model.pt",
+        "reports/results.md",
+        "reports/segmenter/overlays.png",
+        "reports/crop/gallery.png",
+        "reports/figures/roc.png",
+        "reports/figures/confusion.png",
+        "models/classifier_cropped/training_curves.png",
+        "reports/segmenter/training_curves.png",
+        "reports/roc/cropped.csv",
+        "reports/roc/raw.csv",
+    ]:
         assert (repo / path).is_file(), path
     for png in repo.glob("reports/**/*.png"):
         with Image.open(png) as image:
@@ -142,7 +160,9 @@ def test_second_repro_does_nothing_and_margin_reruns_only_downstream(tiny_repo: 
 def test_bad_parameter_stops_a_stage_with_one_clear_line(tmp_path: Path) -> None:
     params = (REPO / "params.yaml").read_text().replace("model: efficientnet_b0", "model: efficientnet_b9")
     (tmp_path / "params.yaml").write_text(params)
-    result = subprocess.run([sys.executable, str(REPO / "pipelines/train_classifier.py"), "--variant", "raw"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "pipelines/train_classifier.py"), "--variant", "raw"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # one line, no traceback
     assert "classifier.model" in result.stderr and "efficientnet_b9" in result.stderr

@@ -72,7 +72,11 @@ class SegmenterConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        _check(len(self.channels) >= 2 and all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in self.channels), "segmenter.channels", f"must list >= 2 positive widths, got {list(self.channels)}")
+        _check(
+            len(self.channels) >= 2 and all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in self.channels),
+            "segmenter.channels",
+            f"must list >= 2 positive widths, got {list(self.channels)}",
+        )
         _check(self.epochs >= 1, "segmenter.epochs", f"must be >= 1, got {self.epochs}")
         _check(self.batch_size >= 1, "segmenter.batch_size", f"must be >= 1, got {self.batch_size}")
         _check(self.lr > 0, "segmenter.lr", f"must be > 0, got {self.lr}")
@@ -126,7 +130,11 @@ class ClassifierConfig:
         _check(self.epochs >= 1, "classifier.epochs", f"must be >= 1, got {self.epochs}")
         _check(self.batch_size >= 2, "classifier.batch_size", f"must be >= 2 (batch norm), got {self.batch_size}")
         _check(self.lr > 0, "classifier.lr", f"must be > 0, got {self.lr}")
-        _check(self.select_metric in ("auc", "accuracy", "f1", "recall", "neg_loss"), "classifier.select_metric", f"must be auc, accuracy, f1, recall or neg_loss, got {self.select_metric!r}")
+        _check(
+            self.select_metric in ("auc", "accuracy", "f1", "recall", "neg_loss"),
+            "classifier.select_metric",
+            f"must be auc, accuracy, f1, recall or neg_loss, got {self.select_metric!r}",
+        )
         self.augment.validate()
 
 

@@ -131,9 +131,7 @@ class CropResult:
     fallback: str | None
 
 
-def crop_to_lung_bbox(
-    image: np.ndarray, mask: np.ndarray, r: int, min_lung_fraction: float = 0.02
-) -> CropResult:
+def crop_to_lung_bbox(image: np.ndarray, mask: np.ndarray, r: int, min_lung_fraction: float = 0.02) -> CropResult:
     """Crop ``image`` to the lung box shrunk by ``r`` and resize it back to the original size.
 
     ``mask`` must have the image's HxW (resize a predicted mask first with :func:`resize_mask`).

@@ -105,8 +105,13 @@ def covid_ct_split(root: Path, subset_per_class: int = 0) -> pd.DataFrame:
     duplicated = table[table["relpath"].duplicated()]
     if not duplicated.empty:
         raise DatasetError(f"{root / 'Data-split'}: {duplicated['relpath'].iloc[0]} appears in more than one list")
-    if subset_per_class:
-        table = table.groupby(["split", "label"], sort=False).head(subset_per_class)
+    return take_per_group(table, ["split", "label"], subset_per_class)
+
+
+def take_per_group(table: pd.DataFrame, by: list[str], n: int) -> pd.DataFrame:
+    """The first ``n`` rows of each group (all rows when ``n`` is 0): small, balanced quick-look sets."""
+    if n:
+        table = table.groupby(by, sort=False).head(n)
     return table.reset_index(drop=True)
 
 
@@ -146,6 +151,4 @@ def lung_split(manifest: pd.DataFrame, test_slices: int, val_slices: int, seed: 
     table["split"] = table["patient_id"].map(split_of).fillna("train")
     table["image"] = "images/" + table["id"] + ".png"
     table["mask"] = "masks/" + table["id"] + ".png"
-    if subset_per_patient:
-        table = table.groupby("patient_id", sort=False).head(subset_per_patient)
-    return table.reset_index(drop=True)
+    return take_per_group(table, ["patient_id"], subset_per_patient)

@@ -101,9 +101,7 @@ def _open_loaded(path: str | os.PathLike[str], max_pixels: int) -> Image.Image:
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         # Someone flipped Pillow's global switch; truncated files would then decode silently
         # with grey padding. Refuse rather than hand out silently corrupted pixels.
-        raise ImageReadError(
-            p, "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True; refusing to read with truncation allowed"
-        )
+        raise ImageReadError(p, "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True; refusing to read with truncation allowed")
 
     sniffed = _sniff(head)
     try:
@@ -132,8 +130,7 @@ def _open_loaded(path: str | os.PathLike[str], max_pixels: int) -> Image.Image:
         if width * height > max_pixels:
             raise ImageReadError(
                 p,
-                f"too many pixels: {width}x{height} = {width * height} > limit {max_pixels} "
-                "(possible decompression bomb)",
+                f"too many pixels: {width}x{height} = {width * height} > limit {max_pixels} (possible decompression bomb)",
             )
         try:
             with warnings.catch_warnings():
@@ -145,9 +142,7 @@ def _open_loaded(path: str | os.PathLike[str], max_pixels: int) -> Image.Image:
             raise ImageReadError(p, f"too many pixels, possible decompression bomb ({exc})") from exc
         except Exception as exc:  # noqa: BLE001
             fmt = im.format or sniffed or "image"
-            raise ImageReadError(
-                p, f"truncated or corrupt {fmt} data ({type(exc).__name__}: {exc})"
-            ) from exc
+            raise ImageReadError(p, f"truncated or corrupt {fmt} data ({type(exc).__name__}: {exc})") from exc
     except BaseException:
         im.close()
         raise
@@ -240,8 +235,7 @@ def read_mask(path: str | os.PathLike[str], shape: tuple[int, int] | None = None
         if arr.shape != exp:
             raise ImageReadError(
                 p,
-                f"mask size {arr.shape[0]}x{arr.shape[1]} (HxW) does not match expected "
-                f"{exp[0]}x{exp[1]}",
+                f"mask size {arr.shape[0]}x{arr.shape[1]} (HxW) does not match expected {exp[0]}x{exp[1]}",
             )
     values = np.unique(arr)
     bad = values[(values != 0) & (values != 255)]
@@ -250,8 +244,7 @@ def read_mask(path: str | os.PathLike[str], shape: tuple[int, int] | None = None
         listed = ", ".join(str(int(v)) for v in bad[:10]) + (", ..." if bad.size > 10 else "")
         raise ImageReadError(
             p,
-            f"mask contains values other than 0 and 255: {listed} "
-            f"({bad.size} distinct value(s), {n_bad} pixel(s))",
+            f"mask contains values other than 0 and 255: {listed} ({bad.size} distinct value(s), {n_bad} pixel(s))",
         )
     return arr == 255
 

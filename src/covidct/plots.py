@@ -82,7 +82,7 @@ def plot_confusion_matrices(
         raise ValueError("no confusion matrices to plot")
     fig = Figure(figsize=(4 * len(confusions), 4))
     axes = fig.subplots(1, len(confusions), squeeze=False)[0]
-    for ax, (name, counts) in zip(axes, confusions.items()):
+    for ax, (name, counts) in zip(axes, confusions.items(), strict=True):
         _draw_confusion(ax, counts, variant_label(name))
     fig.tight_layout()
     _save(fig, path, dpi)
@@ -105,7 +105,7 @@ def plot_training_curves(history: pd.DataFrame, path: str | os.PathLike[str], ti
         raise ValueError("history has no numeric columns besides 'epoch'")
     fig = Figure(figsize=(5 * len(groups), 4))
     axes = fig.subplots(1, len(groups), squeeze=False)[0]
-    for ax, (label, cols) in zip(axes, groups):
+    for ax, (label, cols) in zip(axes, groups, strict=True):
         for col in cols:
             ax.plot(history["epoch"], history[col], marker="o", markersize=3, label=col)
         ax.set(xlabel="Epoch", ylabel=label)

@@ -87,36 +87,37 @@ def _experiment_id(client: MlflowClient, name: str, root: Path) -> str:
     return client.create_experiment(name, artifact_location=artifacts)
 
 
-def _parent_run(client: MlflowClient, experiment_id: str, group: str, commit: str) -> str:
-    found = client.search_runs([experiment_id], filter_string=f"tags.`{GROUP_TAG}` = '{group}' and tags.`covidct.role` = 'pipeline'", max_results=1)
+def _parent_run(client: MlflowClient, experiment_id: str, key: Mapping[str, str], name: str, tags: Mapping[str, str]) -> str:
+    """The run whose tags match ``key`` (created, already finished, if there is none): its
+    children are the stages of one pipeline execution or the trials of one study."""
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in key.items())
+    found = client.search_runs([experiment_id], filter_string=query, max_results=1)
     if found:
         return found[0].info.run_id
-    exp_name = os.environ.get("DVC_EXP_NAME")
-    run = client.create_run(
-        experiment_id,
-        run_name=f"pipeline {exp_name or group[:12]}",
-        tags={GROUP_TAG: group, "covidct.role": "pipeline", "covidct.git_commit": commit},
-    )
+    run = client.create_run(experiment_id, run_name=name, tags={**key, **tags})
     client.set_terminated(run.info.run_id)
     return run.info.run_id
 
 
 @contextlib.contextmanager
-def stage_run(stage: str, params: Mapping[str, Any]) -> Iterator[mlflow.ActiveRun]:
-    """An MLflow run for one DVC stage, nested under the run of its pipeline execution."""
+def child_run(parent_key: Mapping[str, str], parent_name: str, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> Iterator[mlflow.ActiveRun]:
+    """An MLflow run nested under the parent identified by ``parent_key`` (see ``_parent_run``)."""
     root = repo_root()
     mlflow.set_tracking_uri(tracking_uri(root))
     client = MlflowClient()
     experiment_id = _experiment_id(client, os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT), root)
-    group = pipeline_group_id()
     commit = git_commit(root)
-    parent = _parent_run(client, experiment_id, group, commit)
-    tags = {
-        GROUP_TAG: group,
-        "covidct.role": "stage",
-        "covidct.stage": os.environ.get("DVC_STAGE", stage),
-        "covidct.git_commit": commit,
-    }
-    with mlflow.start_run(experiment_id=experiment_id, run_name=stage, parent_run_id=parent, tags=tags) as run:
+    parent = _parent_run(client, experiment_id, parent_key, parent_name, {"covidct.git_commit": commit})
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, parent_run_id=parent, tags={**tags, "covidct.git_commit": commit}) as run:
         mlflow.log_params(flatten(params))
+        yield run
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, params: Mapping[str, Any]) -> Iterator[mlflow.ActiveRun]:
+    """An MLflow run for one DVC stage, nested under the run of its pipeline execution."""
+    group = pipeline_group_id()
+    name = f"pipeline {os.environ.get('DVC_EXP_NAME') or group[:12]}"
+    tags = {GROUP_TAG: group, "covidct.role": "stage", "covidct.stage": os.environ.get("DVC_STAGE", stage)}
+    with child_run({GROUP_TAG: group, "covidct.role": "pipeline"}, name, stage, params, tags) as run:
         yield run

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from covidct.checkpoints import save_checkpoint
 from covidct.classification.data import CachedImages, paper_augmentation, to_model_input
-from covidct.classification.model import build_classifier, normalisation
+from covidct.classification.model import build_classifier, load_classifier, normalisation
 from covidct.config import ClassifierConfig
 from covidct.metrics import binary_metrics
 from covidct.runtime import autocast, grad_scaler, seed_everything
@@ -23,7 +23,9 @@ from covidct.training import train_one_epoch
 
 
 @torch.inference_mode()
-def predict_scores(model: torch.nn.Module, images: np.ndarray, device: torch.device, mean, std, batch_size: int = 32, progress: str | None = None) -> np.ndarray:
+def predict_scores(
+    model: torch.nn.Module, images: np.ndarray, device: torch.device, mean, std, batch_size: int = 32, progress: str | None = None
+) -> np.ndarray:
     """COVID probabilities for uint8 (N, S, S) images."""
     model.eval()
     loader = DataLoader(CachedImages(images, np.zeros(len(images))), batch_size=batch_size)
@@ -77,7 +79,9 @@ def train_classifier(
         )
         train_seconds = time.perf_counter() - started
         val_scores = predict_scores(model, val[0], device, mean, std, config.batch_size * 2)
-        val_loss = float(torch.nn.functional.binary_cross_entropy(torch.from_numpy(val_scores).double().clamp(1e-7, 1 - 1e-7), torch.from_numpy(val[1]).double()))
+        val_loss = float(
+            torch.nn.functional.binary_cross_entropy(torch.from_numpy(val_scores).double().clamp(1e-7, 1 - 1e-7), torch.from_numpy(val[1]).double())
+        )
         val_metrics = binary_metrics(val[1], val_scores)
         score = _selection_score(val_metrics, val_loss, config.select_metric)
         if score > best:
@@ -87,5 +91,30 @@ def train_classifier(
         row |= {"best_val_score": best, "train_images_per_s": seen / train_seconds, "epoch_seconds": time.perf_counter() - started}
         history.append(row)
         on_epoch(row)
-        tqdm.write(f"classifier epoch {epoch}: loss {row['train_loss']:.4f}, val loss {val_loss:.4f}, val AUC {val_metrics['auc']:.3f}, val acc {val_metrics['accuracy']:.3f} ({row['train_images_per_s']:.1f} img/s)")
+        tqdm.write(
+            f"classifier epoch {epoch}: loss {row['train_loss']:.4f}, val loss {val_loss:.4f}, val AUC {val_metrics['auc']:.3f}, val acc {val_metrics['accuracy']:.3f} ({row['train_images_per_s']:.1f} img/s)"
+        )
     return pd.DataFrame(history)
+
+
+def fit_and_predict(
+    images: np.ndarray,
+    table: pd.DataFrame,
+    config: ClassifierConfig,
+    device: torch.device,
+    checkpoint: Path,
+    meta: dict,
+    on_epoch: Callable[[dict], None] = lambda row: None,
+) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Train on ``table.split == "train"``, choose on "val", then score val and test with the
+    chosen checkpoint. Returns the history, the val/test predictions and the checkpoint meta."""
+    labels = table["label"].to_numpy()
+    part = {split: (table["split"] == split).to_numpy() for split in ("train", "val", "test")}
+    history = train_classifier(
+        (images[part["train"]], labels[part["train"]]), (images[part["val"]], labels[part["val"]]), config, device, checkpoint, meta, on_epoch
+    )
+    model, chosen = load_classifier(checkpoint, device)
+    keep = part["val"] | part["test"]
+    scores = predict_scores(model, images[keep], device, chosen["mean"], chosen["std"], progress="score val + test")
+    predictions = table[keep].assign(score=scores)[["relpath", "split", "label", "score"]]
+    return history, predictions, chosen

@@ -90,7 +90,15 @@ def train_segmenter(
     for epoch in range(1, config.epochs + 1):
         started = time.perf_counter()
         train_loss, _ = train_one_epoch(
-            model, loader, lambda batch: (batch[0].to(device), batch[1].to(device)), loss_fn, optimiser, scaler, device, schedule, f"segmenter epoch {epoch}/{config.epochs}"
+            model,
+            loader,
+            lambda batch: (batch[0].to(device), batch[1].to(device)),
+            loss_fn,
+            optimiser,
+            scaler,
+            device,
+            schedule,
+            f"segmenter epoch {epoch}/{config.epochs}",
         )
         val_dice = mean_dice(predict_probabilities(model, val[0], device, config.batch_size), val[1])
         row = {"epoch": epoch, "train_loss": train_loss, "val_dice": val_dice, "epoch_seconds": time.perf_counter() - started}

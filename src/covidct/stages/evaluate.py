@@ -48,13 +48,20 @@ def run(params: dict[str, Any], root: Path) -> None:
         plot_roc_curves(curves, root / REPORTS / "figures" / "roc.png")
         plot_confusion_matrices(confusions, root / REPORTS / "figures" / "confusion.png")
         n_test = {"COVID": int(y.sum()), "non-COVID": int((1 - y).sum())}
-        dice = {"test Dice (mean)": segmenter["dice_mean"], "test Dice (std)": segmenter["dice_std"], "test slices": segmenter["n_slices"], "test patients": segmenter["n_patients"]}
+        dice = {
+            "test Dice (mean)": segmenter["dice_mean"],
+            "test Dice (std)": segmenter["dice_std"],
+            "test slices": segmenter["n_slices"],
+            "test patients": segmenter["n_patients"],
+        }
         extra = (
             f"\n## Crop stage\n\n{crop['n_images']} COVID-CT images segmented; the whole image was kept for "
             f"{crop['n_fallback_empty_mask']} with an empty lung mask and {crop['n_fallback_small_mask']} with an implausibly small one.\n"
             "\nReproduce: `dvc repro` with this commit's `params.yaml`; `dvc metrics show` prints these figures.\n"
         )
-        report = results_report(results, confusions=confusions, dice_summary=dice, n_test=n_test, threshold=config.threshold, n_boot=config.n_bootstrap, extra_md=extra)
+        report = results_report(
+            results, confusions=confusions, dice_summary=dice, n_test=n_test, threshold=config.threshold, n_boot=config.n_bootstrap, extra_md=extra
+        )
         write_text_atomic(root / REPORTS / "results.md", report)
         for path in ("metrics.json", "results.md", "figures/roc.png", "figures/confusion.png"):
             mlflow.log_artifact(str(root / REPORTS / path))

@@ -12,12 +12,12 @@ import pandas as pd
 
 from covidct.atomic import write_text_atomic
 from covidct.classification.data import load_resized
-from covidct.classification.model import load_classifier
-from covidct.classification.train import predict_scores, train_classifier
-from covidct.config import ConfigError, section
+from covidct.classification.train import fit_and_predict
+from covidct.config import section
+from covidct.lung_crop import crop_relpath
 from covidct.plots import plot_training_curves
 from covidct.runtime import configure_threads, select_device
-from covidct.stages.crop_images import CROPS, RAW, SPLIT, crop_relpath
+from covidct.stages.crop_images import CROPS, RAW, SPLIT
 from covidct.tracking import stage_run
 
 VARIANTS = ("cropped", "raw")
@@ -34,31 +34,22 @@ def image_paths(root: Path, table: pd.DataFrame, variant: str) -> list[Path]:
 
 
 def run(params: dict[str, Any], root: Path, variant: str) -> None:
-    if variant not in VARIANTS:
-        raise ConfigError(f"--variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
     config = section(params, "classifier")
     device, threads = select_device(), configure_threads()
     table = pd.read_csv(root / SPLIT)
     images = load_resized(image_paths(root, table, variant), config.image_size, progress=f"decode {variant} images")
-    labels = table["label"].to_numpy()
-    part = {split: (table["split"] == split).to_numpy() for split in ("train", "val", "test")}
     out = root / model_dir(variant)
     with stage_run(f"train_classifier_{variant}", {"classifier": dataclasses.asdict(config), "variant": variant}):
-        mlflow.log_params({"device": str(device), "threads": threads, **{f"n_{s}": int(m.sum()) for s, m in part.items()}})
-        history = train_classifier(
-            (images[part["train"]], labels[part["train"]]),
-            (images[part["val"]], labels[part["val"]]),
+        mlflow.log_params({"device": str(device), "threads": threads, **{f"n_{s}": int((table["split"] == s).sum()) for s in ("train", "val", "test")}})
+        history, predictions, meta = fit_and_predict(
+            images,
+            table,
             config,
             device,
             out / "model.pt",
             {"model": config.model, "image_size": config.image_size, "variant": variant},
             on_epoch=lambda row: mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"]),
         )
-        model, meta = load_classifier(out / "model.pt", device)
-        # Scores for validation and test from the chosen checkpoint; the evaluate stage reads them.
-        keep = part["val"] | part["test"]
-        scores = predict_scores(model, images[keep], device, meta["mean"], meta["std"], progress="score val + test")
-        predictions = table[keep].assign(score=scores)[["relpath", "split", "label", "score"]]
         write_text_atomic(out / "predictions.csv", predictions.to_csv(index=False))
         write_text_atomic(out / "history.csv", history.to_csv(index=False))
         plot_training_curves(history[["epoch", "train_loss", "val_loss", "val_auc", "val_accuracy"]], out / "training_curves.png", f"Classifier ({variant})")
@@ -67,4 +58,3 @@ def run(params: dict[str, Any], root: Path, variant: str) -> None:
         for name in ("model.pt", "predictions.csv", "history.csv", "training_curves.png"):
             mlflow.log_artifact(str(out / name))
     print(f"{variant}: best epoch {meta['epoch']}, val AUC {best['val_auc']:.3f}, median {history['train_images_per_s'].median():.1f} train images/s")
-
