@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import REPO
 
+from conftest import REPO
 from covidct.config import (
     ClassifierConfig,
     ConfigError,

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import DATA
 
+from conftest import DATA
 from covidct.datasets import (
     DatasetError,
     copy_verified,

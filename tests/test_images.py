@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DATA
 from PIL import Image, ImageFile
 
+from conftest import DATA
 from covidct.images import (
     DEFAULT_MAX_PIXELS,
     ImageReadError,

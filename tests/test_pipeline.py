@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import DATA, REPO
 from mlflow.tracking import MlflowClient
 from PIL import Image
 from ruamel.yaml import YAML
 
+from conftest import DATA, REPO
 from covidct.profiles import apply_profile
 
 pytestmark = pytest.mark.slow
@@ -56,7 +56,7 @@ def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
     repo = tmp_path_factory.mktemp("covidct") / "repo"
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
     for name in files:
-        if (REPO / name).is_file() and not name.startswith(("dvc.lock", "reports/")):
+        if (REPO / name).is_file() and not name.startswith(("dvc.lock", "reports/", "models/")):
             (repo / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, repo / name)
     apply_profile(repo, "tiny")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import DATA
 
+from conftest import DATA
 from covidct.images import read_grayscale
 from covidct.preprocessing import segmenter_input, to_unit_tensor_array
 

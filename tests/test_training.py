@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import DATA
 
+from conftest import DATA
 from covidct.classification.data import load_resized
 from covidct.classification.model import load_classifier
 from covidct.classification.train import predict_scores, train_classifier

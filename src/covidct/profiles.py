@@ -40,12 +40,30 @@ def apply_profile(root: Path, name: str, params_file: str = "params.yaml") -> di
     profile = root / PROFILES / f"{name}.yaml"
     if not profile.is_file():
         raise ConfigError(f"{profile}: no such profile (available: {', '.join(available(root))})")
+    return merge_params(root, YAML(typ="safe").load(profile.read_text(encoding="utf-8")) or {}, params_file)
+
+
+def merge_params(root: Path, overrides: Mapping[str, Any], params_file: str = "params.yaml") -> Any:
+    """Merge nested ``overrides`` into ``params_file``, keeping its comments; nothing is written
+    unless the result validates."""
     yaml = YAML()
     params = yaml.load((root / params_file).read_text(encoding="utf-8"))
-    _merge(params, YAML(typ="safe").load(profile.read_text(encoding="utf-8")) or {})
+    _merge(params, overrides)
     validate_all(YAML(typ="safe").load(_dump(yaml, params)))
     write_text_atomic(root / params_file, _dump(yaml, params))
     return params
+
+
+def set_params(root: Path, overrides: Mapping[str, Any], params_file: str = "params.yaml") -> None:
+    """Set dotted keys (``crop.margin``) in ``params_file``, keeping its comments; validated first."""
+    nested: dict[str, Any] = {}
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        node = nested
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    merge_params(root, nested, params_file)
 
 
 def _dump(yaml: YAML, data: Any) -> str:

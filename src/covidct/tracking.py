@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 DEFAULT_EXPERIMENT = "covidct"
@@ -83,20 +84,37 @@ def _experiment_id(client: MlflowClient, name: str, root: Path) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    artifacts = (root / "mlruns" / "artifacts").as_uri()
-    return client.create_experiment(name, artifact_location=artifacts)
+    try:
+        return client.create_experiment(name, artifact_location=(root / "mlruns" / "artifacts").as_uri())
+    except MlflowException:  # another worker created it a moment ago
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
 
 
 def _parent_run(client: MlflowClient, experiment_id: str, key: Mapping[str, str], name: str, tags: Mapping[str, str]) -> str:
     """The run whose tags match ``key`` (created, already finished, if there is none): its
-    children are the stages of one pipeline execution or the trials of one study."""
+    children are the stages of one pipeline execution or the trials of one study.
+
+    Two workers may create it at the same moment; both then keep the oldest and the
+    newer one is deleted, so their children still share one parent.
+    """
     query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in key.items())
-    found = client.search_runs([experiment_id], filter_string=query, max_results=1)
-    if found:
-        return found[0].info.run_id
+
+    def oldest() -> str | None:
+        found = client.search_runs([experiment_id], filter_string=query, order_by=["attributes.start_time ASC"], max_results=1)
+        return found[0].info.run_id if found else None
+
+    existing = oldest()
+    if existing:
+        return existing
     run = client.create_run(experiment_id, run_name=name, tags={**key, **tags})
     client.set_terminated(run.info.run_id)
-    return run.info.run_id
+    winner = oldest()
+    if winner != run.info.run_id:
+        client.delete_run(run.info.run_id)
+    return winner
 
 
 @contextlib.contextmanager

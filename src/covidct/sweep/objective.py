@@ -1,0 +1,130 @@
+"""One trial: (reused or trained) segmenter -> (reused or made) crops -> classifier, reporting
+its validation score each epoch so the pruner can stop it early.
+
+The objective is a validation score; test metrics are logged for the record, never returned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import optuna
+import pandas as pd
+
+from covidct.classification.data import load_resized
+from covidct.classification.train import fit_and_predict
+from covidct.config import section
+from covidct.datasets import COVID_CT, covid_ct_split
+from covidct.lung_crop import crop_dataset
+from covidct.metrics import binary_metrics
+from covidct.runtime import select_device
+from covidct.segmentation.model import load_segmenter
+from covidct.segmentation.train import train_segmenter
+from covidct.stages.lung_data import load_lung_split
+from covidct.sweep.cache import cache_key, get_or_build
+from covidct.sweep.config import SweepConfig
+from covidct.sweep.space import suggest, with_overrides
+from covidct.tracking import child_run
+
+RAW = Path("data/raw")
+
+
+def study_parent(config: SweepConfig) -> tuple[dict[str, str], str]:
+    """The MLflow parent run of a study: every trial of every worker nests under it."""
+    return {"covidct.study": config.study, "covidct.role": "study"}, f"study {config.study}"
+
+
+class TrialObjective:
+    def __init__(self, root: Path, base_params: dict[str, Any], config: SweepConfig, worker: str) -> None:
+        self.root, self.base, self.config, self.worker = root, base_params, config, worker
+        self.cache = root / "optuna" / "cache"
+        self.device = select_device()
+
+    def segmenter(self, params: dict[str, Any]) -> tuple[Path, str, bool, float]:
+        pre, seg = section(params, "preprocess"), section(params, "segmenter")
+        per_patient = section(params, "data").lung_subset_per_patient
+        key = cache_key(
+            {"preprocess": dataclasses.asdict(pre), "segmenter": dataclasses.asdict(seg), "lung_split": params["lung_split"], "per_patient": per_patient}
+        )
+
+        def build(out: Path) -> None:
+            sets = []
+            for split in ("train", "val"):
+                table, images, masks = load_lung_split(self.root, split, pre)
+                keep = (table.groupby("patient_id").cumcount() < per_patient).to_numpy() if per_patient else np.ones(len(table), bool)
+                sets.append((images[keep], masks[keep]))
+            meta = {"channels": list(seg.channels), "size": pre.size, "clahe_clip": pre.clahe_clip}
+            train_segmenter(sets[0], sets[1], seg, self.device, out / "model.pt", meta)
+
+        entry, reused, seconds = get_or_build(self.cache, "segmenter", key, build)
+        return entry, key, reused, seconds
+
+    def crops(self, params: dict[str, Any], segmenter: Path, segmenter_key: str) -> tuple[Path, bool, float]:
+        crop, subset = section(params, "crop"), section(params, "data").subset_per_class
+        key = cache_key({"segmenter": segmenter_key, "crop": dataclasses.asdict(crop), "subset": subset})
+
+        def build(out: Path) -> None:
+            model, meta = load_segmenter(segmenter / "model.pt", self.device)
+            table = covid_ct_split(self.root / RAW / COVID_CT, subset)
+            boxes = crop_dataset(table, self.root / RAW / COVID_CT, out, model, meta, crop, self.device)
+            boxes.to_csv(out / "boxes.csv", index=False)
+
+        entry, reused, seconds = get_or_build(self.cache, "crops", key, build)
+        return entry, reused, seconds
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        suggested = suggest(trial, self.config.space)
+        params = with_overrides(self.base, {**self.config.budget, **suggested})
+        trial.set_user_attr("worker", self.worker)
+        parent_key, parent_name = study_parent(self.config)
+        tags = {"covidct.role": "trial", "covidct.study": self.config.study, "optuna.trial_number": str(trial.number), "covidct.worker": self.worker}
+        pruned = False
+        with child_run(
+            parent_key, parent_name, f"trial {trial.number}", {k: params[k] for k in ("data", "preprocess", "segmenter", "crop", "classifier")}, tags
+        ):
+            mlflow.log_params({f"suggested.{k}": v for k, v in suggested.items()})
+            segmenter, segmenter_key, seg_reused, seg_seconds = self.segmenter(params)
+            crops, crops_reused, crop_seconds = self.crops(params, segmenter, segmenter_key)
+            timing = {"segmenter_reused": seg_reused, "segmenter_seconds": seg_seconds, "crops_reused": crops_reused, "crops_seconds": crop_seconds}
+            for name, value in timing.items():
+                trial.set_user_attr(name, value)
+            mlflow.log_metrics({k: float(v) for k, v in timing.items()})
+            try:
+                value = self.classifier(trial, params, crops)
+            except optuna.TrialPruned:
+                pruned = True
+                mlflow.set_tag("optuna.state", "PRUNED")
+        if pruned:
+            raise optuna.TrialPruned()
+        return value
+
+    def classifier(self, trial: optuna.Trial, params: dict[str, Any], crops: Path) -> float:
+        config = section(params, "classifier")
+        boxes = pd.read_csv(crops / "boxes.csv")
+        images = load_resized([crops / "images" / c for c in boxes["crop"]], config.image_size, progress=None)
+        objective, started = self.config.objective, time.perf_counter()
+
+        def on_epoch(row: dict) -> None:
+            mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+            trial.report(row[objective], row["epoch"])
+            trial.set_user_attr("epochs_run", row["epoch"])
+            trial.set_user_attr("classifier_seconds", time.perf_counter() - started)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"epoch {row['epoch']}: {objective} {row[objective]:.3f}")
+
+        out = self.root / "optuna" / "trials" / self.config.study / str(trial.number)
+        history, predictions, meta = fit_and_predict(
+            images, boxes, config, self.device, out / "model.pt", {"model": config.model, "image_size": config.image_size}, on_epoch
+        )
+        chosen = history.loc[history["epoch"] == meta["epoch"]].iloc[0]
+        test = predictions[predictions["split"] == "test"]
+        # Logged for the record only: the study never sees a test metric.
+        test_metrics = binary_metrics(test["label"].to_numpy(), test["score"].to_numpy())
+        mlflow.log_metrics({f"test_{k}": v for k, v in test_metrics.items()} | {"objective": float(chosen[objective]), "chosen_epoch": int(meta["epoch"])})
+        trial.set_user_attr("test_auc", test_metrics["auc"])
+        return float(chosen[objective])

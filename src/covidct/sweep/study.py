@@ -1,0 +1,130 @@
+"""Opening, running and summarising a study: Optuna RDB storage (SQLite by default, PostgreSQL
+for several machines), heartbeats so a killed trial is marked failed, and a cap on finished
+trials shared by every worker and restart."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import optuna
+import sqlalchemy
+from optuna.storages import RDBStorage
+from optuna.study import MaxTrialsCallback
+from optuna.trial import TrialState
+
+from covidct.atomic import atomic_path, write_text_atomic
+from covidct.config import ConfigError, load_params
+from covidct.profiles import set_params
+from covidct.sweep.config import SweepConfig
+from covidct.sweep.objective import TrialObjective, study_parent
+from covidct.tracking import child_run
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def storage_url(root: Path, url: str) -> str:
+    """Relative SQLite paths are taken from the repo root (also under ``dvc exp run --temp``)."""
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url.startswith(prefix + "/"):
+        path = root / url[len(prefix) :]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return prefix + str(path)
+    return url
+
+
+def _rdb_storage(url: str, engine: dict[str, Any], config: SweepConfig, attempts: int = 5) -> RDBStorage:
+    """Workers started together race to create Optuna's tables on a new database; the losers
+    see a duplicate-object error and simply connect again once the tables exist."""
+    for attempt in range(attempts):
+        try:
+            with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna, and exactly what resuming needs
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=config.heartbeat_s, grace_period=config.grace_s)
+        except sqlalchemy.exc.SQLAlchemyError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(1.0 + attempt)
+    raise AssertionError("unreachable")
+
+
+def open_study(root: Path, config: SweepConfig, storage: str | None = None, worker_index: int = 0) -> optuna.Study:
+    url = storage_url(root, storage or config.storage)
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    rdb = _rdb_storage(url, engine, config)
+    # Workers started together must not draw the same random start-up trials.
+    sampler = optuna.samplers.TPESampler(seed=config.sampler_seed + worker_index)
+    pruner = (
+        optuna.pruners.MedianPruner(n_startup_trials=config.pruner_startup_trials, n_warmup_steps=config.pruner_warmup_epochs)
+        if config.pruning
+        else optuna.pruners.NopPruner()
+    )
+    return optuna.create_study(study_name=config.study, storage=rdb, direction="maximize", sampler=sampler, pruner=pruner, load_if_exists=True)
+
+
+def finished_trials(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+def run_sweep(root: Path, config: SweepConfig, storage: str | None = None, worker_index: int = 0) -> optuna.Study:
+    """Run trials until the study holds ``config.n_trials`` finished ones (or the timeout).
+
+    Safe to start again after a kill, and on several processes or machines at once: each
+    asks the storage how many trials are finished before and after every trial. Stale
+    running trials (no heartbeat) are marked failed by Optuna when a worker starts one.
+    """
+    study = open_study(root, config, storage, worker_index)
+    remaining = config.n_trials - finished_trials(study)
+    if remaining > 0:
+        worker = f"{socket.gethostname()}-{os.getpid()}"
+        objective = TrialObjective(root, load_params(root / "params.yaml"), config, worker)
+        study.optimize(objective, timeout=config.timeout_s, callbacks=[MaxTrialsCallback(config.n_trials, states=FINISHED)], gc_after_trial=True)
+    return study
+
+
+def summarise(root: Path, config: SweepConfig, study: optuna.Study) -> Path:
+    """Trials table and the study's plots (history, importances, parallel coordinates) as files,
+    logged to the study's MLflow parent run."""
+    out = root / "optuna" / "reports" / config.study
+    write_text_atomic(out / "trials.csv", study.trials_dataframe().to_csv(index=False))
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    plots = {"optimization_history.png": optuna.visualization.matplotlib.plot_optimization_history}
+    if len(complete) >= 2:
+        plots |= {
+            "param_importances.png": optuna.visualization.matplotlib.plot_param_importances,
+            "parallel_coordinate.png": optuna.visualization.matplotlib.plot_parallel_coordinate,
+        }
+    for name, plot in plots.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            axes = plot(study)
+        figure = axes.flat[0].figure if hasattr(axes, "flat") else axes.figure
+        figure.set_size_inches(9, 5)
+        with atomic_path(out / name) as tmp:
+            figure.savefig(tmp, dpi=120, bbox_inches="tight")
+    parent_key, parent_name = study_parent(config)
+    best = {"best_value": study.best_value, "best_trial": study.best_trial.number} if complete else {}
+    with child_run(parent_key, parent_name, f"summary {config.study}", {}, {"covidct.role": "study_summary", "covidct.study": config.study}):
+        mlflow.log_metrics({**best, "finished_trials": finished_trials(study)})
+        mlflow.log_artifacts(str(out))
+    return out
+
+
+def best_overrides(study: optuna.Study) -> dict[str, Any]:
+    """The best trial's suggested values, as params.yaml dotted keys (budget keys excluded)."""
+    try:
+        return dict(study.best_trial.params)
+    except ValueError as exc:
+        raise ConfigError(f"study {study.study_name}: no completed trial yet") from exc
+
+
+def apply_best(root: Path, study: optuna.Study) -> dict[str, Any]:
+    """Write the best trial's parameters into params.yaml, so ``dvc repro`` reproduces it."""
+    overrides = best_overrides(study)
+    set_params(root, overrides)
+    return overrides

@@ -1,0 +1,190 @@
+"""Real Optuna sweeps over the real pipeline code on a micro budget: reuse, resume after a
+kill (heartbeat), and two workers sharing one study on a real PostgreSQL server."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+from ruamel.yaml import YAML
+
+from conftest import DATA, REPO
+from covidct.config import load_params
+from covidct.profiles import apply_profile, set_params
+from covidct.stages import prepare_data
+from covidct.sweep.config import load_sweep
+from covidct.sweep.study import apply_best, finished_trials, run_sweep, summarise
+
+pytestmark = pytest.mark.slow
+COVIDCT = str(Path(sys.executable).parent / "covidct")
+
+MICRO = """\
+study: {study}
+storage: sqlite:///optuna/studies.db
+n_trials: {n_trials}
+heartbeat_s: 1
+grace_s: 2
+pruner_startup_trials: 1
+pruner_warmup_epochs: 0
+space:
+  segmenter.tversky_alpha: {{choices: [0.6, 0.7]}}
+  crop.margin: {{choices: [0, 5]}}
+"""
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A working directory with the tiny profile's prepared data, as `dvc repro prepare_data` leaves it."""
+    root = tmp_path_factory.mktemp("sweep")
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    shutil.copytree(REPO / "pipelines" / "profiles", root / "pipelines" / "profiles")
+    apply_profile(root, "tiny")
+    set_params(root, {"data.source_dir": str(DATA)})
+    prepare_data.run(load_params(root / "params.yaml"), root)
+    return root
+
+
+@pytest.fixture()
+def env(root: Path) -> dict[str, str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "COVIDCT_"))}
+    return base | {"DVC_ROOT": str(root), "COVIDCT_DEVICE": "cpu", "NO_ALBUMENTATIONS_UPDATE": "1"}
+
+
+def _config(root: Path, study: str, n_trials: int) -> Path:
+    path = root / f"{study}.yaml"
+    path.write_text(MICRO.format(study=study, n_trials=n_trials))
+    return path
+
+
+def test_sweep_reuses_stages_resumes_and_exports_best(root: Path, env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    config = load_sweep(_config(root, "micro", 4))
+    study = run_sweep(root, config)
+    assert finished_trials(study) == 4
+    trials = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+    # 2 segmenter settings over 4 trials: at least two trials reuse a trained segmenter.
+    assert sum(t.user_attrs["segmenter_reused"] for t in trials) >= 2
+    assert all(t.user_attrs["segmenter_seconds"] == 0 for t in trials if t.user_attrs["segmenter_reused"])
+
+    again = run_sweep(root, config)  # resumed: the study is complete, nothing runs
+    assert len(again.trials) == len(study.trials)
+    more = run_sweep(root, load_sweep(_config(root, "micro", 5)))
+    assert finished_trials(more) == 5 and len(more.trials) == 5
+
+    out = summarise(root, config, more)
+    for name in ("optimization_history.png", "param_importances.png", "parallel_coordinate.png", "trials.csv"):
+        assert (out / name).stat().st_size > 0
+    client = MlflowClient(f"sqlite:///{root / 'mlruns' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("covidct").experiment_id], filter_string="tags.`covidct.study` = 'micro'")
+    [parent] = [r for r in runs if r.data.tags["covidct.role"] == "study"]
+    trial_runs = [r for r in runs if r.data.tags["covidct.role"] == "trial"]
+    assert len(trial_runs) == 5 and all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in trial_runs)
+    assert all("test_auc" in r.data.metrics and "val_auc" in r.data.metrics for r in trial_runs if r.data.tags.get("optuna.state") != "PRUNED")
+
+    best = apply_best(root, more)
+    params = YAML(typ="safe").load((root / "params.yaml").read_text())
+    assert params["crop"]["margin"] == best["crop.margin"] and params["segmenter"]["tversky_alpha"] == best["segmenter.tversky_alpha"]
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def test_killed_sweep_resumes_without_losing_or_repeating_trials(root: Path, env: dict[str, str]) -> None:
+    path = _config(root, "killed", 3)
+    storage = f"sqlite:///{root / 'optuna' / 'studies.db'}"
+    proc = subprocess.Popen([COVIDCT, "sweep", str(path)], cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def states() -> list[TrialState]:
+        try:
+            return [t.state for t in optuna.load_study(study_name="killed", storage=storage).trials]
+        except KeyError:
+            return []
+
+    _wait_for(lambda: TrialState.COMPLETE in states() and TrialState.RUNNING in states(), 300, "a finished and a running trial")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = optuna.load_study(study_name="killed", storage=storage)
+    complete_before = {t.number: t.value for t in before.trials if t.state == TrialState.COMPLETE}
+    killed = [t.number for t in before.trials if t.state == TrialState.RUNNING]
+    time.sleep(3)  # past the heartbeat grace period
+
+    result = subprocess.run([COVIDCT, "sweep", str(path)], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    after = optuna.load_study(study_name="killed", storage=storage)
+    assert [after.trials[n].state for n in killed] == [TrialState.FAIL] * len(killed)
+    assert {n: after.trials[n].value for n in complete_before} == complete_before
+    assert finished_trials(after) == 3  # no finished trial lost, none run twice
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[str]:
+    """A real PostgreSQL server in a temporary directory, on a unix socket only."""
+    bins = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    assert bins, "PostgreSQL server binaries are missing: .ci/run installs Debian's postgresql package"
+    bindir = bins[-1].parent
+    base = Path(tempfile.mkdtemp(prefix="covidct-pg-"))
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if as_postgres:
+        shutil.chown(base, "postgres")
+    base.chmod(0o755)
+    data, port = base / "data", "54329"
+    subprocess.run([*as_postgres, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"], check=True, capture_output=True)
+    options = f"-k {base} -c listen_addresses='' -p {port}"
+    subprocess.run(
+        [*as_postgres, str(bindir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(base / "log"), "-w", "start"], check=True, capture_output=True
+    )
+    try:
+        for name in ("optuna", "mlflow"):
+            subprocess.run([*as_postgres, str(bindir / "createdb"), "-h", str(base), "-p", port, "-U", "postgres", name], check=True, capture_output=True)
+        yield f"postgresql+psycopg://postgres@/{{db}}?host={base}&port={port}"
+    finally:
+        subprocess.run([*as_postgres, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"], capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_two_workers_share_one_study_on_postgresql(root: Path, env: dict[str, str], postgres: str) -> None:
+    path = _config(root, "distributed", 6)
+    storage, tracking = postgres.format(db="optuna"), postgres.format(db="mlflow")
+    MlflowClient(tracking).search_experiments()  # create MLflow's tables once, before two workers race to
+    env = env | {"MLFLOW_TRACKING_URI": tracking}
+    workers = [
+        subprocess.Popen(
+            [COVIDCT, "sweep", str(path), "--storage", storage, "--worker-index", str(i)],
+            cwd=root,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    for worker in workers:
+        _, err = worker.communicate(timeout=600)
+        assert worker.returncode == 0, err[-3000:]
+    study = optuna.load_study(study_name="distributed", storage=storage)
+    finished = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+    assert 6 <= len(finished) <= 7  # each worker may start one trial while the other finishes the 6th
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials)
+    assert len({t.number for t in study.trials}) == len(study.trials)
+    assert len({t.user_attrs["worker"] for t in finished}) == 2  # both workers contributed
+    client = MlflowClient(tracking)
+    runs = client.search_runs([client.get_experiment_by_name("covidct").experiment_id], filter_string="tags.`covidct.study` = 'distributed'")
+    parents = {r.info.run_id for r in runs if r.data.tags["covidct.role"] == "study"}
+    assert len(parents) == 1
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs if r.data.tags["covidct.role"] == "trial"} == parents
