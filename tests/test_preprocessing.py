@@ -7,7 +7,7 @@ import pytest
 
 from conftest import DATA
 from covidct.images import read_grayscale
-from covidct.preprocessing import segmenter_input, to_unit_tensor_array
+from covidct.preprocessing import segmenter_input
 
 
 @pytest.mark.parametrize("shape", [(100, 70), (70, 100), (20, 48), (48, 20), (24, 100)])
@@ -84,10 +84,3 @@ def test_input_not_modified() -> None:
     before = gray.copy()
     segmenter_input(gray, 16, 7.0)
     np.testing.assert_array_equal(gray, before)
-
-
-def test_to_unit_tensor_array() -> None:
-    images = np.array([[[0, 255], [51, 102]]], dtype=np.uint8)
-    out = to_unit_tensor_array(images)
-    assert out.shape == (1, 1, 2, 2) and out.dtype == np.float32
-    np.testing.assert_allclose(out[0, 0], [[0.0, 1.0], [0.2, 0.4]], atol=1e-7)

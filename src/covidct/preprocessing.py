@@ -22,8 +22,3 @@ def segmenter_input(gray: np.ndarray, size: int, clahe_clip: float) -> np.ndarra
     if clahe_clip > 0:
         image = cv2.createCLAHE(clipLimit=clahe_clip, tileGridSize=(8, 8)).apply(image)
     return image
-
-
-def to_unit_tensor_array(images: np.ndarray) -> np.ndarray:
-    """uint8 (N, H, W) -> float32 (N, 1, H, W) in [0, 1], the segmenter's input."""
-    return (images.astype(np.float32) / 255.0)[:, None]
