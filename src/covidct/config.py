@@ -191,17 +191,22 @@ def _build(cls: type[T], raw: Any, prefix: str) -> T:
     return config
 
 
-def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+def read_yaml_mapping(path: str | Path, what: str) -> dict[str, Any]:
+    """A YAML file holding a mapping, or one ConfigError naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: params file not found")
+        raise ConfigError(f"{path}: {what} not found")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: must hold a mapping of sections")
+        raise ConfigError(f"{path}: must hold a mapping of keys")
     return raw
+
+
+def load_params(path: str | Path = "params.yaml") -> dict[str, Any]:
+    return read_yaml_mapping(path, "params file")
 
 
 def section(params: dict[str, Any], name: str) -> Any:

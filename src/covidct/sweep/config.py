@@ -10,9 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from covidct.config import ConfigError
+from covidct.config import ConfigError, read_yaml_mapping
 
 OBJECTIVES = ("val_auc", "val_accuracy", "val_f1", "val_recall")
 
@@ -76,12 +74,7 @@ def _distribution(path: Path, key: str, spec: Any) -> Distribution:
 
 def load_sweep(path: str | Path) -> SweepConfig:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: sweep config not found")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    raw = read_yaml_mapping(path, "sweep config")
     known = set(SweepConfig.__dataclass_fields__)
     unknown = sorted(set(raw) - known)
     if unknown:
