@@ -77,6 +77,8 @@ def run_sweep(root: Path, config: SweepConfig, storage: str | None = None, worke
     Safe to start again after a kill, and on several processes or machines at once: each
     asks the storage how many trials are finished before and after every trial. Stale
     running trials (no heartbeat) are marked failed by Optuna when a worker starts one.
+    Workers running at once may each finish one trial past ``n_trials``: a worker only
+    learns the cap was reached when its own trial ends.
     """
     study = open_study(root, config, storage, worker_index)
     remaining = config.n_trials - finished_trials(study)
