@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ def _sweep(args: argparse.Namespace, root: Path) -> None:
 
     config = load_sweep(args.config)
     if args.n_trials:
-        config = type(config)(**{**config.__dict__, "n_trials": args.n_trials})
+        config = dataclasses.replace(config, n_trials=args.n_trials)
     if args.command == "sweep":
         study = run_sweep(root, config, args.storage, args.worker_index)
         out = summarise(root, config, study)
