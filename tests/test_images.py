@@ -14,7 +14,9 @@ from PIL import Image, ImageFile
 from conftest import DATA
 from covidct.images import (
     DEFAULT_MAX_PIXELS,
+    LUNG_WINDOW_HU,
     ImageReadError,
+    decode_grayscale,
     read_grayscale,
     read_mask,
     write_png,
@@ -325,3 +327,45 @@ def test_write_png_rejects_bad_arrays(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="shape"):
         write_png(tmp_path / "x.png", np.zeros((3, 3, 2), dtype=np.uint8))
     assert list(tmp_path.iterdir()) == []
+
+
+def write_ct_dicom(path: Path, gray: np.ndarray, modality: str = "CT", photometric: str = "MONOCHROME2") -> None:
+    """A single-slice DICOM whose stored values map back onto ``gray`` through the lung window."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, meta.TransferSyntaxUID = CTImageStorage, generate_uid(), ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PhotometricInterpretation = modality, photometric
+    ds.Rows, ds.Columns = gray.shape
+    ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 1, 16, 16, 15, 0
+    level, width = LUNG_WINDOW_HU
+    ds.RescaleSlope, ds.RescaleIntercept = f"{width / 255:.10f}", f"{level - width / 2:.10f}"  # HU = g * width/255 + (level - width/2)
+    ds.PixelData = gray.astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_ct_dicom_reads_like_the_png_it_was_made_from(tmp_path: Path) -> None:
+    gray = read_grayscale(RGBA_PNG)
+    write_ct_dicom(tmp_path / "slice", gray)  # no suffix: found by content
+    assert np.array_equal(read_grayscale(tmp_path / "slice"), gray)
+    write_ct_dicom(tmp_path / "inverted.dcm", 255 - gray, photometric="MONOCHROME1")
+    assert np.array_equal(read_grayscale(tmp_path / "inverted.dcm"), gray)
+    write_ct_dicom(tmp_path / "other.dcm", gray // 2, modality="OT")  # not CT: min-max, like 16-bit PNG
+    out = read_grayscale(tmp_path / "other.dcm")
+    assert out.min() == 0 and out.max() == 255
+
+
+def test_bad_dicom_names_the_file(tmp_path: Path) -> None:
+    gray = read_grayscale(RGBA_PNG)
+    write_ct_dicom(tmp_path / "good.dcm", gray)
+    data = (tmp_path / "good.dcm").read_bytes()
+    (tmp_path / "truncated.dcm").write_bytes(data[: len(data) // 2])
+    _assert_read_error(tmp_path / "truncated.dcm", "truncated.dcm", "dicom")
+    (tmp_path / "header_only.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00")
+    _assert_read_error(tmp_path / "header_only.dcm", "header_only.dcm", "dicom")
+    with pytest.raises(ImageReadError, match="too many pixels"):
+        decode_grayscale(data, "big.dcm", max_pixels=100)

@@ -14,6 +14,7 @@ from covidct.metrics import (
     flatten_metrics,
     metrics_with_ci,
     roc_points,
+    threshold_for_recall,
 )
 
 # tp=2 (0.9, 0.6), fn=1 (0.3), tn=1 (0.2), fp=1 (0.7) at threshold 0.5.
@@ -143,3 +144,18 @@ def test_roc_points_finite_and_monotone():
     assert df.iloc[-1][["fpr", "tpr"]].tolist() == [1.0, 1.0]
     assert df["threshold"].iloc[0] == pytest.approx(1.9)
     assert (np.diff(df["fpr"]) >= 0).all() and (np.diff(df["tpr"]) >= 0).all()
+
+
+def test_threshold_for_recall_is_the_highest_reaching_the_floor():
+    y = [1, 1, 1, 1, 0, 0, 0]
+    s = [0.9, 0.8, 0.4, 0.2, 0.7, 0.3, 0.1]
+    assert threshold_for_recall(y, s, 0.5) == 0.8  # 2 of 4 positives at >= 0.8
+    assert threshold_for_recall(y, s, 0.75) == 0.4
+    assert threshold_for_recall(y, s, 0.76) == 0.2  # needs all 4
+    assert threshold_for_recall(y, s, 0.0) == 0.9
+    for floor in (0.25, 0.5, 0.75, 1.0):
+        t = threshold_for_recall(y, s, floor)
+        assert binary_metrics(y, s, t)["recall"] >= floor
+        assert binary_metrics(y, s, np.nextafter(t, 1.0))["recall"] < floor
+    with pytest.raises(ValueError, match="no positive"):
+        threshold_for_recall([0, 0], [0.1, 0.2], 0.9)

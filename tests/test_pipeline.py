@@ -25,7 +25,17 @@ from covidct.profiles import apply_profile
 
 pytestmark = pytest.mark.slow
 
-STAGES = {"prepare_data", "train_segmenter", "evaluate_segmenter", "crop_images", "train_classifier@cropped", "train_classifier@raw", "evaluate"}
+STAGES = {
+    "prepare_data",
+    "audit_data",
+    "train_segmenter",
+    "evaluate_segmenter",
+    "crop_images",
+    "train_classifier@cropped",
+    "train_classifier@raw",
+    "evaluate",
+    "register_model",
+}
 
 
 def _run(args: list[str], cwd: Path, env: dict[str, str], timeout: int = 900) -> subprocess.CompletedProcess[str]:
@@ -136,16 +146,40 @@ def test_mlflow_has_one_parent_and_every_stage(tiny_repo: tuple[Path, dict[str, 
     runs = client.search_runs([experiment.experiment_id])
     [parent] = [r for r in runs if r.data.tags.get("covidct.role") == "pipeline"]
     stages = {r.info.run_name: r for r in runs if r.data.tags.get("covidct.role") == "stage"}
-    assert set(stages) == {"train_segmenter", "evaluate_segmenter", "crop_images", "train_classifier_cropped", "train_classifier_raw", "evaluate"}
+    assert set(stages) == {
+        "audit_data",
+        "train_segmenter",
+        "evaluate_segmenter",
+        "crop_images",
+        "train_classifier_cropped",
+        "train_classifier_raw",
+        "evaluate",
+        "register_model",
+    }
     for run in stages.values():
         assert run.info.status == "FINISHED"
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
     classifier = stages["train_classifier_cropped"]
     assert [m.step for m in client.get_metric_history(classifier.info.run_id, "val_auc")] == [1, 2]
-    assert classifier.data.params["classifier.model"] == "efficientnet_b0"
+    assert classifier.data.params["classifier.model"] == "tf_efficientnet_lite0"
     artifacts = {a.path for a in client.list_artifacts(classifier.info.run_id)}
     assert {"model.pt", "predictions.csv", "training_curves.png"} <= artifacts
     assert "cropped.test.auc" in stages["evaluate"].data.metrics
+
+
+def test_registered_pipeline_is_promoted_and_reproduces_the_evaluate_stage(tiny_repo: tuple[Path, dict[str, str]]) -> None:
+    repo, env = tiny_repo
+    version = MlflowClient(f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}").get_model_version("covidct", "1")
+    metrics = json.loads((repo / "reports/metrics.json").read_text())["cropped"]
+    assert version.tags["val.auc"] == f"{metrics['val']['auc']:.6g}" and version.tags["covidct.variant"] == "tf_efficientnet_lite0"
+    assert version.tags["data.covid-ct.md5"].endswith(".dir") and version.tags["param.crop.margin"] == "5"
+    assert (repo / "models/pipeline/MLmodel").is_file()
+    covidct = [sys.executable, "-m", "covidct"]
+    promoted = _run([*covidct, "promote", "--min-val-recall", "0"], repo, env)
+    assert "version 1 promoted" in promoted.stdout
+    # A fresh process loads models:/covidct@champion and scores the raw test scans end to end.
+    verified = _run([*covidct, "verify-model", "--split", "test"], repo, env)
+    assert "reproduces the evaluate stage's test metrics exactly" in verified.stdout
 
 
 def test_second_repro_does_nothing_and_margin_reruns_only_downstream(tiny_repo: tuple[Path, dict[str, str]]) -> None:
@@ -154,11 +188,11 @@ def test_second_repro_does_nothing_and_margin_reruns_only_downstream(tiny_repo: 
     assert _ran_stages(again.stdout) == set()
     _set_param(repo, "crop.margin", 3)
     changed = _run(["dvc", "repro"], repo, env)
-    assert _ran_stages(changed.stdout) == {"crop_images", "train_classifier@cropped", "evaluate"}
+    assert _ran_stages(changed.stdout) == {"crop_images", "train_classifier@cropped", "evaluate", "register_model"}
 
 
 def test_bad_parameter_stops_a_stage_with_one_clear_line(tmp_path: Path) -> None:
-    params = (REPO / "params.yaml").read_text().replace("model: efficientnet_b0", "model: efficientnet_b9")
+    params = (REPO / "params.yaml").read_text().replace("model: tf_efficientnet_lite0", "model: efficientnet_b9")
     (tmp_path / "params.yaml").write_text(params)
     result = subprocess.run(
         [sys.executable, str(REPO / "pipelines/train_classifier.py"), "--variant", "raw"], cwd=tmp_path, capture_output=True, text=True, timeout=120

@@ -91,7 +91,8 @@ def test_results_report_page():
         confusions=CONFUSIONS,
         dice_summary={"mean_dice": 0.93456, "n_images": 120},
         n_test={"COVID": 98, "non-COVID": 105},
-        threshold=0.5,
+        thresholds={"raw": 0.5, "cropped": 0.3125},
+        threshold_rule="the fixed threshold 0.5",
         n_boot=1000,
         extra_md="MLflow run: abc123",
     )
@@ -100,13 +101,15 @@ def test_results_report_page():
     assert "1000 resamples" in page and "0.5" in page
     assert table1_markdown(RESULTS) in page and table2_markdown(RESULTS) in page
     assert confusion_markdown(CONFUSIONS["raw"]) in page
-    assert page.index("### Without segmentation") < page.index("### With segmentation")
+    assert page.index("### Without segmentation (threshold 0.5000)") < page.index("### With segmentation (threshold 0.3125)")
     assert "](figures/roc.png)" in page and "](figures/confusion.png)" in page
     assert "| mean_dice | 0.9346 |" in page and "| n_images | 120 |" in page
     assert page.rstrip().endswith("MLflow run: abc123")
 
 
 def test_results_report_without_dice():
-    page = results_report(RESULTS, confusions=CONFUSIONS, dice_summary=None, n_test={"COVID": 1, "non-COVID": 1})
+    page = results_report(
+        RESULTS, confusions=CONFUSIONS, dice_summary=None, n_test={"COVID": 1, "non-COVID": 1}, thresholds={"raw": 0.5, "cropped": 0.5}, threshold_rule="x"
+    )
     assert "segmentation (test set)" not in page
     assert "2 images" in page

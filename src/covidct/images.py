@@ -16,6 +16,7 @@ Grayscale conversion rules (:func:`read_grayscale`):
   black), then luma.
 * ``I;16*``, ``I`` (16/32-bit integer) and ``F`` (float): min-max scaled to 0..255 per image
   (not clipped); a constant image maps to 0. Non-finite float values map to 0.
+* DICOM (found by its ``DICM`` marker): CT through a lung window, see :func:`decode_dicom`.
 
 EXIF orientation is ignored (no file in the COVID-CT dataset carries a rotation tag), so the
 pixel grid is the stored one, which keeps images and masks aligned.
@@ -23,6 +24,7 @@ pixel grid is the stored one, which keeps images and masks aligned.
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from pathlib import Path
@@ -35,6 +37,9 @@ from covidct.atomic import atomic_path
 __all__ = [
     "DEFAULT_MAX_PIXELS",
     "ImageReadError",
+    "decode_dicom",
+    "decode_grayscale",
+    "is_dicom",
     "read_grayscale",
     "read_mask",
     "write_png",
@@ -83,20 +88,25 @@ def _looks_like_text(head: bytes) -> bool:
     return all(ch.isprintable() or ch in "\r\n\t\f" for ch in text)
 
 
-def _open_loaded(path: str | os.PathLike[str], max_pixels: int) -> Image.Image:
-    """Open ``path``, check its declared size, decode it fully and return the loaded image."""
+def _read_bytes(path: str | os.PathLike[str]) -> bytes:
+    """The whole file, or an :class:`ImageReadError` saying why it cannot be had."""
     p = Path(path)
     if not p.exists():
         raise ImageReadError(p, "file not found")
     if not p.is_file():
         raise ImageReadError(p, "not a regular file")
     try:
-        size_bytes = p.stat().st_size
-        with p.open("rb") as fh:
-            head = fh.read(64)
+        return p.read_bytes()
     except OSError as exc:
         raise ImageReadError(p, f"cannot read file ({exc.strerror or exc})") from exc
-    if size_bytes == 0:
+
+
+def _open_loaded(data: bytes, name: str | os.PathLike[str], max_pixels: int) -> Image.Image:
+    """Open the encoded image ``data`` (``name`` is for messages), check its declared size,
+    decode it fully and return the loaded image."""
+    p = name
+    head = data[:64]
+    if not data:
         raise ImageReadError(p, "empty file (0 bytes)")
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         # Someone flipped Pillow's global switch; truncated files would then decode silently
@@ -109,7 +119,7 @@ def _open_loaded(path: str | os.PathLike[str], max_pixels: int) -> Image.Image:
             # Pillow warns (above MAX_IMAGE_PIXELS) or raises (above twice that) at open time,
             # from the header alone; turn the warning into an error we can report.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(p)
+            im = Image.open(io.BytesIO(data))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageReadError(p, f"too many pixels, possible decompression bomb ({exc})") from exc
     except UnidentifiedImageError as exc:
@@ -201,18 +211,67 @@ def read_grayscale(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_P
     truncated or corrupt data, more than ``max_pixels`` pixels, or a 0-size image. Pillow's own
     decompression-bomb limit (``Image.MAX_IMAGE_PIXELS``) still applies on top of ``max_pixels``.
     """
-    p = Path(path)
-    im = _open_loaded(p, max_pixels)
+    return decode_grayscale(_read_bytes(path), path, max_pixels)
+
+
+def decode_grayscale(data: bytes, name: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """:func:`read_grayscale` for bytes already in memory (an upload, a request); DICOM included.
+
+    ``name`` only labels error messages.
+    """
+    if is_dicom(data):
+        return decode_dicom(data, name, max_pixels)
+    im = _open_loaded(data, name, max_pixels)
     try:
         try:
             gray = _to_gray(im)
         except Exception as exc:  # noqa: BLE001
-            raise ImageReadError(p, f"cannot convert mode {im.mode!r} to grayscale ({exc})") from exc
+            raise ImageReadError(name, f"cannot convert mode {im.mode!r} to grayscale ({exc})") from exc
         expected = (im.size[1], im.size[0])
     finally:
         im.close()
     if gray.shape != expected:
-        raise ImageReadError(p, f"decoded array has shape {gray.shape}, expected {expected}")
+        raise ImageReadError(name, f"decoded array has shape {gray.shape}, expected {expected}")
+    return np.ascontiguousarray(gray)
+
+
+def is_dicom(data: bytes) -> bool:
+    """DICOM Part 10 files carry ``DICM`` after a 128-byte preamble, whatever their name."""
+    return data[128:132] == b"DICM"
+
+
+#: Lung window (level, width) in Hounsfield units for CT DICOM: the COVID-CT slices were taken
+#: from figures shown in a lung window, so a raw CT series is mapped the same way.
+LUNG_WINDOW_HU = (-600.0, 1500.0)
+
+
+def decode_dicom(data: bytes, name: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """One DICOM slice -> uint8 HxW: CT in Hounsfield units through :data:`LUNG_WINDOW_HU`,
+    anything else min-max scaled; ``MONOCHROME1`` (white = low) inverted."""
+    import pydicom
+    from pydicom.pixels import apply_modality_lut
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+        rows, columns = int(ds.Rows), int(ds.Columns)
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types for a bad file
+        raise ImageReadError(name, f"corrupt DICOM ({type(exc).__name__}: {exc})") from exc
+    if rows * columns > max_pixels:
+        raise ImageReadError(name, f"too many pixels: {columns}x{rows} = {rows * columns} > limit {max_pixels} (possible decompression bomb)")
+    try:
+        pixels = ds.pixel_array
+    except Exception as exc:  # noqa: BLE001
+        raise ImageReadError(name, f"cannot decode DICOM pixel data ({type(exc).__name__}: {exc})") from exc
+    if pixels.ndim != 2:
+        raise ImageReadError(name, f"DICOM holds {pixels.shape} pixels; give one grayscale slice per file")
+    if ds.get("Modality") == "CT":
+        level, width = LUNG_WINDOW_HU
+        values = (apply_modality_lut(pixels, ds).astype(np.float64) - (level - width / 2)) * (255.0 / width)
+        gray = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+    else:
+        gray = _minmax_to_uint8(pixels)
+    if ds.get("PhotometricInterpretation") == "MONOCHROME1":
+        gray = 255 - gray
     return np.ascontiguousarray(gray)
 
 
@@ -223,7 +282,7 @@ def read_mask(path: str | os.PathLike[str], shape: tuple[int, int] | None = None
     a mode other than ``L``/``1`` and any value other than 0 and 255 (the message lists them).
     """
     p = Path(path)
-    im = _open_loaded(p, DEFAULT_MAX_PIXELS)
+    im = _open_loaded(_read_bytes(p), p, DEFAULT_MAX_PIXELS)
     try:
         if im.mode not in ("L", "1"):
             raise ImageReadError(p, f"mask must be 8-bit single-channel (mode L), got mode {im.mode!r}")

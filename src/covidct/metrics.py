@@ -75,6 +75,20 @@ def binary_metrics(y_true: ArrayLike, y_score: ArrayLike, threshold: float = 0.5
     }
 
 
+def threshold_for_recall(y_true: ArrayLike, y_score: ArrayLike, min_recall: float) -> float:
+    """The highest threshold whose recall on these (validation) scores is at least ``min_recall``.
+
+    Highest, because every lower threshold only adds false positives; missing a COVID case is
+    the costly error, so recall is the constraint and specificity what is left to maximise.
+    """
+    t, s = _as_arrays(y_true, y_score)
+    positives = np.sort(s[t == 1])[::-1]
+    if positives.size == 0:
+        raise ValueError("no positive (COVID) case to choose a recall threshold on")
+    needed = int(np.ceil(min_recall * positives.size - 1e-9))
+    return float(positives[max(needed, 1) - 1])
+
+
 def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     """Elementwise num/den with 0.0 where den == 0 (same convention as ``zero_division=0``)."""
     num = num.astype(float)

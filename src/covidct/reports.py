@@ -146,7 +146,8 @@ def results_report(
     confusions: Mapping[str, Mapping[str, int]],
     dice_summary: Mapping[str, float] | None,
     n_test: Mapping[str, int],
-    threshold: float = 0.5,
+    thresholds: Mapping[str, float],
+    threshold_rule: str,
     n_boot: int = 1000,
     extra_md: str = "",
 ) -> str:
@@ -154,12 +155,13 @@ def results_report(
 
     Args:
         results: variant -> ``metrics_with_ci`` output (``"raw"``, ``"cropped"``).
-        confusions: variant -> ``metrics.confusion`` counts at ``threshold``.
+        confusions: variant -> ``metrics.confusion`` counts at its threshold.
         dice_summary: segmentation test statistics, name -> value (e.g. ``{"mean_dice": 0.93,
             "n_images": 120}``); floats are shown with 4 decimals, ints as counts. ``None``
             omits the section (e.g. when the segmenter was not evaluated).
         n_test: class name -> number of test images (e.g. ``{"COVID": 98, "non-COVID": 105}``).
-        threshold: decision threshold used for all threshold-dependent metrics.
+        thresholds: variant -> decision threshold of its threshold-dependent metrics.
+        threshold_rule: how the thresholds were chosen, in words.
         n_boot: number of bootstrap resamples behind the CIs.
         extra_md: markdown appended verbatim at the end (run ids, profile notes).
 
@@ -171,7 +173,8 @@ def results_report(
         "# Results: two-stage COVID-19 diagnosis from chest CT",
         (
             f"Test set: {total} images ({counts}). COVID is the positive class. An image is "
-            f"predicted COVID when the classifier's COVID probability is ≥ {threshold:g}; accuracy, "
+            f"predicted COVID when the classifier's COVID probability is at least {threshold_rule} "
+            f"({', '.join(f'{variant_label(v).lower()}: {thresholds[v]:.4f}' for v in _ordered_variants(thresholds))}); accuracy, "
             "precision, recall (sensitivity), specificity and F1 are computed at that threshold, "
             "and AUC is the area under the ROC curve of the probabilities. Values are percentages; "
             f"brackets give the 95% bootstrap percentile interval over {n_boot} resamples of the "
@@ -186,10 +189,9 @@ def results_report(
         "## ROC curves",
         "![ROC curves](figures/roc.png)",
         "## Confusion matrices",
-        f"Threshold {threshold:g}.",
     ]
     for variant in _ordered_variants(confusions):
-        parts += [f"### {variant_label(variant)}", confusion_markdown(confusions[variant])]
+        parts += [f"### {variant_label(variant)} (threshold {thresholds[variant]:.4f})", confusion_markdown(confusions[variant])]
     parts.append("![Confusion matrices](figures/confusion.png)")
     if dice_summary is not None:
         parts += [

@@ -20,13 +20,20 @@ from covidct.config import AugmentConfig
 from covidct.images import read_grayscale
 
 
+def resize_for_classifier(gray: np.ndarray, size: int) -> np.ndarray:
+    """uint8 HxW -> uint8 ``size`` x ``size``; area interpolation when shrinking avoids aliasing.
+
+    Training and the registered pipeline both call this, so a scan is scored on the same pixels.
+    """
+    interpolation = cv2.INTER_AREA if min(gray.shape) >= size else cv2.INTER_LINEAR
+    return cv2.resize(gray, (size, size), interpolation=interpolation)
+
+
 def load_resized(paths: Sequence[Path], size: int, progress: str | None = "decode") -> np.ndarray:
-    """uint8 (N, size, size) grayscale; area interpolation when shrinking avoids aliasing."""
+    """uint8 (N, size, size) grayscale, decoded and resized once."""
     out = np.empty((len(paths), size, size), dtype=np.uint8)
     for i, path in enumerate(tqdm(paths, desc=progress, unit="img", disable=progress is None)):
-        gray = read_grayscale(path)
-        interpolation = cv2.INTER_AREA if min(gray.shape) >= size else cv2.INTER_LINEAR
-        out[i] = cv2.resize(gray, (size, size), interpolation=interpolation)
+        out[i] = resize_for_classifier(read_grayscale(path), size)
     return out
 
 

@@ -3,6 +3,7 @@ checkpoint with the best validation score (never the test split)."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,13 +14,22 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from covidct.checkpoints import save_checkpoint
 from covidct.classification.data import CachedImages, paper_augmentation, to_model_input
 from covidct.classification.model import build_classifier, load_classifier, normalisation
 from covidct.config import ClassifierConfig
 from covidct.metrics import binary_metrics
 from covidct.runtime import autocast, grad_scaler, seed_everything
-from covidct.training import train_one_epoch
+from covidct.training import TrainingRun, run_fingerprint, train_one_epoch
+
+# The code a resume state depends on: a state saved by other code is never picked up.
+TRAINING_CODE = (
+    "covidct.classification.train",
+    "covidct.classification.data",
+    "covidct.classification.model",
+    "covidct.training",
+    "covidct.runtime",
+    "covidct.metrics",
+)
 
 
 @torch.inference_mode()
@@ -49,10 +59,16 @@ def train_classifier(
     checkpoint: Path,
     meta: dict,
     on_epoch: Callable[[dict], None] = lambda row: None,
+    resume_dir: Path | None = None,
 ) -> pd.DataFrame:
-    """Train; keep the weights with the best validation ``config.select_metric``; return history."""
+    """Train; keep the weights with the best validation ``config.select_metric``; return history.
+
+    With ``resume_dir``, a resume state is saved there after every epoch and a run killed
+    part-way carries on from it when started again with the same config, meta and data;
+    the state is left in place at the end (the caller removes it once its outputs are written).
+    """
     seed_everything(config.seed)
-    model = build_classifier(config.model).to(device).to(memory_format=torch.channels_last)
+    model = build_classifier(config.model, config.pretrained).to(device).to(memory_format=torch.channels_last)
     mean, std = normalisation(model)
     optimiser = torch.optim.Adam(model.parameters(), lr=config.lr)
     loss_fn = torch.nn.BCEWithLogitsLoss()
@@ -63,9 +79,12 @@ def train_classifier(
         generator=torch.Generator().manual_seed(config.seed),
         drop_last=len(train[0]) > config.batch_size,  # a batch of 1 breaks batch norm
     )
-    scaler = grad_scaler(device)
-    history, best = [], -np.inf
-    for epoch in range(1, config.epochs + 1):
+    fingerprint = None
+    if resume_dir is not None:
+        settings = {"trainer": "classifier", "config": dataclasses.asdict(config), "meta": meta, "device": device.type}
+        fingerprint = run_fingerprint(settings, (*train, *val), TRAINING_CODE)
+    run = TrainingRun(model, optimiser, grad_scaler(device), loader, device, checkpoint, -np.inf, on_epoch, None, resume_dir, fingerprint)
+    for epoch in range(run.start(), config.epochs + 1):
         started = time.perf_counter()
         train_loss, seen = train_one_epoch(
             model,
@@ -73,7 +92,7 @@ def train_classifier(
             lambda batch: (to_model_input(batch[0], mean, std, device), batch[1].to(device)),
             lambda logits, labels: loss_fn(logits[:, 0], labels),
             optimiser,
-            scaler,
+            run.scaler,
             device,
             desc=f"classifier epoch {epoch}/{config.epochs}",
         )
@@ -84,17 +103,14 @@ def train_classifier(
         )
         val_metrics = binary_metrics(val[1], val_scores)
         score = _selection_score(val_metrics, val_loss, config.select_metric)
-        if score > best:
-            best = score
-            save_checkpoint(checkpoint, model, meta | {"epoch": epoch, f"val_{config.select_metric}": score, "mean": list(mean), "std": list(std)})
+        run.offer(score, meta | {"epoch": epoch, f"val_{config.select_metric}": score, "mean": list(mean), "std": list(std)})
         row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, **{f"val_{k}": v for k, v in val_metrics.items()}}
-        row |= {"best_val_score": best, "train_images_per_s": seen / train_seconds, "epoch_seconds": time.perf_counter() - started}
-        history.append(row)
-        on_epoch(row)
+        row |= {"best_val_score": run.best, "train_images_per_s": seen / train_seconds, "epoch_seconds": time.perf_counter() - started}
+        run.end_epoch(row)
         tqdm.write(
             f"classifier epoch {epoch}: loss {row['train_loss']:.4f}, val loss {val_loss:.4f}, val AUC {val_metrics['auc']:.3f}, val acc {val_metrics['accuracy']:.3f} ({row['train_images_per_s']:.1f} img/s)"
         )
-    return pd.DataFrame(history)
+    return pd.DataFrame(run.history)
 
 
 def fit_and_predict(
@@ -105,13 +121,22 @@ def fit_and_predict(
     checkpoint: Path,
     meta: dict,
     on_epoch: Callable[[dict], None] = lambda row: None,
+    resume_dir: Path | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Train on ``table.split == "train"``, choose on "val", then score val and test with the
-    chosen checkpoint. Returns the history, the val/test predictions and the checkpoint meta."""
+    chosen checkpoint. Returns the history, the val/test predictions and the checkpoint meta.
+    ``resume_dir``: see :func:`train_classifier`."""
     labels = table["label"].to_numpy()
     part = {split: (table["split"] == split).to_numpy() for split in ("train", "val", "test")}
     history = train_classifier(
-        (images[part["train"]], labels[part["train"]]), (images[part["val"]], labels[part["val"]]), config, device, checkpoint, meta, on_epoch
+        (images[part["train"]], labels[part["train"]]),
+        (images[part["val"]], labels[part["val"]]),
+        config,
+        device,
+        checkpoint,
+        meta,
+        on_epoch,
+        resume_dir,
     )
     model, chosen = load_classifier(checkpoint, device)
     keep = part["val"] | part["test"]

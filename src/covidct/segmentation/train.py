@@ -3,6 +3,7 @@ schedule, and the checkpoint with the best validation Dice."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,14 +16,24 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from covidct.checkpoints import save_checkpoint
 from covidct.config import SegmenterConfig
 from covidct.metrics import dice_score
 from covidct.runtime import grad_scaler, seed_everything
 from covidct.segmentation.inference import predict_probabilities
 from covidct.segmentation.losses import FocalTverskyLoss
 from covidct.segmentation.model import build_segmenter
-from covidct.training import train_one_epoch
+from covidct.training import TrainingRun, run_fingerprint, train_one_epoch
+
+# The code a resume state depends on: a state saved by other code is never picked up.
+TRAINING_CODE = (
+    "covidct.segmentation.train",
+    "covidct.segmentation.model",
+    "covidct.segmentation.losses",
+    "covidct.segmentation.inference",
+    "covidct.training",
+    "covidct.runtime",
+    "covidct.metrics",
+)
 
 
 def segmentation_augmentation(seed: int) -> A.Compose:
@@ -71,8 +82,14 @@ def train_segmenter(
     checkpoint: Path,
     meta: dict,
     on_epoch: Callable[[dict], None] = lambda row: None,
+    resume_dir: Path | None = None,
 ) -> pd.DataFrame:
-    """Train; write the best-validation-Dice weights to ``checkpoint``; return per-epoch history."""
+    """Train; write the best-validation-Dice weights to ``checkpoint``; return per-epoch history.
+
+    With ``resume_dir``, a resume state is saved there after every epoch and a run killed
+    part-way carries on from it when started again with the same config, meta and data;
+    the state is left in place at the end (the caller removes it once its outputs are written).
+    """
     seed_everything(config.seed)
     model = build_segmenter(config.channels).to(device)
     loss_fn = FocalTverskyLoss(config.tversky_alpha, config.tversky_beta, config.tversky_gamma)
@@ -85,9 +102,12 @@ def train_segmenter(
         drop_last=len(train[0]) > config.batch_size,
     )
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=config.lr, total_steps=config.epochs * len(loader), pct_start=0.15)
-    scaler = grad_scaler(device)
-    history, best = [], -1.0
-    for epoch in range(1, config.epochs + 1):
+    fingerprint = None
+    if resume_dir is not None:
+        settings = {"trainer": "segmenter", "config": dataclasses.asdict(config), "meta": meta, "device": device.type}
+        fingerprint = run_fingerprint(settings, (*train, *val), TRAINING_CODE)
+    run = TrainingRun(model, optimiser, grad_scaler(device), loader, device, checkpoint, -1.0, on_epoch, schedule, resume_dir, fingerprint)
+    for epoch in range(run.start(), config.epochs + 1):
         started = time.perf_counter()
         train_loss, _ = train_one_epoch(
             model,
@@ -95,18 +115,15 @@ def train_segmenter(
             lambda batch: (batch[0].to(device), batch[1].to(device)),
             loss_fn,
             optimiser,
-            scaler,
+            run.scaler,
             device,
             schedule,
             f"segmenter epoch {epoch}/{config.epochs}",
         )
         val_dice = mean_dice(predict_probabilities(model, val[0], device, config.batch_size), val[1])
         row = {"epoch": epoch, "train_loss": train_loss, "val_dice": val_dice, "epoch_seconds": time.perf_counter() - started}
-        if val_dice > best:
-            best = val_dice
-            save_checkpoint(checkpoint, model, meta | {"epoch": epoch, "val_dice": val_dice})
-        row["best_val_dice"] = best
-        history.append(row)
-        on_epoch(row)
-        tqdm.write(f"segmenter epoch {epoch}: loss {row['train_loss']:.4f}, val Dice {val_dice:.4f} (best {best:.4f})")
-    return pd.DataFrame(history)
+        run.offer(val_dice, meta | {"epoch": epoch, "val_dice": val_dice})
+        row["best_val_dice"] = run.best
+        run.end_epoch(row)
+        tqdm.write(f"segmenter epoch {epoch}: loss {row['train_loss']:.4f}, val Dice {val_dice:.4f} (best {run.best:.4f})")
+    return pd.DataFrame(run.history)

@@ -12,8 +12,8 @@ import mlflow
 import pandas as pd
 
 from covidct.atomic import write_text_atomic
-from covidct.config import section
-from covidct.metrics import confusion, flatten_metrics, metrics_with_ci, roc_points
+from covidct.config import EvaluateConfig, section
+from covidct.metrics import confusion, flatten_metrics, metrics_with_ci, roc_points, threshold_for_recall
 from covidct.plots import plot_confusion_matrices, plot_roc_curves
 from covidct.reports import results_report
 from covidct.stages.train_classifier import VARIANTS, model_dir
@@ -22,26 +22,43 @@ from covidct.tracking import stage_run
 REPORTS = Path("reports")
 
 
+def decision_threshold(val: pd.DataFrame, config: EvaluateConfig) -> float:
+    """Chosen on the validation split only; the registered pipeline carries the same number."""
+    if config.val_recall_floor > 0:
+        return threshold_for_recall(val["label"].to_numpy(), val["score"].to_numpy(), config.val_recall_floor)
+    return config.threshold
+
+
+def threshold_rule(config: EvaluateConfig) -> str:
+    if config.val_recall_floor > 0:
+        return f"the highest threshold with a validation recall of at least {config.val_recall_floor:g} (chosen on the validation split, per variant)"
+    return f"the fixed threshold {config.threshold:g}"
+
+
 def run(params: dict[str, Any], root: Path) -> None:
     config = section(params, "evaluate")
-    results, confusions, curves, metrics = {}, {}, {}, {}
+    results, confusions, curves, metrics, thresholds = {}, {}, {}, {}, {}
     with stage_run("evaluate", {"evaluate": dataclasses.asdict(config)}):
         for variant in VARIANTS:
             predictions = pd.read_csv(root / model_dir(variant) / "predictions.csv")
+            thresholds[variant] = decision_threshold(predictions[predictions["split"] == "val"], config)
             per_split = {}
             for split in ("val", "test"):
                 part = predictions[predictions["split"] == split]
-                per_split[split] = metrics_with_ci(part["label"].to_numpy(), part["score"].to_numpy(), config.threshold, config.n_bootstrap, config.seed)
+                per_split[split] = metrics_with_ci(part["label"].to_numpy(), part["score"].to_numpy(), thresholds[variant], config.n_bootstrap, config.seed)
             test = predictions[predictions["split"] == "test"]
             y, s = test["label"].to_numpy(), test["score"].to_numpy()
             results[variant] = per_split["test"]
-            confusions[variant] = confusion(y, s, config.threshold)
+            confusions[variant] = confusion(y, s, thresholds[variant])
             roc = roc_points(y, s)
             write_text_atomic(root / REPORTS / "roc" / f"{variant}.csv", roc.to_csv(index=False))
             curves[variant] = (roc["fpr"].to_numpy(), roc["tpr"].to_numpy(), per_split["test"]["auc"]["value"])
-            metrics[variant] = {split: flatten_metrics(m) for split, m in per_split.items()} | {"test_confusion": confusions[variant]}
+            metrics[variant] = {split: flatten_metrics(m) for split, m in per_split.items()} | {
+                "threshold": thresholds[variant],
+                "test_confusion": confusions[variant],
+            }
             for split, m in per_split.items():
-                mlflow.log_metrics({f"{variant}.{split}.{k}": v for k, v in flatten_metrics(m).items()})
+                mlflow.log_metrics({f"{variant}.{split}.{k}": v for k, v in flatten_metrics(m).items()} | {f"{variant}.threshold": thresholds[variant]})
         segmenter = json.loads((root / "reports/segmenter/metrics.json").read_text())
         crop = json.loads((root / "reports/crop/metrics.json").read_text())
         write_text_atomic(root / REPORTS / "metrics.json", json.dumps(metrics, indent=2) + "\n")
@@ -60,7 +77,14 @@ def run(params: dict[str, Any], root: Path) -> None:
             "\nReproduce: `dvc repro` with this commit's `params.yaml`; `dvc metrics show` prints these figures.\n"
         )
         report = results_report(
-            results, confusions=confusions, dice_summary=dice, n_test=n_test, threshold=config.threshold, n_boot=config.n_bootstrap, extra_md=extra
+            results,
+            confusions=confusions,
+            dice_summary=dice,
+            n_test=n_test,
+            thresholds=thresholds,
+            threshold_rule=threshold_rule(config),
+            n_boot=config.n_bootstrap,
+            extra_md=extra,
         )
         write_text_atomic(root / REPORTS / "results.md", report)
         for path in ("metrics.json", "results.md", "figures/roc.png", "figures/confusion.png"):

@@ -11,6 +11,7 @@ import mlflow
 import pandas as pd
 
 from covidct.atomic import write_text_atomic
+from covidct.checkpoints import clear_stage_resume, resume_dir
 from covidct.classification.data import load_resized
 from covidct.classification.train import fit_and_predict
 from covidct.config import section
@@ -39,7 +40,8 @@ def run(params: dict[str, Any], root: Path, variant: str) -> None:
     table = pd.read_csv(root / SPLIT)
     images = load_resized(image_paths(root, table, variant), config.image_size, progress=f"decode {variant} images")
     out = root / model_dir(variant)
-    with stage_run(f"train_classifier_{variant}", {"classifier": dataclasses.asdict(config), "variant": variant}):
+    stage = f"train_classifier_{variant}"
+    with stage_run(stage, {"classifier": dataclasses.asdict(config), "variant": variant}):
         mlflow.log_params({"device": str(device), "threads": threads, **{f"n_{s}": int((table["split"] == s).sum()) for s in ("train", "val", "test")}})
         history, predictions, meta = fit_and_predict(
             images,
@@ -49,6 +51,7 @@ def run(params: dict[str, Any], root: Path, variant: str) -> None:
             out / "model.pt",
             {"model": config.model, "image_size": config.image_size, "variant": variant},
             on_epoch=lambda row: mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"]),
+            resume_dir=resume_dir(root, stage),  # a killed run carries on from its last finished epoch
         )
         write_text_atomic(out / "predictions.csv", predictions.to_csv(index=False))
         write_text_atomic(out / "history.csv", history.to_csv(index=False))
@@ -57,4 +60,5 @@ def run(params: dict[str, Any], root: Path, variant: str) -> None:
         mlflow.log_metrics({"best_epoch": int(meta["epoch"]), **{f"best_{k}": float(v) for k, v in best.items() if k.startswith("val_")}})
         for name in ("model.pt", "predictions.csv", "history.csv", "training_curves.png"):
             mlflow.log_artifact(str(out / name))
+    clear_stage_resume(root, stage)  # every output is written: nothing left to resume
     print(f"{variant}: best epoch {meta['epoch']}, val AUC {best['val_auc']:.3f}, median {history['train_images_per_s'].median():.1f} train images/s")

@@ -1,0 +1,1 @@
+"""The MLflow Model Registry side: the pipeline as one model, registration, promotion."""

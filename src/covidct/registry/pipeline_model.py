@@ -1,0 +1,156 @@
+"""The unit users promote and run: decode, lung segmentation, crop, classifier and decision
+threshold as one MLflow pyfunc model.
+
+Its input is the encoded scan (PNG, JPEG or DICOM bytes; base64 in a REST request), its output
+one row per scan: COVID probability, label, threshold, lung box, and an error for a scan that
+could not be read (the other scans are still scored). Weights are state dicts loaded with
+``torch.load(weights_only=True)`` by this code, not pickled modules, so opening a model never
+runs code from its files.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, Schema
+
+from covidct.classification.data import resize_for_classifier
+from covidct.classification.model import load_classifier
+from covidct.classification.train import predict_scores
+from covidct.config import CropConfig
+from covidct.images import ImageReadError, decode_grayscale
+from covidct.lung_crop import segment_and_crop
+from covidct.runtime import select_device
+from covidct.segmentation.model import load_segmenter
+
+IMAGE, NAME = "image", "name"
+LABELS = ("non-COVID", "COVID")
+BOX = ("x_min", "y_min", "x_max", "y_max")
+OUTPUT = ("probability", "label", "threshold", *BOX, "lung_fraction", "crop_fallback", "error")
+ARTIFACTS = ("segmenter", "classifier", "settings")
+CLASSIFIER_BATCH = 32  # as the train_classifier stage scores val and test, so scores match it bit for bit
+
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("binary", IMAGE), ColSpec("string", NAME, required=False)]),
+    outputs=Schema(
+        [
+            ColSpec("double", "probability"),
+            ColSpec("string", "label"),
+            ColSpec("double", "threshold"),
+            *(ColSpec("long", name) for name in BOX),
+            ColSpec("double", "lung_fraction"),
+            ColSpec("string", "crop_fallback"),
+            ColSpec("string", "error"),
+        ]
+    ),
+)
+
+
+@dataclass(frozen=True)
+class ScanPrediction:
+    """One scan's answer; ``mask`` (the cleaned lung mask at the scan's size) is for overlays."""
+
+    name: str
+    probability: float | None = None
+    threshold: float | None = None
+    box: tuple[int, int, int, int] | None = None
+    lung_fraction: float | None = None
+    crop_fallback: str = ""
+    error: str = ""
+    mask: np.ndarray | None = None
+
+    def row(self) -> dict[str, Any]:
+        ok = self.probability is not None
+        return {
+            "probability": self.probability,
+            "label": LABELS[self.probability >= self.threshold] if ok else None,
+            "threshold": self.threshold,
+            **dict(zip(BOX, self.box if ok else (None,) * 4, strict=True)),
+            "lung_fraction": self.lung_fraction,
+            "crop_fallback": self.crop_fallback,
+            "error": self.error,
+        }
+
+
+def predictions_table(predictions: Sequence[ScanPrediction]) -> pd.DataFrame:
+    """Object columns keep ``None`` for failed scans, so the JSON answer says null, not NaN."""
+    return pd.DataFrame([p.row() for p in predictions], columns=list(OUTPUT), dtype=object)
+
+
+class TwoStagePipeline:
+    """The paper's method on raw scans, through the functions the DVC stages use, so a scan of
+    the test split gets exactly the score the evaluate stage saw."""
+
+    def __init__(self, segmenter_path: Path, classifier_path: Path, crop: CropConfig, threshold: float, device: torch.device | None = None) -> None:
+        self.device = device or select_device()
+        self.segmenter, self.segmenter_meta = load_segmenter(segmenter_path, self.device)
+        self.classifier, self.classifier_meta = load_classifier(classifier_path, self.device)
+        self.crop, self.threshold = crop, threshold
+
+    @classmethod
+    def from_artifacts(cls, artifacts: dict[str, str], device: torch.device | None = None) -> TwoStagePipeline:
+        settings = json.loads(Path(artifacts["settings"]).read_text())
+        return cls(Path(artifacts["segmenter"]), Path(artifacts["classifier"]), CropConfig(**settings["crop"]), float(settings["threshold"]), device)
+
+    def predict_arrays(self, names: Sequence[str], images: Sequence[np.ndarray]) -> list[ScanPrediction]:
+        """uint8 grayscale scans -> predictions; segmented in batches of ``crop.batch_size``."""
+        crops = []
+        for start in range(0, len(images), self.crop.batch_size):
+            crops += segment_and_crop(images[start : start + self.crop.batch_size], self.segmenter, self.segmenter_meta, self.crop, self.device)
+        size = self.classifier_meta["image_size"]
+        inputs = np.stack([resize_for_classifier(c.crop.image, size) for c in crops]) if crops else np.empty((0, size, size), np.uint8)
+        scores = (
+            predict_scores(self.classifier, inputs, self.device, self.classifier_meta["mean"], self.classifier_meta["std"], CLASSIFIER_BATCH) if crops else []
+        )
+        return [
+            ScanPrediction(
+                name,
+                float(score),
+                self.threshold,
+                tuple(int(v) for v in c.crop.box),
+                float(c.crop.lung_fraction),
+                c.crop.fallback or "",
+                mask=c.mask,
+            )
+            for name, c, score in zip(names, crops, scores, strict=True)
+        ]
+
+    def predict_encoded(self, names: Sequence[str], blobs: Sequence[bytes]) -> list[ScanPrediction]:
+        """Encoded scans -> predictions in input order; an unreadable scan gets its error."""
+        decoded, failed = {}, {}
+        for i, (name, blob) in enumerate(zip(names, blobs, strict=True)):
+            try:
+                decoded[i] = decode_grayscale(bytes(blob), name)
+            except ImageReadError as exc:
+                failed[i] = ScanPrediction(name, error=exc.reason)
+        scored = dict(zip(decoded, self.predict_arrays([names[i] for i in decoded], list(decoded.values())), strict=True))
+        return [scored.get(i) or failed[i] for i in range(len(names))]
+
+
+class PipelineModel(mlflow.pyfunc.PythonModel):
+    """MLflow's face of :class:`TwoStagePipeline`: a DataFrame with an ``image`` column of bytes
+    (and optionally ``name``, used in error messages) in, :data:`OUTPUT` columns out."""
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        self.pipeline = TwoStagePipeline.from_artifacts(context.artifacts)
+
+    def predict(self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        frame = pd.DataFrame(model_input)
+        if IMAGE not in frame:
+            raise ValueError(f"input needs an {IMAGE!r} column of encoded scans (base64 in JSON); got columns {list(frame.columns)}")
+        names = [str(n) for n in frame[NAME]] if NAME in frame else [f"row {i}" for i in range(len(frame))]
+        return predictions_table(self.pipeline.predict_encoded(names, list(frame[IMAGE])))
+
+
+def settings(crop: CropConfig, threshold: float) -> dict[str, Any]:
+    """What the pipeline needs besides the two weight files (the preprocessing is in their meta)."""
+    return {"crop": asdict(crop), "threshold": threshold}

@@ -1,0 +1,47 @@
+"""Stage register_model: the cropped (two-stage) pipeline as one MLflow model, saved to
+``models/pipeline`` and registered as a new version; promotion stays a deliberate
+``covidct promote``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+
+from covidct.config import section
+from covidct.registry.register import build_and_register
+from covidct.stages.crop_images import RAW, SPLIT
+from covidct.stages.train_classifier import model_dir
+from covidct.stages.train_segmenter import MODEL
+from covidct.tracking import stage_run
+
+OUT = Path("models/pipeline")
+#: The sections the registered model embodies; recorded as version tags.
+PARAM_SECTIONS = ("preprocess", "segmenter", "crop", "classifier", "evaluate")
+
+
+def run(params: dict[str, Any], root: Path) -> None:
+    registry, crop = section(params, "registry"), section(params, "crop")
+    metrics = json.loads((root / "reports/metrics.json").read_text())["cropped"]
+    example = pd.read_csv(root / SPLIT).query("split == 'val'").iloc[0]["relpath"]
+    recorded = {name: params.get(name, {}) for name in PARAM_SECTIONS}
+    with stage_run("register_model", {"registry": {"model_name": registry.model_name}}) as run:
+        version = build_and_register(
+            root,
+            root / OUT,
+            registry.model_name,
+            (root / MODEL, root / model_dir("cropped") / "model.pt"),
+            crop,
+            metrics,
+            recorded,
+            (example, (root / RAW / example).read_bytes()),
+        )
+        mlflow.set_tag("covidct.registered_version", version.version)
+    print(
+        f"registered {registry.model_name} version {version.version} (run {run.info.run_id[:8]}); "
+        f"validation AUC {metrics['val']['auc']:.4f}, recall {metrics['val']['recall']:.4f} at threshold {metrics['threshold']:.4f}. "
+        f"Promote with `covidct promote --version {version.version}`"
+    )
