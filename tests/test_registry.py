@@ -81,18 +81,14 @@ def store(tmp_path_factory: pytest.TempPathFactory, weights: tuple[Path, Path]) 
     """A real SQLite tracking store with version 1 registered by the register_model code."""
     root = tmp_path_factory.mktemp("store")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    previous, previous_env = mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI")
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)  # also sets MLFLOW_TRACKING_URI in os.environ: restored below
     experiment = mlflow.create_experiment("test", artifact_location=(root / "artifacts").as_uri())
     with mlflow.start_run(experiment_id=experiment):
         params = {"classifier": {"model": "efficientnet_b0", "image_size": 64}, "crop": {"margin": 5}}
         build_and_register(root, root / "pipeline", NAME, weights, CROP, METRICS, params, (SCANS[0].name, SCANS[0].read_bytes()))
     yield uri, root
-    mlflow.set_tracking_uri(previous)
-    if previous_env is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = previous_env
+    mlflow.set_tracking_uri(previous)  # None unsets both the URI and the variable
 
 
 def test_pipeline_scores_exactly_as_the_crop_and_classifier_stages(pipeline: TwoStagePipeline, weights: tuple[Path, Path], tmp_path: Path) -> None:
