@@ -178,8 +178,11 @@ def test_registered_pipeline_is_promoted_and_reproduces_the_evaluate_stage(tiny_
     promoted = _run([*covidct, "promote", "--min-val-recall", "0"], repo, env)
     assert "version 1 promoted" in promoted.stdout
     # A fresh process loads models:/covidct@champion and scores the raw test scans end to end.
-    verified = _run([*covidct, "verify-model", "--split", "test"], repo, env)
+    verified = _run([*covidct, "verify-model", "--split", "test", "--external"], repo, env)
     assert "reproduces the evaluate stage's test metrics exactly" in verified.stdout
+    unseen = verified.stdout.split("unseen scans")[1].splitlines()
+    assert len([line for line in unseen if "radiopaedia" in line or "coronacases" in line]) == 3  # the held-out lung patients
+    assert re.search(r"^\s*all\s+9\s+[01]\.\d{3}$", verified.stdout, re.M)
 
 
 def test_second_repro_does_nothing_and_margin_reruns_only_downstream(tiny_repo: tuple[Path, dict[str, str]]) -> None:

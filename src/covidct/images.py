@@ -131,7 +131,9 @@ def _open_loaded(data: bytes, name: str | os.PathLike[str], max_pixels: int) -> 
             reason = "unknown or unsupported image format"
         raise ImageReadError(p, reason) from exc
     except Exception as exc:  # noqa: BLE001 - any decoder failure becomes a clear error
-        raise ImageReadError(p, f"cannot open image ({type(exc).__name__}: {exc})") from exc
+        # e.g. a JPEG cut off inside its (EXIF) header fails here, before any pixel is decoded
+        what = f"truncated or corrupt {sniffed} header" if sniffed else "cannot open image"
+        raise ImageReadError(p, f"{what} ({type(exc).__name__}: {exc})") from exc
 
     try:
         width, height = im.size

@@ -1,5 +1,9 @@
 """Stage crop_images: segment every COVID-CT image, crop to the lung box, save crops, masks,
-a CSV of boxes and a gallery like the paper's Fig. 6."""
+a CSV of boxes and a gallery like the paper's Fig. 6.
+
+The crops are written to a fresh folder that replaces ``data/crops`` only once every image is
+done, so an unreadable image met half-way leaves the previous crops as they were.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from typing import Any
 import mlflow
 import pandas as pd
 
-from covidct.atomic import write_text_atomic
+from covidct.atomic import atomic_dir, write_text_atomic
 from covidct.config import section
 from covidct.cropping import draw_overlay, save_gallery
 from covidct.images import read_grayscale, read_mask
@@ -47,7 +51,9 @@ def run(params: dict[str, Any], root: Path) -> None:
     model, meta = load_segmenter(root / MODEL, device)
     table = pd.read_csv(root / SPLIT)
     with stage_run("crop_images", {"crop": dataclasses.asdict(config)}):
-        boxes = crop_dataset(table, root / RAW, root / CROPS, model, meta, config, device)
+        with atomic_dir(root / CROPS) as crops:
+            crops.mkdir()
+            boxes = crop_dataset(table, root / RAW, crops, model, meta, config, device)
         write_text_atomic(root / REPORTS / "boxes.csv", boxes.to_csv(index=False))
         save_gallery(gallery(root, boxes), ["input", "lung mask and crop box", "cropped, resized back"], root / REPORTS / "gallery.png")
         metrics = crop_summary(boxes)

@@ -1,4 +1,9 @@
-"""Loading the lung set for the segmenter stages, normalised like every segmenter input."""
+"""Loading the lung set for the segmenter stages, normalised like every segmenter input.
+
+Every lung-set mask has lung in it (data/raw/lung-seg/PROVENANCE.md: minimum lung fraction
+0.0027), so an empty mask is a damaged or wrong file and stops the stage, naming it, rather
+than teaching the segmenter that a lung slice has no lung.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from covidct.config import PreprocessConfig
+from covidct.datasets import DatasetError
 from covidct.images import read_grayscale, read_mask
 from covidct.preprocessing import segmenter_input
 
@@ -27,6 +33,8 @@ def load_lung_split(root: Path, split: str, pre: PreprocessConfig) -> tuple[pd.D
     for i, row in enumerate(tqdm(table.itertuples(), total=len(table), desc=f"load lung {split}", unit="slice")):
         images[i] = segmenter_input(read_grayscale(root / LUNG_ROOT / row.image), pre.size, pre.clahe_clip)
         mask = read_mask(root / LUNG_ROOT / row.mask, LUNG_MASK_SHAPE)
+        if not mask.any():
+            raise DatasetError(f"{root / LUNG_ROOT / row.mask}: lung mask is empty (no pixel is 255); every lung-set mask has lung, so this file is damaged")
         if mask.shape != (pre.size, pre.size):
             mask = cv2.resize(mask.astype(np.uint8), (pre.size, pre.size), interpolation=cv2.INTER_NEAREST).astype(bool)
         masks[i] = mask

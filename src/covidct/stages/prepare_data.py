@@ -24,6 +24,7 @@ SPLITS = Path("data/splits")
 def run(params: dict[str, Any], root: Path) -> None:
     data, split_config = section(params, "data"), section(params, "lung_split")
     source = (root / data.source_dir).resolve()
+    covid_ct_split(source / COVID_CT)  # a split list naming a missing image stops the stage before any output is replaced
     for name in (COVID_CT, LUNG_SEG):
         count = copy_verified(source / name, root / RAW / name)
         print(f"{name}: {count} files verified against SHA256SUMS and copied to {RAW / name}")
