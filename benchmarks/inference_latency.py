@@ -66,7 +66,11 @@ def served_latency(model: str, scans: list[tuple[str, bytes]]) -> dict[str, floa
         _post(port, scans[:1])  # warm-up
         single = [_post(port, [scan]) for scan in scans]
         batch = [_post(port, scans[i : i + 16]) / len(scans[i : i + 16]) for i in range(0, len(scans), 16)]
-        return {"server_startup_s": startup, "served_ms_per_request_1_scan": 1000 * statistics.median(single), "served_ms_per_scan_batch_16": 1000 * statistics.median(batch)}
+        return {
+            "server_startup_s": startup,
+            "served_ms_per_request_1_scan": 1000 * statistics.median(single),
+            "served_ms_per_scan_batch_16": 1000 * statistics.median(batch),
+        }
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)

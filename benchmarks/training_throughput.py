@@ -1,0 +1,111 @@
+"""The classifier's training loop against a bare PyTorch loop on the same model, batch, input
+size and threads, measured side by side in one process (alternating rounds, medians).
+
+    python benchmarks/training_throughput.py --rounds 5 --batches 12
+
+The project's loop decodes nothing (images are cached), but augments every image
+(albumentations), normalises on the device and runs through ``train_one_epoch`` (autocast,
+GradScaler, progress bar); the bare loop trains on tensors prepared in advance. Run from the
+repository root after ``dvc repro prepare_data``; writes ``reports/benchmarks/training_throughput.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from covidct.classification.data import CachedImages, load_resized, paper_augmentation, to_model_input
+from covidct.classification.model import build_classifier, normalisation
+from covidct.config import load_params, section
+from covidct.runtime import configure_threads, grad_scaler, select_device
+from covidct.stages.crop_images import RAW, SPLIT
+from covidct.training import train_one_epoch
+
+
+def bare_round(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], optimiser: torch.optim.Optimizer) -> float:
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    model.train()
+    started = time.perf_counter()
+    for inputs, targets in batches:
+        optimiser.zero_grad(set_to_none=True)
+        loss = loss_fn(model(inputs)[:, 0], targets)
+        loss.backward()
+        optimiser.step()
+    return sum(len(x) for x, _ in batches) / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--batches", type=int, default=12, help="batches per round")
+    args = parser.parse_args()
+    root = Path.cwd()
+    config = section(load_params(root / "params.yaml"), "classifier")
+    device, threads = select_device(), configure_threads()
+    n = args.batches * config.batch_size
+    table = pd.read_csv(root / SPLIT).query("split == 'train'").head(n)
+    images = load_resized([root / RAW / p for p in table["relpath"]], config.image_size, progress=None)
+    labels = table["label"].to_numpy()
+
+    ours = build_classifier(config.model, config.pretrained).to(device).to(memory_format=torch.channels_last)
+    bare = copy.deepcopy(ours)
+    mean, std = normalisation(ours)
+    loader = DataLoader(CachedImages(images, labels, paper_augmentation(config.augment, config.seed)), batch_size=config.batch_size, shuffle=True)
+    prepared = [
+        (
+            to_model_input(torch.from_numpy(images[i : i + config.batch_size])[:, None], mean, std, device),
+            torch.tensor(labels[i : i + config.batch_size], dtype=torch.float32, device=device),
+        )
+        for i in range(0, n, config.batch_size)
+    ]
+    optimisers = {"ours": torch.optim.Adam(ours.parameters(), lr=config.lr), "bare": torch.optim.Adam(bare.parameters(), lr=config.lr)}
+    scaler = grad_scaler(device)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+
+    def ours_round() -> float:
+        started = time.perf_counter()
+        _, seen = train_one_epoch(
+            ours,
+            loader,
+            lambda batch: (to_model_input(batch[0], mean, std, device), batch[1].to(device)),
+            lambda logits, y: loss_fn(logits[:, 0], y),
+            optimisers["ours"],
+            scaler,
+            device,
+            desc="covidct loop",
+        )
+        return seen / (time.perf_counter() - started)
+
+    bare_round(bare, prepared[:2], optimisers["bare"])  # warm-up both
+    ours_round()
+    speeds: dict[str, list[float]] = {"bare": [], "ours": []}
+    for _ in range(args.rounds):
+        speeds["bare"].append(bare_round(bare, prepared, optimisers["bare"]))
+        speeds["ours"].append(ours_round())
+    result = {
+        "model": config.model,
+        "image_size": config.image_size,
+        "batch_size": config.batch_size,
+        "threads": threads,
+        "device": str(device),
+        "bare_images_per_s": statistics.median(speeds["bare"]),
+        "covidct_images_per_s": statistics.median(speeds["ours"]),
+        "rounds": {k: [round(v, 2) for v in vs] for k, vs in speeds.items()},
+    }
+    result["ratio"] = result["covidct_images_per_s"] / result["bare_images_per_s"]
+    out = root / "reports/benchmarks/training_throughput.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
