@@ -9,3 +9,21 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("COVIDCT_TEST_DATA", REPO.parent / "shared" / "data")).resolve()
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+
+def save_tiny_networks(root: Path) -> tuple[Path, Path]:
+    """A small seeded, untrained segmenter and B0 classifier saved as the training stages save
+    theirs, for tests of what runs the networks (the registered pipeline, predict, serving)."""
+    import torch
+
+    from covidct.checkpoints import save_checkpoint
+    from covidct.classification.model import build_classifier, normalisation
+    from covidct.segmentation.model import build_segmenter
+
+    torch.manual_seed(0)
+    save_checkpoint(root / "segmenter.pt", build_segmenter([4, 8, 16]), {"channels": [4, 8, 16], "size": 64, "clahe_clip": 7.0, "epoch": 1})
+    classifier = build_classifier("efficientnet_b0")
+    mean, std = normalisation(classifier)
+    meta = {"model": "efficientnet_b0", "image_size": 64, "variant": "cropped", "epoch": 1, "mean": list(mean), "std": list(std)}
+    save_checkpoint(root / "classifier.pt", classifier, meta)
+    return root / "segmenter.pt", root / "classifier.pt"

@@ -53,9 +53,8 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from test_images import _png_header_only
 
-from conftest import DATA, REPO
+from conftest import DATA, REPO, save_tiny_networks
 from covidct.checkpoints import save_checkpoint
-from covidct.classification.model import build_classifier, normalisation
 from covidct.config import CropConfig, load_params
 from covidct.datasets import CLASS_DIRS, SPLITS, covid_ct_split
 from covidct.images import ImageReadError, decode_grayscale, read_grayscale
@@ -493,22 +492,16 @@ ORDINARY = [COVID / "CT_NonCOVID" / "0.jpg", REAL_PNG]
 def registered(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     """A temporary MLflow store whose ``covidct@champion`` is a pipeline of small untrained networks."""
     root = tmp_path_factory.mktemp("registry")
-    torch.manual_seed(0)
-    save_checkpoint(root / "segmenter.pt", build_segmenter([4, 8, 16]), {"channels": [4, 8, 16], "size": 64, "clahe_clip": 7.0, "epoch": 1})
-    classifier = build_classifier("efficientnet_b0")
-    mean, std = normalisation(classifier)
-    meta = {"model": "efficientnet_b0", "image_size": 64, "variant": "cropped", "epoch": 1, "mean": list(mean), "std": list(std)}
-    save_checkpoint(root / "classifier.pt", classifier, meta)
+    weights = save_tiny_networks(root)
     metrics = {"threshold": 0.5, "val": {"auc": 0.8, "recall": 0.95}, "test": {"auc": 0.7, "recall": 0.9}}
     uri, previous = f"sqlite:///{root / 'mlflow.db'}", os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)  # also sets MLFLOW_TRACKING_URI in os.environ: restored below
     try:
         experiment = mlflow.create_experiment("bad-inputs", artifact_location=(root / "artifacts").as_uri())
         with mlflow.start_run(experiment_id=experiment):
-            files = (root / "segmenter.pt", root / "classifier.pt")
             params = {"classifier": {"model": "efficientnet_b0", "image_size": 64}}
             build_and_register(
-                root, root / "pipeline", MODEL_NAME, files, CropConfig(min_lung_fraction=0.0), metrics, params, (REAL_PNG.name, REAL_PNG.read_bytes())
+                root, root / "pipeline", MODEL_NAME, weights, CropConfig(min_lung_fraction=0.0), metrics, params, (REAL_PNG.name, REAL_PNG.read_bytes())
             )
         MlflowClient(uri).set_registered_model_alias(MODEL_NAME, "champion", "1")
     finally:

@@ -28,10 +28,8 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from test_images import write_ct_dicom
 
-from conftest import DATA
-from covidct.checkpoints import save_checkpoint
+from conftest import DATA, save_tiny_networks
 from covidct.classification.data import load_resized
-from covidct.classification.model import build_classifier, normalisation
 from covidct.classification.train import predict_scores
 from covidct.config import CropConfig
 from covidct.images import read_grayscale
@@ -39,7 +37,6 @@ from covidct.lung_crop import crop_dataset, crop_relpath
 from covidct.registry.pipeline_model import OUTPUT, TwoStagePipeline
 from covidct.registry.promote import PromotionError, promote_if_better
 from covidct.registry.register import build_and_register
-from covidct.segmentation.model import build_segmenter
 
 COVID = DATA / "covid-ct" / "CT_COVID"
 NONCOVID = DATA / "covid-ct" / "CT_NonCOVID"
@@ -61,14 +58,7 @@ METRICS = {
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """Small, seeded, untrained networks saved as the training stages save theirs."""
-    root = tmp_path_factory.mktemp("weights")
-    torch.manual_seed(0)
-    save_checkpoint(root / "segmenter.pt", build_segmenter([4, 8, 16]), {"channels": [4, 8, 16], "size": 64, "clahe_clip": 7.0, "epoch": 1})
-    classifier = build_classifier("efficientnet_b0")
-    mean, std = normalisation(classifier)
-    meta = {"model": "efficientnet_b0", "image_size": 64, "variant": "cropped", "epoch": 1, "mean": list(mean), "std": list(std)}
-    save_checkpoint(root / "classifier.pt", classifier, meta)
-    return root / "segmenter.pt", root / "classifier.pt"
+    return save_tiny_networks(tmp_path_factory.mktemp("weights"))
 
 
 @pytest.fixture(scope="module")
@@ -259,7 +249,7 @@ def test_served_model_answers_like_predict_and_survives_malformed_requests(store
             (b"{not json", "application/json"),
             (json.dumps({"dataframe_split": {"columns": ["img"], "data": [["aGk="]]}}).encode(), "application/json"),
             (json.dumps({"dataframe_split": {"columns": ["image"], "data": [["!!!notbase64"]]}}).encode(), "application/json"),
-                (json.dumps({"rows": [1]}).encode(), "application/json"),
+            (json.dumps({"rows": [1]}).encode(), "application/json"),
             (b"image\n1\n", "text/plain"),
         ]:
             status, error = _post(port, body, content_type)
