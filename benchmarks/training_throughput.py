@@ -3,9 +3,9 @@ size and threads, measured side by side in one process (alternating rounds, medi
 
     python benchmarks/training_throughput.py --rounds 5 --batches 12
 
-The project's loop decodes nothing (images are cached), but augments every image
-(albumentations), normalises on the device and runs through ``train_one_epoch`` (autocast,
-GradScaler, progress bar); the bare loop trains on tensors prepared in advance. Run from the
+The project's loop is the trainer's own epoch (``classifier_epoch``): it decodes nothing (images
+are cached), but augments every image (albumentations), normalises on the device and runs
+through ``train_one_epoch`` (autocast, GradScaler, progress bar); the bare loop trains on tensors prepared in advance. Run from the
 repository root after ``dvc repro prepare_data``; writes ``reports/benchmarks/training_throughput.json``.
 """
 
@@ -24,10 +24,10 @@ from torch.utils.data import DataLoader
 
 from covidct.classification.data import CachedImages, load_resized, paper_augmentation, to_model_input
 from covidct.classification.model import build_classifier, normalisation
+from covidct.classification.train import classifier_epoch
 from covidct.config import load_params, section
 from covidct.runtime import configure_threads, grad_scaler, select_device
 from covidct.stages.crop_images import RAW, SPLIT
-from covidct.training import train_one_epoch
 
 
 def bare_round(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], optimiser: torch.optim.Optimizer) -> float:
@@ -68,20 +68,10 @@ def main() -> None:
     ]
     optimisers = {"ours": torch.optim.Adam(ours.parameters(), lr=config.lr), "bare": torch.optim.Adam(bare.parameters(), lr=config.lr)}
     scaler = grad_scaler(device)
-    loss_fn = torch.nn.BCEWithLogitsLoss()
 
     def ours_round() -> float:
         started = time.perf_counter()
-        _, seen = train_one_epoch(
-            ours,
-            loader,
-            lambda batch: (to_model_input(batch[0], mean, std, device), batch[1].to(device)),
-            lambda logits, y: loss_fn(logits[:, 0], y),
-            optimisers["ours"],
-            scaler,
-            device,
-            desc="covidct loop",
-        )
+        _, seen = classifier_epoch(ours, loader, optimisers["ours"], scaler, device, (mean, std), "covidct loop")
         return seen / (time.perf_counter() - started)
 
     bare_round(bare, prepared[:2], optimisers["bare"])  # warm-up both

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +47,29 @@ def predict_scores(
     return np.concatenate(scores)
 
 
+def classifier_epoch(
+    model: torch.nn.Module,
+    loader: DataLoader,
+    optimiser: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    device: torch.device,
+    normalise: tuple[Sequence[float], Sequence[float]],
+    desc: str = "classifier",
+) -> tuple[float, int]:
+    """One BCE epoch over uint8 batches; the trainer and the throughput benchmark both run it."""
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    return train_one_epoch(
+        model,
+        loader,
+        lambda batch: (to_model_input(batch[0], *normalise, device), batch[1].to(device)),
+        lambda logits, labels: loss_fn(logits[:, 0], labels),
+        optimiser,
+        scaler,
+        device,
+        desc=desc,
+    )
+
+
 def _selection_score(metrics: dict[str, float], val_loss: float, name: str) -> float:
     return -val_loss if name == "neg_loss" else metrics[name]
 
@@ -71,7 +94,6 @@ def train_classifier(
     model = build_classifier(config.model, config.pretrained).to(device).to(memory_format=torch.channels_last)
     mean, std = normalisation(model)
     optimiser = torch.optim.Adam(model.parameters(), lr=config.lr)
-    loss_fn = torch.nn.BCEWithLogitsLoss()
     loader = DataLoader(
         CachedImages(*train, paper_augmentation(config.augment, config.seed)),
         batch_size=config.batch_size,
@@ -86,16 +108,7 @@ def train_classifier(
     run = TrainingRun(model, optimiser, grad_scaler(device), loader, device, checkpoint, -np.inf, on_epoch, None, resume_dir, fingerprint)
     for epoch in range(run.start(), config.epochs + 1):
         started = time.perf_counter()
-        train_loss, seen = train_one_epoch(
-            model,
-            loader,
-            lambda batch: (to_model_input(batch[0], mean, std, device), batch[1].to(device)),
-            lambda logits, labels: loss_fn(logits[:, 0], labels),
-            optimiser,
-            run.scaler,
-            device,
-            desc=f"classifier epoch {epoch}/{config.epochs}",
-        )
+        train_loss, seen = classifier_epoch(model, loader, optimiser, run.scaler, device, (mean, std), f"classifier epoch {epoch}/{config.epochs}")
         train_seconds = time.perf_counter() - started
         val_scores = predict_scores(model, val[0], device, mean, std, config.batch_size * 2)
         val_loss = float(
