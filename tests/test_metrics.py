@@ -3,6 +3,7 @@ import time
 
 import numpy as np
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from covidct.metrics import (
     METRIC_NAMES,
@@ -159,3 +160,23 @@ def test_threshold_for_recall_is_the_highest_reaching_the_floor():
         assert binary_metrics(y, s, np.nextafter(t, 1.0))["recall"] < floor
     with pytest.raises(ValueError, match="no positive"):
         threshold_for_recall([0, 0], [0.1, 0.2], 0.9)
+
+
+def test_paired_auc_difference():
+    from covidct.metrics import paired_auc_difference
+
+    rng = np.random.default_rng(0)
+    y = np.r_[np.ones(98), np.zeros(105)].astype(int)
+    weak = rng.random(203) + 0.3 * y
+    strong = rng.random(203) + 1.0 * y
+    same = paired_auc_difference(y, weak, weak, n_boot=200)
+    assert same == {"value": 0.0, "ci_low": 0.0, "ci_high": 0.0}
+    better = paired_auc_difference(y, weak, strong, n_boot=500)
+    assert better["value"] == pytest.approx(roc_auc_score(y, strong) - roc_auc_score(y, weak))
+    assert 0 < better["ci_low"] < better["value"] < better["ci_high"]
+    # pairing: the difference's interval is narrower than either model's own interval
+    own = bootstrap_ci(y, weak, n_boot=500)["auc"]
+    noise = paired_auc_difference(y, weak, weak + rng.normal(0, 0.02, 203), n_boot=500)
+    assert noise["ci_high"] - noise["ci_low"] < (own[1] - own[0]) / 3
+    with pytest.raises(ValueError, match="length"):
+        paired_auc_difference(y, weak, strong[:-1])

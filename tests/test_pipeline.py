@@ -133,6 +133,10 @@ def test_metrics_are_in_range(tiny_repo: tuple[Path, dict[str, str]]) -> None:
         for name in ("accuracy", "precision", "recall", "specificity", "f1", "auc"):
             assert 0.0 <= test[f"{name}_ci_low"] <= test[name] <= test[f"{name}_ci_high"] <= 1.0, (variant, name)
         assert sum(metrics[variant]["test_confusion"].values()) == 6
+    gain = metrics["segmentation_gain"]
+    assert gain["test_auc"] == pytest.approx(metrics["cropped"]["test"]["auc"] - metrics["raw"]["test"]["auc"])
+    assert gain["test_auc_ci_low"] <= gain["test_auc"] <= gain["test_auc_ci_high"]
+    assert "Is the segmentation gain real?" in (repo / "reports/results.md").read_text()
     dice = json.loads((repo / "reports/segmenter/metrics.json").read_text())
     assert 0.0 <= dice["dice_mean"] <= 1.0 and dice["n_patients"] == 3
     crop = json.loads((repo / "reports/crop/metrics.json").read_text())

@@ -29,6 +29,7 @@ from PIL import Image
 from test_images import write_ct_dicom
 
 from conftest import DATA, save_tiny_networks
+from covidct.checkpoints import load_checkpoint, save_state_dict
 from covidct.classification.data import load_resized
 from covidct.classification.train import predict_scores
 from covidct.config import CropConfig
@@ -95,6 +96,20 @@ def test_pipeline_scores_exactly_as_the_crop_and_classifier_stages(pipeline: Two
     assert not any(p.crop_fallback for p in predictions)  # the crop path really ran
     for p, scan in zip(predictions, SCANS, strict=True):
         assert p.mask.shape == read_grayscale(scan).shape and p.error == ""
+
+
+def test_pipeline_applies_the_checkpoints_test_time_augmentation(pipeline: TwoStagePipeline, weights: tuple[Path, Path], tmp_path: Path) -> None:
+    # classifier.tta: true marks the checkpoint; the registered pipeline then scores as the stages did
+    state, meta = load_checkpoint(weights[1], torch.device("cpu"), "train_classifier")
+    save_state_dict(tmp_path / "classifier.pt", state, meta | {"tta": True})
+    with_tta = TwoStagePipeline(weights[0], tmp_path / "classifier.pt", CROP, 0.5, torch.device("cpu"))
+    table = pd.DataFrame({"relpath": [str(p.relative_to(DATA / "covid-ct")) for p in SCANS], "split": "test", "label": [1, 1, 0, 0]})
+    crop_dataset(table, DATA / "covid-ct", tmp_path / "crops", pipeline.segmenter, pipeline.segmenter_meta, CROP, pipeline.device)
+    crops = load_resized([tmp_path / "crops" / "images" / crop_relpath(p) for p in table["relpath"]], 64, progress=None)
+    stage_scores = predict_scores(with_tta.classifier, crops, with_tta.device, meta["mean"], meta["std"], 32, tta=True)
+    scored = with_tta.predict_encoded([p.name for p in SCANS], [p.read_bytes() for p in SCANS])
+    assert [p.probability for p in scored] == stage_scores.tolist()
+    assert [p.probability for p in scored] != [p.probability for p in pipeline.predict_encoded([p.name for p in SCANS], [p.read_bytes() for p in SCANS])]
 
 
 def test_a_bad_scan_gets_its_error_and_the_others_are_unchanged(pipeline: TwoStagePipeline) -> None:

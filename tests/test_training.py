@@ -196,3 +196,85 @@ def test_classifier_deterministic_on_cpu(classifier_run, covid_data, tmp_path: P
 def test_classifier_missing_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="model.pt"):
         load_classifier(tmp_path / "model.pt", CPU)
+
+
+# ---------------------------------------------------------------- recipe levers
+
+
+def test_zero_head_starts_at_one_half_and_timm_head_does_not(covid_data) -> None:
+    from covidct.classification.model import build_classifier, normalisation, zero_head
+    from covidct.config import LITE0_WHEEL
+
+    (images, _), _ = covid_data
+    model = build_classifier("tf_efficientnet_lite0", LITE0_WHEEL)
+    mean, std = normalisation(model)
+    timm_scores = predict_scores(model, images, CPU, mean, std)
+    zero_head(model)
+    np.testing.assert_array_equal(predict_scores(model, images, CPU, mean, std), np.full(len(images), 0.5, np.float32))
+    # timm's U(-1, 1) head on pretrained features: confident from the first step, why the lever exists
+    assert np.abs(timm_scores - 0.5).mean() > 0.3
+
+
+def test_tta_is_the_mean_over_the_image_and_its_mirror(classifier_run, covid_data) -> None:
+    _, checkpoint = classifier_run
+    model, meta = load_classifier(checkpoint, CPU)
+    (images, _), _ = covid_data
+    plain = predict_scores(model, images, CPU, meta["mean"], meta["std"])
+    mirrored = predict_scores(model, np.ascontiguousarray(images[:, :, ::-1]), CPU, meta["mean"], meta["std"])
+    np.testing.assert_allclose(predict_scores(model, images, CPU, meta["mean"], meta["std"], tta=True), (plain + mirrored) / 2, atol=1e-6)
+    assert "tta" not in meta  # absent = off, so earlier checkpoints read the same
+
+
+def test_positive_weight() -> None:
+    from covidct.classification.train import positive_weight
+
+    assert positive_weight(np.array([1, 0, 0, 0]), "balanced") == 3.0
+    assert positive_weight(np.array([1, 0, 0, 0]), "none") is None
+    with pytest.raises(ValueError, match="class_weight"):
+        positive_weight(np.zeros(4), "balanced")
+
+
+def test_levers_change_training_and_land_in_the_checkpoint(covid_data, tmp_path: Path) -> None:
+    import dataclasses
+
+    train, val = covid_data
+    config = dataclasses.replace(CLF_CONFIG, epochs=2, schedule="cosine", class_weight="balanced", head_init="zero", tta=True)
+    history = train_classifier(train, val, config, CPU, tmp_path / "model.pt", {"model": config.model, "image_size": SIZE})
+    assert list(history["epoch"]) == [1, 2]
+    assert history.iloc[0]["train_loss"] < 1.0  # a zero head starts near ln 2 (timm's starts far above)
+    _, meta = load_classifier(tmp_path / "model.pt", CPU)
+    assert meta["tta"] is True
+
+
+def test_cosine_schedule_ends_at_zero(covid_data, tmp_path: Path) -> None:
+    import dataclasses
+
+    from covidct.classification import train as train_module
+
+    seen: list[float] = []
+    real_epoch = train_module.classifier_epoch
+
+    def spy(model, loader, optimiser, *args, **kwargs):
+        result = real_epoch(model, loader, optimiser, *args, **kwargs)
+        seen.append(optimiser.param_groups[0]["lr"])
+        return result
+
+    train, val = covid_data
+    config = dataclasses.replace(CLF_CONFIG, epochs=2, schedule="cosine")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_module, "classifier_epoch", spy)
+        train_classifier(train, val, config, CPU, tmp_path / "model.pt", {})
+    assert seen[0] == pytest.approx(config.lr / 2) and seen[1] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_extra_augmentation_only_when_asked() -> None:
+    from covidct.classification.data import paper_augmentation
+    from covidct.config import AugmentConfig
+
+    paper = paper_augmentation(AugmentConfig(), seed=0)
+    assert [type(t).__name__ for t in paper.transforms] == ["Affine", "HorizontalFlip"]
+    stronger = paper_augmentation(AugmentConfig(translate=0.05, brightness_contrast=0.2), seed=0)
+    assert [type(t).__name__ for t in stronger.transforms] == ["Affine", "HorizontalFlip", "RandomBrightnessContrast"]
+    image = np.tile(np.arange(64, dtype=np.uint8) * 4, (64, 1))
+    outputs = {stronger(image=image)["image"].mean().round(3) for _ in range(5)}
+    assert len(outputs) > 1

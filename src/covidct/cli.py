@@ -104,6 +104,16 @@ def _verify_model(args: argparse.Namespace, root: Path) -> None:
         print(external_recall(model, root).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
 
 
+def _levers(args: argparse.Namespace, root: Path) -> None:
+    from covidct.levers import load_levers, run_levers
+    from covidct.runtime import configure_threads, select_device
+
+    study = load_levers(args.config)
+    configure_threads()
+    report = run_levers(root, load_params(root / "params.yaml"), study, args.only.split(",") if args.only else None, select_device())
+    print(f"lever table: {report} (and .csv, .png beside it)")
+
+
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     parser = argparse.ArgumentParser(prog="covidct", description=__doc__)
@@ -137,6 +147,9 @@ def main(argv: list[str] | None = None) -> None:
     verify.add_argument("--model", help="MLflow model URI (default: models:/<registry.model_name>@<registry.alias>)")
     verify.add_argument("--split", choices=("val", "test"), default="test")
     verify.add_argument("--external", action="store_true", help="also score the held-out lung-set patients (another source, all COVID-19)")
+    levers = sub.add_parser("levers", help="train one classifier per recipe change on the last dvc repro's images; val/test table with CIs")
+    levers.add_argument("config", help="lever study, e.g. pipelines/levers/cpu.yaml")
+    levers.add_argument("--only", help="comma-separated lever names (default: all; finished ones are reused)")
     args = parser.parse_args(argv)
     root = Path.cwd()
     try:
@@ -155,6 +168,8 @@ def main(argv: list[str] | None = None) -> None:
             _predict(args, root)
         elif args.command == "verify-model":
             _verify_model(args, root)
+        elif args.command == "levers":
+            _levers(args, root)
         else:
             _sweep(args, root)
     except (ConfigError, FileNotFoundError) as exc:

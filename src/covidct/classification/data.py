@@ -38,14 +38,18 @@ def load_resized(paths: Sequence[Path], size: int, progress: str | None = "decod
 
 
 def paper_augmentation(config: AugmentConfig, seed: int) -> A.Compose:
-    """The paper's label-safe augmentation: scale +-0.1, rotation under 5 degrees, horizontal flip."""
-    return A.Compose(
-        [
-            A.Affine(scale=(1 - config.scale, 1 + config.scale), rotate=(-config.rotate, config.rotate), border_mode=cv2.BORDER_CONSTANT, fill=0, p=1.0),
-            A.HorizontalFlip(p=config.hflip),
-        ],
-        seed=seed,
-    )
+    """The paper's label-safe augmentation (scale +-0.1, rotation under 5 degrees, horizontal
+    flip), optionally with a shift and a brightness/contrast change: moves that keep every
+    lesion in the picture, where crops and cut-outs could remove the only one."""
+    shift = {"translate_percent": (-config.translate, config.translate)} if config.translate else {}
+    transforms = [
+        A.Affine(scale=(1 - config.scale, 1 + config.scale), rotate=(-config.rotate, config.rotate), **shift, border_mode=cv2.BORDER_CONSTANT, fill=0, p=1.0),
+        A.HorizontalFlip(p=config.hflip),
+    ]
+    if config.brightness_contrast:  # only when asked: the paper's transforms keep their random streams
+        limit = config.brightness_contrast
+        transforms.append(A.RandomBrightnessContrast(brightness_limit=limit, contrast_limit=limit, p=1.0))
+    return A.Compose(transforms, seed=seed)
 
 
 class CachedImages(Dataset):

@@ -32,6 +32,14 @@ def build_classifier(name: str, pretrained: str = "none") -> torch.nn.Module:
     return model
 
 
+def zero_head(model: torch.nn.Module) -> None:
+    """Start the logit at 0 (p = 0.5). timm's EfficientNet init draws a one-output head from
+    U(-1, 1), so the first logits are large and the first updates pull hard on pretrained features."""
+    head = model.get_classifier()
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+
+
 def weights_file(source: str) -> Path:
     if source == LITE0_WHEEL:
         try:

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from covidct.classification.data import CachedImages, paper_augmentation, to_model_input
-from covidct.classification.model import build_classifier, load_classifier, normalisation
+from covidct.classification.model import build_classifier, load_classifier, normalisation, zero_head
 from covidct.config import ClassifierConfig
 from covidct.metrics import binary_metrics
 from covidct.runtime import autocast, grad_scaler, seed_everything
@@ -34,16 +34,26 @@ TRAINING_CODE = (
 
 @torch.inference_mode()
 def predict_scores(
-    model: torch.nn.Module, images: np.ndarray, device: torch.device, mean, std, batch_size: int = 32, progress: str | None = None
+    model: torch.nn.Module,
+    images: np.ndarray,
+    device: torch.device,
+    mean,
+    std,
+    batch_size: int = 32,
+    progress: str | None = None,
+    tta: bool = False,
 ) -> np.ndarray:
-    """COVID probabilities for uint8 (N, S, S) images."""
+    """COVID probabilities for uint8 (N, S, S) images; ``tta`` averages each with its mirror's."""
     model.eval()
     loader = DataLoader(CachedImages(images, np.zeros(len(images))), batch_size=batch_size)
     scores = []
     for batch, _ in tqdm(loader, desc=progress, unit="batch", disable=progress is None):
+        inputs = to_model_input(batch, mean, std, device)
         with autocast(device):
-            logits = model(to_model_input(batch, mean, std, device))
-        scores.append(torch.sigmoid(logits.float()[:, 0]).cpu().numpy())
+            probability = torch.sigmoid(model(inputs).float()[:, 0])
+            if tta:  # the mirror is a view the training augmentation also shows (hflip)
+                probability = (probability + torch.sigmoid(model(inputs.flip(-1)).float()[:, 0])) / 2
+        scores.append(probability.cpu().numpy())
     return np.concatenate(scores)
 
 
@@ -55,9 +65,11 @@ def classifier_epoch(
     device: torch.device,
     normalise: tuple[Sequence[float], Sequence[float]],
     desc: str = "classifier",
+    schedule: torch.optim.lr_scheduler.LRScheduler | None = None,
+    pos_weight: float | None = None,
 ) -> tuple[float, int]:
     """One BCE epoch over uint8 batches; the trainer and the throughput benchmark both run it."""
-    loss_fn = torch.nn.BCEWithLogitsLoss()
+    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=None if pos_weight is None else torch.tensor(pos_weight, device=device))
     return train_one_epoch(
         model,
         loader,
@@ -66,8 +78,20 @@ def classifier_epoch(
         optimiser,
         scaler,
         device,
+        schedule,
         desc=desc,
     )
+
+
+def positive_weight(labels: np.ndarray, class_weight: str) -> float | None:
+    """``balanced``: COVID's loss weight n_noncovid / n_covid, so both classes weigh the same in
+    total (the paper's own suggestion for its imbalance); ``none``: plain BCE."""
+    if class_weight == "none":
+        return None
+    positives = int(labels.sum())
+    if positives == 0:
+        raise ValueError("classifier.class_weight: balanced needs COVID images in the train split")
+    return (len(labels) - positives) / positives
 
 
 def _selection_score(metrics: dict[str, float], val_loss: float, name: str) -> float:
@@ -91,7 +115,10 @@ def train_classifier(
     the state is left in place at the end (the caller removes it once its outputs are written).
     """
     seed_everything(config.seed)
-    model = build_classifier(config.model, config.pretrained).to(device).to(memory_format=torch.channels_last)
+    model = build_classifier(config.model, config.pretrained)
+    if config.head_init == "zero":
+        zero_head(model)
+    model = model.to(device).to(memory_format=torch.channels_last)
     mean, std = normalisation(model)
     optimiser = torch.optim.Adam(model.parameters(), lr=config.lr)
     loader = DataLoader(
@@ -105,10 +132,16 @@ def train_classifier(
     if resume_dir is not None:
         settings = {"trainer": "classifier", "config": dataclasses.asdict(config), "meta": meta, "device": device.type}
         fingerprint = run_fingerprint(settings, (*train, *val), TRAINING_CODE)
-    run = TrainingRun(model, optimiser, grad_scaler(device), loader, device, checkpoint, -np.inf, on_epoch, None, resume_dir, fingerprint)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, config.epochs * len(loader)) if config.schedule == "cosine" else None
+    pos_weight = positive_weight(train[1], config.class_weight)
+    run = TrainingRun(model, optimiser, grad_scaler(device), loader, device, checkpoint, -np.inf, on_epoch, schedule, resume_dir, fingerprint)
+    # absent means no TTA, so checkpoints written before the option read the same
+    scoring = {"tta": True} if config.tta else {}
     for epoch in range(run.start(), config.epochs + 1):
         started = time.perf_counter()
-        train_loss, seen = classifier_epoch(model, loader, optimiser, run.scaler, device, (mean, std), f"classifier epoch {epoch}/{config.epochs}")
+        train_loss, seen = classifier_epoch(
+            model, loader, optimiser, run.scaler, device, (mean, std), f"classifier epoch {epoch}/{config.epochs}", schedule, pos_weight
+        )
         train_seconds = time.perf_counter() - started
         val_scores = predict_scores(model, val[0], device, mean, std, config.batch_size * 2)
         val_loss = float(
@@ -116,7 +149,7 @@ def train_classifier(
         )
         val_metrics = binary_metrics(val[1], val_scores)
         score = _selection_score(val_metrics, val_loss, config.select_metric)
-        run.offer(score, meta | {"epoch": epoch, f"val_{config.select_metric}": score, "mean": list(mean), "std": list(std)})
+        run.offer(score, meta | scoring | {"epoch": epoch, f"val_{config.select_metric}": score, "mean": list(mean), "std": list(std)})
         row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, **{f"val_{k}": v for k, v in val_metrics.items()}}
         row |= {"best_val_score": run.best, "train_images_per_s": seen / train_seconds, "epoch_seconds": time.perf_counter() - started}
         run.end_epoch(row)
@@ -153,6 +186,6 @@ def fit_and_predict(
     )
     model, chosen = load_classifier(checkpoint, device)
     keep = part["val"] | part["test"]
-    scores = predict_scores(model, images[keep], device, chosen["mean"], chosen["std"], progress="score val + test")
+    scores = predict_scores(model, images[keep], device, chosen["mean"], chosen["std"], progress="score val + test", tta=chosen.get("tta", False))
     predictions = table[keep].assign(score=scores)[["relpath", "split", "label", "score"]]
     return history, predictions, chosen

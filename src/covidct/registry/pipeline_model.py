@@ -109,7 +109,17 @@ class TwoStagePipeline:
         size = self.classifier_meta["image_size"]
         inputs = np.stack([resize_for_classifier(c.crop.image, size) for c in crops]) if crops else np.empty((0, size, size), np.uint8)
         scores = (
-            predict_scores(self.classifier, inputs, self.device, self.classifier_meta["mean"], self.classifier_meta["std"], CLASSIFIER_BATCH) if crops else []
+            predict_scores(
+                self.classifier,
+                inputs,
+                self.device,
+                self.classifier_meta["mean"],
+                self.classifier_meta["std"],
+                CLASSIFIER_BATCH,
+                tta=self.classifier_meta.get("tta", False),
+            )
+            if crops
+            else []
         )
         return [
             ScanPrediction(

@@ -13,7 +13,7 @@ import pandas as pd
 
 from covidct.atomic import write_text_atomic
 from covidct.config import EvaluateConfig, section
-from covidct.metrics import confusion, flatten_metrics, metrics_with_ci, roc_points, threshold_for_recall
+from covidct.metrics import confusion, flatten_metrics, metrics_with_ci, paired_auc_difference, roc_points, threshold_for_recall
 from covidct.plots import plot_confusion_matrices, plot_roc_curves
 from covidct.reports import results_report
 from covidct.stages.train_classifier import VARIANTS, model_dir
@@ -33,6 +33,17 @@ def threshold_rule(config: EvaluateConfig) -> str:
     if config.val_recall_floor > 0:
         return f"the highest threshold with a validation recall of at least {config.val_recall_floor:g} (chosen on the validation split, per variant)"
     return f"the fixed threshold {config.threshold:g}"
+
+
+def segmentation_gain(root: Path, config: EvaluateConfig) -> dict[str, float]:
+    """Test AUC with minus without segmentation, paired on the same test images, with its CI."""
+    test = {v: pd.read_csv(root / model_dir(v) / "predictions.csv").query("split == 'test'").sort_values("relpath") for v in VARIANTS}
+    if list(test["cropped"]["relpath"]) != list(test["raw"]["relpath"]):
+        raise ValueError("the cropped and raw classifiers scored different test images; re-run both train_classifier stages")
+    gain = paired_auc_difference(
+        test["raw"]["label"].to_numpy(), test["raw"]["score"].to_numpy(), test["cropped"]["score"].to_numpy(), config.n_bootstrap, config.seed
+    )
+    return {"test_auc" if k == "value" else f"test_auc_{k}": v for k, v in gain.items()}
 
 
 def run(params: dict[str, Any], root: Path) -> None:
@@ -59,6 +70,9 @@ def run(params: dict[str, Any], root: Path) -> None:
             }
             for split, m in per_split.items():
                 mlflow.log_metrics({f"{variant}.{split}.{k}": v for k, v in flatten_metrics(m).items()} | {f"{variant}.threshold": thresholds[variant]})
+        gain = segmentation_gain(root, config)
+        metrics["segmentation_gain"] = gain
+        mlflow.log_metrics({f"segmentation_gain.{k}": v for k, v in gain.items()})
         segmenter = json.loads((root / "reports/segmenter/metrics.json").read_text())
         crop = json.loads((root / "reports/crop/metrics.json").read_text())
         write_text_atomic(root / REPORTS / "metrics.json", json.dumps(metrics, indent=2) + "\n")
@@ -74,6 +88,10 @@ def run(params: dict[str, Any], root: Path) -> None:
         extra = (
             f"\n## Crop stage\n\n{crop['n_images']} COVID-CT images segmented; the whole image was kept for "
             f"{crop['n_fallback_empty_mask']} with an empty lung mask and {crop['n_fallback_small_mask']} with an implausibly small one.\n"
+            "\n## Is the segmentation gain real?\n\n"
+            f"Test AUC with minus without segmentation: {100 * gain['test_auc']:+.1f} points, 95 % interval "
+            f"{100 * gain['test_auc_ci_low']:+.1f} to {100 * gain['test_auc_ci_high']:+.1f} (paired bootstrap: both variants scored on the "
+            f"same resampled test images); {'the interval excludes 0' if gain['test_auc_ci_low'] > 0 or gain['test_auc_ci_high'] < 0 else 'the interval includes 0: this test set cannot tell the two apart'}.\n"
             "\nReproduce: `dvc repro` with this commit's `params.yaml`; `dvc metrics show` prints these figures.\n"
         )
         report = results_report(

@@ -31,10 +31,10 @@ def with_overrides(params: dict[str, Any], overrides: dict[str, Any]) -> dict[st
         node = result
         for key in parents:
             if not isinstance(node, dict) or key not in node:
-                raise ConfigError(f"sweep key {dotted} does not exist in params.yaml")
+                raise ConfigError(f"override key {dotted} does not exist in params.yaml")
             node = node[key]
         if leaf not in node:
-            raise ConfigError(f"sweep key {dotted} does not exist in params.yaml")
+            raise ConfigError(f"override key {dotted} does not exist in params.yaml")
         node[leaf] = value
     validate_all(result)
     return result
