@@ -48,10 +48,11 @@ def forward_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
     return counter.get_total_flops()
 
 
-def network(model: torch.nn.Module, shape: tuple[int, ...], batch: int, rounds: int) -> dict[str, float]:
+def network(model: torch.nn.Module, shape: tuple[int, ...], batch: int, rounds: int, passes: int = 1) -> dict[str, float]:
+    """``passes``: forwards per scan (2 with test-time augmentation)."""
     model.eval()
-    flops = forward_flops(model, torch.zeros(1, *shape))
-    x = torch.randn(batch, *shape)
+    flops = passes * forward_flops(model, torch.zeros(1, *shape))
+    x = torch.randn(batch * passes, *shape)
     with torch.inference_mode():
         seconds = median_seconds(lambda: model(x), rounds)
     return {"gflops_per_scan": flops / 1e9, "ms_per_scan": 1000 * seconds / batch, "achieved_gflops_per_s": flops * batch / seconds / 1e9}
@@ -69,7 +70,9 @@ def main() -> None:
     peak = matmul_gflops(2048, args.rounds)
     nets = {
         "segmenter": network(build_segmenter(seg.channels).to(memory_format=torch.channels_last), (1, pre.size, pre.size), args.batch, args.rounds),
-        "classifier": network(build_classifier(clf.model).to(memory_format=torch.channels_last), (3, clf.image_size, clf.image_size), args.batch, args.rounds),
+        "classifier": network(
+            build_classifier(clf.model).to(memory_format=torch.channels_last), (3, clf.image_size, clf.image_size), args.batch, args.rounds, 2 if clf.tta else 1
+        ),
     }
     # how the crop stage ran the segmenter before it went channels-last: for the before/after
     before = network(build_segmenter(seg.channels), (1, pre.size, pre.size), args.batch, args.rounds)
@@ -77,6 +80,7 @@ def main() -> None:
     networks_ms = sum(n["ms_per_scan"] for n in nets.values())
     result = {
         "threads": threads,
+        "classifier_tta": clf.tta,
         "matmul_gflops_per_s": peak,
         **{f"{name}_{k}": v for name, stats in nets.items() for k, v in stats.items()},
         "gflops_per_scan": total_gflops,

@@ -69,6 +69,7 @@ def test_levers_table_mlflow_runs_and_reuse(root: Path) -> None:
     markdown = (root / "reports" / "levers" / "t.md").read_text()
     assert "-S classifier.head_init=zero" in markdown and markdown.count("\n| ") == 5
     assert (root / "reports" / "levers" / "t.png").read_bytes()[:4] == b"\x89PNG"
+    assert not list(root.glob(".covidct/**/state.pt"))  # resume states go once a lever is finished
     runs = _lever_runs(root)
     assert sorted(r.data.tags["covidct.lever"] for r in runs) == ["baseline", "zero_head"]
     zero = next(r for r in runs if r.data.tags["covidct.lever"] == "zero_head")

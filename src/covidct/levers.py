@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 
 from covidct.atomic import write_text_atomic
+from covidct.checkpoints import clear_stage_resume, resume_dir
 from covidct.classification.data import load_resized
 from covidct.classification.model import load_classifier
 from covidct.classification.train import fit_and_predict, predict_scores
@@ -115,7 +116,7 @@ def run_lever(root: Path, base: dict[str, Any], study: LeverStudy, name: str, de
             out / "model.pt",
             {"model": config.model, "image_size": config.image_size, "variant": study.variant},
             on_epoch=lambda row: mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"]),
-            resume_dir=root / ".covidct" / "resume" / "levers" / study.study / name,
+            resume_dir=resume_dir(root, f"levers/{study.study}/{name}"),  # a killed lever carries on from its last epoch
         )
         model, chosen = load_classifier(out / "model.pt", device)
         keep = table["split"].isin(["val", "test"]).to_numpy()
@@ -145,6 +146,7 @@ def run_lever(root: Path, base: dict[str, Any], study: LeverStudy, name: str, de
         write_text_atomic(out / "history.csv", history.to_csv(index=False))
         write_text_atomic(out / "metrics.json", json.dumps(record, indent=2))
         mlflow.log_artifacts(str(out), artifact_path="lever")
+    clear_stage_resume(root, f"levers/{study.study}/{name}")
     return record
 
 
@@ -153,7 +155,7 @@ def lever_table(root: Path, study: LeverStudy, records: dict[str, dict[str, Any]
     rows = []
     for name, record in records.items():
         for suffix, result in record["scorings"].items():
-            row: dict[str, Any] = {"lever": name + suffix, "overrides": as_overrides(record["overrides"]) or "(params.yaml)"}
+            row: dict[str, Any] = {"lever": name + suffix, "overrides": as_overrides(record["overrides"]) or "(the base)"}
             row["threshold"] = result["threshold"]
             for split in ("val", "test"):
                 row |= {f"{split}_{k}": v for k, v in flatten_metrics(result[split]).items()}
