@@ -27,3 +27,19 @@ def save_tiny_networks(root: Path) -> tuple[Path, Path]:
     meta = {"model": "efficientnet_b0", "image_size": 64, "variant": "cropped", "epoch": 1, "mean": list(mean), "std": list(std)}
     save_checkpoint(root / "classifier.pt", classifier, meta)
     return root / "segmenter.pt", root / "classifier.pt"
+
+
+def prepare_tiny_root(root: Path) -> Path:
+    """``root`` as `dvc repro prepare_data` leaves it on the tiny profile: params, profiles, data and splits."""
+    import shutil
+
+    from covidct.config import load_params
+    from covidct.profiles import apply_profile, set_params
+    from covidct.stages import prepare_data
+
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    shutil.copytree(REPO / "pipelines" / "profiles", root / "pipelines" / "profiles")
+    apply_profile(root, "tiny")
+    set_params(root, {"data.source_dir": str(DATA)})
+    prepare_data.run(load_params(root / "params.yaml"), root)
+    return root

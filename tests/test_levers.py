@@ -4,7 +4,6 @@ validation-chosen threshold and paired deltas, reuse of finished levers, and cle
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,10 +12,9 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import DATA, REPO
+from conftest import prepare_tiny_root
 from covidct.config import load_params
-from covidct.profiles import apply_profile, set_params
-from covidct.stages import prepare_data
+from covidct.profiles import set_params
 
 pytestmark = pytest.mark.slow
 COVIDCT = str(Path(sys.executable).parent / "covidct")
@@ -34,12 +32,7 @@ levers:
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny profile's prepared data, as `dvc repro prepare_data` leaves it."""
-    root = tmp_path_factory.mktemp("levers")
-    shutil.copy(REPO / "params.yaml", root / "params.yaml")
-    shutil.copytree(REPO / "pipelines" / "profiles", root / "pipelines" / "profiles")
-    apply_profile(root, "tiny")
-    set_params(root, {"data.source_dir": str(DATA)})
-    prepare_data.run(load_params(root / "params.yaml"), root)
+    root = prepare_tiny_root(tmp_path_factory.mktemp("levers"))
     (root / "t.yaml").write_text(LEVERS)
     return root
 

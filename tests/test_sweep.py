@@ -19,10 +19,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 from ruamel.yaml import YAML
 
-from conftest import DATA, REPO
-from covidct.config import load_params
-from covidct.profiles import apply_profile, set_params
-from covidct.stages import prepare_data
+from conftest import prepare_tiny_root
 from covidct.sweep.config import load_sweep
 from covidct.sweep.study import apply_best, finished_trials, run_sweep, summarise
 
@@ -46,12 +43,7 @@ space:
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A working directory with the tiny profile's prepared data, as `dvc repro prepare_data` leaves it."""
-    root = tmp_path_factory.mktemp("sweep")
-    shutil.copy(REPO / "params.yaml", root / "params.yaml")
-    shutil.copytree(REPO / "pipelines" / "profiles", root / "pipelines" / "profiles")
-    apply_profile(root, "tiny")
-    set_params(root, {"data.source_dir": str(DATA)})
-    prepare_data.run(load_params(root / "params.yaml"), root)
+    root = prepare_tiny_root(tmp_path_factory.mktemp("sweep"))
     return root
 
 
