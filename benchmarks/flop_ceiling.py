@@ -69,13 +69,13 @@ def main() -> None:
     pre, seg, clf = section(params, "preprocess"), section(params, "segmenter"), section(params, "classifier")
     peak = matmul_gflops(2048, args.rounds)
     nets = {
-        "segmenter": network(build_segmenter(seg.channels).to(memory_format=torch.channels_last), (1, pre.size, pre.size), args.batch, args.rounds),
+        "segmenter": network(build_segmenter(seg.channels), (1, pre.size, pre.size), args.batch, args.rounds),
         "classifier": network(
             build_classifier(clf.model).to(memory_format=torch.channels_last), (3, clf.image_size, clf.image_size), args.batch, args.rounds, 2 if clf.tta else 1
         ),
     }
     # how the crop stage ran the segmenter before it went channels-last: for the before/after
-    before = network(build_segmenter(seg.channels), (1, pre.size, pre.size), args.batch, args.rounds)
+    before = network(build_segmenter(seg.channels).to(memory_format=torch.contiguous_format), (1, pre.size, pre.size), args.batch, args.rounds)
     total_gflops = sum(n["gflops_per_scan"] for n in nets.values())
     networks_ms = sum(n["ms_per_scan"] for n in nets.values())
     result = {

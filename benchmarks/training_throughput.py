@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import statistics
 import time
 from pathlib import Path
 
 import pandas as pd
 import torch
+from side_by_side import alternate, save
 from torch.utils.data import DataLoader
 
 from covidct.classification.data import CachedImages, load_resized, paper_augmentation, to_model_input
@@ -69,32 +68,15 @@ def main() -> None:
     optimisers = {"ours": torch.optim.Adam(ours.parameters(), lr=config.lr), "bare": torch.optim.Adam(bare.parameters(), lr=config.lr)}
     scaler = grad_scaler(device)
 
-    def ours_round() -> float:
+    def covidct_round() -> float:
         started = time.perf_counter()
         _, seen = classifier_epoch(ours, loader, optimisers["ours"], scaler, device, (mean, std), "covidct loop")
         return seen / (time.perf_counter() - started)
 
-    bare_round(bare, prepared[:2], optimisers["bare"])  # warm-up both
-    ours_round()
-    speeds: dict[str, list[float]] = {"bare": [], "ours": []}
-    for _ in range(args.rounds):
-        speeds["bare"].append(bare_round(bare, prepared, optimisers["bare"]))
-        speeds["ours"].append(ours_round())
-    result = {
-        "model": config.model,
-        "image_size": config.image_size,
-        "batch_size": config.batch_size,
-        "threads": threads,
-        "device": str(device),
-        "bare_images_per_s": statistics.median(speeds["bare"]),
-        "covidct_images_per_s": statistics.median(speeds["ours"]),
-        "rounds": {k: [round(v, 2) for v in vs] for k, vs in speeds.items()},
-    }
+    result = {"model": config.model, "image_size": config.image_size, "batch_size": config.batch_size, "threads": threads, "device": str(device)}
+    result |= alternate({"bare": lambda: bare_round(bare, prepared, optimisers["bare"]), "covidct": covidct_round}, args.rounds)
     result["ratio"] = result["covidct_images_per_s"] / result["bare_images_per_s"]
-    out = root / "reports/benchmarks/training_throughput.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    save(result, root / "reports/benchmarks/training_throughput.json")
 
 
 if __name__ == "__main__":

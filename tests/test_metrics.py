@@ -41,6 +41,19 @@ def test_dice_hand_made_masks():
     assert dice_score(a.astype(np.uint8), np.zeros((4, 4), np.uint8)) == pytest.approx(0.0, abs=1e-6)
 
 
+def test_dice_of_a_stack_is_pooled_over_pixels():
+    # evaluate_segmenter's dice_pooled: a large slice segmented perfectly and a small one missed
+    # average to 0.5 per slice, but pool to 2 * 90 / (90 + 95) over pixels.
+    truth = np.zeros((2, 10, 10), dtype=bool)
+    truth[0, :9] = True  # 90 pixels
+    truth[1, 0, :10:2] = True  # 5 pixels
+    predicted = truth.copy()
+    predicted[1] = False
+    per_slice = [dice_score(p, t) for p, t in zip(predicted, truth, strict=True)]
+    assert np.mean(per_slice) == pytest.approx(0.5, abs=1e-6)
+    assert dice_score(predicted, truth) == pytest.approx(180 / 185, abs=1e-6)
+
+
 def test_dice_empty_masks_is_one():
     empty = np.zeros((3, 3), dtype=np.uint8)
     assert dice_score(empty, empty) == 1.0

@@ -138,7 +138,7 @@ def test_metrics_are_in_range(tiny_repo: tuple[Path, dict[str, str]]) -> None:
     assert gain["test_auc_ci_low"] <= gain["test_auc"] <= gain["test_auc_ci_high"]
     assert "Is the segmentation gain real?" in (repo / "reports/results.md").read_text()
     dice = json.loads((repo / "reports/segmenter/metrics.json").read_text())
-    assert 0.0 <= dice["dice_mean"] <= 1.0 and dice["n_patients"] == 3
+    assert 0.0 <= dice["dice_mean"] <= 1.0 and 0.0 <= dice["dice_pooled"] <= 1.0 and dice["n_patients"] == 3
     crop = json.loads((repo / "reports/crop/metrics.json").read_text())
     assert crop["n_images"] == 18
 

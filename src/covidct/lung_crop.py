@@ -30,8 +30,7 @@ class LungCrop:
 def segment_and_crop(originals: Sequence[np.ndarray], model: torch.nn.Module, meta: dict, config: CropConfig, device: torch.device) -> list[LungCrop]:
     """uint8 grayscale images of any size -> their lung masks and crops, one segmenter batch."""
     inputs = np.stack([segmenter_input(image, meta["size"], meta["clahe_clip"]) for image in originals])
-    # Channels-last halves the segmenter's time on CPU (benchmarks/flop_ceiling.py); a no-op after the first batch.
-    probabilities = predict_probabilities(model.to(memory_format=torch.channels_last), inputs, device, batch_size=len(inputs))
+    probabilities = predict_probabilities(model, inputs, device, batch_size=len(inputs))
     results = []
     for image, probability in zip(originals, probabilities, strict=True):
         mask = clean_lung_mask(probability > 0.5, config.keep_components)

@@ -80,8 +80,9 @@ def run(params: dict[str, Any], root: Path) -> None:
         plot_confusion_matrices(confusions, root / REPORTS / "figures" / "confusion.png")
         n_test = {"COVID": int(y.sum()), "non-COVID": int((1 - y).sum())}
         dice = {
-            "test Dice (mean)": segmenter["dice_mean"],
-            "test Dice (std)": segmenter["dice_std"],
+            "test Dice (mean over slices)": segmenter["dice_mean"],
+            "test Dice (std over slices)": segmenter["dice_std"],
+            "test Dice (pooled over pixels)": segmenter["dice_pooled"],
             "test slices": segmenter["n_slices"],
             "test patients": segmenter["n_patients"],
         }
