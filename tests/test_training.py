@@ -23,7 +23,7 @@ from covidct.images import read_grayscale, read_mask
 from covidct.metrics import binary_metrics
 from covidct.preprocessing import segmenter_input
 from covidct.segmentation.inference import predict_probabilities
-from covidct.segmentation.model import load_segmenter
+from covidct.segmentation.model import build_segmenter, load_segmenter
 from covidct.segmentation.train import mean_dice, train_segmenter
 
 CPU = torch.device("cpu")
@@ -114,6 +114,16 @@ def test_segmenter_deterministic_on_cpu(segmenter_run, lung_data, tmp_path: Path
     again = _train_segmenter(lung_data, tmp_path / "model.pt")
     assert again["train_loss"].tolist() == history["train_loss"].tolist()
     assert again["val_dice"].tolist() == history["val_dice"].tolist()
+
+
+def test_segmenter_is_channels_last_and_computes_what_nchw_does(segmenter_run, lung_data) -> None:
+    model, _ = load_segmenter(segmenter_run[1], CPU)
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in model.parameters() if p.dim() == 4)
+    nchw = build_segmenter([4, 8, 16]).to(memory_format=torch.contiguous_format).eval()
+    nchw.load_state_dict(model.state_dict())
+    inputs = torch.from_numpy(lung_data[1][0][:2]).float().div(255.0)[:, None]
+    with torch.inference_mode():
+        torch.testing.assert_close(model(inputs), nchw(inputs), rtol=1e-4, atol=1e-5)
 
 
 def test_segmenter_missing_checkpoint(tmp_path: Path) -> None:
