@@ -1,5 +1,6 @@
 """`covidct levers` for real on the tiny profile: one MLflow run per lever, a table with the
-validation-chosen threshold and paired deltas, reuse of finished levers, and clear errors."""
+validation-chosen threshold and paired deltas, reuse of finished levers, studies over seeds,
+and clear errors."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
+from sklearn.metrics import roc_auc_score
 
 from conftest import prepare_tiny_root
 from covidct.config import load_params
@@ -25,7 +27,7 @@ variant: raw
 base: {classifier.epochs: 1}
 levers:
   baseline: {}
-  zero_head: {classifier.head_init: zero}
+  timm_head: {classifier.head_init: timm}
 """
 
 
@@ -52,28 +54,29 @@ def test_levers_table_mlflow_runs_and_reuse(root: Path) -> None:
     done = _levers(root, "t.yaml")
     assert done.returncode == 0, done.stderr
     table = pd.read_csv(root / "reports" / "levers" / "t.csv").set_index("lever")
-    assert list(table.index) == ["baseline", "baseline+tta", "zero_head", "zero_head+tta"]
+    assert list(table.index) == ["baseline", "baseline+tta", "timm_head", "timm_head+tta"]
     assert pd.isna(table.loc["baseline", "test_auc_delta"])
-    for lever in ("baseline+tta", "zero_head", "zero_head+tta"):
-        assert table.loc[lever, "test_auc_delta"] == pytest.approx(table.loc[lever, "test_auc"] - table.loc["baseline", "test_auc"])
+    # each row against the baseline scored the same way; the baseline's TTA row against no TTA
+    for lever, reference in (("baseline+tta", "baseline"), ("timm_head", "baseline"), ("timm_head+tta", "baseline+tta")):
+        assert table.loc[lever, "test_auc_delta"] == pytest.approx(table.loc[lever, "test_auc"] - table.loc[reference, "test_auc"])
         assert table.loc[lever, "test_auc_delta_ci_low"] <= table.loc[lever, "test_auc_delta"] <= table.loc[lever, "test_auc_delta_ci_high"]
     # the threshold is the validation split's: its recall reaches evaluate.val_recall_floor
     assert (table["val_recall"] >= load_params(root / "params.yaml")["evaluate"]["val_recall_floor"]).all()
     markdown = (root / "reports" / "levers" / "t.md").read_text()
-    assert "-S classifier.head_init=zero" in markdown and markdown.count("\n| ") == 5
+    assert "-S classifier.head_init=timm" in markdown and markdown.count("\n| ") == 5
     assert (root / "reports" / "levers" / "t.png").read_bytes()[:4] == b"\x89PNG"
     assert not list(root.glob(".covidct/**/state.pt"))  # resume states go once a lever is finished
     runs = _lever_runs(root)
-    assert sorted(r.data.tags["covidct.lever"] for r in runs) == ["baseline", "zero_head"]
-    zero = next(r for r in runs if r.data.tags["covidct.lever"] == "zero_head")
-    assert zero.data.params["override.classifier.head_init"] == "zero" and zero.data.params["classifier.head_init"] == "zero"
+    assert sorted(r.data.tags["covidct.lever"] for r in runs) == ["baseline", "timm_head"]
+    timm = next(r for r in runs if r.data.tags["covidct.lever"] == "timm_head")
+    assert timm.data.params["override.classifier.head_init"] == "timm" and timm.data.params["classifier.head_init"] == "timm"
     assert {r.data.params["classifier.epochs"] for r in runs} == {"1"}  # base: under every lever
-    assert zero.data.metrics["test_auc"] == pytest.approx(table.loc["zero_head", "test_auc"])
-    assert zero.data.metrics["tta_test_auc"] == pytest.approx(table.loc["zero_head+tta", "test_auc"])
+    assert timm.data.metrics["test_auc"] == pytest.approx(table.loc["timm_head", "test_auc"])
+    assert timm.data.metrics["tta_test_auc"] == pytest.approx(table.loc["timm_head+tta", "test_auc"])
 
     again = _levers(root, "t.yaml")
     assert again.returncode == 0, again.stderr
-    assert "lever baseline: reused" in again.stdout and "lever zero_head: reused" in again.stdout
+    assert "lever baseline: reused" in again.stdout and "lever timm_head: reused" in again.stdout
     assert len(_lever_runs(root)) == 2
 
     set_params(root, {"classifier.epochs": 3})  # pinned by base: still the same lever
@@ -84,6 +87,46 @@ def test_levers_table_mlflow_runs_and_reuse(root: Path) -> None:
     assert "reused" not in retrained.stdout and len(_lever_runs(root)) == 3
 
 
+def test_levers_over_seeds_reuse_other_studies_and_ensemble(root: Path) -> None:
+    """seeds: every lever once per seed, paired seed by seed; a finished run of another study
+    with the same settings and pixels is reused; the seeds' averaged scores are scored too."""
+    lr = load_params(root / "params.yaml")["classifier"]["lr"]  # what the previous test left, so baseline seed 0 is t's baseline
+    (root / "s.yaml").write_text(f"study: s\nvariant: raw\nbase: {{classifier.epochs: 1, classifier.lr: {lr}}}\nseeds: [0, 1]\n" + LEVERS.split("\n", 3)[3])
+    done = _levers(root, "s.yaml")
+    assert done.returncode == 0, done.stderr
+    assert f"lever baseline_seed0: reused ({root / 'levers' / 't' / 'baseline'})" in done.stdout
+    assert done.stdout.count("reused") == 1
+    table = pd.read_csv(root / "reports" / "levers" / "s.csv").set_index("lever")
+    runs = [f"{lever}_seed{seed}{suffix}" for lever in ("baseline", "timm_head") for seed in (0, 1) for suffix in ("", "+tta")]
+    ensembles = [f"{lever}_ensemble{suffix}" for lever in ("baseline", "timm_head") for suffix in ("", "+tta")]
+    assert list(table.index) == runs + ensembles
+    for seed in (0, 1):
+        lever, reference = f"timm_head_seed{seed}+tta", f"baseline_seed{seed}+tta"
+        assert table.loc[lever, "test_auc_delta"] == pytest.approx(table.loc[lever, "test_auc"] - table.loc[reference, "test_auc"])
+
+    def predictions(run: str) -> pd.DataFrame:
+        frame = pd.read_csv(root / "levers" / "s" / run / "predictions+tta.csv")
+        return frame[frame["split"] == "test"]
+
+    seeds = [predictions(f"timm_head_seed{seed}") for seed in (0, 1)]
+    averaged = (seeds[0]["score"].to_numpy() + seeds[1]["score"].to_numpy()) / 2
+    assert table.loc["timm_head_ensemble+tta", "test_auc"] == pytest.approx(roc_auc_score(seeds[0]["label"], averaged))
+
+    over = pd.read_csv(root / "reports" / "levers" / "s_over_seeds.csv").set_index("lever")
+    assert list(over.index) == ["baseline", "baseline+tta", "timm_head", "timm_head+tta"]
+    per_seed = table.loc[["timm_head_seed0", "timm_head_seed1"]]
+    assert over.loc["timm_head", "test_auc_mean"] == pytest.approx(per_seed["test_auc"].mean())
+    assert over.loc["timm_head", "test_auc_sd"] == pytest.approx(per_seed["test_auc"].std())
+    assert over.loc["timm_head", "test_auc_delta"] == pytest.approx(per_seed["test_auc_delta"].mean())
+    assert over.loc["timm_head", "test_auc_delta_ci_low"] <= over.loc["timm_head", "test_auc_delta"] <= over.loc["timm_head", "test_auc_delta_ci_high"]
+    assert over.loc["timm_head", "seeds_better"] == (per_seed["test_auc_delta"] > 0).sum()
+    gain = table.loc["timm_head_ensemble+tta", "test_auc"] - table.loc[["timm_head_seed0+tta", "timm_head_seed1+tta"], "test_auc"].mean()
+    assert over.loc["timm_head+tta", "test_ensemble_gain"] == pytest.approx(gain)
+    assert "## Over seeds 0, 1" in (root / "reports" / "levers" / "s.md").read_text()
+    seed_runs = [r for r in _lever_runs(root) if r.data.tags["covidct.levers"] == "s"]
+    assert sorted((r.data.tags["covidct.lever"], r.data.tags["covidct.seed"]) for r in seed_runs) == [("baseline", "1"), ("timm_head", "0"), ("timm_head", "1")]
+
+
 @pytest.mark.parametrize(
     ("study", "args", "message"),
     [
@@ -92,6 +135,8 @@ def test_levers_table_mlflow_runs_and_reuse(root: Path) -> None:
         ("levers:\n  bad: {classifier.lr: 0.001}\n", (), "'baseline'"),
         ("base: {classifier.nope: 1}\nlevers:\n  baseline: {}\n", (), "classifier.nope"),
         ("levers:\n  baseline: {}\n  bad: {classifier.lr: -1}\n", (), "classifier.lr"),
+        ("seeds: [0, 0]\nlevers:\n  baseline: {}\n", (), "seeds:"),
+        ("seeds: [0, 1]\nlevers:\n  baseline: {}\n  bad: {classifier.seed: 3}\n", (), "classifier.seed"),
     ],
 )
 def test_levers_bad_study(root: Path, study: str, args: tuple[str, ...], message: str) -> None:

@@ -193,3 +193,25 @@ def test_paired_auc_difference():
     assert noise["ci_high"] - noise["ci_low"] < (own[1] - own[0]) / 3
     with pytest.raises(ValueError, match="length"):
         paired_auc_difference(y, weak, strong[:-1])
+
+
+def test_paired_auc_difference_of_seed_means():
+    """(k, n) scores: k models per arm, compared by their mean AUC on shared resamples."""
+    from covidct.metrics import paired_auc_difference
+
+    rng = np.random.default_rng(1)
+    y = np.r_[np.ones(98), np.zeros(105)].astype(int)
+    weak = rng.random((3, 203)) + 0.3 * y
+    strong = rng.random((3, 203)) + 1.0 * y
+    mean_of = lambda rows: np.mean([roc_auc_score(y, r) for r in rows])  # noqa: E731
+    both = paired_auc_difference(y, weak, strong, n_boot=300)
+    assert both["value"] == pytest.approx(mean_of(strong) - mean_of(weak))
+    assert 0 < both["ci_low"] < both["value"] < both["ci_high"]
+    single = paired_auc_difference(y, weak[0], strong, n_boot=300)  # one model against three
+    assert single["value"] == pytest.approx(mean_of(strong) - roc_auc_score(y, weak[0]))
+    # averaging seeds narrows the interval: each model's own noise partly cancels
+    one = paired_auc_difference(y, weak[0], weak[0] + rng.normal(0, 0.3, 203), n_boot=300)
+    three = paired_auc_difference(y, weak, weak + rng.normal(0, 0.3, (3, 203)), n_boot=300)
+    assert three["ci_high"] - three["ci_low"] < one["ci_high"] - one["ci_low"]
+    with pytest.raises(ValueError, match="length"):
+        paired_auc_difference(y, weak, strong[:, :-1])

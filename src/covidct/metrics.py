@@ -197,16 +197,24 @@ def paired_auc_difference(
 
     Both models are scored on each resampled image set, so what the images have in common
     cancels: the interval is much narrower than comparing the two separate CIs, and a
-    difference whose interval excludes 0 is one the test set can tell apart.
+    difference whose interval excludes 0 is one the test set can tell apart. Scores of
+    shape (k, n) are k models each (one per training seed): the difference is then that of
+    their mean AUCs, which averages training noise out but does not put it in the interval.
     """
-    t, a = _as_arrays(y_true, score_a)
-    _, b = _as_arrays(y_true, score_b)
-    if a.shape != b.shape:
-        raise ValueError(f"paired scores differ in length: {a.size} vs {b.size}")
+    t = np.asarray(y_true).astype(int).ravel()
+    a, b = np.atleast_2d(np.asarray(score_a, dtype=float)), np.atleast_2d(np.asarray(score_b, dtype=float))
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"paired scores differ in length: {a.shape[1]} vs {b.shape[1]}")
+    for row in (*a, *b):
+        _as_arrays(t, row)
     idx = _stratified_resamples(t, n_boot, seed)
-    diff = _resample_metrics(t, b, 0.5, idx)["auc"] - _resample_metrics(t, a, 0.5, idx)["auc"]
-    lo, hi = np.percentile(diff, [100 * alpha / 2, 100 * (1 - alpha / 2)])
-    return {"value": float(roc_auc_score(t, b) - roc_auc_score(t, a)), "ci_low": float(lo), "ci_high": float(hi)}
+
+    def mean_auc(rows: np.ndarray) -> tuple[float, np.ndarray]:
+        return float(np.mean([roc_auc_score(t, r) for r in rows])), np.mean([_resample_metrics(t, r, 0.5, idx)["auc"] for r in rows], axis=0)
+
+    (auc_a, boot_a), (auc_b, boot_b) = mean_auc(a), mean_auc(b)
+    lo, hi = np.percentile(boot_b - boot_a, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return {"value": auc_b - auc_a, "ci_low": float(lo), "ci_high": float(hi)}
 
 
 def flatten_metrics(nested: dict[str, dict[str, float]], prefix: str = "") -> dict[str, float]:
