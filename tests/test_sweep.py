@@ -53,9 +53,9 @@ def env(root: Path) -> dict[str, str]:
     return base | {"DVC_ROOT": str(root), "COVIDCT_DEVICE": "cpu", "NO_ALBUMENTATIONS_UPDATE": "1"}
 
 
-def _config(root: Path, study: str, n_trials: int) -> Path:
+def _config(root: Path, study: str, n_trials: int, extra: str = "") -> Path:
     path = root / f"{study}.yaml"
-    path.write_text(MICRO.format(study=study, n_trials=n_trials))
+    path.write_text(MICRO.format(study=study, n_trials=n_trials) + extra)
     return path
 
 
@@ -90,25 +90,32 @@ def test_sweep_reuses_stages_resumes_and_exports_best(root: Path, env: dict[str,
     assert params["crop"]["margin"] == best["crop.margin"] and params["segmenter"]["tversky_alpha"] == best["segmenter.tversky_alpha"]
 
 
-def _wait_for(predicate, timeout: float, what: str) -> None:
+def _wait_for(predicate, proc: subprocess.Popen, log: Path, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        assert proc.poll() is None, f"the sweep exited ({proc.returncode}) before {what}:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}:\n{log.read_text()[-3000:]}"
         time.sleep(0.5)
 
 
 def test_killed_sweep_resumes_without_losing_or_repeating_trials(root: Path, env: dict[str, str]) -> None:
-    path = _config(root, "killed", 3)
+    # Trials long enough (seconds, not one) that a poll finds one running: the micro study
+    # already trained every segmenter and crop set, so a 2-epoch trial is over in a blink.
+    path = _config(root, "killed", 3, "pruning: false\nbudget:\n  classifier.epochs: 20\n")
     storage = f"sqlite:///{root / 'optuna' / 'studies.db'}"
-    proc = subprocess.Popen([COVIDCT, "sweep", str(path)], cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = root / "killed.log"
+    # Output goes to a file: an unread pipe fills up (progress bars) and blocks the sweep.
+    with log.open("w") as out:
+        proc = subprocess.Popen([COVIDCT, "sweep", str(path)], cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT)
 
-    def states() -> list[TrialState]:
+    def finished_and_running() -> bool:
         try:
-            return [t.state for t in optuna.load_study(study_name="killed", storage=storage).trials]
+            states = {t.state for t in optuna.load_study(study_name="killed", storage=storage).trials}
         except KeyError:
-            return []
+            return False
+        return {TrialState.COMPLETE, TrialState.RUNNING} <= states
 
-    _wait_for(lambda: TrialState.COMPLETE in states() and TrialState.RUNNING in states(), 300, "a finished and a running trial")
+    _wait_for(finished_and_running, proc, log, 300, "a finished and a running trial")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     before = optuna.load_study(study_name="killed", storage=storage)
@@ -155,20 +162,15 @@ def test_two_workers_share_one_study_on_postgresql(root: Path, env: dict[str, st
     storage, tracking = postgres.format(db="optuna"), postgres.format(db="mlflow")
     MlflowClient(tracking).search_experiments()  # create MLflow's tables once, before two workers race to
     env = env | {"MLFLOW_TRACKING_URI": tracking}
-    workers = [
-        subprocess.Popen(
-            [COVIDCT, "sweep", str(path), "--storage", storage, "--worker-index", str(i)],
-            cwd=root,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    for worker in workers:
-        _, err = worker.communicate(timeout=600)
-        assert worker.returncode == 0, err[-3000:]
+    logs = [root / f"distributed-{i}.log" for i in range(2)]
+    workers = []
+    for i, log in enumerate(logs):  # files, not pipes: an unread pipe would stall the worker not being waited on
+        with log.open("w") as out:
+            args = [COVIDCT, "sweep", str(path), "--storage", storage, "--worker-index", str(i)]
+            workers.append(subprocess.Popen(args, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT))
+    for worker, log in zip(workers, logs, strict=True):
+        worker.wait(timeout=600)
+        assert worker.returncode == 0, log.read_text()[-3000:]
     study = optuna.load_study(study_name="distributed", storage=storage)
     finished = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
     assert 6 <= len(finished) <= 7  # each worker may start one trial while the other finishes the 6th
