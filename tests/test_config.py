@@ -86,6 +86,7 @@ def test_int_given_for_float_is_converted(params: dict[str, Any]) -> None:
         ("segmenter.channels", [16], "segmenter.channels"),  # one level only
         ("preprocess.size", 100, "preprocess.size"),  # not a multiple of 16
         ("classifier.batch_size", 1, "classifier.batch_size"),
+        ("classifier.ema_decay", 1.0, "classifier.ema_decay"),  # 1 would never move from the initial weights
         ("evaluate.threshold", 1.0, "evaluate.threshold"),
         ("classifier.select_metric", "loss", "classifier.select_metric"),
         ("crop", [1, 2], "crop"),  # a section that is not a mapping

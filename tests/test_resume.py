@@ -37,7 +37,8 @@ CPU = torch.device("cpu")
 SIZE = 64
 KINDS = ("segmenter", "classifier")
 SEG_CONFIG = SegmenterConfig(channels=(4, 8, 16), epochs=4, batch_size=4, lr=2e-3, augment=True, seed=0)
-CLF_CONFIG = ClassifierConfig(model="efficientnet_b0", image_size=SIZE, epochs=3, batch_size=4, seed=0)
+# With a moving average of the weights: the resume state must carry it too.
+CLF_CONFIG = ClassifierConfig(model="efficientnet_b0", image_size=SIZE, epochs=3, batch_size=4, ema_decay=0.9, seed=0)
 TIMING = {"epoch_seconds", "train_images_per_s"}  # wall-clock figures, the only history columns allowed to differ
 
 

@@ -288,3 +288,39 @@ def test_extra_augmentation_only_when_asked() -> None:
     image = np.tile(np.arange(64, dtype=np.uint8) * 4, (64, 1))
     outputs = {stronger(image=image)["image"].mean().round(3) for _ in range(5)}
     assert len(outputs) > 1
+
+
+def test_moving_average_of_the_weights_is_what_gets_scored_and_kept(covid_data, tmp_path: Path) -> None:
+    """With ``ema_decay`` d the checkpoint holds the per-step average avg <- d avg + (1 - d) w,
+    started from the initial weights, and validation scored those averaged weights."""
+    import dataclasses
+
+    from covidct.classification import train as train_module
+
+    snapshots: list[dict[str, torch.Tensor]] = []
+    real_epoch = train_module.classifier_epoch
+
+    def spy(model, *args):
+        *rest, after_step = args
+
+        def recorded() -> None:
+            snapshots.append({k: v.detach().clone() for k, v in model.named_parameters()})
+            after_step()
+
+        snapshots.append({k: v.detach().clone() for k, v in model.named_parameters()})  # before the first step
+        return real_epoch(model, *rest, recorded)
+
+    train, val = covid_data
+    config = dataclasses.replace(CLF_CONFIG, batch_size=4, ema_decay=0.5)  # 8 images: two steps
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_module, "classifier_epoch", spy)
+        history = train_classifier(train, val, config, CPU, tmp_path / "model.pt", {"model": config.model, "image_size": SIZE})
+    initial, first, second = snapshots
+    model, meta = load_classifier(tmp_path / "model.pt", CPU)
+    kept = dict(model.named_parameters())
+    for name in ("conv_stem.weight", "classifier.weight", "classifier.bias"):
+        expected = 0.25 * initial[name] + 0.25 * first[name] + 0.5 * second[name]
+        torch.testing.assert_close(kept[name], expected, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(kept["classifier.weight"], second["classifier.weight"])  # not the last weights
+    scores = predict_scores(model, val[0], CPU, meta["mean"], meta["std"])
+    assert binary_metrics(val[1], scores)["auc"] == pytest.approx(history.iloc[0]["val_auc"])

