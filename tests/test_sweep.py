@@ -104,7 +104,7 @@ def test_killed_sweep_resumes_without_losing_or_repeating_trials(root: Path, env
     path = _config(root, "killed", 3, "pruning: false\nbudget:\n  classifier.epochs: 20\n")
     storage = f"sqlite:///{root / 'optuna' / 'studies.db'}"
     log = root / "killed.log"
-    # Output goes to a file: an unread pipe fills up (progress bars) and blocks the sweep.
+    # Output goes to a file a failure can quote; an unread pipe, once full, would stall the sweep.
     with log.open("w") as out:
         proc = subprocess.Popen([COVIDCT, "sweep", str(path)], cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT)
 
@@ -164,7 +164,7 @@ def test_two_workers_share_one_study_on_postgresql(root: Path, env: dict[str, st
     env = env | {"MLFLOW_TRACKING_URI": tracking}
     logs = [root / f"distributed-{i}.log" for i in range(2)]
     workers = []
-    for i, log in enumerate(logs):  # files, not pipes: an unread pipe would stall the worker not being waited on
+    for i, log in enumerate(logs):  # files, not pipes: a full unread pipe would stall the worker not being waited on
         with log.open("w") as out:
             args = [COVIDCT, "sweep", str(path), "--storage", storage, "--worker-index", str(i)]
             workers.append(subprocess.Popen(args, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT))
