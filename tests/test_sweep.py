@@ -15,6 +15,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import sqlalchemy.exc
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 from ruamel.yaml import YAML
@@ -111,7 +112,7 @@ def test_killed_sweep_resumes_without_losing_or_repeating_trials(root: Path, env
     def finished_and_running() -> bool:
         try:
             states = {t.state for t in optuna.load_study(study_name="killed", storage=storage).trials}
-        except KeyError:
+        except (KeyError, sqlalchemy.exc.OperationalError):  # the study, or its database, is not there yet
             return False
         return {TrialState.COMPLETE, TrialState.RUNNING} <= states
 
