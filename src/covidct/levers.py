@@ -237,15 +237,19 @@ def _metrics_row(label: str, lever: str, seed: int | None, suffix: str, override
     return row
 
 
-def _ensemble(root: Path, study: LeverStudy, records: dict[str, dict[str, Any]], lever: str, suffix: str) -> pd.DataFrame | None:
-    """The lever's seeds as one model (their scores averaged); None until every seed is finished."""
-    names = [study.run_name(lever, s) for s in study.seeds]
-    if len(names) < 2 or any(name not in records for name in names):
-        return None
-    frames = [_predictions(root, study, name, suffix) for name in names]
+def _averaged(frames: list[pd.DataFrame], lever: str) -> pd.DataFrame:
+    """The seeds' predictions as one model's: their scores averaged, image by image."""
     if not all(np.array_equal(f["relpath"].to_numpy(), frames[0]["relpath"].to_numpy()) for f in frames):
         raise ValueError(f"lever {lever}: its seeds scored different images; re-run them")
     return frames[0].assign(score=np.mean([f["score"].to_numpy() for f in frames], axis=0))
+
+
+def _ensemble(root: Path, study: LeverStudy, records: dict[str, dict[str, Any]], lever: str, suffix: str) -> pd.DataFrame | None:
+    """The lever's seeds as one model; None until every seed is finished."""
+    names = [study.run_name(lever, s) for s in study.seeds]
+    if len(names) < 2 or any(name not in records for name in names):
+        return None
+    return _averaged([_predictions(root, study, name, suffix) for name in names], lever)
 
 
 def lever_table(root: Path, study: LeverStudy, records: dict[str, dict[str, Any]], evaluate: Any) -> pd.DataFrame:
@@ -295,15 +299,13 @@ def seed_table(root: Path, study: LeverStudy, table: pd.DataFrame, evaluate: Any
             row: dict[str, Any] = {"lever": lever + suffix, "seeds": len(part)}
             for key in ("val_auc", "test_auc", "test_accuracy", "test_recall", "test_f1"):
                 row |= {f"{key}_mean": part[key].mean(), f"{key}_sd": part[key].std(ddof=1)}
+            seeds = [_predictions(root, study, study.run_name(lever, s), suffix) for s in study.seeds]
             reference = _reference(lever, suffix)
             if reference and "test_auc_delta" in part and part["test_auc_delta"].notna().all():
                 before = [_predictions(root, study, study.run_name(reference[0], s), reference[1]) for s in study.seeds]
-                after = [_predictions(root, study, study.run_name(lever, s), suffix) for s in study.seeds]
-                row |= _paired(before, after, evaluate.n_bootstrap, evaluate.seed, lever)
+                row |= _paired(before, seeds, evaluate.n_bootstrap, evaluate.seed, lever)
                 row["seeds_better"] = int((part["test_auc_delta"] > 0).sum())
-            seeds = [_predictions(root, study, study.run_name(lever, s), suffix) for s in study.seeds]
-            averaged = seeds[0].assign(score=np.mean([f["score"].to_numpy() for f in seeds], axis=0))
-            gain = _paired(seeds, [averaged], evaluate.n_bootstrap, evaluate.seed, lever)
+            gain = _paired(seeds, [_averaged(seeds, lever)], evaluate.n_bootstrap, evaluate.seed, lever)
             rows.append(row | {k.replace("auc_delta", "ensemble_gain"): v for k, v in gain.items()})
     return pd.DataFrame(rows)
 
