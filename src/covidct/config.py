@@ -38,7 +38,7 @@ def _check(ok: bool, key: str, message: str) -> None:
 
 @dataclass(frozen=True)
 class DataConfig:
-    source_dir: str = "../shared/data"  # holds covid-ct/ and lung-seg/; relative to the repo root
+    source_dir: str = "../shared/data"  # holds covid-ct/, lung-seg/ and cc-ccii/; relative to the repo root
     subset_per_class: int = 0  # >0: keep only N images per class and split (tiny profiles for tests)
     lung_subset_per_patient: int = 0  # >0: keep only N slices per patient
 
@@ -56,6 +56,19 @@ class LungSplitConfig:
     def validate(self) -> None:
         for key in ("test_slices", "val_slices"):
             _check(getattr(self, key) > 0, f"lung_split.{key}", f"must be > 0, got {getattr(self, key)}")
+
+
+@dataclass(frozen=True)
+class CcCciiSplitConfig:
+    val_fraction: float = 0.2  # of each class's patients
+    test_fraction: float = 0.2
+    seed: int = 0
+    link_distance: int = 24  # 256-bit pHash bits at or below which two patient ids hold one scan (one group, one split)
+
+    def validate(self) -> None:
+        _check(0 <= self.link_distance < 128, "cc_ccii_split.link_distance", f"must be in [0, 128) bits, got {self.link_distance}")
+        for key in ("val_fraction", "test_fraction"):
+            _check(0.0 < getattr(self, key) < 0.5, f"cc_ccii_split.{key}", f"must be in (0, 0.5), got {getattr(self, key)}")
 
 
 @dataclass(frozen=True)
@@ -232,6 +245,7 @@ class RegistryConfig:
 SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "lung_split": LungSplitConfig,
+    "cc_ccii_split": CcCciiSplitConfig,
     "audit": AuditConfig,
     "preprocess": PreprocessConfig,
     "segmenter": SegmenterConfig,

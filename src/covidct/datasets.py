@@ -1,4 +1,5 @@
-"""The two raw datasets: checksum verification, the official COVID-CT split and a patient-level lung split.
+"""The raw datasets: checksum verification, the official COVID-CT split, and patient-level
+splits of the lung set and of CC-CCII.
 
 Split tables use paths relative to each dataset's root, so the same table serves the
 verified copy under ``data/raw`` and, for the crops, the cropped copy of the images.
@@ -16,6 +17,8 @@ import pandas as pd
 
 COVID_CT = "covid-ct"
 LUNG_SEG = "lung-seg"
+CC_CCII = "cc-ccii"
+CC_CCII_COLUMNS = ("file", "cc_ccii_class", "covid", "patient_id", "scan_id", "slice")
 CLASS_DIRS = {"CT_COVID": 1, "CT_NonCOVID": 0}  # COVID is the positive class
 SPLITS = ("train", "val", "test")
 
@@ -152,3 +155,34 @@ def lung_split(manifest: pd.DataFrame, test_slices: int, val_slices: int, seed: 
     table["image"] = "images/" + table["id"] + ".png"
     table["mask"] = "masks/" + table["id"] + ".png"
     return take_per_group(table, ["patient_id"], subset_per_patient)
+
+
+def cc_ccii_split(
+    manifest: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int, subset_per_class: int = 0, groups: dict[str, str] | None = None
+) -> pd.DataFrame:
+    """CC-CCII by patient, never by slice (a patient gives up to ~230 neighbouring slices),
+    stratified by CC-CCII class so each split holds NCP, CP and Normal patients. ``groups``
+    maps a patient_id to a group of ids that are one patient (``covidct.hygiene.linked_patients``);
+    a group goes to one split whole.
+
+    Columns: relpath, label (1 = COVID-19, i.e. NCP), split, cc_ccii_class, patient_id, patient_group, scan_id, slice.
+    """
+    missing = [c for c in CC_CCII_COLUMNS if c not in manifest.columns]
+    if missing:
+        raise DatasetError(f"manifest.csv: column {missing[0]!r} is missing")
+    rng = np.random.default_rng(seed)
+    manifest = manifest.assign(patient_group=manifest["patient_id"].map(groups or {}).fillna(manifest["patient_id"]))
+    split_of: dict[str, str] = {}
+    for cc_class, rows in manifest.groupby("cc_ccii_class", sort=True):
+        patients = sorted(set(rows["patient_group"]) - set(split_of))
+        if len(patients) < 3:
+            raise DatasetError(f"manifest.csv: class {cc_class} needs >= 3 patients for train/val/test, found {len(patients)}")
+        order = [patients[i] for i in rng.permutation(len(patients))]
+        n_test = max(1, round(test_fraction * len(order)))
+        n_val = max(1, round(val_fraction * len(order)))
+        split_of |= {p: "test" for p in order[:n_test]} | {p: "val" for p in order[n_test : n_test + n_val]}
+        split_of |= {p: "train" for p in order[n_test + n_val :]}
+    table = manifest.rename(columns={"file": "relpath", "covid": "label"})
+    table = table.assign(split=table["patient_group"].map(split_of))
+    table = table[["relpath", "label", "split", "cc_ccii_class", "patient_id", "patient_group", "scan_id", "slice"]]
+    return take_per_group(table, ["split", "cc_ccii_class"], subset_per_class)

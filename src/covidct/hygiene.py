@@ -36,7 +36,8 @@ import imagehash
 import numpy as np
 import pandas as pd
 from PIL import Image
-from scipy import ndimage
+from scipy import ndimage, sparse
+from scipy.sparse.csgraph import connected_components
 from tqdm.auto import tqdm
 
 from covidct.atomic import atomic_path
@@ -294,6 +295,22 @@ def patient_overlap(rows: pd.DataFrame) -> pd.DataFrame:
             "images": ["; ".join(f"{s} {int(row[s])}" for s in shared.columns if row[s] > 0) for _, row in shared.iterrows()],
         }
     )
+
+
+def linked_patients(patient_ids: Sequence[str], hashes: np.ndarray, distance: int) -> dict[str, str]:
+    """Patient -> its group: two ids are one group when a slice of one is within ``distance``
+    pHash bits of a slice of the other. CC-CCII files some scans under two patient ids (e.g.
+    CP_1775 and CP_3636: the same slices 2 bits apart, one of them windowed differently); a
+    split by id alone would put the one scan on both sides. A group is named by its ids, joined by +."""
+    ids = np.asarray(patient_ids, dtype=object)
+    names, index = np.unique(ids, return_inverse=True)
+    first, second = np.nonzero(hamming_distances(hashes) <= distance)
+    graph = sparse.coo_matrix((np.ones(len(first)), (index[first], index[second])), shape=(len(names), len(names)))
+    _, component = connected_components(graph, directed=False)
+    members: dict[int, list[str]] = {}
+    for name, c in zip(names, component, strict=True):
+        members.setdefault(int(c), []).append(str(name))
+    return {name: "+".join(members[int(c)]) for name, c in zip(names, component, strict=True)}
 
 
 def lung_patients(split_table: pd.DataFrame, manifest: pd.DataFrame) -> pd.DataFrame:

@@ -18,7 +18,7 @@ import pandas as pd
 
 from covidct.atomic import write_text_atomic
 from covidct.config import AuditConfig, section
-from covidct.datasets import COVID_CT, LUNG_SEG, DatasetError
+from covidct.datasets import CC_CCII, COVID_CT, LUNG_SEG, DatasetError
 from covidct.hygiene import (
     DatasetAudit,
     LeakageError,
@@ -76,10 +76,18 @@ def lung_images(root: Path) -> pd.DataFrame:
     return images.assign(path=[str(data_root / p) for p in images["relpath"]], label=None)[["relpath", "path", "split", "label", "patient_id"]]
 
 
+def cc_ccii_images(root: Path) -> pd.DataFrame:
+    """The CC-CCII split; its patients are the linked groups the split was made by."""
+    table = pd.read_csv(root / SPLITS / "cc_ccii.csv")
+    return table.assign(path=[str(root / RAW / CC_CCII / p) for p in table["relpath"]], patient_id=table["patient_group"])[
+        ["relpath", "path", "split", "label", "patient_id"]
+    ]
+
+
 def gallery_pairs(root: Path, audits: list[DatasetAudit]) -> list[tuple[Path, Path, str, str]]:
     """Every duplicate pair, then the closest other pairs of each dataset, with captions."""
     pairs = []
-    for audit, folder in zip(audits, (COVID_CT, LUNG_SEG), strict=True):
+    for audit, folder in zip(audits, (COVID_CT, LUNG_SEG, CC_CCII), strict=True):
         shown = pd.concat([audit.duplicates.assign(note="DUPLICATE"), audit.closest.head(CLOSEST_IN_IMAGE).assign(note="not flagged")])
         for row in shown.itertuples():
             allowed = " (allowed)" if row.allowed else ""
@@ -97,14 +105,19 @@ def gallery_pairs(root: Path, audits: list[DatasetAudit]) -> list[tuple[Path, Pa
 
 def run(params: dict[str, Any], root: Path) -> None:
     config: AuditConfig = section(params, "audit")
-    settings = dataclasses.asdict(config)
-    with stage_run("audit_data", {"audit": {k: v for k, v in settings.items() if k != "allowed_pairs"} | {"n_allowed_pairs": len(config.allowed_pairs)}}):
+    link_distance = section(params, "cc_ccii_split").link_distance
+    settings = dataclasses.asdict(config) | {"cc_ccii_link_distance": link_distance}
+    logged = {k: v for k, v in settings.items() if k != "allowed_pairs"} | {"n_allowed_pairs": len(config.allowed_pairs)}
+    with stage_run("audit_data", {"audit": logged}):
         start = time.perf_counter()
         covid, covid_notes = covid_ct_images(root)
         thresholds = (config.near_duplicate_distance, config.verify_distance, config.min_keypoint_inliers)
         audits = [
             audit_dataset(COVID_CT, covid, *thresholds, allowed_pairs=config.allowed_pairs, progress=True),
             audit_dataset(LUNG_SEG, lung_images(root), *thresholds, allowed_pairs=config.allowed_pairs, progress=True),
+            # CC-CCII slices are all body-cropped and resized alike, so a re-cropped copy (what the
+            # keypoints are for) is not the risk; the same scan under two ids is, at <= link_distance.
+            audit_dataset(CC_CCII, cc_ccii_images(root), link_distance, link_distance, config.min_keypoint_inliers, config.allowed_pairs, progress=True),
         ]
         audits[0].notes[:0] = covid_notes
         verdict = leak_message(audits, config.allow_patient_overlap, config.allow_duplicates)
