@@ -55,7 +55,7 @@ from test_images import _png_header_only
 
 from conftest import DATA, REPO, save_tiny_networks
 from covidct.checkpoints import save_checkpoint
-from covidct.config import CropConfig, load_params
+from covidct.config import CropConfig, GateConfig, load_params
 from covidct.datasets import CLASS_DIRS, SPLITS, covid_ct_split
 from covidct.images import ImageReadError, decode_grayscale, read_grayscale
 from covidct.profiles import apply_profile, set_params
@@ -68,6 +68,7 @@ pytestmark = pytest.mark.slow
 
 COVID = DATA / "covid-ct"
 LUNG = DATA / "lung-seg"
+CC_CCII = DATA / "cc-ccii"
 REAL_PNG = COVID / "CT_COVID" / "kjr-21-e25-p1-6.png"
 REAL_JPEG = COVID / "CT_NonCOVID" / "1%0.jpg"  # 12 KB of EXIF before its pixels
 JPEG_AS_PNG = COVID / "CT_COVID" / "2020.03.16.20035105-p6-64-1.png"  # JPEG bytes behind a .png name
@@ -324,7 +325,15 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for folder in ("images", "masks"):
             shutil.copy2(LUNG / folder / f"{slice_id}.png", lung / folder / f"{slice_id}.png")
     manifest.to_csv(lung / "manifest.csv", index=False)
-    for root in (covid, lung):
+    cc = src / "cc-ccii"  # 3 patients x 2 slices per class
+    manifest = pd.read_csv(CC_CCII / "manifest.csv")
+    manifest = manifest[manifest["patient_id"].isin(manifest.groupby("cc_ccii_class")["patient_id"].unique().explode().groupby(level=0).head(3))]
+    manifest = manifest.groupby("patient_id").head(2)
+    for relpath in manifest["file"]:
+        (cc / relpath).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(CC_CCII / relpath, cc / relpath)
+    manifest.to_csv(cc / "manifest.csv", index=False)
+    for root in (covid, lung, cc):
         _write_sums(root)
     return src
 
@@ -501,7 +510,7 @@ def registered(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
         with mlflow.start_run(experiment_id=experiment):
             params = {"classifier": {"model": "efficientnet_b0", "image_size": 64}}
             build_and_register(
-                root, root / "pipeline", MODEL_NAME, weights, CropConfig(min_lung_fraction=0.0), metrics, params, (REAL_PNG.name, REAL_PNG.read_bytes())
+                root, root / "pipeline", MODEL_NAME, weights, CropConfig(min_lung_fraction=0.0), PICTURE_GATE, metrics, params, (REAL_PNG.name, REAL_PNG.read_bytes())
             )
         MlflowClient(uri).set_registered_model_alias(MODEL_NAME, "champion", "1")
     finally:
@@ -509,7 +518,25 @@ def registered(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
     return uri, root
 
 
-SCAN_KINDS = [*BAD, *VALID]
+#: The gate's picture checks as params.yaml has them; its lung checks off: an untrained segmenter finds no lungs.
+PICTURE_GATE = GateConfig(**{**yaml.safe_load((REPO / "params.yaml").read_text())["gate"], "min_lung_fraction": 0.0, "min_lung_balance": 0.0})
+#: Decodable pictures that are no CT slice: the input gate refuses them (a reason, no label).
+GATED = {
+    "one_pixel": "under the minimum side",
+    "all_black": "near-constant image",
+    "all_white": "near-constant image",
+    "grey_with_noise": "near-constant image",
+}
+NOT_CT = {
+    "all_black": lambda: _png(Image.new("L", (512, 512), 0)),
+    "all_white": lambda: _png(Image.new("L", (512, 512), 255)),
+    "grey_with_noise": lambda: _png(Image.fromarray(np.random.default_rng(0).normal(128, 3, (256, 256)).clip(0, 255).astype(np.uint8))),
+}
+SCAN_KINDS = [*BAD, *VALID, *NOT_CT]
+
+
+def _payload(kind: str) -> bytes | None:
+    return BAD[kind][0]() if kind in BAD else NOT_CT[kind]() if kind in NOT_CT else _valid_payload(kind)
 
 
 @pytest.fixture(scope="module")
@@ -521,7 +548,7 @@ def predicted(registered: tuple[str, Path], tmp_path_factory: pytest.TempPathFac
     suffix = {"text": ".txt", "truncated_jpeg": ".jpg", "corrupt_jpeg": ".jpg"}  # a file named on the command line is read whatever its suffix
     names = {kind: out / "scans" / f"{kind}{suffix.get(kind, '.png')}" for kind in SCAN_KINDS}
     for kind, path in names.items():
-        _put(path, BAD[kind][0]() if kind in BAD else _valid_payload(kind))
+        _put(path, _payload(kind))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "COVIDCT_"))}
     env |= {"MLFLOW_TRACKING_URI": uri, "COVIDCT_DEVICE": "cpu", "COVIDCT_THREADS": "1", "NO_ALBUMENTATIONS_UPDATE": "1"}
     files = [*map(str, names.values()), *map(str, ORDINARY)]
@@ -534,10 +561,11 @@ def predicted(registered: tuple[str, Path], tmp_path_factory: pytest.TempPathFac
         timeout=300,
     )
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    assert f"{len(VALID) + len(ORDINARY)} scans scored, {len(BAD)} unreadable" in result.stdout
+    scored = len(set(VALID) - set(GATED)) + len(ORDINARY)
+    assert f"{scored} scans scored, {len(BAD)} unreadable, {len(GATED)} refused by the input gate" in result.stdout
     table = pd.read_csv(out / "p.csv", keep_default_na=False)
     assert list(table.columns) == ["file", *OUTPUT] and table["file"].tolist() == files
-    assert len(list((out / "overlays").iterdir())) == len(VALID) + len(ORDINARY)
+    assert len(list((out / "overlays").iterdir())) == scored
     return table.set_index(pd.Index([*SCAN_KINDS, "ordinary_jpeg", "ordinary_png"]))
 
 
@@ -546,6 +574,8 @@ def test_predict_cli(predicted: pd.DataFrame, kind: str) -> None:
     row = predicted.loc[kind]
     if kind in BAD:
         assert _reason(kind) in row["error"].lower() and row["probability"] == "" and row["label"] == ""
+    elif kind in GATED:
+        assert row["error"].startswith("input gate: ") and GATED[kind] in row["error"] and row["probability"] == "" and row["label"] == ""
     else:
         assert row["error"] == "" and 0.0 <= float(row["probability"]) <= 1.0 and row["label"] in ("COVID", "non-COVID")
 
@@ -565,7 +595,7 @@ def served(registered: tuple[str, Path]) -> pd.DataFrame:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("COVIDCT_DEVICE", "cpu")  # read when the model loads
         model = mlflow.pyfunc.load_model(str(root / "pipeline"))
-    payloads = [BAD[kind][0]() if kind in BAD else _valid_payload(kind) for kind in SERVED_KINDS] + [p.read_bytes() for p in ORDINARY]
+    payloads = [_payload(kind) for kind in SERVED_KINDS] + [p.read_bytes() for p in ORDINARY]
     frame = pd.DataFrame({"image": payloads, "name": [*SERVED_KINDS, "ordinary_jpeg", "ordinary_png"]})
     answer = model.predict(frame)
     assert list(answer.columns) == list(OUTPUT) and len(answer) == len(frame)
@@ -577,6 +607,8 @@ def test_served_model(served: pd.DataFrame, predicted: pd.DataFrame, kind: str) 
     row = served.loc[kind]
     if kind in BAD:
         assert _reason(kind) in row["error"].lower() and row["probability"] is None and row["label"] is None
+    elif kind in GATED:  # the same refusal `covidct predict` gave
+        assert row["error"] == predicted.loc[kind, "error"] and row["probability"] is None and row["label"] is None
     else:  # the same number `covidct predict` gave for the same bytes
         assert row["error"] == "" and row["probability"] == pytest.approx(float(predicted.loc[kind, "probability"]), abs=1e-6)
 

@@ -35,6 +35,7 @@ from covidct.hygiene import (
     fingerprint_images,
     hamming_distances,
     leak_message,
+    linked_patients,
     lung_patients,
     perceptual_hash,
     trim_to_body,
@@ -44,6 +45,7 @@ from covidct.stages import audit_data
 
 COVID = DATA / "covid-ct"
 LUNG = DATA / "lung-seg"
+CC = DATA / "cc-ccii"
 JPEG_IN_PNG = "CT_COVID/2020.03.16.20035105-p6-64-1.png"  # JPEG bytes behind a .png name
 OTHERS = ["CT_COVID/kjr-21-e25-p1-6.png", "CT_NonCOVID/1335.png", "CT_NonCOVID/0.jpg", "CT_NonCOVID/10%0.jpg", "CT_COVID/2020.03.16.20035105-p6-64-2.png"]
 KNOWN_PAIR = ("CT_NonCOVID/71%0.jpg", "CT_COVID/kjr-21-e24-p5-29.png")  # the same figure, NonCOVID in train, COVID in test
@@ -273,7 +275,12 @@ def test_bad_audit_value_names_key(params: dict[str, Any], key: str, value: Any,
 # ---------------------------------------------------------------- the stage on a small real copy
 
 
-def _stage_root(tmp: Path, covid_rows: list[tuple[str, str]], lung_rows: list[tuple[str, str]]) -> Path:
+#: CC-CCII files one scan under two ids: CP_1775's slice 39 and CP_3636's slice 199 are 2 pHash bits apart.
+CC_SAME_SCAN = ("images/CP/CP_1775_3530_0039.png", "images/CP/CP_3636_5595_0199.png")
+CLEAN_CC = [("images/NCP/NCP_1001_2559_0046.png", "train"), ("images/Normal/Normal_1703_960_0027.png", "val"), ("images/CP/CP_1075_3119_0009.png", "test")]
+
+
+def _stage_root(tmp: Path, covid_rows: list[tuple[str, str]], lung_rows: list[tuple[str, str]], cc_rows: list[tuple[str, str]] = CLEAN_CC) -> Path:
     """A repository root with data/raw (links to real files, real meta) and data/splits for a few images."""
     raw = tmp / "data" / "raw"
     shutil.copytree(COVID / "meta", raw / "covid-ct" / "meta")
@@ -291,6 +298,12 @@ def _stage_root(tmp: Path, covid_rows: list[tuple[str, str]], lung_rows: list[tu
     ids = [Path(r).stem for r, _ in lung_rows]
     lung = pd.DataFrame({"id": ids, "patient_id": "x", "split": [s for _, s in lung_rows], "image": [r for r, _ in lung_rows], "mask": ""})
     lung.to_csv(splits / "lung_seg.csv", index=False)
+    for relpath, _ in cc_rows:
+        (raw / "cc-ccii" / relpath).parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(CC / relpath, raw / "cc-ccii" / relpath)
+    patients = ["_".join(Path(r).stem.split("_")[:2]) for r, _ in cc_rows]
+    cc = pd.DataFrame({"relpath": [r for r, _ in cc_rows], "label": [int("/NCP/" in r) for r, _ in cc_rows], "split": [s for _, s in cc_rows]})
+    cc.assign(patient_id=patients, patient_group=patients).to_csv(splits / "cc_ccii.csv", index=False)
     return tmp
 
 
@@ -348,3 +361,22 @@ def test_entry_point_exits_with_one_line(tmp_path: Path, params: dict[str, Any],
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in result.stderr
     assert f"covid-ct: 1 duplicate image pair(s) across splits (e.g. {KNOWN_PAIR[0]} [train] ~ {KNOWN_PAIR[1]} [test], near-duplicate" in errors[0]
+
+
+def test_stage_fails_on_one_cc_ccii_scan_under_two_ids_in_two_splits(tmp_path: Path, params: dict[str, Any], mlflow_store: None) -> None:
+    root = _stage_root(tmp_path / "repo", CLEAN_COVID, CLEAN_LUNG, [*CLEAN_CC, (CC_SAME_SCAN[0], "train"), (CC_SAME_SCAN[1], "test")])
+    with pytest.raises(LeakageError, match="cc-ccii"):
+        audit_data.run(params, root)
+    report = json.loads((root / "reports/audit/report.json").read_text())
+    assert report["cc-ccii"]["near_duplicate_pairs"] == 1 and report["cc-ccii"]["patient_overlap"] == 0
+    assert {report["details"]["cc-ccii"]["duplicates"][0][k] for k in ("relpath_a", "relpath_b")} == set(CC_SAME_SCAN)
+
+
+def test_linked_patients_join_ids_that_hold_one_scan_and_nothing_else() -> None:
+    files = [*CC_SAME_SCAN, *(r for r, _ in CLEAN_CC)]
+    _, hashes = fingerprint_images([CC / f for f in files])
+    patients = ["_".join(Path(f).stem.split("_")[:2]) for f in files]
+    groups = linked_patients(patients, hashes, distance=24)
+    assert groups["CP_1775"] == groups["CP_3636"] == "CP_1775+CP_3636"
+    assert all(groups[p] == p for p in patients[2:])
+    assert linked_patients(patients, hashes, distance=1)["CP_1775"] == "CP_1775"  # 2 bits apart: not linked below that

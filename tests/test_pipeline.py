@@ -34,6 +34,7 @@ STAGES = {
     "train_classifier@cropped",
     "train_classifier@raw",
     "evaluate",
+    "evaluate_sources",
     "register_model",
 }
 
@@ -143,6 +144,23 @@ def test_metrics_are_in_range(tiny_repo: tuple[Path, dict[str, str]]) -> None:
     assert crop["n_images"] == 18
 
 
+def test_every_source_is_scored_and_held_out_sources_say_so(tiny_repo: tuple[Path, dict[str, str]]) -> None:
+    repo, _ = tiny_repo
+    sources = json.loads((repo / "reports/sources/metrics.json").read_text())
+    # trained on COVID-CT: its test split (6); never on CC-CCII: all of it (3 per class and split); the lung set's 3 held-out patients
+    assert [sources[s]["slices"] for s in ("covid-ct", "cc-ccii", "lung-seg")] == [6, 27, 9]
+    assert [sources[s]["held_out"] for s in ("covid-ct", "cc-ccii", "lung-seg")] == [0, 1, 1]
+    cc = sources["cc-ccii"]
+    assert cc["patients"] >= 3 and cc["auc_ci_low"] <= cc["auc"] <= cc["auc_ci_high"]
+    assert {"ncp_vs_normal.auc", "ncp_vs_cp.auc", "ncp_vs_normal.specificity"} <= set(cc)
+    assert sources["cc-ccii.studies"]["studies"] >= 3 and sources["cc-ccii.studies"]["top_k"] in (0, 1, 3, 5, 10)
+    assert 0.0 <= sources["lung-seg"]["recall"] <= 1.0 and sources["gate"]["refused"] == 0
+    scores = pd.read_csv(repo / "reports/sources/scores.csv")
+    assert len(scores) == 42 and scores["probability"].between(0, 1).all()
+    report = (repo / "reports/sources/report.md").read_text()
+    assert "Source-held-out table" in report and "CC-CCII, all (held out)" in report
+
+
 def test_mlflow_has_one_parent_and_every_stage(tiny_repo: tuple[Path, dict[str, str]]) -> None:
     repo, _ = tiny_repo
     client = MlflowClient(f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
@@ -158,6 +176,7 @@ def test_mlflow_has_one_parent_and_every_stage(tiny_repo: tuple[Path, dict[str, 
         "train_classifier_cropped",
         "train_classifier_raw",
         "evaluate",
+        "evaluate_sources",
         "register_model",
     }
     for run in stages.values():
@@ -177,6 +196,7 @@ def test_registered_pipeline_is_promoted_and_reproduces_the_evaluate_stage(tiny_
     metrics = json.loads((repo / "reports/metrics.json").read_text())["cropped"]
     assert version.tags["val.auc"] == f"{metrics['val']['auc']:.6g}" and version.tags["covidct.variant"] == "tf_efficientnet_lite0"
     assert version.tags["data.covid-ct.md5"].endswith(".dir") and version.tags["param.crop.margin"] == "5"
+    assert version.tags["source.cc-ccii.held_out"] == "1" and "source.cc-ccii.auc" in version.tags
     assert (repo / "models/pipeline/MLmodel").is_file()
     covidct = [sys.executable, "-m", "covidct"]
     promoted = _run([*covidct, "promote", "--min-val-recall", "0"], repo, env)
@@ -195,7 +215,7 @@ def test_second_repro_does_nothing_and_margin_reruns_only_downstream(tiny_repo: 
     assert _ran_stages(again.stdout) == set()
     _set_param(repo, "crop.margin", 3)
     changed = _run(["dvc", "repro"], repo, env)
-    assert _ran_stages(changed.stdout) == {"crop_images", "train_classifier@cropped", "evaluate", "register_model"}
+    assert _ran_stages(changed.stdout) == {"crop_images", "train_classifier@cropped", "evaluate", "evaluate_sources", "register_model"}
 
 
 def test_bad_parameter_stops_a_stage_with_one_clear_line(tmp_path: Path) -> None:

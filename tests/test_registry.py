@@ -32,7 +32,7 @@ from conftest import DATA, save_tiny_networks
 from covidct.checkpoints import load_checkpoint, save_state_dict
 from covidct.classification.data import load_resized
 from covidct.classification.train import predict_scores
-from covidct.config import CropConfig
+from covidct.config import CropConfig, GateConfig
 from covidct.images import read_grayscale
 from covidct.lung_crop import crop_dataset, crop_relpath
 from covidct.registry.pipeline_model import OUTPUT, TwoStagePipeline
@@ -49,6 +49,8 @@ SCANS = [
 ]
 CROP = CropConfig(min_lung_fraction=0.0, batch_size=16)  # random segmenter: crop whatever it finds
 NAME = "covidct-test"
+OPEN_GATE = GateConfig(min_side=1, min_std=0.0, min_lung_fraction=0.0, min_lung_balance=0.0)  # untrained networks: let everything through
+SOURCES = {"covid-ct": {"held_out": 0, "auc": 0.9}, "cc-ccii": {"held_out": 1, "auc": 0.74, "slices": 5605}}
 METRICS = {
     "threshold": 0.5,
     "val": {"auc": 0.80, "recall": 0.95, "accuracy": 0.8},
@@ -64,7 +66,7 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def pipeline(weights: tuple[Path, Path]) -> TwoStagePipeline:
-    return TwoStagePipeline(*weights, CROP, 0.5, torch.device("cpu"))
+    return TwoStagePipeline(*weights, CROP, 0.5, device=torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +79,7 @@ def store(tmp_path_factory: pytest.TempPathFactory, weights: tuple[Path, Path]) 
     experiment = mlflow.create_experiment("test", artifact_location=(root / "artifacts").as_uri())
     with mlflow.start_run(experiment_id=experiment):
         params = {"classifier": {"model": "efficientnet_b0", "image_size": 64}, "crop": {"margin": 5}}
-        build_and_register(root, root / "pipeline", NAME, weights, CROP, METRICS, params, (SCANS[0].name, SCANS[0].read_bytes()))
+        build_and_register(root, root / "pipeline", NAME, weights, CROP, OPEN_GATE, METRICS, params, (SCANS[0].name, SCANS[0].read_bytes()), SOURCES)
     yield uri, root
     mlflow.set_tracking_uri(previous)  # None unsets both the URI and the variable
 
@@ -102,7 +104,7 @@ def test_pipeline_applies_the_checkpoints_test_time_augmentation(pipeline: TwoSt
     # classifier.tta: true marks the checkpoint; the registered pipeline then scores as the stages did
     state, meta = load_checkpoint(weights[1], torch.device("cpu"), "train_classifier")
     save_state_dict(tmp_path / "classifier.pt", state, meta | {"tta": True})
-    with_tta = TwoStagePipeline(weights[0], tmp_path / "classifier.pt", CROP, 0.5, torch.device("cpu"))
+    with_tta = TwoStagePipeline(weights[0], tmp_path / "classifier.pt", CROP, 0.5, device=torch.device("cpu"))
     table = pd.DataFrame({"relpath": [str(p.relative_to(DATA / "covid-ct")) for p in SCANS], "split": "test", "label": [1, 1, 0, 0]})
     crop_dataset(table, DATA / "covid-ct", tmp_path / "crops", pipeline.segmenter, pipeline.segmenter_meta, CROP, pipeline.device)
     crops = load_resized([tmp_path / "crops" / "images" / crop_relpath(p) for p in table["relpath"]], 64, progress=None)
@@ -138,6 +140,31 @@ def test_registered_version_carries_its_tags(store: tuple[str, Path]) -> None:
     assert (local / "MLmodel").is_file() and (local / "model_code.py").is_file()
     assert not list(local.rglob("*.pkl"))  # models from code: nothing to unpickle
     assert json.loads((local / "artifacts" / "settings.json").read_text())["threshold"] == 0.5
+    assert json.loads((local / "artifacts" / "settings.json").read_text())["gate"]["min_side"] == 1
+    assert tags["source.cc-ccii.held_out"] == "1" and tags["source.cc-ccii.auc"] == "0.74" and tags["source.covid-ct.held_out"] == "0"
+
+
+def test_promotion_holds_back_a_pipeline_below_the_source_held_out_floor(store: tuple[str, Path]) -> None:
+    uri, _ = store
+    client = MlflowClient(uri)
+    source, name = client.get_model_version(NAME, "1").source, "covidct-heldout-floor"  # its own model: other tests' versions stay as they are
+    client.create_registered_model(name)
+
+    def version(**sources: float) -> str:
+        tags = {"covidct.variant": "efficientnet_b0", "val.auc": "0.9", "val.recall": "0.95", "source.covid-ct.held_out": "0", "source.covid-ct.auc": "0.99"}
+        tags |= {f"source.{src.replace('_', '-')}.held_out": "1" for src in sources}
+        tags |= {f"source.{src.replace('_', '-')}.auc": str(auc) for src, auc in sources.items() if auc >= 0}
+        return str(client.create_model_version(name, source, tags=tags).version)
+
+    weak = version(cc_ccii=0.70, lung_seg=-1)  # the lung set has no AUC (all COVID): it does not count
+    held = promote_if_better(client, name, version=weak, min_heldout_auc=0.8)
+    assert not held.promoted and held.reason == "source-held-out AUC on cc-ccii 0.7000 is below the floor 0.8"
+    assert client.get_model_version(name, weak).tags["promotion.min_heldout_auc"] == "0.8"
+    untested = version()
+    assert "has no source-held-out AUC" in promote_if_better(client, name, version=untested, min_heldout_auc=0.8).reason
+    strong = version(cc_ccii=0.85)
+    assert promote_if_better(client, name, version=strong, min_heldout_auc=0.8).promoted
+    assert promote_if_better(client, name, version=weak, alias="floor-off").promoted  # floor off (0): the old rule alone
 
 
 def _version(client: MlflowClient, source: str, variant: str, auc: float, recall: float) -> str:

@@ -50,7 +50,7 @@ def _promote(args: argparse.Namespace, root: Path) -> None:
     from covidct.registry.promote import PromotionError, promote_if_better
 
     config = _registry(root)
-    overrides = {"alias": args.alias, "select_metric": args.metric, "min_val_recall": args.min_val_recall}
+    overrides = {"alias": args.alias, "select_metric": args.metric, "min_val_recall": args.min_val_recall, "min_heldout_auc": args.min_heldout_auc}
     config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
     config.validate()
     try:
@@ -62,6 +62,7 @@ def _promote(args: argparse.Namespace, root: Path) -> None:
             min_val_recall=config.min_val_recall,
             version=args.version,
             variant=args.variant,
+            min_heldout_auc=config.min_heldout_auc,
         )
     except PromotionError as exc:
         raise ConfigError(str(exc)) from exc
@@ -70,6 +71,7 @@ def _promote(args: argparse.Namespace, root: Path) -> None:
 
 
 def _predict(args: argparse.Namespace, root: Path) -> None:
+    from covidct.gate import REFUSED
     from covidct.predict import SCAN_SUFFIXES, collect_scans, load_pipeline, predict_files, write_overlays, write_predictions
 
     config = _registry(root)
@@ -79,8 +81,9 @@ def _predict(args: argparse.Namespace, root: Path) -> None:
         raise FileNotFoundError(f"no scans ({', '.join(SCAN_SUFFIXES)}) under {', '.join(map(str, args.paths))}")
     predictions = predict_files(load_pipeline(model), files, args.batch_size)
     table = write_predictions(predictions, args.out)
-    failed = int((table["error"] != "").sum())
-    print(f"{len(table) - failed} scans scored, {failed} unreadable; {model} -> {args.out}")
+    refused = int(table["error"].str.startswith(REFUSED).sum())
+    failed = int((table["error"] != "").sum()) - refused
+    print(f"{len(table) - failed - refused} scans scored, {failed} unreadable, {refused} refused by the input gate; {model} -> {args.out}")
     if args.overlays:
         print(f"{write_overlays(predictions, args.overlays)} overlays in {args.overlays}")
 
@@ -137,6 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     promote.add_argument("--alias", help="default: registry.alias")
     promote.add_argument("--metric", help="validation metric to compare (default: registry.select_metric)")
     promote.add_argument("--min-val-recall", type=float, help="recall floor on the validation split (default: registry.min_val_recall)")
+    promote.add_argument("--min-heldout-auc", type=float, help="AUC floor on every source the classifier never trained on (default: registry.min_heldout_auc)")
     predict = sub.add_parser("predict", help="score CT scans (PNG, JPEG, DICOM; files or folders) with a registered pipeline")
     predict.add_argument("paths", nargs="+", type=Path)
     predict.add_argument("--model", help="MLflow model URI (default: models:/<registry.model_name>@<registry.alias>)")

@@ -155,6 +155,20 @@ class CropConfig:
 
 
 @dataclass(frozen=True)
+class GateConfig:
+    min_side: int  # px; a smaller image is refused (the smallest real slice of the three sources is 61 px)
+    min_std: float  # grey levels; a flatter image is refused as blank (real slices: 32 and up)
+    min_lung_fraction: float  # of the image's pixels; less segmented lung is refused
+    min_lung_balance: float  # smaller / larger lung area either side of the body's midline; less is refused
+
+    def validate(self) -> None:
+        _check(1 <= self.min_side <= 512, "gate.min_side", f"must be in [1, 512] px, got {self.min_side}")
+        _check(0.0 <= self.min_std < 128.0, "gate.min_std", f"must be in [0, 128) grey levels, got {self.min_std}")
+        _check(0.0 <= self.min_lung_fraction < 1.0, "gate.min_lung_fraction", f"must be in [0, 1), got {self.min_lung_fraction}")
+        _check(0.0 <= self.min_lung_balance <= 1.0, "gate.min_lung_balance", f"must be in [0, 1], got {self.min_lung_balance}")
+
+
+@dataclass(frozen=True)
 class AugmentConfig:
     scale: float = 0.1  # random scale in [1 - scale, 1 + scale]
     rotate: float = 5.0  # degrees, uniform in [-rotate, rotate]
@@ -230,6 +244,7 @@ class RegistryConfig:
     alias: str = "champion"  # the version `covidct predict` and serving use by default
     select_metric: str = "auc"  # validation metric a candidate must beat the champion on
     min_val_recall: float = 0.9  # a candidate below this validation recall is never promoted
+    min_heldout_auc: float = 0.0  # > 0: nor one whose AUC on a source its classifier never trained on is below this
 
     def validate(self) -> None:
         _check(bool(self.model_name.strip()), "registry.model_name", "must not be empty")
@@ -240,6 +255,7 @@ class RegistryConfig:
             f"must be auc, accuracy, f1, recall or specificity, got {self.select_metric!r}",
         )
         _check(0.0 <= self.min_val_recall <= 1.0, "registry.min_val_recall", f"must be in [0, 1], got {self.min_val_recall}")
+        _check(0.0 <= self.min_heldout_auc <= 1.0, "registry.min_heldout_auc", f"must be in [0, 1] (0: off), got {self.min_heldout_auc}")
 
 
 SECTIONS: dict[str, type] = {
@@ -252,6 +268,7 @@ SECTIONS: dict[str, type] = {
     "crop": CropConfig,
     "classifier": ClassifierConfig,
     "evaluate": EvaluateConfig,
+    "gate": GateConfig,
     "registry": RegistryConfig,
 }
 
@@ -261,9 +278,15 @@ def _build(cls: type[T], raw: Any, prefix: str) -> T:
     known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(raw) - set(known))
     _check(not unknown, f"{prefix}.{unknown[0] if unknown else ''}", f"is not a known key (known: {', '.join(known)})")
+    required = [n for n, f in known.items() if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]  # type: ignore[misc]
+    absent = [n for n in required if n not in raw]
+    _check(not absent, f"{prefix}.{absent[0] if absent else ''}", "is missing")
     values: dict[str, Any] = {}
     for name, value in raw.items():
-        default = known[name].default if known[name].default is not dataclasses.MISSING else known[name].default_factory()  # type: ignore[misc]
+        if name in required:  # no default: its annotation says how to read it
+            default = {"int": 0, "float": 0.0, "bool": False, "str": ""}[str(known[name].type)]
+        else:
+            default = known[name].default if known[name].default is not dataclasses.MISSING else known[name].default_factory()  # type: ignore[misc]
         key = f"{prefix}.{name}"
         if dataclasses.is_dataclass(default):
             values[name] = _build(type(default), value, key)

@@ -16,7 +16,8 @@ Grayscale conversion rules (:func:`read_grayscale`):
   black), then luma.
 * ``I;16*``, ``I`` (16/32-bit integer) and ``F`` (float): min-max scaled to 0..255 per image
   (not clipped); a constant image maps to 0. Non-finite float values map to 0.
-* DICOM (found by its ``DICM`` marker): CT through a lung window, see :func:`decode_dicom`.
+* DICOM (found by its ``DICM`` marker): CT through a lung window, see :func:`decode_dicom`;
+  uncompressed or compressed (JPEG, JPEG Lossless, JPEG-LS, JPEG 2000, RLE), one frame per file.
 
 EXIF orientation is ignored (no file in the COVID-CT dataset carries a rotation tag), so the
 pixel grid is the stored one, which keeps images and masks aligned.
@@ -247,23 +248,80 @@ def is_dicom(data: bytes) -> bool:
 LUNG_WINDOW_HU = (-600.0, 1500.0)
 
 
+#: The pip package(s) that decode each compressed transfer syntax, named in error messages so
+#: that a missing decoder says what to install. covidct pins python-gdcm (pydicom's only JPEG
+#: Lossless plugin with a permissive licence), pylibjpeg-openjpeg and pylibjpeg-rle (pyproject.toml).
+_DICOM_DECODER_PACKAGES = {
+    "1.2.840.10008.1.2.4.50": "python-gdcm or Pillow",  # JPEG Baseline (Process 1)
+    "1.2.840.10008.1.2.4.51": "python-gdcm or Pillow for 8-bit samples; 12-bit samples only pylibjpeg-libjpeg (GPL-3.0)",  # JPEG Extended
+    "1.2.840.10008.1.2.4.57": "python-gdcm",  # JPEG Lossless, Process 14
+    "1.2.840.10008.1.2.4.70": "python-gdcm",  # JPEG Lossless, Process 14 SV1
+    "1.2.840.10008.1.2.4.80": "python-gdcm or pyjpegls",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81": "python-gdcm or pyjpegls",  # JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.90": "python-gdcm or pylibjpeg-openjpeg",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91": "python-gdcm or pylibjpeg-openjpeg",  # JPEG 2000
+    "1.2.840.10008.1.2.4.201": "pylibjpeg-openjpeg",  # HTJ2K Lossless
+    "1.2.840.10008.1.2.4.202": "pylibjpeg-openjpeg",  # HTJ2K Lossless RPCL
+    "1.2.840.10008.1.2.4.203": "pylibjpeg-openjpeg",  # HTJ2K
+    "1.2.840.10008.1.2.5": "pydicom itself or pylibjpeg-rle",  # RLE Lossless
+}
+
+
+def _syntax_label(ts: str) -> str:
+    """``'JPEG Lossless ...' (1.2.840...)`` for a known transfer syntax, the bare UID otherwise."""
+    from pydicom.uid import UID
+
+    uid = UID(ts)
+    return f"{uid.name!r} ({uid})" if uid.name != str(uid) else f"{uid} (unknown to pydicom)"
+
+
+def _no_decoder_reason(ts: str) -> str:
+    package = _DICOM_DECODER_PACKAGES.get(str(ts))
+    if package:
+        return f"no installed decoder for DICOM transfer syntax {_syntax_label(ts)}; {package} would decode it (pip install it)"
+    return (
+        f"no decoder exists in pydicom for DICOM transfer syntax {_syntax_label(ts)}; no Python package covidct knows decodes it: "
+        "export the series uncompressed (Explicit VR Little Endian) or as JPEG Lossless, JPEG-LS, JPEG 2000 or RLE"
+    )
+
+
 def decode_dicom(data: bytes, name: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """One DICOM slice -> uint8 HxW: CT in Hounsfield units through :data:`LUNG_WINDOW_HU`,
-    anything else min-max scaled; ``MONOCHROME1`` (white = low) inverted."""
+    anything else min-max scaled; ``MONOCHROME1`` (white = low) inverted.
+
+    Uncompressed and compressed transfer syntaxes (JPEG baseline/extended/lossless, JPEG-LS,
+    JPEG 2000, HTJ2K, RLE) decode through pydicom's plugins; a syntax without an installed
+    decoder fails with a reason naming the syntax and the package that would decode it.
+    Multi-frame files are refused before their pixels are decoded.
+    """
     import pydicom
-    from pydicom.pixels import apply_modality_lut
+    from pydicom.pixels import apply_modality_lut, get_decoder
 
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
         rows, columns = int(ds.Rows), int(ds.Columns)
+        frames = int(ds.get("NumberOfFrames") or 1)
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types for a bad file
         raise ImageReadError(name, f"corrupt DICOM ({type(exc).__name__}: {exc})") from exc
+    if frames != 1:
+        raise ImageReadError(name, f"DICOM holds {frames} frames; give one grayscale slice per file")
     if rows * columns > max_pixels:
         raise ImageReadError(name, f"too many pixels: {columns}x{rows} = {rows * columns} > limit {max_pixels} (possible decompression bomb)")
+    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    if ts is not None:
+        try:
+            available = get_decoder(ts).is_available
+        except NotImplementedError:  # pydicom has no decoder at all for this UID
+            available = False
+        if not available:
+            raise ImageReadError(name, _no_decoder_reason(ts))
     try:
         pixels = ds.pixel_array
     except Exception as exc:  # noqa: BLE001
-        raise ImageReadError(name, f"cannot decode DICOM pixel data ({type(exc).__name__}: {exc})") from exc
+        syntax = f" in transfer syntax {_syntax_label(ts)}" if ts is not None else ""
+        package = _DICOM_DECODER_PACKAGES.get(str(ts))
+        decoders = f"; packages that decode this syntax: {package}" if package else ""
+        raise ImageReadError(name, f"cannot decode DICOM pixel data{syntax} ({type(exc).__name__}: {exc}){decoders}") from exc
     if pixels.ndim != 2:
         raise ImageReadError(name, f"DICOM holds {pixels.shape} pixels; give one grayscale slice per file")
     if ds.get("Modality") == "CT":

@@ -69,7 +69,7 @@ def _run_cell(results: Mapping[str, Mapping[str, Mapping[str, float]]], variant:
     return format_cell(None if run is None else run.get(metric))
 
 
-def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
@@ -98,7 +98,7 @@ def table1_markdown(results: Mapping[str, Mapping[str, Mapping[str, float]]]) ->
         ]
         for key, label in _TABLE1_ROWS
     ]
-    return _markdown_table(header, rows)
+    return markdown_table(header, rows)
 
 
 def table2_markdown(results: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
@@ -120,12 +120,12 @@ def table2_markdown(results: Mapping[str, Mapping[str, Mapping[str, float]]]) ->
         ]
         for key, label in _TABLE2_ROWS
     ]
-    return _markdown_table(header, rows)
+    return markdown_table(header, rows)
 
 
 def confusion_markdown(counts: Mapping[str, int]) -> str:
     """2x2 confusion table (rows: true class, columns: predicted class) from ``metrics.confusion``."""
-    return _markdown_table(
+    return markdown_table(
         ["True \\ Predicted", "non-COVID", "COVID"],
         [
             ["non-COVID", str(counts["tn"]), str(counts["fp"])],
@@ -196,7 +196,7 @@ def results_report(
     if dice_summary is not None:
         parts += [
             "## Lung segmentation (test set)",
-            _markdown_table(["Statistic", "Value"], [[name, _stat(value)] for name, value in dice_summary.items()]),
+            markdown_table(["Statistic", "Value"], [[name, _stat(value)] for name, value in dice_summary.items()]),
         ]
     if extra_md:
         parts.append(extra_md.strip())

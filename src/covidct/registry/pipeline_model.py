@@ -3,7 +3,8 @@ threshold as one MLflow pyfunc model.
 
 Its input is the encoded scan (PNG, JPEG or DICOM bytes; base64 in a REST request), its output
 one row per scan: COVID probability, label, threshold, lung box, and an error for a scan that
-could not be read (the other scans are still scored). Weights are state dicts loaded with
+could not be read or that the input gate (:mod:`covidct.gate`) refuses as no usable chest CT
+slice; such a scan gets no label, and the other scans are still scored. Weights are state dicts loaded with
 ``torch.load(weights_only=True)`` by this code, not pickled modules, so opening a model never
 runs code from its files.
 """
@@ -26,7 +27,8 @@ from mlflow.types import ColSpec, Schema
 from covidct.classification.data import resize_for_classifier
 from covidct.classification.model import load_classifier
 from covidct.classification.train import predict_scores
-from covidct.config import CropConfig
+from covidct.config import CropConfig, GateConfig
+from covidct.gate import image_problem, lung_evidence, lung_problem
 from covidct.images import ImageReadError, decode_grayscale
 from covidct.lung_crop import segment_and_crop
 from covidct.runtime import select_device
@@ -90,22 +92,46 @@ class TwoStagePipeline:
     """The paper's method on raw scans, through the functions the DVC stages use, so a scan of
     the test split gets exactly the score the evaluate stage saw."""
 
-    def __init__(self, segmenter_path: Path, classifier_path: Path, crop: CropConfig, threshold: float, device: torch.device | None = None) -> None:
+    def __init__(
+        self,
+        segmenter_path: Path,
+        classifier_path: Path,
+        crop: CropConfig,
+        threshold: float,
+        gate: GateConfig | None = None,
+        device: torch.device | None = None,
+    ) -> None:
         self.device = device or select_device()
         self.segmenter, self.segmenter_meta = load_segmenter(segmenter_path, self.device)
         self.classifier, self.classifier_meta = load_classifier(classifier_path, self.device)
-        self.crop, self.threshold = crop, threshold
+        self.crop, self.threshold, self.gate = crop, threshold, gate
 
     @classmethod
     def from_artifacts(cls, artifacts: dict[str, str], device: torch.device | None = None) -> TwoStagePipeline:
         settings = json.loads(Path(artifacts["settings"]).read_text())
-        return cls(Path(artifacts["segmenter"]), Path(artifacts["classifier"]), CropConfig(**settings["crop"]), float(settings["threshold"]), device)
+        gate = GateConfig(**settings["gate"]) if "gate" in settings else None  # versions registered before the gate have none
+        return cls(Path(artifacts["segmenter"]), Path(artifacts["classifier"]), CropConfig(**settings["crop"]), float(settings["threshold"]), gate, device)
 
     def predict_arrays(self, names: Sequence[str], images: Sequence[np.ndarray]) -> list[ScanPrediction]:
-        """uint8 grayscale scans -> predictions; segmented in batches of ``crop.batch_size``."""
+        """uint8 grayscale scans -> predictions; segmented in batches of ``crop.batch_size``;
+        what the gate refuses gets its reason and no score."""
+        refused = {i: ScanPrediction(names[i], error=why) for i, image in enumerate(images) if self.gate and (why := image_problem(image, self.gate))}
+        kept = [i for i in range(len(images)) if i not in refused]
         crops = []
-        for start in range(0, len(images), self.crop.batch_size):
-            crops += segment_and_crop(images[start : start + self.crop.batch_size], self.segmenter, self.segmenter_meta, self.crop, self.device)
+        for start in range(0, len(kept), self.crop.batch_size):
+            batch = [images[i] for i in kept[start : start + self.crop.batch_size]]
+            crops += segment_and_crop(batch, self.segmenter, self.segmenter_meta, self.crop, self.device)
+        if self.gate:
+            for i, c in zip(list(kept), list(crops), strict=True):
+                if why := lung_problem(lung_evidence(c.mask, images[i]), self.gate):
+                    refused[i] = ScanPrediction(names[i], lung_fraction=float(c.crop.lung_fraction), error=why, mask=c.mask)
+            crops = [c for i, c in zip(kept, crops, strict=True) if i not in refused]
+            kept = [i for i in kept if i not in refused]
+        scored = self._classify([names[i] for i in kept], crops)
+        by_index = dict(zip(kept, scored, strict=True)) | refused
+        return [by_index[i] for i in range(len(images))]
+
+    def _classify(self, names: Sequence[str], crops: Sequence) -> list[ScanPrediction]:
         size = self.classifier_meta["image_size"]
         inputs = np.stack([resize_for_classifier(c.crop.image, size) for c in crops]) if crops else np.empty((0, size, size), np.uint8)
         scores = (
@@ -161,6 +187,6 @@ class PipelineModel(mlflow.pyfunc.PythonModel):
         return predictions_table(self.pipeline.predict_encoded(names, list(frame[IMAGE])))
 
 
-def settings(crop: CropConfig, threshold: float) -> dict[str, Any]:
+def settings(crop: CropConfig, threshold: float, gate: GateConfig) -> dict[str, Any]:
     """What the pipeline needs besides the two weight files (the preprocessing is in their meta)."""
-    return {"crop": asdict(crop), "threshold": threshold}
+    return {"crop": asdict(crop), "threshold": threshold, "gate": asdict(gate)}

@@ -33,6 +33,19 @@ def val_metric(version: ModelVersion, metric: str) -> float:
         raise PromotionError(f"model version {version.version} has no validation {metric} tag (val.{metric}); was it registered by `dvc repro`?") from exc
 
 
+def heldout_shortfall(version: ModelVersion, floor: float) -> str | None:
+    """Why ``version`` fails the source-held-out floor (its AUC on a source its classifier
+    never trained on, from the evaluate_sources stage's tags), or None when it holds."""
+    if floor <= 0:
+        return None
+    held_out = [k[len("source.") : -len(".held_out")] for k, v in version.tags.items() if k.startswith("source.") and k.endswith(".held_out") and v == "1"]
+    aucs = {name: float(version.tags[f"source.{name}.auc"]) for name in held_out if f"source.{name}.auc" in version.tags}
+    if not aucs:
+        return f"version {version.version} has no source-held-out AUC (source.<name>.auc tags from the evaluate_sources stage)"
+    name, auc = min(aucs.items(), key=lambda item: item[1])
+    return f"source-held-out AUC on {name} {auc:.4f} is below the floor {floor:g}" if auc < floor else None
+
+
 def current_champion(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
     try:
         return client.get_model_version_by_alias(name, alias)
@@ -58,9 +71,12 @@ def promote_if_better(
     min_val_recall: float = 0.9,
     version: str | None = None,
     variant: str | None = None,
+    min_heldout_auc: float = 0.0,
 ) -> Decision:
     """Decide on ``version`` (default: the best registered one, of ``variant`` if given) against
     the version under ``alias``, move the alias if it wins, and tag the candidate with the outcome.
+    ``min_heldout_auc`` > 0 also holds back a candidate whose AUC on any source its classifier
+    never trained on is below it; the reason names that source.
 
     With ``variant``, a champion of another variant does not count: the alias then holds the
     best pipeline of that variant (e.g. "the best B4 pipeline").
@@ -75,6 +91,8 @@ def promote_if_better(
         promoted, reason = False, f"version {number} already holds @{alias}"
     elif recall < min_val_recall:
         promoted, reason = False, f"validation recall {recall:.4f} is below the floor {min_val_recall:g}"
+    elif shortfall := heldout_shortfall(candidate, min_heldout_auc):
+        promoted, reason = False, shortfall
     elif champion is None:
         promoted, reason = True, f"no version held @{alias}; validation {metric} {score:.4f}, recall {recall:.4f}"
     elif variant is not None and champion.tags.get(VARIANT_TAG) != variant:
@@ -95,6 +113,7 @@ def promote_if_better(
         "alias": alias,
         "metric": metric,
         "min_val_recall": f"{min_val_recall:g}",
+        "min_heldout_auc": f"{min_heldout_auc:g}",
         "time": stamp,
     }
     tags["compared_with"] = held or "none"

@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 
 import covidct
 from covidct.atomic import atomic_dir
-from covidct.config import CropConfig
+from covidct.config import CropConfig, GateConfig
 from covidct.registry.pipeline_model import ARTIFACTS, IMAGE, NAME, SIGNATURE, settings
 from covidct.registry.promote import VARIANT_TAG
 from covidct.tracking import flatten, git_commit
@@ -35,6 +35,10 @@ REQUIREMENTS = (
     "opencv-python-headless",
     "pillow",
     "pydicom",
+    "python-gdcm",  # compressed DICOM (JPEG Lossless, JPEG-LS, JPEG 2000)
+    "pylibjpeg",
+    "pylibjpeg-openjpeg",
+    "pylibjpeg-rle",
     "numpy",
     "pandas",
     "scipy",
@@ -57,21 +61,26 @@ def dataset_hashes(root: Path) -> dict[str, str]:
     return {Path(dep["path"]).name: dep["md5"] for dep in stage.get("deps", []) if dep.get("md5", "").endswith(".dir")}
 
 
-def version_tags(root: Path, params: Mapping[str, Any], metrics: Mapping[str, Any], variant: str) -> dict[str, str]:
-    """Flat string tags: MLflow's registry UI shows and searches them."""
+def version_tags(root: Path, params: Mapping[str, Any], metrics: Mapping[str, Any], variant: str, sources: Mapping[str, Any]) -> dict[str, str]:
+    """Flat string tags: MLflow's registry UI shows and searches them. ``sources``: the
+    evaluate_sources stage's figures per source (``source.<name>.held_out`` is 1 for a source
+    the classifier never trained on)."""
     tags = {VARIANT_TAG: variant, "covidct.git_commit": git_commit(root), "covidct.threshold": f"{metrics['threshold']:.6g}"}
     tags |= {f"data.{name}.md5": md5 for name, md5 in dataset_hashes(root).items()}
     tags |= {f"val.{k}": f"{v:.6g}" for k, v in metrics["val"].items()}
     tags |= {f"test.{k}": f"{v:.6g}" for k, v in metrics["test"].items()}
+    tags |= {f"source.{name}.{k}": f"{v:.6g}" for name, figures in sources.items() for k, v in figures.items()}
     tags |= {f"param.{k}": str(v) for k, v in flatten(params).items()}
     return tags
 
 
-def model_kwargs(segmenter: Path, classifier: Path, crop: CropConfig, threshold: float, example: tuple[str, bytes], workdir: Path) -> dict[str, Any]:
+def model_kwargs(
+    segmenter: Path, classifier: Path, crop: CropConfig, threshold: float, gate: GateConfig, example: tuple[str, bytes], workdir: Path
+) -> dict[str, Any]:
     """Arguments shared by ``save_model`` and ``log_model``, so the local copy and the
     registered one are built the same way."""
     settings_file = workdir / "settings.json"
-    settings_file.write_text(json.dumps(settings(crop, threshold), indent=2))
+    settings_file.write_text(json.dumps(settings(crop, threshold, gate), indent=2))
     return {
         "python_model": str(Path(__file__).with_name("model_code.py")),  # no pickle in the model
         "artifacts": dict(zip(ARTIFACTS, (str(segmenter), str(classifier), str(settings_file)), strict=True)),
@@ -109,14 +118,17 @@ def build_and_register(
     model_name: str,
     files: tuple[Path, Path],
     crop: CropConfig,
+    gate: GateConfig,
     metrics: Mapping[str, Any],
     params: Mapping[str, Any],
     example: tuple[str, bytes],
+    sources: Mapping[str, Any] | None = None,
 ) -> ModelVersion:
     """Save the pipeline to ``out`` and register the same model; ``metrics`` is the evaluate
-    stage's entry for the cropped variant (threshold, val and test metrics)."""
+    stage's entry for the cropped variant (threshold, val and test metrics), ``sources`` the
+    evaluate_sources stage's figures."""
     with tempfile.TemporaryDirectory() as workdir:
-        kwargs = model_kwargs(*files, crop, float(metrics["threshold"]), example, Path(workdir))
+        kwargs = model_kwargs(*files, crop, float(metrics["threshold"]), gate, example, Path(workdir))
         save_pipeline(out, kwargs)
         variant = str(params["classifier"]["model"])
-        return register_pipeline(model_name, kwargs, version_tags(root, params, metrics, variant))
+        return register_pipeline(model_name, kwargs, version_tags(root, params, metrics, variant, sources or {}))

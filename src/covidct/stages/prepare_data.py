@@ -9,16 +9,16 @@ import pandas as pd
 
 from covidct.atomic import write_text_atomic
 from covidct.config import section
-from covidct.hygiene import fingerprint_images, linked_patients
 from covidct.datasets import (
     CC_CCII,
     COVID_CT,
     LUNG_SEG,
-    copy_verified,
     cc_ccii_split,
+    copy_verified,
     covid_ct_split,
     lung_split,
 )
+from covidct.hygiene import fingerprint_images, linked_patients
 
 RAW = Path("data/raw")
 SPLITS = Path("data/splits")

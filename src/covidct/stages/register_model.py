@@ -20,12 +20,13 @@ from covidct.tracking import stage_run
 
 OUT = Path("models/pipeline")
 #: The sections the registered model embodies; recorded as version tags.
-PARAM_SECTIONS = ("preprocess", "segmenter", "crop", "classifier", "evaluate")
+PARAM_SECTIONS = ("preprocess", "segmenter", "crop", "classifier", "evaluate", "gate")
 
 
 def run(params: dict[str, Any], root: Path) -> None:
-    registry, crop = section(params, "registry"), section(params, "crop")
+    registry, crop, gate = section(params, "registry"), section(params, "crop"), section(params, "gate")
     metrics = json.loads((root / "reports/metrics.json").read_text())["cropped"]
+    sources = json.loads((root / "reports/sources/metrics.json").read_text())
     example = pd.read_csv(root / SPLIT).query("split == 'val'").iloc[0]["relpath"]
     recorded = {name: params.get(name, {}) for name in PARAM_SECTIONS}
     with stage_run("register_model", {"registry": {"model_name": registry.model_name}}) as run:
@@ -35,9 +36,11 @@ def run(params: dict[str, Any], root: Path) -> None:
             registry.model_name,
             (root / MODEL, root / model_dir("cropped") / "model.pt"),
             crop,
+            gate,
             metrics,
             recorded,
             (example, (root / RAW / example).read_bytes()),
+            sources,
         )
         mlflow.set_tag("covidct.registered_version", version.version)
     print(

@@ -1,0 +1,100 @@
+"""The pipeline's figures per data source: does a model carry beyond the sources it trained on?
+
+COVID-CT's classes come from different places (paper figures against other collections), so a
+classifier can score well on its own test split by telling sources apart. The honest check is
+a source it never trained on: CC-CCII (another consortium's hospitals, COVID-19 / common
+pneumonia / normal) and the lung set's held-out patients (all COVID-19). Slices of one patient
+are not independent, so every interval here resamples patients, not slices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from covidct.datasets import CC_CCII, COVID_CT, LUNG_SEG
+from covidct.hygiene import covid_ct_patients
+from covidct.metrics import binary_metrics, flatten_metrics, patient_metrics_with_ci
+
+SOURCES = (COVID_CT, CC_CCII, LUNG_SEG)
+#: CC-CCII's own question beside COVID vs the rest: COVID against each non-COVID class.
+CC_CCII_CONTRASTS = {"ncp_vs_normal": ("NCP", "Normal"), "ncp_vs_cp": ("NCP", "CP")}
+#: Slices averaged into a study's score (0: all of them), the candidates the validation scans choose from.
+TOP_K_CANDIDATES = (1, 3, 5, 10, 0)
+
+
+def source_table(root: Path, name: str) -> pd.DataFrame:
+    """One labelled source as path, relpath, label, split, patient and study (a scan; the
+    patient where the source has no scan ids), plus cc_ccii_class for CC-CCII."""
+    if name == COVID_CT:
+        table = pd.read_csv(root / "data/splits/covid_ct.csv")
+        patients = covid_ct_patients(root / "data/raw" / COVID_CT).drop_duplicates("relpath").set_index("relpath")["patient_id"]
+        table = table.assign(patient=table["relpath"].map(patients).fillna(table["relpath"]).astype(str))
+        table = table.assign(study=table["patient"])
+    elif name == CC_CCII:
+        table = pd.read_csv(root / "data/splits/cc_ccii.csv")
+        table = table.assign(patient=table["patient_group"].astype(str), study=table["scan_id"].astype(str))
+    elif name == LUNG_SEG:
+        table = pd.read_csv(root / "data/splits/lung_seg.csv").rename(columns={"image": "relpath"})
+        table = table.assign(label=1, patient=table["patient_id"].astype(str), study=table["patient_id"].astype(str))
+    else:
+        raise ValueError(f"unknown source {name!r} (known: {', '.join(SOURCES)})")
+    return table.assign(path=[str(root / "data/raw" / name / p) for p in table["relpath"]]).reset_index(drop=True)
+
+
+def rows_to_score(table: pd.DataFrame, name: str, trained_on: Sequence[str]) -> pd.DataFrame:
+    """A source the classifier trained on is scored on its test split; one it never saw, whole.
+    The lung set only on its held-out patients: the segmenter trained on the others."""
+    if name in trained_on or name == LUNG_SEG:
+        return table[table["split"] == "test"].reset_index(drop=True)
+    return table
+
+
+def _figures(part: pd.DataFrame, threshold: float, n_boot: int, seed: int) -> dict[str, float]:
+    y, s = part["label"].to_numpy(), part["probability"].to_numpy(dtype=float)
+    if len(y) == 0:
+        return {}
+    if len(np.unique(y)) < 2:  # one class: only its hit rate means something
+        return {"recall": float(np.mean(s >= threshold))} if y.all() else {"specificity": float(np.mean(s < threshold))}
+    return flatten_metrics(patient_metrics_with_ci(y, s, part["patient"].to_numpy(), threshold, n_boot, seed))
+
+
+def source_figures(scored: pd.DataFrame, name: str, threshold: float, n_boot: int, seed: int) -> dict[str, float]:
+    """Metrics of one source's scored slices (``probability`` NaN where the gate refused),
+    CC-CCII's contrasts, and how many slices and patients the figures rest on."""
+    kept = scored[scored["probability"].notna()]
+    out = {"slices": len(scored), "patients": int(scored["patient"].nunique()), "refused": int(len(scored) - len(kept))}
+    out |= _figures(kept, threshold, n_boot, seed)
+    if name == CC_CCII:
+        for contrast, (positive, negative) in CC_CCII_CONTRASTS.items():
+            part = kept[kept["cc_ccii_class"].isin((positive, negative))]
+            out |= {f"{contrast}.{k}": v for k, v in _figures(part, threshold, n_boot, seed).items() if k.split("_ci")[0] in ("auc", "specificity")}
+    if name == LUNG_SEG:
+        out |= {f"recall.{p}": float(np.mean(part["probability"] >= threshold)) for p, part in kept.groupby("patient")}
+    return out
+
+
+def study_scores(scored: pd.DataFrame, top_k: int) -> pd.DataFrame:
+    """One row per study: the mean of its ``top_k`` highest slice scores (0: all), over the
+    slices the gate let through; COVID when any slice's label is."""
+    kept = scored[scored["probability"].notna()].sort_values("probability", ascending=False)
+    rows = []
+    for study, part in kept.groupby("study", sort=True):
+        top = part["probability"].to_numpy()[: top_k or None]
+        rows.append(
+            {"study": study, "patient": part["patient"].iat[0], "label": int(part["label"].max()), "probability": float(top.mean()), "slices": len(part)}
+        )
+    return pd.DataFrame(rows)
+
+
+def choose_top_k(val: pd.DataFrame) -> int:
+    """The aggregation that ranks the validation studies best (AUC; fewer slices on a tie)."""
+    aucs = {k: binary_metrics(*_labels_scores(study_scores(val, k)))["auc"] for k in TOP_K_CANDIDATES}
+    return max(TOP_K_CANDIDATES, key=lambda k: (aucs[k], -(k or 10**6)))
+
+
+def _labels_scores(studies: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    return studies["label"].to_numpy(), studies["probability"].to_numpy(dtype=float)
