@@ -19,15 +19,20 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pydicom
 import pytest
+import torch
 from pydicom import uid
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.pixels import pixel_array
 
-from conftest import DATA
+from conftest import DATA, save_tiny_networks
+from covidct.config import CropConfig
 from covidct.images import LUNG_WINDOW_HU, ImageReadError, decode_grayscale, read_grayscale
+from covidct.predict import collect_scans, group_studies, predict_files, studies_csv, write_predictions
+from covidct.registry.pipeline_model import PipelineModel, TwoStagePipeline
 from covidct.series import ORDER_KEYS, read_series
 
 SLICES = sorted((DATA / "lung-seg" / "images").glob("coronacases_001_*.png"))[:5]
@@ -274,3 +279,48 @@ def test_bad_header_names_the_file(tmp_path: Path, gray: np.ndarray) -> None:
     (tmp_path / "notes.txt").write_text("no DICOM here")
     with pytest.raises(ImageReadError, match="notes.txt: not a DICOM file"):
         read_series([good, tmp_path / "notes.txt"])
+
+
+# ---------------------------------------------------------------- scored by the registered pipeline
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory: pytest.TempPathFactory) -> TwoStagePipeline:
+    """Small untrained networks, no gate: what matters is that equal pixels get equal scores."""
+    weights = save_tiny_networks(tmp_path_factory.mktemp("weights"))
+    return TwoStagePipeline(*weights, CropConfig(min_lung_fraction=0.0), 0.5, device=torch.device("cpu"), study_top_k=2)
+
+
+def test_jpeg_lossless_export_scores_exactly_like_the_uncompressed_file(gray: np.ndarray, pipeline: TwoStagePipeline, tmp_path: Path) -> None:
+    raw = to_bytes(ct_dataset(gray))
+    sv1 = gdcm_compress(raw, tmp_path, "JPEGLosslessProcess14_1")  # what hospital CT exports use
+    assert pydicom.dcmread(io.BytesIO(sv1)).file_meta.TransferSyntaxUID == uid.JPEGLosslessSV1
+    plain, compressed = pipeline.predict_encoded(["raw.dcm", "sv1.dcm"], [raw, sv1])
+    assert plain.error == compressed.error == "" and plain.probability == compressed.probability and plain.box == compressed.box
+
+
+def test_a_folder_series_is_one_study_in_slice_order(pipeline: TwoStagePipeline, tmp_path: Path) -> None:
+    folder = tmp_path / "export"
+    folder.mkdir()
+    zs, names = [-30.0, 12.5, -155.0, 0.0], ["IM0003", "b.dcm", "IM0001", "a.dcm"]
+    write_series(folder, zs, [2, 4, 3, 1], names)
+    (folder / "lone.png").write_bytes(SLICES[4].read_bytes())
+    files, studies = group_studies(collect_scans([folder]))
+    dicom = [folder / names[i] for i in np.argsort(zs)]
+    assert files[:4] == dicom and files[4] == folder / "lone.png"  # by position, not by name or number
+    assert len(set(studies[:4])) == 1 and studies[:4][0] and studies[4] == ""
+
+    predictions = predict_files(pipeline, files)
+    table = write_predictions(predictions, tmp_path / "p.csv", studies, pipeline.study_top_k)
+    top_two = np.sort([p.probability for p in predictions[:4]])[-2:].mean()
+    assert table["study_probability"][:4].tolist() == pytest.approx([top_two] * 4) and table["study_probability"][4] is None
+    per_study = pd.read_csv(studies_csv(tmp_path / "p.csv"))
+    assert per_study[["slices", "slices_scored", "top_k"]].values.tolist() == [[4, 4, 2]]
+    assert per_study["study_probability"][0] == pytest.approx(top_two)
+    assert per_study["study_label"][0] == ("COVID" if top_two >= 0.5 else "non-COVID")
+
+    served = PipelineModel()
+    served.pipeline = pipeline
+    frame = pd.DataFrame({"image": [f.read_bytes() for f in files], "study": [*studies[:4], None]})
+    answer = served.predict(None, frame)
+    assert answer["study_probability"].tolist()[:4] == table["study_probability"].tolist()[:4] and answer["study"][4] is None

@@ -72,18 +72,21 @@ def _promote(args: argparse.Namespace, root: Path) -> None:
 
 def _predict(args: argparse.Namespace, root: Path) -> None:
     from covidct.gate import REFUSED
-    from covidct.predict import SCAN_SUFFIXES, collect_scans, load_pipeline, predict_files, write_overlays, write_predictions
+    from covidct.predict import SCAN_SUFFIXES, collect_scans, group_studies, load_pipeline, predict_files, studies_csv, write_overlays, write_predictions
 
     config = _registry(root)
     model = args.model or f"models:/{config.model_name}@{config.alias}"
-    files = collect_scans(args.paths)
+    files, studies = group_studies(collect_scans(args.paths))
     if not files:
-        raise FileNotFoundError(f"no scans ({', '.join(SCAN_SUFFIXES)}) under {', '.join(map(str, args.paths))}")
-    predictions = predict_files(load_pipeline(model), files, args.batch_size)
-    table = write_predictions(predictions, args.out)
+        raise FileNotFoundError(f"no scans ({', '.join(SCAN_SUFFIXES)}, or DICOM) under {', '.join(map(str, args.paths))}")
+    pipeline = load_pipeline(model)
+    predictions = predict_files(pipeline, files, args.batch_size)
+    table = write_predictions(predictions, args.out, studies, pipeline.study_top_k)
     refused = int(table["error"].str.startswith(REFUSED).sum())
     failed = int((table["error"] != "").sum()) - refused
     print(f"{len(table) - failed - refused} scans scored, {failed} unreadable, {refused} refused by the input gate; {model} -> {args.out}")
+    if any(studies):
+        print(f"{len(set(filter(None, studies)))} DICOM series scored as studies (top-{pipeline.study_top_k or 'all'} mean) -> {studies_csv(args.out)}")
     if args.overlays:
         print(f"{write_overlays(predictions, args.overlays)} overlays in {args.overlays}")
 

@@ -1,6 +1,7 @@
 """Run a registered pipeline on scans on disk: files or folders in, one CSV row per scan out
-(an unreadable file gets its error in the row and the others are still scored), and
-optionally overlays of the lung mask and crop box for a person to check."""
+(an unreadable file gets its error in the row and the others are still scored), a verdict
+per DICOM series (a study), and optionally overlays of the lung mask and crop box for a
+person to check."""
 
 from __future__ import annotations
 
@@ -13,23 +14,53 @@ from tqdm.auto import tqdm
 
 from covidct.atomic import write_text_atomic
 from covidct.cropping import draw_overlay
-from covidct.images import decode_grayscale, write_png
-from covidct.registry.pipeline_model import OUTPUT, ScanPrediction, TwoStagePipeline, predictions_table
+from covidct.images import ImageReadError, decode_grayscale, is_dicom, write_png
+from covidct.registry.pipeline_model import OUTPUT, STUDY, ScanPrediction, TwoStagePipeline, predictions_table
+from covidct.series import find_dicom_files, read_series
 
 #: Files picked up inside folders (files named explicitly are read whatever their suffix).
 SCAN_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 
 
 def collect_scans(paths: Iterable[Path]) -> list[Path]:
-    """Files as given, folders walked for :data:`SCAN_SUFFIXES`, in a stable order. A missing
-    path is kept, so it gets its own error row instead of stopping the batch."""
+    """Files as given, folders walked for :data:`SCAN_SUFFIXES` and for DICOM files of any name
+    (exports often have none), in a stable order. A missing path is kept, so it gets its own
+    error row instead of stopping the batch."""
     found: list[Path] = []
     for path in paths:
         if path.is_dir():
-            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SCAN_SUFFIXES)
+            dicom = set(find_dicom_files(path))
+            found += sorted(p for p in path.rglob("*") if p.is_file() and (p.suffix.lower() in SCAN_SUFFIXES or p in dicom))
         else:
             found.append(path)
     return found
+
+
+def group_studies(files: Sequence[Path]) -> tuple[list[Path], list[str]]:
+    """``files`` with the slices of each DICOM series of two or more slices put together in
+    anatomical order (:mod:`covidct.series`: positions, not file names), and each file's study
+    id (the series UID; empty for a lone picture). A file whose header cannot be read stays
+    where it was, to get its error row."""
+    readable = []
+    for path in files:
+        try:
+            with path.open("rb") as handle:
+                if not is_dicom(handle.read(132)):
+                    continue
+            read_series([path])
+        except (OSError, ImageReadError):
+            continue
+        readable.append(path)
+    series = [s for s in read_series(readable) if len(s.files) > 1] if readable else []
+    study_of = {f: s.series_uid or f"series {i + 1}" for i, s in enumerate(series) for f in s.files}
+    ordered, placed = [], set()
+    for path in files:
+        if path in placed:
+            continue
+        group = next((s.files for s in series if path in s.files), [path])
+        ordered += group
+        placed.update(group)
+    return ordered, [study_of.get(f, "") for f in ordered]
 
 
 def load_pipeline(model_uri: str) -> TwoStagePipeline:
@@ -55,11 +86,25 @@ def predict_files(pipeline: TwoStagePipeline, files: Sequence[Path], batch_size:
     return out
 
 
-def write_predictions(predictions: Sequence[ScanPrediction], out_csv: Path) -> pd.DataFrame:
-    table = predictions_table(predictions)
+def write_predictions(predictions: Sequence[ScanPrediction], out_csv: Path, studies: Sequence[str] | None = None, top_k: int = 0) -> pd.DataFrame:
+    """One row per scan in ``out_csv``; with studies, one row per study beside it (``<name>_studies.csv``)."""
+    table = predictions_table(predictions, studies, top_k)
     table.insert(0, "file", [p.name for p in predictions])
     write_text_atomic(out_csv, table[["file", *OUTPUT]].to_csv(index=False))
+    if table[STUDY].notna().any():
+        grouped = table[table[STUDY].notna()].groupby(STUDY, sort=False)
+        studies_table = grouped.agg(
+            slices=("file", "size"),
+            slices_scored=("probability", "count"),
+            study_probability=("study_probability", "first"),
+            study_label=("study_label", "first"),
+        ).reset_index()
+        write_text_atomic(studies_csv(out_csv), studies_table.assign(top_k=top_k).to_csv(index=False))
     return table
+
+
+def studies_csv(out_csv: Path) -> Path:
+    return out_csv.with_name(f"{out_csv.stem}_studies.csv")
 
 
 def write_overlays(predictions: Sequence[ScanPrediction], out_dir: Path) -> int:

@@ -18,6 +18,7 @@ import pandas as pd
 from covidct.datasets import CC_CCII, COVID_CT, LUNG_SEG
 from covidct.hygiene import covid_ct_patients
 from covidct.metrics import binary_metrics, flatten_metrics, patient_metrics_with_ci
+from covidct.study import top_k_mean
 
 SOURCES = (COVID_CT, CC_CCII, LUNG_SEG)
 #: CC-CCII's own question beside COVID vs the rest: COVID against each non-COVID class.
@@ -80,13 +81,11 @@ def source_figures(scored: pd.DataFrame, name: str, threshold: float, n_boot: in
 def study_scores(scored: pd.DataFrame, top_k: int) -> pd.DataFrame:
     """One row per study: the mean of its ``top_k`` highest slice scores (0: all), over the
     slices the gate let through; COVID when any slice's label is."""
-    kept = scored[scored["probability"].notna()].sort_values("probability", ascending=False)
+    kept = scored[scored["probability"].notna()]
     rows = []
     for study, part in kept.groupby("study", sort=True):
-        top = part["probability"].to_numpy()[: top_k or None]
-        rows.append(
-            {"study": study, "patient": part["patient"].iat[0], "label": int(part["label"].max()), "probability": float(top.mean()), "slices": len(part)}
-        )
+        probability = top_k_mean(part["probability"].tolist(), top_k)
+        rows.append({"study": study, "patient": part["patient"].iat[0], "label": int(part["label"].max()), "probability": probability, "slices": len(part)})
     return pd.DataFrame(rows)
 
 

@@ -33,16 +33,18 @@ from covidct.images import ImageReadError, decode_grayscale
 from covidct.lung_crop import segment_and_crop
 from covidct.runtime import select_device
 from covidct.segmentation.model import load_segmenter
+from covidct.study import study_probabilities
 
-IMAGE, NAME = "image", "name"
+IMAGE, NAME, STUDY = "image", "name", "study"
 LABELS = ("non-COVID", "COVID")
 BOX = ("x_min", "y_min", "x_max", "y_max")
-OUTPUT = ("probability", "label", "threshold", *BOX, "lung_fraction", "crop_fallback", "error")
+STUDY_OUTPUT = (STUDY, "study_probability", "study_label")
+OUTPUT = ("probability", "label", "threshold", *BOX, "lung_fraction", "crop_fallback", "error", *STUDY_OUTPUT)
 ARTIFACTS = ("segmenter", "classifier", "settings")
 CLASSIFIER_BATCH = 32  # as the train_classifier stage scores val and test, so scores match it bit for bit
 
 SIGNATURE = ModelSignature(
-    inputs=Schema([ColSpec("binary", IMAGE), ColSpec("string", NAME, required=False)]),
+    inputs=Schema([ColSpec("binary", IMAGE), ColSpec("string", NAME, required=False), ColSpec("string", STUDY, required=False)]),
     outputs=Schema(
         [
             ColSpec("double", "probability"),
@@ -52,6 +54,9 @@ SIGNATURE = ModelSignature(
             ColSpec("double", "lung_fraction"),
             ColSpec("string", "crop_fallback"),
             ColSpec("string", "error"),
+            ColSpec("string", STUDY),
+            ColSpec("double", "study_probability"),
+            ColSpec("string", "study_label"),
         ]
     ),
 )
@@ -83,9 +88,19 @@ class ScanPrediction:
         }
 
 
-def predictions_table(predictions: Sequence[ScanPrediction]) -> pd.DataFrame:
-    """Object columns keep ``None`` for failed scans, so the JSON answer says null, not NaN."""
-    return pd.DataFrame([p.row() for p in predictions], columns=list(OUTPUT), dtype=object)
+def predictions_table(predictions: Sequence[ScanPrediction], studies: Sequence[str] | None = None, top_k: int = 0) -> pd.DataFrame:
+    """One row per scan; ``studies`` (an id per scan, empty for none) adds each study's verdict
+    (:mod:`covidct.study`) to its scans' rows. Object columns keep ``None`` for failed scans, so
+    the JSON answer says null, not NaN."""
+    studies = list(studies) if studies is not None else [""] * len(predictions)
+    verdicts = study_probabilities(studies, [p.probability for p in predictions], top_k)
+    threshold = next((p.threshold for p in predictions if p.threshold is not None), None)
+    rows = []
+    for prediction, study in zip(predictions, studies, strict=True):
+        score = verdicts.get(study)
+        label = LABELS[score >= threshold] if score is not None and threshold is not None else None
+        rows.append(prediction.row() | {STUDY: study or None, "study_probability": score, "study_label": label})
+    return pd.DataFrame(rows, columns=list(OUTPUT), dtype=object)
 
 
 class TwoStagePipeline:
@@ -100,17 +115,19 @@ class TwoStagePipeline:
         threshold: float,
         gate: GateConfig | None = None,
         device: torch.device | None = None,
+        study_top_k: int = 0,
     ) -> None:
         self.device = device or select_device()
         self.segmenter, self.segmenter_meta = load_segmenter(segmenter_path, self.device)
         self.classifier, self.classifier_meta = load_classifier(classifier_path, self.device)
-        self.crop, self.threshold, self.gate = crop, threshold, gate
+        self.crop, self.threshold, self.gate, self.study_top_k = crop, threshold, gate, study_top_k
 
     @classmethod
     def from_artifacts(cls, artifacts: dict[str, str], device: torch.device | None = None) -> TwoStagePipeline:
         settings = json.loads(Path(artifacts["settings"]).read_text())
         gate = GateConfig(**settings["gate"]) if "gate" in settings else None  # versions registered before the gate have none
-        return cls(Path(artifacts["segmenter"]), Path(artifacts["classifier"]), CropConfig(**settings["crop"]), float(settings["threshold"]), gate, device)
+        paths = Path(artifacts["segmenter"]), Path(artifacts["classifier"])
+        return cls(*paths, CropConfig(**settings["crop"]), float(settings["threshold"]), gate, device, int(settings.get("study_top_k", 0)))
 
     def predict_arrays(self, names: Sequence[str], images: Sequence[np.ndarray]) -> list[ScanPrediction]:
         """uint8 grayscale scans -> predictions; segmented in batches of ``crop.batch_size``;
@@ -174,7 +191,8 @@ class TwoStagePipeline:
 
 class PipelineModel(mlflow.pyfunc.PythonModel):
     """MLflow's face of :class:`TwoStagePipeline`: a DataFrame with an ``image`` column of bytes
-    (and optionally ``name``, used in error messages) in, :data:`OUTPUT` columns out."""
+    (optionally ``name``, used in error messages, and ``study``, grouping slices into studies
+    that get one verdict each) in, :data:`OUTPUT` columns out."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         self.pipeline = TwoStagePipeline.from_artifacts(context.artifacts)
@@ -184,9 +202,10 @@ class PipelineModel(mlflow.pyfunc.PythonModel):
         if IMAGE not in frame:
             raise ValueError(f"input needs an {IMAGE!r} column of encoded scans (base64 in JSON); got columns {list(frame.columns)}")
         names = [str(n) for n in frame[NAME]] if NAME in frame else [f"row {i}" for i in range(len(frame))]
-        return predictions_table(self.pipeline.predict_encoded(names, list(frame[IMAGE])))
+        studies = [str(s) if isinstance(s, str) else "" for s in frame[STUDY]] if STUDY in frame else None
+        return predictions_table(self.pipeline.predict_encoded(names, list(frame[IMAGE])), studies, self.pipeline.study_top_k)
 
 
-def settings(crop: CropConfig, threshold: float, gate: GateConfig) -> dict[str, Any]:
+def settings(crop: CropConfig, threshold: float, gate: GateConfig, study_top_k: int = 0) -> dict[str, Any]:
     """What the pipeline needs besides the two weight files (the preprocessing is in their meta)."""
-    return {"crop": asdict(crop), "threshold": threshold, "gate": asdict(gate)}
+    return {"crop": asdict(crop), "threshold": threshold, "gate": asdict(gate), "study_top_k": study_top_k}

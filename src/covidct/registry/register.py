@@ -75,12 +75,19 @@ def version_tags(root: Path, params: Mapping[str, Any], metrics: Mapping[str, An
 
 
 def model_kwargs(
-    segmenter: Path, classifier: Path, crop: CropConfig, threshold: float, gate: GateConfig, example: tuple[str, bytes], workdir: Path
+    segmenter: Path,
+    classifier: Path,
+    crop: CropConfig,
+    threshold: float,
+    gate: GateConfig,
+    example: tuple[str, bytes],
+    workdir: Path,
+    study_top_k: int = 0,
 ) -> dict[str, Any]:
     """Arguments shared by ``save_model`` and ``log_model``, so the local copy and the
     registered one are built the same way."""
     settings_file = workdir / "settings.json"
-    settings_file.write_text(json.dumps(settings(crop, threshold, gate), indent=2))
+    settings_file.write_text(json.dumps(settings(crop, threshold, gate, study_top_k), indent=2))
     return {
         "python_model": str(Path(__file__).with_name("model_code.py")),  # no pickle in the model
         "artifacts": dict(zip(ARTIFACTS, (str(segmenter), str(classifier), str(settings_file)), strict=True)),
@@ -128,7 +135,8 @@ def build_and_register(
     stage's entry for the cropped variant (threshold, val and test metrics), ``sources`` the
     evaluate_sources stage's figures."""
     with tempfile.TemporaryDirectory() as workdir:
-        kwargs = model_kwargs(*files, crop, float(metrics["threshold"]), gate, example, Path(workdir))
+        top_k = int((sources or {}).get("cc-ccii.studies", {}).get("top_k", 0))  # chosen on CC-CCII's validation scans
+        kwargs = model_kwargs(*files, crop, float(metrics["threshold"]), gate, example, Path(workdir), top_k)
         save_pipeline(out, kwargs)
         variant = str(params["classifier"]["model"])
         return register_pipeline(model_name, kwargs, version_tags(root, params, metrics, variant, sources or {}))
