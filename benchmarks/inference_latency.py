@@ -25,9 +25,10 @@ import mlflow
 import pandas as pd
 import torch
 
+from covidct.paths import COVID_CT_SPLIT as SPLIT
+from covidct.paths import raw
 from covidct.predict import load_pipeline
 from covidct.runtime import configure_threads
-from covidct.stages.crop_images import RAW, SPLIT
 from covidct.tracking import tracking_uri
 
 
@@ -86,7 +87,7 @@ def main() -> None:
     mlflow.set_tracking_uri(tracking_uri(root))
     threads = configure_threads()
     table = pd.read_csv(root / SPLIT).query("split == 'test'")
-    scans = [(p, (root / RAW / p).read_bytes()) for p in table["relpath"]]
+    scans = [(p, (root / raw("covid-ct") / p).read_bytes()) for p in table["relpath"]]
 
     started = time.perf_counter()
     pipeline = load_pipeline(args.model)

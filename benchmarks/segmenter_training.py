@@ -22,10 +22,10 @@ from torch.utils.data import DataLoader
 
 from covidct.config import load_params, section
 from covidct.runtime import configure_threads, grad_scaler, select_device
+from covidct.segmentation.data import load_lung_split
 from covidct.segmentation.losses import FocalTverskyLoss
 from covidct.segmentation.model import build_segmenter
 from covidct.segmentation.train import SliceDataset, segmentation_augmentation
-from covidct.stages.lung_data import load_lung_split
 from covidct.training import train_one_epoch
 
 

@@ -25,8 +25,9 @@ from covidct.classification.data import CachedImages, load_resized, paper_augmen
 from covidct.classification.model import build_classifier, normalisation
 from covidct.classification.train import classifier_epoch
 from covidct.config import load_params, section
+from covidct.paths import COVID_CT_SPLIT as SPLIT
+from covidct.paths import raw
 from covidct.runtime import configure_threads, grad_scaler, select_device
-from covidct.stages.crop_images import RAW, SPLIT
 
 
 def bare_round(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], optimiser: torch.optim.Optimizer) -> float:
@@ -51,7 +52,7 @@ def main() -> None:
     device, threads = select_device(), configure_threads()
     n = args.batches * config.batch_size
     table = pd.read_csv(root / SPLIT).query("split == 'train'").head(n)
-    images = load_resized([root / RAW / p for p in table["relpath"]], config.image_size, progress=None)
+    images = load_resized([root / raw("covid-ct") / p for p in table["relpath"]], config.image_size, progress=None)
     labels = table["label"].to_numpy()
 
     ours = build_classifier(config.model, config.pretrained).to(device).to(memory_format=torch.channels_last)

@@ -4,9 +4,8 @@ A classifier trained on CT answers for any picture: before the gate, an all-blac
 all-white and a 1x1 image were each called COVID with probability 0.75. Two looks decide:
 the picture itself (big enough, not near-constant), then the segmenter's cleaned lung mask
 (enough lung, and lung on both sides of the body's midline: two lungs, not one blob).
-The thresholds live in ``params.yaml`` (``gate``) and were set on the training sources'
-real slices (``covidct gate-stats``, ``reports/gate/``), so the gate refuses ~none of them.
-"""
+The thresholds live in ``params.yaml`` (``gate``), set on the real slices of the sources the
+pipeline trains on; ``reports/sources/`` counts what it refuses of every source (``refused.csv``)."""
 
 from __future__ import annotations
 

@@ -30,9 +30,9 @@ from covidct.classification.model import load_classifier
 from covidct.classification.train import fit_and_predict, predict_scores
 from covidct.config import ConfigError, read_yaml_mapping, section
 from covidct.metrics import flatten_metrics, metrics_with_ci, paired_auc_difference, threshold_for_recall
+from covidct.paths import COVID_CT_SPLIT as SPLIT
+from covidct.paths import VARIANTS, classifier_inputs
 from covidct.plots import plot_lever_forest
-from covidct.stages.crop_images import SPLIT
-from covidct.stages.train_classifier import VARIANTS, image_paths
 from covidct.sweep.cache import cache_key
 from covidct.sweep.space import with_overrides
 from covidct.tracking import child_run
@@ -146,7 +146,7 @@ def run_lever(root: Path, base: dict[str, Any], study: LeverStudy, run: LeverRun
     params = with_overrides(base, study.base | run.overrides)
     config, evaluate = section(params, "classifier"), section(params, "evaluate")
     table = pd.read_csv(root / SPLIT)
-    images = load_resized(image_paths(root, table, study.variant), config.image_size, progress=f"decode {study.variant} images")
+    images = load_resized(classifier_inputs(root, table["relpath"], study.variant), config.image_size, progress=f"decode {study.variant} images")
     out, key = lever_dir(root, study.study, run.name), _fingerprint(params, images)
     record = _reuse(root, out, key, run)
     if record is not None:

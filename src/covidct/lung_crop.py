@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from covidct.config import CropConfig
 from covidct.cropping import CropResult, clean_lung_mask, crop_to_lung_bbox, resize_mask
 from covidct.images import read_grayscale, write_png
+from covidct.paths import crop_relpath
 from covidct.preprocessing import segmenter_input
 from covidct.segmentation.inference import predict_probabilities
 
@@ -37,11 +38,6 @@ def segment_and_crop(originals: Sequence[np.ndarray], model: torch.nn.Module, me
         mask = resize_mask(mask, *image.shape[:2])
         results.append(LungCrop(mask, crop_to_lung_bbox(image, mask, config.margin, config.min_lung_fraction)))
     return results
-
-
-def crop_relpath(relpath: str) -> str:
-    """Crops are lossless PNG whatever the source format (stems are unique per class folder)."""
-    return str(Path(relpath).with_suffix(".png"))
 
 
 def crop_dataset(

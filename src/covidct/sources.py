@@ -18,6 +18,7 @@ import pandas as pd
 from covidct.datasets import CC_CCII, COVID_CT, LUNG_SEG
 from covidct.hygiene import covid_ct_patients
 from covidct.metrics import binary_metrics, flatten_metrics, patient_metrics_with_ci
+from covidct.paths import CC_CCII_SPLIT, COVID_CT_SPLIT, LUNG_SPLIT, raw
 from covidct.study import top_k_mean
 
 SOURCES = (COVID_CT, CC_CCII, LUNG_SEG)
@@ -31,19 +32,19 @@ def source_table(root: Path, name: str) -> pd.DataFrame:
     """One labelled source as path, relpath, label, split, patient and study (a scan; the
     patient where the source has no scan ids), plus cc_ccii_class for CC-CCII."""
     if name == COVID_CT:
-        table = pd.read_csv(root / "data/splits/covid_ct.csv")
-        patients = covid_ct_patients(root / "data/raw" / COVID_CT).drop_duplicates("relpath").set_index("relpath")["patient_id"]
+        table = pd.read_csv(root / COVID_CT_SPLIT)
+        patients = covid_ct_patients(root / raw(COVID_CT)).drop_duplicates("relpath").set_index("relpath")["patient_id"]
         table = table.assign(patient=table["relpath"].map(patients).fillna(table["relpath"]).astype(str))
         table = table.assign(study=table["patient"])
     elif name == CC_CCII:
-        table = pd.read_csv(root / "data/splits/cc_ccii.csv")
+        table = pd.read_csv(root / CC_CCII_SPLIT)
         table = table.assign(patient=table["patient_group"].astype(str), study=table["scan_id"].astype(str))
     elif name == LUNG_SEG:
-        table = pd.read_csv(root / "data/splits/lung_seg.csv").rename(columns={"image": "relpath"})
+        table = pd.read_csv(root / LUNG_SPLIT).rename(columns={"image": "relpath"})
         table = table.assign(label=1, patient=table["patient_id"].astype(str), study=table["patient_id"].astype(str))
     else:
         raise ValueError(f"unknown source {name!r} (known: {', '.join(SOURCES)})")
-    return table.assign(path=[str(root / "data/raw" / name / p) for p in table["relpath"]]).reset_index(drop=True)
+    return table.assign(path=[str(root / raw(name) / p) for p in table["relpath"]]).reset_index(drop=True)
 
 
 def rows_to_score(table: pd.DataFrame, name: str, trained_on: Sequence[str]) -> pd.DataFrame:

@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pandas as pd
 
+from covidct.datasets import COVID_CT, LUNG_SEG
 from covidct.metrics import binary_metrics
+from covidct.paths import COVID_CT_SPLIT as SPLIT
+from covidct.paths import LUNG_SPLIT, METRICS, classifier_dir, raw
 from covidct.predict import load_pipeline, predict_files
-from covidct.stages.crop_images import RAW, SPLIT
-from covidct.stages.lung_data import LUNG_ROOT, LUNG_SPLIT
 
+RAW, LUNG_ROOT = raw(COVID_CT), raw(LUNG_SEG)
 #: Metrics compared; the evaluate stage's CIs come from its bootstrap, not from the model.
 COMPARED = ("accuracy", "precision", "recall", "specificity", "f1", "auc")
 
@@ -30,7 +32,7 @@ def score_split(model_uri: str, root: Path, split: str) -> pd.DataFrame:
 
 def compare_with_evaluate(scored: pd.DataFrame, root: Path, split: str) -> pd.DataFrame:
     """One row per metric: the model's value, the report's, and their difference."""
-    reported = json.loads((root / "reports/metrics.json").read_text())["cropped"][split]
+    reported = json.loads((root / METRICS).read_text())["cropped"][split]
     mine = binary_metrics(scored["label"].to_numpy(), scored["probability"].to_numpy(dtype=float), float(scored["threshold"].iloc[0]))
     rows = [{"metric": m, "registered_model": mine[m], "evaluate_stage": reported[m], "difference": mine[m] - reported[m]} for m in COMPARED]
     return pd.DataFrame(rows)
@@ -38,7 +40,7 @@ def compare_with_evaluate(scored: pd.DataFrame, root: Path, split: str) -> pd.Da
 
 def max_score_difference(scored: pd.DataFrame, root: Path) -> float:
     """Largest |probability - score| against the classifier stage's own predictions.csv."""
-    stage = pd.read_csv(root / "models/classifier_cropped/predictions.csv")
+    stage = pd.read_csv(root / classifier_dir("cropped") / "predictions.csv")
     merged = scored.merge(stage[["relpath", "score"]], on="relpath", validate="one_to_one")
     if len(merged) != len(scored):
         raise ValueError(f"{len(scored) - len(merged)} scans are missing from models/classifier_cropped/predictions.csv")

@@ -32,11 +32,10 @@ from covidct.hygiene import (
     report_markdown,
     save_pair_gallery,
 )
+from covidct.paths import AUDIT_REPORTS, RAW, SPLITS
 from covidct.tracking import stage_run
 
-RAW = Path("data/raw")
-SPLITS = Path("data/splits")
-REPORTS = Path("reports/audit")
+REPORTS = AUDIT_REPORTS
 PAIRS_IMAGE = "pairs.png"
 CLOSEST_IN_IMAGE = 3  # per dataset, after every duplicate
 

@@ -18,17 +18,15 @@ import pandas as pd
 from covidct.atomic import atomic_dir, write_text_atomic
 from covidct.config import section
 from covidct.cropping import draw_overlay, save_gallery
+from covidct.datasets import COVID_CT
 from covidct.images import read_grayscale, read_mask
 from covidct.lung_crop import crop_dataset, crop_summary
+from covidct.paths import COVID_CT_SPLIT, CROP_REPORTS, CROPS, SEGMENTER, raw
 from covidct.runtime import configure_threads, select_device
 from covidct.segmentation.model import load_segmenter
-from covidct.stages.train_segmenter import MODEL
 from covidct.tracking import stage_run
 
-RAW = Path("data/raw/covid-ct")
-SPLIT = Path("data/splits/covid_ct.csv")
-CROPS = Path("data/crops")
-REPORTS = Path("reports/crop")
+RAW, SPLIT, REPORTS, MODEL = raw(COVID_CT), COVID_CT_SPLIT, CROP_REPORTS, SEGMENTER
 GALLERY_ROWS = 8
 
 

@@ -14,12 +14,11 @@ import pandas as pd
 from covidct.atomic import write_text_atomic
 from covidct.config import EvaluateConfig, section
 from covidct.metrics import confusion, flatten_metrics, metrics_with_ci, paired_auc_difference, roc_points, threshold_for_recall
+from covidct.paths import CROP_REPORTS, REPORTS, SEGMENTER_REPORTS, VARIANTS
+from covidct.paths import classifier_dir as model_dir
 from covidct.plots import plot_confusion_matrices, plot_roc_curves
 from covidct.reports import results_report
-from covidct.stages.train_classifier import VARIANTS, model_dir
 from covidct.tracking import stage_run
-
-REPORTS = Path("reports")
 
 
 def decision_threshold(val: pd.DataFrame, config: EvaluateConfig) -> float:
@@ -73,8 +72,8 @@ def run(params: dict[str, Any], root: Path) -> None:
         gain = segmentation_gain(root, config)
         metrics["segmentation_gain"] = gain
         mlflow.log_metrics({f"segmentation_gain.{k}": v for k, v in gain.items()})
-        segmenter = json.loads((root / "reports/segmenter/metrics.json").read_text())
-        crop = json.loads((root / "reports/crop/metrics.json").read_text())
+        segmenter = json.loads((root / SEGMENTER_REPORTS / "metrics.json").read_text())
+        crop = json.loads((root / CROP_REPORTS / "metrics.json").read_text())
         write_text_atomic(root / REPORTS / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         plot_roc_curves(curves, root / REPORTS / "figures" / "roc.png")
         plot_confusion_matrices(confusions, root / REPORTS / "figures" / "confusion.png")

@@ -18,11 +18,12 @@ from covidct.atomic import write_text_atomic
 from covidct.config import section
 from covidct.cropping import clean_lung_mask, draw_overlay, save_gallery
 from covidct.metrics import dice_score
+from covidct.paths import SEGMENTER as MODEL
+from covidct.paths import SEGMENTER_REPORTS as REPORTS
 from covidct.runtime import configure_threads, select_device
+from covidct.segmentation.data import load_lung_split
 from covidct.segmentation.inference import predict_probabilities
 from covidct.segmentation.model import load_segmenter
-from covidct.stages.lung_data import load_lung_split
-from covidct.stages.train_segmenter import MODEL, REPORTS
 from covidct.tracking import stage_run
 
 GALLERY_ROWS = 6

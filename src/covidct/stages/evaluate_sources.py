@@ -18,17 +18,17 @@ from covidct.atomic import write_text_atomic
 from covidct.config import section
 from covidct.datasets import CC_CCII, COVID_CT, LUNG_SEG
 from covidct.metrics import flatten_metrics, patient_metrics_with_ci, roc_points
+from covidct.paths import METRICS, SEGMENTER, SOURCE_REPORTS
+from covidct.paths import classifier_dir as model_dir
 from covidct.plots import plot_roc_curves
 from covidct.predict import predict_files
 from covidct.registry.pipeline_model import TwoStagePipeline
 from covidct.reports import format_cell, markdown_table
 from covidct.runtime import configure_threads
 from covidct.sources import CC_CCII_CONTRASTS, SOURCES, choose_top_k, rows_to_score, source_figures, source_table, study_scores
-from covidct.stages.train_classifier import model_dir
-from covidct.stages.train_segmenter import MODEL
 from covidct.tracking import stage_run
 
-REPORTS = Path("reports/sources")
+REPORTS, MODEL = SOURCE_REPORTS, SEGMENTER
 #: What train_classifier trains on today: COVID-CT's train split (its threshold: COVID-CT's validation split).
 TRAINED_ON = (COVID_CT,)
 NAMES = {COVID_CT: "COVID-CT", CC_CCII: "CC-CCII", LUNG_SEG: "lung set"}
@@ -115,7 +115,7 @@ def report(figures: dict[str, dict[str, float]], threshold: float, top_k: int) -
 
 def run(params: dict[str, Any], root: Path) -> None:
     config, crop, gate = section(params, "evaluate"), section(params, "crop"), section(params, "gate")
-    threshold = float(json.loads((root / "reports/metrics.json").read_text())["cropped"]["threshold"])
+    threshold = float(json.loads((root / METRICS).read_text())["cropped"]["threshold"])
     configure_threads()
     pipeline = TwoStagePipeline(root / MODEL, root / model_dir("cropped") / "model.pt", crop, threshold, gate)
     with stage_run("evaluate_sources", {"evaluate": dataclasses.asdict(config), "gate": dataclasses.asdict(gate), "trained_on": ",".join(TRAINED_ON)}):

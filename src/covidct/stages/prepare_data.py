@@ -19,9 +19,7 @@ from covidct.datasets import (
     lung_split,
 )
 from covidct.hygiene import fingerprint_images, linked_patients
-
-RAW = Path("data/raw")
-SPLITS = Path("data/splits")
+from covidct.paths import RAW, SPLITS
 
 
 def run(params: dict[str, Any], root: Path) -> None:

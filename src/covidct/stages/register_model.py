@@ -12,21 +12,21 @@ import mlflow
 import pandas as pd
 
 from covidct.config import section
+from covidct.datasets import COVID_CT
+from covidct.paths import COVID_CT_SPLIT, METRICS, PIPELINE, SEGMENTER, SOURCE_REPORTS, raw
+from covidct.paths import classifier_dir as model_dir
 from covidct.registry.register import build_and_register
-from covidct.stages.crop_images import RAW, SPLIT
-from covidct.stages.train_classifier import model_dir
-from covidct.stages.train_segmenter import MODEL
 from covidct.tracking import stage_run
 
-OUT = Path("models/pipeline")
+RAW, SPLIT, MODEL, OUT = raw(COVID_CT), COVID_CT_SPLIT, SEGMENTER, PIPELINE
 #: The sections the registered model embodies; recorded as version tags.
 PARAM_SECTIONS = ("preprocess", "segmenter", "crop", "classifier", "evaluate", "gate")
 
 
 def run(params: dict[str, Any], root: Path) -> None:
     registry, crop, gate = section(params, "registry"), section(params, "crop"), section(params, "gate")
-    metrics = json.loads((root / "reports/metrics.json").read_text())["cropped"]
-    sources = json.loads((root / "reports/sources/metrics.json").read_text())
+    metrics = json.loads((root / METRICS).read_text())["cropped"]
+    sources = json.loads((root / SOURCE_REPORTS / "metrics.json").read_text())
     example = pd.read_csv(root / SPLIT).query("split == 'val'").iloc[0]["relpath"]
     recorded = {name: params.get(name, {}) for name in PARAM_SECTIONS}
     with stage_run("register_model", {"registry": {"model_name": registry.model_name}}) as run:

@@ -15,30 +15,19 @@ from covidct.checkpoints import clear_stage_resume, resume_dir
 from covidct.classification.data import load_resized
 from covidct.classification.train import fit_and_predict
 from covidct.config import section
-from covidct.lung_crop import crop_relpath
+from covidct.paths import COVID_CT_SPLIT as SPLIT
+from covidct.paths import classifier_dir as model_dir
+from covidct.paths import classifier_inputs
 from covidct.plots import plot_training_curves
 from covidct.runtime import configure_threads, select_device
-from covidct.stages.crop_images import CROPS, RAW, SPLIT
 from covidct.tracking import stage_run
-
-VARIANTS = ("cropped", "raw")
-
-
-def model_dir(variant: str) -> Path:
-    return Path(f"models/classifier_{variant}")
-
-
-def image_paths(root: Path, table: pd.DataFrame, variant: str) -> list[Path]:
-    if variant == "cropped":
-        return [root / CROPS / "images" / crop_relpath(p) for p in table["relpath"]]
-    return [root / RAW / p for p in table["relpath"]]
 
 
 def run(params: dict[str, Any], root: Path, variant: str) -> None:
     config = section(params, "classifier")
     device, threads = select_device(), configure_threads()
     table = pd.read_csv(root / SPLIT)
-    images = load_resized(image_paths(root, table, variant), config.image_size, progress=f"decode {variant} images")
+    images = load_resized(classifier_inputs(root, table["relpath"], variant), config.image_size, progress=f"decode {variant} images")
     out = root / model_dir(variant)
     stage = f"train_classifier_{variant}"
     with stage_run(stage, {"classifier": dataclasses.asdict(config), "variant": variant}):

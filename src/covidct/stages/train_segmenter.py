@@ -11,15 +11,15 @@ import mlflow
 from covidct.atomic import write_text_atomic
 from covidct.checkpoints import clear_stage_resume, resume_dir
 from covidct.config import section
+from covidct.paths import SEGMENTER, SEGMENTER_REPORTS
 from covidct.plots import plot_training_curves
 from covidct.runtime import configure_threads, select_device
+from covidct.segmentation.data import load_lung_split
 from covidct.segmentation.train import train_segmenter
-from covidct.stages.lung_data import load_lung_split
 from covidct.tracking import stage_run
 
 STAGE = "train_segmenter"
-MODEL = Path("models/segmenter/model.pt")
-REPORTS = Path("reports/segmenter")
+MODEL, REPORTS = SEGMENTER, SEGMENTER_REPORTS
 
 
 def run(params: dict[str, Any], root: Path) -> None:

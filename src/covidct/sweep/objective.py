@@ -22,16 +22,15 @@ from covidct.config import section
 from covidct.datasets import COVID_CT, covid_ct_split
 from covidct.lung_crop import crop_dataset
 from covidct.metrics import binary_metrics
+from covidct.paths import RAW
 from covidct.runtime import select_device
+from covidct.segmentation.data import load_lung_split
 from covidct.segmentation.model import load_segmenter
 from covidct.segmentation.train import train_segmenter
-from covidct.stages.lung_data import load_lung_split
 from covidct.sweep.cache import cache_key, get_or_build
 from covidct.sweep.config import SweepConfig
 from covidct.sweep.space import suggest, with_overrides
 from covidct.tracking import child_run
-
-RAW = Path("data/raw")
 
 
 def study_parent(config: SweepConfig) -> tuple[dict[str, str], str]:

@@ -15,12 +15,12 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from covidct.config import PreprocessConfig
-from covidct.datasets import DatasetError
+from covidct.datasets import LUNG_SEG, DatasetError
 from covidct.images import read_grayscale, read_mask
+from covidct.paths import LUNG_SPLIT, raw
 from covidct.preprocessing import segmenter_input
 
-LUNG_ROOT = Path("data/raw/lung-seg")
-LUNG_SPLIT = Path("data/splits/lung_seg.csv")
+LUNG_ROOT = raw(LUNG_SEG)
 LUNG_MASK_SHAPE = (256, 256)
 
 

@@ -1,0 +1,49 @@
+"""The repository's layout in one place, relative to the repo root: stages, sweeps, levers and the
+registry build their paths from here, and ``dvc.yaml`` names the same ones. A stage imports this,
+never another stage, so its import closure (and its ``deps``, checked by tests/test_dvc_graph.py)
+holds only the code it runs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+RAW = Path("data/raw")  # verified copies of the datasets, one folder per source
+SPLITS = Path("data/splits")
+COVID_CT_SPLIT = SPLITS / "covid_ct.csv"
+LUNG_SPLIT = SPLITS / "lung_seg.csv"
+CC_CCII_SPLIT = SPLITS / "cc_ccii.csv"
+CROPS = Path("data/crops")  # images/ and masks/, one PNG per COVID-CT image
+
+SEGMENTER = Path("models/segmenter/model.pt")
+PIPELINE = Path("models/pipeline")  # the registered MLflow model, saved locally
+
+REPORTS = Path("reports")
+METRICS = REPORTS / "metrics.json"  # the evaluate stage's, thresholds included
+AUDIT_REPORTS = REPORTS / "audit"
+SEGMENTER_REPORTS = REPORTS / "segmenter"
+CROP_REPORTS = REPORTS / "crop"
+SOURCE_REPORTS = REPORTS / "sources"
+
+#: The paper's Table 1 ablation: the classifier on lung crops, and on the whole images.
+VARIANTS = ("cropped", "raw")
+
+
+def raw(source: str) -> Path:
+    return RAW / source
+
+
+def classifier_dir(variant: str) -> Path:
+    return Path(f"models/classifier_{variant}")
+
+
+def crop_relpath(relpath: str) -> str:
+    """Crops are lossless PNG whatever the source format (stems are unique per class folder)."""
+    return str(Path(relpath).with_suffix(".png"))
+
+
+def classifier_inputs(root: Path, relpaths: Iterable[str], variant: str) -> list[Path]:
+    """Where the classifier of ``variant`` reads each COVID-CT image."""
+    if variant == "cropped":
+        return [root / CROPS / "images" / crop_relpath(p) for p in relpaths]
+    return [root / RAW / "covid-ct" / p for p in relpaths]
