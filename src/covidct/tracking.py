@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -80,12 +81,18 @@ def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+#: MLflow 3's UI opens an experiment in its GenAI (traces) view unless it says it trains models.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def _experiment_id(client: MlflowClient, name: str, root: Path) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
+        if experiment.tags.get("mlflow.experimentKind") is None:  # made before the tag was set
+            client.set_experiment_tag(experiment.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
         return experiment.experiment_id
     try:
-        return client.create_experiment(name, artifact_location=(root / "mlruns" / "artifacts").as_uri())
+        return client.create_experiment(name, artifact_location=(root / "mlruns" / "artifacts").as_uri(), tags=EXPERIMENT_KIND)
     except MlflowException:  # another worker created it a moment ago
         experiment = client.get_experiment_by_name(name)
         if experiment is None:
@@ -135,7 +142,19 @@ def child_run(parent_key: Mapping[str, str], parent_name: str, run_name: str, pa
 def stage_run(stage: str, params: Mapping[str, Any]) -> Iterator[mlflow.ActiveRun]:
     """An MLflow run for one DVC stage, nested under the run of its pipeline execution."""
     group = pipeline_group_id()
-    name = f"pipeline {os.environ.get('DVC_EXP_NAME') or group[:12]}"
+    commit = git_commit(repo_root())[:7]
+    name = f"pipeline {time.strftime('%Y-%m-%d %H:%M')} {commit}" + (f" {os.environ['DVC_EXP_NAME']}" if os.environ.get("DVC_EXP_NAME") else "")
     tags = {GROUP_TAG: group, "covidct.role": "stage", "covidct.stage": os.environ.get("DVC_STAGE", stage)}
     with child_run({GROUP_TAG: group, "covidct.role": "pipeline"}, name, stage, params, tags) as run:
         yield run
+
+
+def log_pipeline_metrics(metrics: Mapping[str, float]) -> None:
+    """Headline figures on the parent run of the active stage run too, so ``dvc repro`` runs
+    compare in the MLflow runs table without opening their children."""
+    run = mlflow.active_run()
+    parent = run.data.tags.get("mlflow.parentRunId") if run is not None else None
+    if parent:
+        client = MlflowClient()
+        for key, value in metrics.items():
+            client.log_metric(parent, key, float(value))

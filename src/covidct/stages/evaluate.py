@@ -18,7 +18,7 @@ from covidct.paths import CROP_REPORTS, REPORTS, SEGMENTER_REPORTS, VARIANTS
 from covidct.paths import classifier_dir as model_dir
 from covidct.plots import plot_confusion_matrices, plot_roc_curves
 from covidct.reports import results_report
-from covidct.tracking import stage_run
+from covidct.tracking import log_pipeline_metrics, stage_run
 
 
 def decision_threshold(val: pd.DataFrame, config: EvaluateConfig) -> float:
@@ -69,6 +69,7 @@ def run(params: dict[str, Any], root: Path) -> None:
             }
             for split, m in per_split.items():
                 mlflow.log_metrics({f"{variant}.{split}.{k}": v for k, v in flatten_metrics(m).items()} | {f"{variant}.threshold": thresholds[variant]})
+        log_pipeline_metrics({f"{v}.{split}.{k}": metrics[v][split][k] for v in VARIANTS for split in ("val", "test") for k in ("auc", "recall", "specificity")})
         gain = segmentation_gain(root, config)
         metrics["segmentation_gain"] = gain
         mlflow.log_metrics({f"segmentation_gain.{k}": v for k, v in gain.items()})

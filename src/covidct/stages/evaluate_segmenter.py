@@ -24,7 +24,7 @@ from covidct.runtime import configure_threads, select_device
 from covidct.segmentation.data import load_lung_split
 from covidct.segmentation.inference import predict_probabilities
 from covidct.segmentation.model import load_segmenter
-from covidct.tracking import stage_run
+from covidct.tracking import log_pipeline_metrics, stage_run
 
 GALLERY_ROWS = 6
 
@@ -62,6 +62,7 @@ def run(params: dict[str, Any], root: Path) -> None:
         rows = [[images[i], draw_overlay(images[i], masks[i], None), draw_overlay(images[i], predicted[i], None)] for i in picks]
         save_gallery(rows, ["input (preprocessed)", "ground truth", "prediction"], root / REPORTS / "overlays.png")
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+        log_pipeline_metrics({f"segmenter.{k}": metrics[k] for k in ("dice_mean", "dice_pooled")})
         for name in ("metrics.json", "dice_per_slice.csv", "dice_per_patient.csv", "overlays.png"):
             mlflow.log_artifact(str(root / REPORTS / name))
     print(

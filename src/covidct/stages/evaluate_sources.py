@@ -26,7 +26,7 @@ from covidct.registry.pipeline_model import TwoStagePipeline
 from covidct.reports import format_cell, markdown_table
 from covidct.runtime import configure_threads
 from covidct.sources import CC_CCII_CONTRASTS, SOURCES, choose_top_k, rows_to_score, source_figures, source_table, study_scores
-from covidct.tracking import stage_run
+from covidct.tracking import log_pipeline_metrics, stage_run
 
 REPORTS, MODEL = SOURCE_REPORTS, SEGMENTER
 #: What train_classifier trains on today: COVID-CT's train split (its threshold: COVID-CT's validation split).
@@ -143,6 +143,8 @@ def run(params: dict[str, Any], root: Path) -> None:
         write_text_atomic(root / REPORTS / "refused.csv", refusals.to_csv(index=False))
         plot_roc_curves(curves, root / REPORTS / "roc.png")
         mlflow.log_metrics({f"{name}.{k}": float(v) for name, f in figures.items() for k, v in f.items()})
+        headline = {f"{name}.{k}": figures[name][k] for name in (CC_CCII, LUNG_SEG) for k in ("auc", "recall", "specificity") if k in figures[name]}
+        log_pipeline_metrics(headline | {"cc-ccii.studies.auc": figures["cc-ccii.studies"]["auc"]})
         for name in ("metrics.json", "report.md", "roc.png", "refused.csv"):
             mlflow.log_artifact(str(root / REPORTS / name))
     print(report(figures, threshold, top_k))
