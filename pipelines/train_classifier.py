@@ -4,7 +4,8 @@ import argparse
 from functools import partial
 
 from covidct.stages import main
-from covidct.stages.train_classifier import VARIANTS, run
+from covidct.paths import VARIANTS
+from covidct.stages.train_classifier import run
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Train the classifier on cropped (with segmentation) or raw (without) images.")
