@@ -6,12 +6,16 @@ nothing, and that changing only the crop margin re-runs only the crop and what f
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pandas as pd
@@ -207,6 +211,47 @@ def test_registered_pipeline_is_promoted_and_reproduces_the_evaluate_stage(tiny_
     unseen = verified.stdout.split("unseen scans")[1].splitlines()
     assert len([line for line in unseen if "radiopaedia" in line or "coronacases" in line]) == 3  # the held-out lung patients
     assert re.search(r"^\s*all\s+9\s+[01]\.\d{3}$", verified.stdout, re.M)
+
+
+def _readme_line(start: str) -> str:
+    [line] = {line.strip() for line in (REPO / "README.md").read_text().splitlines() if line.strip().startswith(start)}
+    return line.split(" #")[0].strip()
+
+
+def test_readmes_serve_command_works_as_written(tiny_repo: tuple[Path, dict[str, str]]) -> None:
+    """A newcomer pastes the README's lines into a fresh shell at the repo root: the export that
+    points the plain ``mlflow`` CLI at the project's store, then the serve command (its port
+    swapped for a free one), and the champion answers; no stray ./mlflow.db is left behind."""
+    repo, env = tiny_repo
+    _run([sys.executable, "-m", "covidct", "promote", "--min-val-recall", "0"], repo, env)  # a champion, if no test made one yet
+    export, serve = _readme_line("export MLFLOW_TRACKING_URI="), _readme_line("mlflow models serve -m models:/covidct@champion")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = f"{export} && {serve.replace('-p 5001', f'-p {port}')} -w 1"
+    server = subprocess.Popen(["bash", "-c", command], cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, f"the README's serve command exited: {server.stderr.read().decode()[-2000:]}"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "server did not start in 180 s"
+            time.sleep(0.5)
+        scan = next((repo / "data/raw/covid-ct/CT_COVID").iterdir()).read_bytes()
+        body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(scan).decode()]]}}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as response:
+            answer = json.loads(response.read())["predictions"][0]
+        assert answer["error"] == "" and 0.0 <= answer["probability"] <= 1.0
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+    assert not (repo / "mlflow.db").exists()
 
 
 def test_second_repro_does_nothing_and_margin_reruns_only_downstream(tiny_repo: tuple[Path, dict[str, str]]) -> None:

@@ -1,0 +1,93 @@
+"""Per-source figures (covidct.sources, covidct.study) and the patient bootstrap behind their intervals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import DATA
+from covidct.metrics import metrics_with_ci, patient_metrics_with_ci
+from covidct.sources import choose_top_k, rows_to_score, source_figures, study_scores
+from covidct.study import study_probabilities, top_k_mean
+
+
+def _clustered(n_patients: int = 40, slices: int = 20, seed: int = 0) -> pd.DataFrame:
+    """Slices that share their patient's score level: what neighbouring CT slices look like."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for patient in range(n_patients):
+        label = patient % 2
+        level = rng.normal(0.6 if label else 0.4, 0.15)
+        for k in range(slices):
+            rows.append({"patient": f"p{patient}", "study": f"s{patient}", "label": label, "probability": float(np.clip(level + rng.normal(0, 0.03), 0, 1)), "slice": k})
+    return pd.DataFrame(rows)
+
+
+def test_patient_bootstrap_is_wider_than_the_slice_bootstrap_on_clustered_slices() -> None:
+    """20 near-copies of one patient are not 20 patients: resampling slices understates the spread."""
+    table = _clustered()
+    y, s = table["label"].to_numpy(), table["probability"].to_numpy()
+    patients = patient_metrics_with_ci(y, s, table["patient"].to_numpy(), 0.5, 400, 0)["auc"]
+    slices = metrics_with_ci(y, s, 0.5, 400, 0)["auc"]
+    assert patients["value"] == slices["value"]
+    assert patients["ci_high"] - patients["ci_low"] > 2 * (slices["ci_high"] - slices["ci_low"])
+
+
+def test_patient_bootstrap_needs_both_classes() -> None:
+    with pytest.raises(ValueError, match="both classes"):
+        patient_metrics_with_ci([1, 1], [0.2, 0.4], ["a", "b"], 0.5, 10, 0)
+
+
+def test_top_k_mean_skips_refused_slices_and_none_means_nothing_scored() -> None:
+    assert top_k_mean([0.1, None, 0.9, 0.5, float("nan")], 2) == pytest.approx(0.7)
+    assert top_k_mean([0.1, 0.9, 0.5], 0) == pytest.approx(0.5)  # 0: all slices
+    assert top_k_mean([None, None], 3) is None
+    assert study_probabilities(["a", "a", "", "b"], [0.2, 0.8, 0.9, None], 1) == {"a": 0.8, "b": None}
+
+
+def test_study_scores_and_the_validation_choice_of_k() -> None:
+    table = _clustered(n_patients=6, slices=5)
+    studies = study_scores(table, 2)
+    assert len(studies) == 6 and studies["slices"].eq(5).all()
+    top = table.sort_values("probability", ascending=False).groupby("study")["probability"].apply(lambda p: p.iloc[:2].mean())
+    assert studies.set_index("study")["probability"].to_dict() == pytest.approx(top.to_dict())
+    assert choose_top_k(table) in (1, 3, 5, 10, 0)
+
+
+def test_source_figures_count_refusals_and_cc_ccii_contrasts() -> None:
+    table = _clustered(n_patients=12, slices=3)
+    table["cc_ccii_class"] = np.where(table["label"] == 1, "NCP", np.where(table.index % 2 == 0, "CP", "Normal"))
+    table.loc[0, "probability"] = np.nan  # the gate refused one slice
+    figures = source_figures(table, "cc-ccii", 0.5, 200, 0)
+    assert figures["slices"] == 36 and figures["refused"] == 1 and figures["patients"] == 12
+    assert figures["auc_ci_low"] <= figures["auc"] <= figures["auc_ci_high"]
+    assert {"ncp_vs_normal.auc", "ncp_vs_cp.auc", "ncp_vs_normal.specificity", "ncp_vs_cp.specificity_ci_low"} <= set(figures)
+
+
+def test_lung_set_gives_sensitivity_per_patient() -> None:
+    table = pd.DataFrame({"patient": ["a", "a", "b"], "label": 1, "probability": [0.9, 0.1, 0.7]})
+    figures = source_figures(table, "lung-seg", 0.5, 100, 0)
+    assert figures["recall"] == pytest.approx(2 / 3) and figures["recall.a"] == 0.5 and figures["recall.b"] == 1.0
+    assert "auc" not in figures  # one class: no ranking to score
+
+
+def test_a_source_trained_on_is_scored_on_its_test_split_only() -> None:
+    table = pd.DataFrame({"split": ["train", "val", "test", "test"]})
+    assert len(rows_to_score(table, "covid-ct", ["covid-ct"])) == 2
+    assert len(rows_to_score(table, "cc-ccii", ["covid-ct"])) == 4  # never trained on: all of it
+    assert len(rows_to_score(table, "lung-seg", ["covid-ct"])) == 2  # the segmenter trained on the rest
+
+
+def test_cc_ccii_split_keeps_linked_patients_together_and_stratifies_classes() -> None:
+    from covidct.datasets import cc_ccii_split
+
+    manifest = pd.read_csv(DATA / "cc-ccii" / "manifest.csv")
+    groups = {"CP_1775": "CP_1775+CP_3636", "CP_3636": "CP_1775+CP_3636"}
+    split = cc_ccii_split(manifest, 0.2, 0.2, 0, groups=groups)
+    assert split.loc[split["patient_id"].isin(["CP_1775", "CP_3636"]), "split"].nunique() == 1
+    assert split.groupby("patient_group")["split"].nunique().eq(1).all()  # never a patient in two splits
+    patients = split.drop_duplicates("patient_group").groupby(["cc_ccii_class", "split"]).size().unstack()
+    assert (patients["test"] / patients.sum(axis=1)).between(0.15, 0.25).all()  # about 20 % of each class's patients
+    assert split["label"].eq(split["cc_ccii_class"].eq("NCP").astype(int)).all()
+    assert split.equals(cc_ccii_split(manifest, 0.2, 0.2, 0, groups=groups))  # seeded: the same split every time
