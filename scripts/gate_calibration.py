@@ -4,7 +4,8 @@ mask, body midline), summarised per source, with the share each candidate thresh
 
     python scripts/gate_calibration.py            # after `dvc repro train_segmenter prepare_data`
 
-Writes reports/gate/calibration.csv (quantiles per source), reports/gate/evidence.png.
+Writes reports/gate/calibration.csv (quantiles per source), evidence_<split>.csv, evidence.png, and
+lungless_control.csv: the same evidence for chest slices whose lungs were filled in (see lungless_control).
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from covidct.config import load_params, section
 from covidct.gate import lung_evidence
-from covidct.images import read_grayscale
+from covidct.images import read_grayscale, read_mask
 from covidct.lung_crop import segment_and_crop
 from covidct.paths import REPORTS, SEGMENTER
 from covidct.runtime import configure_threads, select_device
@@ -56,6 +58,39 @@ def evidence(root: Path, split: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def lungless_control(root: Path) -> pd.DataFrame:
+    """A negative control: the lung set's held-out slices with their lungs (the radiologists'
+    masks) filled with the body's median soft-tissue grey, i.e. a chest slice with no lung in it,
+    as a neck or abdomen slice has none. The gate should refuse them; the evidence says how clearly."""
+    device = select_device()
+    model, meta = load_segmenter(root / SEGMENTER, device)
+    crop = section(load_params(root / "params.yaml"), "crop")
+    table = source_table(root, "lung-seg")
+    table = table[table["split"] == "test"]
+    rows = []
+    for start in range(0, len(table), crop.batch_size):
+        chunk = table.iloc[start : start + crop.batch_size]
+        images = []
+        for _, row in chunk.iterrows():
+            gray = read_grayscale(row["path"]).copy()
+            lungs = read_mask(root / "data/raw/lung-seg" / row["mask"], gray.shape)
+            body = gray[(gray > 100) & ~lungs]
+            gray[lungs] = int(np.median(body)) if body.size else 128
+            images.append(gray)
+        for image, result in zip(images, segment_and_crop(images, model, meta, crop, device), strict=True):
+            lungs = lung_evidence(result.mask, image)
+            rows.append(
+                {
+                    "source": "lung-seg, lungs filled",
+                    "min_side": min(image.shape),
+                    "std": float(image.std()),
+                    "lung_fraction": lungs.fraction,
+                    "balance": lungs.balance,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
 def main(root: Path, split: str = "train") -> None:
     table = evidence(root, split)
     summary = table.groupby("source")[["min_side", "std", "lung_fraction", "balance"]].quantile(list(QUANTILES)).unstack()
@@ -73,6 +108,10 @@ def main(root: Path, split: str = "train") -> None:
     with pd.option_context("display.width", 200, "display.max_columns", 40):
         print(summary.T.to_string(float_format=lambda v: f"{v:.4g}"))
     print(f"{len(table)} {split} slices; {OUT / 'calibration.csv'}, {OUT / 'evidence.png'}")
+    control = lungless_control(root)
+    control.to_csv(root / OUT / "lungless_control.csv", index=False)
+    print("negative control, lung-set test slices with their lungs filled:")
+    print(control[["std", "lung_fraction", "balance"]].describe().T.to_string(float_format=lambda v: f"{v:.4g}"))
 
 
 if __name__ == "__main__":

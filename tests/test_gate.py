@@ -67,10 +67,12 @@ def test_one_sided_or_tiny_lung_is_refused() -> None:
     gray = read_grayscale(LUNG / "images" / f"{pd.read_csv(LUNG / 'manifest.csv')['id'].iloc[500]}.png")
     mask = np.zeros(gray.shape, bool)
     mask[80:180, 20:100] = True  # one lung's worth, all left of the midline
-    one_sided = lung_problem(lung_evidence(mask, gray), GATE)
+    two_lungs = GateConfig(GATE.min_side, GATE.min_std, GATE.min_lung_fraction, 0.05)  # params.yaml keeps this check off (see its comment)
+    one_sided = lung_problem(lung_evidence(mask, gray), two_lungs)
     assert one_sided is not None and "both sides" in one_sided
+    assert lung_problem(LungEvidence(0.2, 0.2, 0.0), GATE) is None  # off by default: one lung is not refused
     assert "lung mask covers" in lung_problem(LungEvidence(0.001, 0.0005, 0.0005), GATE)
-    assert lung_problem(LungEvidence(0.2, 0.1, 0.09), GATE) is None
+    assert lung_problem(LungEvidence(0.2, 0.1, 0.09), two_lungs) is None
 
 
 def test_midline_follows_the_body_not_the_image() -> None:
