@@ -3,7 +3,8 @@
 A classifier trained on CT answers for any picture: before the gate, an all-black, an
 all-white and a 1x1 image were each called COVID with probability 0.75. Two looks decide:
 the picture itself (big enough, not near-constant), then the segmenter's cleaned lung mask
-(enough lung, and lung on both sides of the body's midline: two lungs, not one blob).
+(enough lung and, when asked, lung on both sides of the body's midline: two lungs, not one blob;
+off by default, since the segmenter misses a consolidated lung, see docs/sources.md).
 The thresholds live in ``params.yaml`` (``gate``), set on the real slices of the sources the
 pipeline trains on; ``reports/sources/`` counts what it refuses of every source (``refused.csv``)."""
 
