@@ -510,7 +510,15 @@ def registered(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
         with mlflow.start_run(experiment_id=experiment):
             params = {"classifier": {"model": "efficientnet_b0", "image_size": 64}}
             build_and_register(
-                root, root / "pipeline", MODEL_NAME, weights, CropConfig(min_lung_fraction=0.0), PICTURE_GATE, metrics, params, (REAL_PNG.name, REAL_PNG.read_bytes())
+                root,
+                root / "pipeline",
+                MODEL_NAME,
+                weights,
+                CropConfig(min_lung_fraction=0.0),
+                PICTURE_GATE,
+                metrics,
+                params,
+                (REAL_PNG.name, REAL_PNG.read_bytes()),
             )
         MlflowClient(uri).set_registered_model_alias(MODEL_NAME, "champion", "1")
     finally:

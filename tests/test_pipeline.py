@@ -162,7 +162,7 @@ def test_every_source_is_scored_and_held_out_sources_say_so(tiny_repo: tuple[Pat
     scores = pd.read_csv(repo / "reports/sources/scores.csv")
     assert len(scores) == 42 and scores["probability"].between(0, 1).all()
     report = (repo / "reports/sources/report.md").read_text()
-    assert "Source-held-out table" in report and "CC-CCII, all (held out)" in report
+    assert "Source-held-out table" in report and "CC-CCII, all (held out)" in report and "COVID-CT, its test split" in report
 
 
 def test_mlflow_has_one_parent_and_every_stage(tiny_repo: tuple[Path, dict[str, str]]) -> None:

@@ -20,7 +20,9 @@ def _clustered(n_patients: int = 40, slices: int = 20, seed: int = 0) -> pd.Data
         label = patient % 2
         level = rng.normal(0.6 if label else 0.4, 0.15)
         for k in range(slices):
-            rows.append({"patient": f"p{patient}", "study": f"s{patient}", "label": label, "probability": float(np.clip(level + rng.normal(0, 0.03), 0, 1)), "slice": k})
+            rows.append(
+                {"patient": f"p{patient}", "study": f"s{patient}", "label": label, "probability": float(np.clip(level + rng.normal(0, 0.03), 0, 1)), "slice": k}
+            )
     return pd.DataFrame(rows)
 
 

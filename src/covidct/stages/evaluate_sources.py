@@ -62,12 +62,11 @@ def report(figures: dict[str, dict[str, float]], threshold: float, top_k: int) -
     rows = []
     for name in SOURCES:
         f = figures[name]
-        held_out = "held out" if name not in TRAINED_ON else "trained on (test split)"
-        where = "held-out patients" if name == LUNG_SEG else ("all" if name not in TRAINED_ON else "test split")
-        rows.append(
-            [trained, f"{NAMES[name]}, {where} ({held_out})", f"{f['slices']} ({f['patients']})", str(f["refused"])]
-            + [_cell(f, m) for m in ("auc", "recall", "specificity")]
-        )
+        if name in TRAINED_ON:
+            scored_on = f"{NAMES[name]}, its test split"
+        else:
+            scored_on = f"{NAMES[name]}, {'held-out patients' if name == LUNG_SEG else 'all'} (held out)"
+        rows.append([trained, scored_on, f"{f['slices']} ({f['patients']})", str(f["refused"])] + [_cell(f, m) for m in ("auc", "recall", "specificity")])
     lines = [
         "# Results by source",
         "",
@@ -95,8 +94,9 @@ def report(figures: dict[str, dict[str, float]], threshold: float, top_k: int) -
         "",
         "## CC-CCII studies (scans)",
         "",
-        f"A scan's score is the mean of its {top_k or 'all'} highest slice score(s) (`top_k` chosen on CC-CCII's validation scans "
-        f"from 1, 3, 5, 10 and all, by AUC); scored on the {figures['cc-ccii.studies']['studies']:.0f} test scans.",
+        f"A scan's score is the mean of {f'its {top_k} highest slice scores' if top_k else 'all its slice scores'} (chosen on CC-CCII's "
+        f"validation scans among the top 1, 3, 5, 10 and all, by AUC); scored on the {figures['cc-ccii.studies']['studies']:.0f} test scans. "
+        "Sensitivity and specificity are at the slice threshold.",
         "",
         markdown_table(
             ["studies", "AUC", "sensitivity", "specificity"],

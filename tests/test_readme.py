@@ -1,0 +1,56 @@
+"""The README's results table quotes files the pipeline writes; each number must be what the file
+says, so a `dvc repro` that changes them cannot leave the front door stale."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from conftest import REPO
+
+ROW = re.compile(r"^\| (?P<measure>[^|]+) \| (?P<value>[^|]+) \| `(?P<file>reports/[^`]+\.json)`: (?P<keys>.+) \|$")
+
+
+def _rows() -> list[re.Match[str]]:
+    text = (REPO / "README.md").read_text()
+    results = text.split("## Results", 1)[1].split("\n## ", 1)[0]
+    return [m for line in results.splitlines() if (m := ROW.match(line.strip()))]
+
+
+def _lookup(data: dict, dotted: str) -> float:
+    """``cropped.test.auc`` in nested JSON, or a flat key that itself holds dots (``cc-ccii.studies``)."""
+    node = data
+    parts = dotted.split(".")
+    while parts:
+        for n in range(len(parts), 0, -1):
+            key = ".".join(parts[:n])
+            if isinstance(node, dict) and key in node:
+                node, parts = node[key], parts[n:]
+                break
+        else:
+            raise KeyError(dotted)
+    return float(node)
+
+
+def test_the_results_table_has_its_rows() -> None:
+    assert len(_rows()) >= 4
+
+
+@pytest.mark.parametrize("row", _rows(), ids=lambda m: m["measure"])
+def test_each_quoted_number_is_in_its_file(row: re.Match[str]) -> None:
+    data = json.loads((REPO / row["file"]).read_text())
+    quoted = re.findall(r"\d+\.\d+", row["value"])
+    expected = []
+    for key in re.findall(r"`([^`]+)`", row["keys"]):
+        value = _lookup(data, key)
+        expected += [f"{100 * value:.1f}", f"{value:.3f}"]  # percent with one decimal, or a fraction with three
+        for bound in ("_ci_low", "_ci_high"):
+            leaf = key.rsplit(".", 1)
+            try:
+                edge = _lookup(data, f"{leaf[0]}.{leaf[1]}{bound}" if len(leaf) == 2 else f"{key}{bound}")
+            except KeyError:
+                continue
+            expected += [f"{100 * edge:.1f}", f"{edge:.3f}"]
+    assert quoted and all(q in expected for q in quoted), (row["measure"], quoted, expected)
