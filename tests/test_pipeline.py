@@ -11,15 +11,14 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers.serving import free_port, wait_until_serving
 from mlflow.tracking import MlflowClient
 from PIL import Image
 from ruamel.yaml import YAML
@@ -225,23 +224,11 @@ def test_readmes_serve_command_works_as_written(tiny_repo: tuple[Path, dict[str,
     repo, env = tiny_repo
     _run([sys.executable, "-m", "covidct", "promote", "--min-val-recall", "0"], repo, env)  # a champion, if no test made one yet
     export, serve = _readme_line("export MLFLOW_TRACKING_URI="), _readme_line("mlflow models serve -m models:/covidct@champion")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     command = f"{export} && {serve.replace('-p 5001', f'-p {port}')} -w 1"
     server = subprocess.Popen(["bash", "-c", command], cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert server.poll() is None, f"the README's serve command exited: {server.stderr.read().decode()[-2000:]}"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "server did not start in 180 s"
-            time.sleep(0.5)
+        wait_until_serving(server, port)
         scan = next((repo / "data/raw/covid-ct/CT_COVID").iterdir()).read_bytes()
         body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(scan).decode()]]}}).encode()
         request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"})

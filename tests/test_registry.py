@@ -11,10 +11,8 @@ from __future__ import annotations
 import base64
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -24,6 +22,7 @@ import mlflow
 import pandas as pd
 import pytest
 import torch
+from helpers.serving import free_port, wait_until_serving
 from mlflow.tracking import MlflowClient
 from PIL import Image
 from test_images import write_ct_dicom
@@ -241,12 +240,6 @@ def test_predict_cli_loads_by_alias_and_reports_errors_per_file(cli_predictions:
         assert image.mode == "RGB" and image.size == Image.open(SCANS[0]).size
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(port: int, body: bytes, content_type: str = "application/json") -> tuple[int, dict]:
     request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": content_type})
     try:
@@ -265,21 +258,11 @@ def _rows(scans: list[tuple[str, bytes]]) -> bytes:
 def test_served_model_answers_like_predict_and_survives_malformed_requests(store: tuple[str, Path], cli_predictions: tuple[pd.DataFrame, Path]) -> None:
     uri, _ = store
     table, _ = cli_predictions
-    port = _free_port()
+    port = free_port()
     command = ["mlflow", "models", "serve", "-m", f"models:/{NAME}@serving", "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"]
     server = subprocess.Popen(command, env=_env(uri), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert server.poll() is None, "mlflow models serve exited"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "server did not start in 180 s"
-            time.sleep(0.5)
+        wait_until_serving(server, port)
         status, answer = _post(port, _rows([(p.name, p.read_bytes()) for p in SCANS] + [("text", b"hello")]))
         assert status == 200
         served = answer["predictions"]
