@@ -324,3 +324,11 @@ def test_a_folder_series_is_one_study_in_slice_order(pipeline: TwoStagePipeline,
     frame = pd.DataFrame({"image": [f.read_bytes() for f in files], "study": [*studies[:4], None]})
     answer = served.predict(None, frame)
     assert answer["study_probability"].tolist()[:4] == table["study_probability"].tolist()[:4] and answer["study"][4] is None
+
+
+def test_an_unreadable_header_in_a_folder_leaves_the_series_grouped(tmp_path: Path) -> None:
+    write_series(tmp_path, [5.0, -5.0, 0.0], [1, 2, 3], ["x1", "x2", "x3"])
+    (tmp_path / "cut").write_bytes((tmp_path / "x1").read_bytes()[:200])  # DICM marker, header cut short
+    files, studies = group_studies(collect_scans([tmp_path]))
+    assert files == [tmp_path / n for n in ("cut", "x2", "x3", "x1")]  # the cut file keeps its place for its error row; the series by z
+    assert studies[0] == "" and len(set(studies[1:])) == 1 and studies[1]

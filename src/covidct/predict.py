@@ -45,13 +45,20 @@ def group_studies(files: Sequence[Path]) -> tuple[list[Path], list[str]]:
     for path in files:
         try:
             with path.open("rb") as handle:
-                if not is_dicom(handle.read(132)):
-                    continue
-            read_series([path])
-        except (OSError, ImageReadError):
+                if is_dicom(handle.read(132)):
+                    readable.append(path)
+        except OSError:
             continue
-        readable.append(path)
-    series = [s for s in read_series(readable) if len(s.files) > 1] if readable else []
+    while True:  # one pass over the headers; a file whose header is unreadable leaves and the rest are read again
+        try:
+            series = [s for s in read_series(readable) if len(s.files) > 1] if readable else []
+            break
+        except ImageReadError as exc:
+            left = [f for f in readable if Path(f) != exc.path]
+            if len(left) == len(readable):  # not one of ours: no study grouping rather than a loop
+                series = []
+                break
+            readable = left
     study_of = {f: s.series_uid or f"series {i + 1}" for i, s in enumerate(series) for f in s.files}
     ordered, placed = [], set()
     for path in files:
