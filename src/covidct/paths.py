@@ -13,7 +13,7 @@ SPLITS = Path("data/splits")
 COVID_CT_SPLIT = SPLITS / "covid_ct.csv"
 LUNG_SPLIT = SPLITS / "lung_seg.csv"
 CC_CCII_SPLIT = SPLITS / "cc_ccii.csv"
-CROPS = Path("data/crops")  # images/ and masks/, one PNG per COVID-CT image
+CROPS = Path("data/crops")  # images/, masks/ (whole image) and lung/ (the crop's), one PNG per image; CC-CCII under cc-ccii/
 
 SEGMENTER = Path("models/segmenter/model.pt")
 PIPELINE = Path("models/pipeline")  # the registered MLflow model, saved locally
@@ -37,13 +37,20 @@ def classifier_dir(variant: str) -> Path:
     return Path(f"models/classifier_{variant}")
 
 
-def crop_relpath(relpath: str) -> str:
-    """Crops are lossless PNG whatever the source format (stems are unique per class folder)."""
-    return str(Path(relpath).with_suffix(".png"))
+def crop_relpath(relpath: str, source: str = "covid-ct") -> str:
+    """Crops are lossless PNG whatever the source format (stems are unique per class folder);
+    COVID-CT's keep their class folders at the top, other sources sit in a folder of their own."""
+    path = Path(relpath).with_suffix(".png")
+    return str(path if source == "covid-ct" else Path(source) / path)
 
 
-def classifier_inputs(root: Path, relpaths: Iterable[str], variant: str) -> list[Path]:
-    """Where the classifier of ``variant`` reads each COVID-CT image."""
+def classifier_inputs(root: Path, relpaths: Iterable[str], variant: str, source: str = "covid-ct") -> list[Path]:
+    """Where the classifier of ``variant`` reads each image of ``source``."""
     if variant == "cropped":
-        return [root / CROPS / "images" / crop_relpath(p) for p in relpaths]
-    return [root / RAW / "covid-ct" / p for p in relpaths]
+        return [root / CROPS / "images" / crop_relpath(p, source) for p in relpaths]
+    return [root / RAW / source / p for p in relpaths]
+
+
+def lung_masks(root: Path, relpaths: Iterable[str], source: str = "covid-ct") -> list[Path]:
+    """The lung mask of each crop, aligned with it pixel for pixel."""
+    return [root / CROPS / "lung" / crop_relpath(p, source) for p in relpaths]

@@ -93,9 +93,11 @@ def predict_files(pipeline: TwoStagePipeline, files: Sequence[Path], batch_size:
     return out
 
 
-def write_predictions(predictions: Sequence[ScanPrediction], out_csv: Path, studies: Sequence[str] | None = None, top_k: int = 0) -> pd.DataFrame:
+def write_predictions(
+    predictions: Sequence[ScanPrediction], out_csv: Path, studies: Sequence[str] | None = None, top_k: int = 0, study_threshold: float | None = None
+) -> pd.DataFrame:
     """One row per scan in ``out_csv``; with studies, one row per study beside it (``<name>_studies.csv``)."""
-    table = predictions_table(predictions, studies, top_k)
+    table = predictions_table(predictions, studies, top_k, study_threshold)
     table.insert(0, "file", [p.name for p in predictions])
     write_text_atomic(out_csv, table[["file", *OUTPUT]].to_csv(index=False))
     if table[STUDY].notna().any():

@@ -48,11 +48,20 @@ def source_table(root: Path, name: str) -> pd.DataFrame:
 
 
 def rows_to_score(table: pd.DataFrame, name: str, trained_on: Sequence[str]) -> pd.DataFrame:
-    """A source the classifier trained on is scored on its test split; one it never saw, whole.
-    The lung set only on its held-out patients: the segmenter trained on the others."""
-    if name in trained_on or name == LUNG_SEG:
+    """A source the classifier trained on is scored on its validation split (for choices such as
+    the study aggregation) and its test split (the figures); one it never saw, whole. The lung
+    set only on its held-out patients: the segmenter trained on the others."""
+    if name == LUNG_SEG:
         return table[table["split"] == "test"].reset_index(drop=True)
+    if name in trained_on:
+        return table[table["split"].isin(["val", "test"])].reset_index(drop=True)
     return table
+
+
+def figure_rows(scored: pd.DataFrame, name: str, trained_on: Sequence[str]) -> pd.DataFrame:
+    """The scored rows a source's figures rest on: the test split of a trained-on source."""
+    part = scored[scored["source"] == name]
+    return part[part["split"] == "test"] if name in trained_on else part
 
 
 def _figures(part: pd.DataFrame, threshold: float, n_boot: int, seed: int) -> dict[str, float]:

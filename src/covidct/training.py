@@ -35,11 +35,13 @@ def train_one_epoch(
     schedule: torch.optim.lr_scheduler.LRScheduler | None = None,
     desc: str = "train",
     after_step: Callable[[], None] | None = None,
+    dtype: torch.dtype | None | str = "auto",
 ) -> tuple[float, int]:
     """One pass over ``batches``; returns the mean loss and the number of images seen.
 
     The loss is computed in fp32 on the network's output, also under autocast. ``after_step``
-    runs after every optimiser step (a weight average's update).
+    runs after every optimiser step (a weight average's update); ``dtype``: the autocast's
+    (:func:`covidct.runtime.autocast_dtype`).
     """
     model.train()
     losses, seen = [], 0
@@ -47,7 +49,7 @@ def train_one_epoch(
     for batch in bar:
         inputs, targets = to_device(batch)
         optimiser.zero_grad(set_to_none=True)
-        with autocast(device):
+        with autocast(device, dtype):
             outputs = model(inputs)
         loss = loss_fn(outputs.float(), targets)
         scaler.scale(loss).backward()

@@ -12,14 +12,14 @@ import numpy as np
 import pandas as pd
 import torch
 from timm.utils import ModelEmaV3
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, WeightedRandomSampler
 from tqdm.auto import tqdm
 
 from covidct.classification.data import CachedImages, paper_augmentation, to_model_input
 from covidct.classification.model import build_classifier, load_classifier, normalisation, zero_head
 from covidct.config import ClassifierConfig
 from covidct.metrics import binary_metrics
-from covidct.runtime import autocast, grad_scaler, seed_everything
+from covidct.runtime import autocast, autocast_dtype, grad_scaler, seed_everything
 from covidct.training import TrainingRun, run_fingerprint, train_one_epoch
 
 # The code a resume state depends on: a state saved by other code is never picked up.
@@ -43,14 +43,16 @@ def predict_scores(
     batch_size: int = 32,
     progress: str | None = None,
     tta: bool = False,
+    dtype: torch.dtype | None | str = "auto",
 ) -> np.ndarray:
-    """COVID probabilities for uint8 (N, S, S) images; ``tta`` averages each with its mirror's."""
+    """COVID probabilities for uint8 (N, S, S) images; ``tta`` averages each with its mirror's;
+    ``dtype``: the autocast's (:func:`covidct.runtime.autocast_dtype` of the checkpoint's precision)."""
     model.eval()
     loader = DataLoader(CachedImages(images, np.zeros(len(images))), batch_size=batch_size)
     scores = []
     for batch, _ in tqdm(loader, desc=progress, unit="batch", disable=progress is None):
         inputs = to_model_input(batch, mean, std, device)
-        with autocast(device):
+        with autocast(device, dtype):
             probability = torch.sigmoid(model(inputs).float()[:, 0])
             if tta:  # the mirror is a view the training augmentation also shows (hflip)
                 probability = (probability + torch.sigmoid(model(inputs.flip(-1)).float()[:, 0])) / 2
@@ -69,6 +71,7 @@ def classifier_epoch(
     schedule: torch.optim.lr_scheduler.LRScheduler | None = None,
     pos_weight: float | None = None,
     after_step: Callable[[], None] | None = None,
+    dtype: torch.dtype | None | str = "auto",
 ) -> tuple[float, int]:
     """One BCE epoch over uint8 batches; the trainer and the throughput benchmark both run it."""
     loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=None if pos_weight is None else torch.tensor(pos_weight, device=device))
@@ -83,6 +86,7 @@ def classifier_epoch(
         schedule,
         desc=desc,
         after_step=after_step,
+        dtype=dtype,
     )
 
 
@@ -95,6 +99,16 @@ def positive_weight(labels: np.ndarray, class_weight: str) -> float | None:
     if positives == 0:
         raise ValueError("classifier.class_weight: balanced needs COVID images in the train split")
     return (len(labels) - positives) / positives
+
+
+def balanced_sampler(groups: np.ndarray, labels: np.ndarray, seed: int) -> WeightedRandomSampler | None:
+    """With more than one source, each epoch draws every (source, class) cell equally often, so
+    the larger source cannot teach "which source" as the easiest answer; one source: plain shuffling."""
+    if len(np.unique(groups)) < 2:
+        return None
+    cells = pd.Series(list(zip(groups, labels, strict=True)))
+    weights = 1.0 / cells.map(cells.value_counts()).to_numpy(dtype=float)
+    return WeightedRandomSampler(torch.from_numpy(weights), len(weights), replacement=True, generator=torch.Generator().manual_seed(seed))
 
 
 def _selection_score(metrics: dict[str, float], val_loss: float, name: str) -> float:
@@ -110,8 +124,10 @@ def train_classifier(
     meta: dict,
     on_epoch: Callable[[dict], None] = lambda row: None,
     resume_dir: Path | None = None,
+    train_sources: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """Train; keep the weights with the best validation ``config.select_metric``; return history.
+    ``train_sources`` (one name per training image) balances the sources, see :func:`balanced_sampler`.
 
     With ``resume_dir``, a resume state is saved there after every epoch and a run killed
     part-way carries on from it when started again with the same config, meta and data;
@@ -124,10 +140,12 @@ def train_classifier(
     model = model.to(device).to(memory_format=torch.channels_last)
     mean, std = normalisation(model)
     optimiser = torch.optim.Adam(model.parameters(), lr=config.lr)
+    sampler = balanced_sampler(train_sources, train[1], config.seed) if train_sources is not None else None
     loader = DataLoader(
         CachedImages(*train, paper_augmentation(config.augment, config.seed)),
         batch_size=config.batch_size,
-        shuffle=True,
+        shuffle=sampler is None,
+        sampler=sampler,
         generator=torch.Generator().manual_seed(config.seed),
         drop_last=len(train[0]) > config.batch_size,  # a batch of 1 breaks batch norm
     )
@@ -140,18 +158,19 @@ def train_classifier(
     # A running average of the weights smooths the epoch-to-epoch swings that a 118-image
     # validation split would otherwise pick a checkpoint from; it is what gets scored and kept.
     ema = ModelEmaV3(model, decay=config.ema_decay) if config.ema_decay > 0 else None
-    run = TrainingRun(model, optimiser, grad_scaler(device), loader, device, checkpoint, -np.inf, on_epoch, schedule, resume_dir, fingerprint)
+    dtype = autocast_dtype(device, config.precision)
+    run = TrainingRun(model, optimiser, grad_scaler(device, dtype), loader, device, checkpoint, -np.inf, on_epoch, schedule, resume_dir, fingerprint)
     run.averaged = ema.module if ema is not None else None
     after_step = (lambda: ema.update(model)) if ema is not None else None
     # absent means no TTA, so checkpoints written before the option read the same
-    scoring = {"tta": True} if config.tta else {}
+    scoring = ({"tta": True} if config.tta else {}) | {"precision": config.precision}
     for epoch in range(run.start(), config.epochs + 1):
         started = time.perf_counter()
         train_loss, seen = classifier_epoch(
-            model, loader, optimiser, run.scaler, device, (mean, std), f"classifier epoch {epoch}/{config.epochs}", schedule, pos_weight, after_step
+            model, loader, optimiser, run.scaler, device, (mean, std), f"classifier epoch {epoch}/{config.epochs}", schedule, pos_weight, after_step, dtype
         )
         train_seconds = time.perf_counter() - started
-        val_scores = predict_scores(run.scored, val[0], device, mean, std, config.batch_size * 2)
+        val_scores = predict_scores(run.scored, val[0], device, mean, std, config.batch_size * 2, dtype=dtype)
         val_loss = float(
             torch.nn.functional.binary_cross_entropy(torch.from_numpy(val_scores).double().clamp(1e-7, 1 - 1e-7), torch.from_numpy(val[1]).double())
         )
@@ -179,21 +198,28 @@ def fit_and_predict(
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Train on ``table.split == "train"``, choose on "val", then score val and test with the
     chosen checkpoint. Returns the history, the val/test predictions and the checkpoint meta.
-    ``resume_dir``: see :func:`train_classifier`."""
+    With ``source`` and ``trained`` columns (:mod:`covidct.classification.table`), only trained
+    rows train and choose (validation pooled over their sources, which are balanced in
+    training); the others' rows are scored as held out. ``resume_dir``: see :func:`train_classifier`."""
     labels = table["label"].to_numpy()
+    trained = table["trained"].to_numpy(dtype=bool) if "trained" in table else np.ones(len(table), dtype=bool)
     part = {split: (table["split"] == split).to_numpy() for split in ("train", "val", "test")}
+    fit, choose = part["train"] & trained, part["val"] & trained
     history = train_classifier(
-        (images[part["train"]], labels[part["train"]]),
-        (images[part["val"]], labels[part["val"]]),
+        (images[fit], labels[fit]),
+        (images[choose], labels[choose]),
         config,
         device,
         checkpoint,
         meta,
         on_epoch,
         resume_dir,
+        table["source"].to_numpy()[fit] if "source" in table else None,
     )
     model, chosen = load_classifier(checkpoint, device)
     keep = part["val"] | part["test"]
-    scores = predict_scores(model, images[keep], device, chosen["mean"], chosen["std"], progress="score val + test", tta=chosen.get("tta", False))
-    predictions = table[keep].assign(score=scores)[["relpath", "split", "label", "score"]]
+    dtype = autocast_dtype(device, chosen.get("precision", "auto"))
+    scores = predict_scores(model, images[keep], device, chosen["mean"], chosen["std"], progress="score val + test", tta=chosen.get("tta", False), dtype=dtype)
+    columns = [c for c in ("source", "relpath", "split", "label", "patient", "trained") if c in table]
+    predictions = table[keep].assign(score=scores)[[*columns, "score"]]
     return history, predictions, chosen

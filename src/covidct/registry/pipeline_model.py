@@ -24,14 +24,14 @@ import torch
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
-from covidct.classification.data import resize_for_classifier
+from covidct.classification.inputs import classifier_view
 from covidct.classification.model import load_classifier
 from covidct.classification.train import predict_scores
 from covidct.config import CropConfig, GateConfig
 from covidct.gate import image_problem, lung_evidence, lung_problem
 from covidct.images import ImageReadError, decode_grayscale
 from covidct.lung_crop import segment_and_crop
-from covidct.runtime import select_device
+from covidct.runtime import autocast_dtype, select_device
 from covidct.segmentation.model import load_segmenter
 from covidct.study import study_probabilities
 
@@ -88,13 +88,15 @@ class ScanPrediction:
         }
 
 
-def predictions_table(predictions: Sequence[ScanPrediction], studies: Sequence[str] | None = None, top_k: int = 0) -> pd.DataFrame:
+def predictions_table(
+    predictions: Sequence[ScanPrediction], studies: Sequence[str] | None = None, top_k: int = 0, study_threshold: float | None = None
+) -> pd.DataFrame:
     """One row per scan; ``studies`` (an id per scan, empty for none) adds each study's verdict
-    (:mod:`covidct.study`) to its scans' rows. Object columns keep ``None`` for failed scans, so
-    the JSON answer says null, not NaN."""
+    (:mod:`covidct.study`; labelled at ``study_threshold``, else at the slice threshold) to its
+    scans' rows. Object columns keep ``None`` for failed scans, so the JSON answer says null, not NaN."""
     studies = list(studies) if studies is not None else [""] * len(predictions)
     verdicts = study_probabilities(studies, [p.probability for p in predictions], top_k)
-    threshold = next((p.threshold for p in predictions if p.threshold is not None), None)
+    threshold = study_threshold if study_threshold is not None else next((p.threshold for p in predictions if p.threshold is not None), None)
     rows = []
     for prediction, study in zip(predictions, studies, strict=True):
         score = verdicts.get(study)
@@ -116,18 +118,20 @@ class TwoStagePipeline:
         gate: GateConfig | None = None,
         device: torch.device | None = None,
         study_top_k: int = 0,
+        study_threshold: float | None = None,
     ) -> None:
         self.device = device or select_device()
         self.segmenter, self.segmenter_meta = load_segmenter(segmenter_path, self.device)
         self.classifier, self.classifier_meta = load_classifier(classifier_path, self.device)
-        self.crop, self.threshold, self.gate, self.study_top_k = crop, threshold, gate, study_top_k
+        self.crop, self.threshold, self.gate, self.study_top_k, self.study_threshold = crop, threshold, gate, study_top_k, study_threshold
 
     @classmethod
     def from_artifacts(cls, artifacts: dict[str, str], device: torch.device | None = None) -> TwoStagePipeline:
         settings = json.loads(Path(artifacts["settings"]).read_text())
         gate = GateConfig(**settings["gate"]) if "gate" in settings else None  # versions registered before the gate have none
         paths = Path(artifacts["segmenter"]), Path(artifacts["classifier"])
-        return cls(*paths, CropConfig(**settings["crop"]), float(settings["threshold"]), gate, device, int(settings.get("study_top_k", 0)))
+        study_threshold = settings.get("study_threshold")  # absent in versions registered before it was chosen
+        return cls(*paths, CropConfig(**settings["crop"]), float(settings["threshold"]), gate, device, int(settings.get("study_top_k", 0)), study_threshold)
 
     def predict_arrays(self, names: Sequence[str], images: Sequence[np.ndarray]) -> list[ScanPrediction]:
         """uint8 grayscale scans -> predictions; segmented in batches of ``crop.batch_size``;
@@ -149,8 +153,9 @@ class TwoStagePipeline:
         return [by_index[i] for i in range(len(images))]
 
     def _classify(self, names: Sequence[str], crops: Sequence) -> list[ScanPrediction]:
-        size = self.classifier_meta["image_size"]
-        inputs = np.stack([resize_for_classifier(c.crop.image, size) for c in crops]) if crops else np.empty((0, size, size), np.uint8)
+        size, meta = self.classifier_meta["image_size"], self.classifier_meta
+        views = meta.get("lung_mask", False), meta.get("standardise", False)  # absent in checkpoints from before the options
+        inputs = np.stack([classifier_view(c.crop.image, c.lung if any(views) else None, size, *views) for c in crops]) if crops else np.empty((0, size, size), np.uint8)
         scores = (
             predict_scores(
                 self.classifier,
@@ -160,6 +165,7 @@ class TwoStagePipeline:
                 self.classifier_meta["std"],
                 CLASSIFIER_BATCH,
                 tta=self.classifier_meta.get("tta", False),
+                dtype=autocast_dtype(self.device, self.classifier_meta.get("precision", "auto")),
             )
             if crops
             else []
@@ -203,9 +209,9 @@ class PipelineModel(mlflow.pyfunc.PythonModel):
             raise ValueError(f"input needs an {IMAGE!r} column of encoded scans (base64 in JSON); got columns {list(frame.columns)}")
         names = [str(n) for n in frame[NAME]] if NAME in frame else [f"row {i}" for i in range(len(frame))]
         studies = [str(s) if isinstance(s, str) else "" for s in frame[STUDY]] if STUDY in frame else None
-        return predictions_table(self.pipeline.predict_encoded(names, list(frame[IMAGE])), studies, self.pipeline.study_top_k)
+        return predictions_table(self.pipeline.predict_encoded(names, list(frame[IMAGE])), studies, self.pipeline.study_top_k, self.pipeline.study_threshold)
 
 
-def settings(crop: CropConfig, threshold: float, gate: GateConfig, study_top_k: int = 0) -> dict[str, Any]:
+def settings(crop: CropConfig, threshold: float, gate: GateConfig, study_top_k: int = 0, study_threshold: float | None = None) -> dict[str, Any]:
     """What the pipeline needs besides the two weight files (the preprocessing is in their meta)."""
-    return {"crop": asdict(crop), "threshold": threshold, "gate": asdict(gate), "study_top_k": study_top_k}
+    return {"crop": asdict(crop), "threshold": threshold, "gate": asdict(gate), "study_top_k": study_top_k, "study_threshold": study_threshold}

@@ -83,11 +83,12 @@ def model_kwargs(
     example: tuple[str, bytes],
     workdir: Path,
     study_top_k: int = 0,
+    study_threshold: float | None = None,
 ) -> dict[str, Any]:
     """Arguments shared by ``save_model`` and ``log_model``, so the local copy and the
     registered one are built the same way."""
     settings_file = workdir / "settings.json"
-    settings_file.write_text(json.dumps(settings(crop, threshold, gate, study_top_k), indent=2))
+    settings_file.write_text(json.dumps(settings(crop, threshold, gate, study_top_k, study_threshold), indent=2))
     return {
         "python_model": str(Path(__file__).with_name("model_code.py")),  # no pickle in the model
         "artifacts": dict(zip(ARTIFACTS, (str(segmenter), str(classifier), str(settings_file)), strict=True)),
@@ -135,8 +136,9 @@ def build_and_register(
     stage's entry for the cropped variant (threshold, val and test metrics), ``sources`` the
     evaluate_sources stage's figures."""
     with tempfile.TemporaryDirectory() as workdir:
-        top_k = int((sources or {}).get("cc-ccii.studies", {}).get("top_k", 0))  # chosen on CC-CCII's validation scans
-        kwargs = model_kwargs(*files, crop, float(metrics["threshold"]), gate, example, Path(workdir), top_k)
+        studies = (sources or {}).get("cc-ccii.studies", {})  # aggregation and threshold chosen on CC-CCII's validation scans
+        top_k, study_threshold = int(studies.get("top_k", 0)), studies.get("threshold")
+        kwargs = model_kwargs(*files, crop, float(metrics["threshold"]), gate, example, Path(workdir), top_k, study_threshold)
         save_pipeline(out, kwargs)
         variant = str(params["classifier"]["model"])
         return register_pipeline(model_name, kwargs, version_tags(root, params, metrics, variant, sources or {}))

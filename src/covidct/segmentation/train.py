@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from covidct.config import SegmenterConfig
 from covidct.metrics import dice_score
 from covidct.runtime import grad_scaler, seed_everything
-from covidct.segmentation.inference import predict_probabilities
+from covidct.segmentation.inference import predict_probabilities, segmenter_dtype
 from covidct.segmentation.losses import FocalTverskyLoss
 from covidct.segmentation.model import build_segmenter
 from covidct.training import TrainingRun, run_fingerprint, train_one_epoch
@@ -106,7 +106,8 @@ def train_segmenter(
     if resume_dir is not None:
         settings = {"trainer": "segmenter", "config": dataclasses.asdict(config), "meta": meta, "device": device.type}
         fingerprint = run_fingerprint(settings, (*train, *val), TRAINING_CODE)
-    run = TrainingRun(model, optimiser, grad_scaler(device), loader, device, checkpoint, -1.0, on_epoch, schedule, resume_dir, fingerprint)
+    dtype = segmenter_dtype(device, config.precision)
+    run = TrainingRun(model, optimiser, grad_scaler(device, dtype), loader, device, checkpoint, -1.0, on_epoch, schedule, resume_dir, fingerprint)
     for epoch in range(run.start(), config.epochs + 1):
         started = time.perf_counter()
         train_loss, _ = train_one_epoch(
@@ -119,8 +120,9 @@ def train_segmenter(
             device,
             schedule,
             f"segmenter epoch {epoch}/{config.epochs}",
+            dtype=dtype,
         )
-        val_dice = mean_dice(predict_probabilities(model, val[0], device, config.batch_size), val[1])
+        val_dice = mean_dice(predict_probabilities(model, val[0], device, config.batch_size, dtype=dtype), val[1])
         row = {"epoch": epoch, "train_loss": train_loss, "val_dice": val_dice, "epoch_seconds": time.perf_counter() - started}
         run.offer(val_dice, meta | {"epoch": epoch, "val_dice": val_dice})
         row["best_val_dice"] = run.best

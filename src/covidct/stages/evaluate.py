@@ -13,30 +13,41 @@ import pandas as pd
 
 from covidct.atomic import write_text_atomic
 from covidct.config import EvaluateConfig, section
-from covidct.metrics import confusion, flatten_metrics, metrics_with_ci, paired_auc_difference, roc_points, threshold_for_recall
+from covidct.datasets import COVID_CT
+from covidct.metrics import confusion, flatten_metrics, metrics_with_ci, paired_auc_difference, roc_points
 from covidct.paths import CROP_REPORTS, REPORTS, SEGMENTER_REPORTS, VARIANTS
 from covidct.paths import classifier_dir as model_dir
 from covidct.plots import plot_confusion_matrices, plot_roc_curves
 from covidct.reports import results_report
+from covidct.thresholds import decision_threshold
 from covidct.tracking import log_pipeline_metrics, stage_run
-
-
-def decision_threshold(val: pd.DataFrame, config: EvaluateConfig) -> float:
-    """Chosen on the validation split only; the registered pipeline carries the same number."""
-    if config.val_recall_floor > 0:
-        return threshold_for_recall(val["label"].to_numpy(), val["score"].to_numpy(), config.val_recall_floor)
-    return config.threshold
 
 
 def threshold_rule(config: EvaluateConfig) -> str:
     if config.val_recall_floor > 0:
-        return f"the highest threshold with a validation recall of at least {config.val_recall_floor:g} (chosen on the validation split, per variant)"
+        return (
+            f"the highest threshold with a validation recall of at least {config.val_recall_floor:g} "
+            "(chosen on the validation split of the sources the classifier trained on, pooled, per variant)"
+        )
     return f"the fixed threshold {config.threshold:g}"
+
+
+def read_predictions(root: Path, variant: str) -> pd.DataFrame:
+    """A classifier's val and test scores; files from before multi-source training are COVID-CT's, all trained on."""
+    predictions = pd.read_csv(root / model_dir(variant) / "predictions.csv")
+    if "source" not in predictions:
+        predictions = predictions.assign(source=COVID_CT, trained=True)
+    return predictions.assign(trained=predictions["trained"].astype(bool))
+
+
+def paper_split(predictions: pd.DataFrame, split: str) -> pd.DataFrame:
+    """The paper's tables are COVID-CT's official split, whatever else the classifier saw."""
+    return predictions[(predictions["source"] == COVID_CT) & (predictions["split"] == split)]
 
 
 def segmentation_gain(root: Path, config: EvaluateConfig) -> dict[str, float]:
     """Test AUC with minus without segmentation, paired on the same test images, with its CI."""
-    test = {v: pd.read_csv(root / model_dir(v) / "predictions.csv").query("split == 'test'").sort_values("relpath") for v in VARIANTS}
+    test = {v: paper_split(read_predictions(root, v), "test").sort_values("relpath") for v in VARIANTS}
     if list(test["cropped"]["relpath"]) != list(test["raw"]["relpath"]):
         raise ValueError("the cropped and raw classifiers scored different test images; re-run both train_classifier stages")
     gain = paired_auc_difference(
@@ -50,13 +61,13 @@ def run(params: dict[str, Any], root: Path) -> None:
     results, confusions, curves, metrics, thresholds = {}, {}, {}, {}, {}
     with stage_run("evaluate", {"evaluate": dataclasses.asdict(config)}):
         for variant in VARIANTS:
-            predictions = pd.read_csv(root / model_dir(variant) / "predictions.csv")
-            thresholds[variant] = decision_threshold(predictions[predictions["split"] == "val"], config)
+            predictions = read_predictions(root, variant)
+            thresholds[variant] = decision_threshold(predictions[(predictions["split"] == "val") & predictions["trained"]], config)
             per_split = {}
             for split in ("val", "test"):
-                part = predictions[predictions["split"] == split]
+                part = paper_split(predictions, split)
                 per_split[split] = metrics_with_ci(part["label"].to_numpy(), part["score"].to_numpy(), thresholds[variant], config.n_bootstrap, config.seed)
-            test = predictions[predictions["split"] == "test"]
+            test = paper_split(predictions, "test")
             y, s = test["label"].to_numpy(), test["score"].to_numpy()
             results[variant] = per_split["test"]
             confusions[variant] = confusion(y, s, thresholds[variant])

@@ -22,7 +22,7 @@ from covidct.paths import SEGMENTER as MODEL
 from covidct.paths import SEGMENTER_REPORTS as REPORTS
 from covidct.runtime import configure_threads, select_device
 from covidct.segmentation.data import load_lung_split
-from covidct.segmentation.inference import predict_probabilities
+from covidct.segmentation.inference import predict_probabilities, segmenter_dtype
 from covidct.segmentation.model import load_segmenter
 from covidct.tracking import log_pipeline_metrics, stage_run
 
@@ -36,7 +36,8 @@ def run(params: dict[str, Any], root: Path) -> None:
     model, meta = load_segmenter(root / MODEL, device)
     table, images, masks = load_lung_split(root, "test", pre)
     with stage_run("evaluate_segmenter", {"preprocess": {"size": pre.size, "clahe_clip": pre.clahe_clip}, "crop": {"keep_components": crop.keep_components}}):
-        probabilities = predict_probabilities(model, images, device, progress="segment test slices")
+        dtype = segmenter_dtype(device, meta.get("precision", "auto"))
+        probabilities = predict_probabilities(model, images, device, progress="segment test slices", dtype=dtype)
         predicted = probabilities > 0.5
         cleaned = np.stack([clean_lung_mask(p, crop.keep_components) for p in predicted])
         table["dice"] = [dice_score(p, m) for p, m in zip(predicted, masks, strict=True)]

@@ -25,21 +25,20 @@ from covidct.predict import predict_files
 from covidct.registry.pipeline_model import TwoStagePipeline
 from covidct.reports import format_cell, markdown_table
 from covidct.runtime import configure_threads
-from covidct.sources import CC_CCII_CONTRASTS, SOURCES, choose_top_k, rows_to_score, source_figures, source_table, study_scores
+from covidct.sources import CC_CCII_CONTRASTS, SOURCES, choose_top_k, figure_rows, rows_to_score, source_figures, source_table, study_scores
+from covidct.thresholds import decision_threshold
 from covidct.tracking import log_pipeline_metrics, stage_run
 
 REPORTS, MODEL = SOURCE_REPORTS, SEGMENTER
-#: What train_classifier trains on today: COVID-CT's train split (its threshold: COVID-CT's validation split).
-TRAINED_ON = (COVID_CT,)
 NAMES = {COVID_CT: "COVID-CT", CC_CCII: "CC-CCII", LUNG_SEG: "lung set"}
 CLASS_NAMES = {"Normal": "Normal", "CP": "common pneumonia (CP)"}
 
 
-def score(pipeline: TwoStagePipeline, root: Path) -> pd.DataFrame:
+def score(pipeline: TwoStagePipeline, root: Path, trained_on: tuple[str, ...]) -> pd.DataFrame:
     """Every slice to score, with its probability (NaN where the gate refused it) and error."""
     parts = []
     for name in SOURCES:
-        rows = rows_to_score(source_table(root, name), name, TRAINED_ON)
+        rows = rows_to_score(source_table(root, name), name, trained_on)
         predictions = predict_files(pipeline, [Path(p) for p in rows["path"]])
         parts.append(rows.assign(source=name, probability=[p.probability for p in predictions], error=[p.error for p in predictions]))
     scored = pd.concat(parts, ignore_index=True)
@@ -57,12 +56,12 @@ def _within(figures: dict[str, float], prefix: str) -> dict[str, float]:
     return {k.split(".", 1)[1]: v for k, v in figures.items() if k.startswith(f"{prefix}.")}
 
 
-def report(figures: dict[str, dict[str, float]], threshold: float, top_k: int) -> str:
-    trained = ", ".join(NAMES[s] for s in TRAINED_ON)
+def report(figures: dict[str, dict[str, float]], threshold: float, top_k: int, trained_on: tuple[str, ...]) -> str:
+    trained = " + ".join(NAMES[s] for s in trained_on)
     rows = []
     for name in SOURCES:
         f = figures[name]
-        if name in TRAINED_ON:
+        if name in trained_on:
             scored_on = f"{NAMES[name]}, its test split"
         else:
             scored_on = f"{NAMES[name]}, {'held-out patients' if name == LUNG_SEG else 'all'} (held out)"
@@ -70,7 +69,7 @@ def report(figures: dict[str, dict[str, float]], threshold: float, top_k: int) -
     lines = [
         "# Results by source",
         "",
-        f"The registered pipeline (segmenter, lung crop, classifier, threshold {threshold:.4f} chosen on COVID-CT's validation split, "
+        f"The registered pipeline (segmenter, lung crop, classifier, threshold {threshold:.4f} chosen on the validation split of {trained}, "
         "input gate) on every labelled source. 95 % intervals resample **patients** (slices of one patient are not independent). "
         "`refused`: slices the input gate turned away (no score).",
         "",
@@ -118,27 +117,29 @@ def run(params: dict[str, Any], root: Path) -> None:
     threshold = float(json.loads((root / METRICS).read_text())["cropped"]["threshold"])
     configure_threads()
     pipeline = TwoStagePipeline(root / MODEL, root / model_dir("cropped") / "model.pt", crop, threshold, gate)
-    with stage_run("evaluate_sources", {"evaluate": dataclasses.asdict(config), "gate": dataclasses.asdict(gate), "trained_on": ",".join(TRAINED_ON)}):
-        scored = score(pipeline, root)
+    trained_on = tuple(pipeline.classifier_meta.get("sources", [COVID_CT]))  # checkpoints from before the option: COVID-CT's
+    with stage_run("evaluate_sources", {"evaluate": dataclasses.asdict(config), "gate": dataclasses.asdict(gate), "trained_on": ",".join(trained_on)}):
+        scored = score(pipeline, root, trained_on)
         figures = {
-            name: {"held_out": int(name not in TRAINED_ON)} | source_figures(scored[scored["source"] == name], name, threshold, config.n_bootstrap, config.seed)
+            name: {"held_out": int(name not in trained_on)} | source_figures(figure_rows(scored, name, trained_on), name, threshold, config.n_bootstrap, config.seed)
             for name in SOURCES
         }
         cc = scored[scored["source"] == CC_CCII]
         top_k = choose_top_k(cc[cc["split"] == "val"])
+        study_threshold = decision_threshold(study_scores(cc[cc["split"] == "val"], top_k).rename(columns={"probability": "score"}), config)
         studies = study_scores(cc[cc["split"] == "test"], top_k)
-        figures["cc-ccii.studies"] = {"studies": len(studies), "top_k": top_k} | flatten_metrics(
-            patient_metrics_with_ci(studies["label"], studies["probability"], studies["patient"], threshold, config.n_bootstrap, config.seed)
+        figures["cc-ccii.studies"] = {"studies": len(studies), "top_k": top_k, "threshold": study_threshold} | flatten_metrics(
+            patient_metrics_with_ci(studies["label"], studies["probability"], studies["patient"], study_threshold, config.n_bootstrap, config.seed)
         )
         refusals = scored.loc[scored["error"] != "", ["source", "relpath", "error"]]
         figures["gate"] = {"refused": len(refusals), "scored": len(scored)}
         curves = {}
         for name in (COVID_CT, CC_CCII):
-            part = scored[(scored["source"] == name) & scored["probability"].notna()]
+            part = figure_rows(scored, name, trained_on).dropna(subset=["probability"])
             roc = roc_points(part["label"], part["probability"])
-            curves[f"{NAMES[name]} ({'held out' if name not in TRAINED_ON else 'test split'})"] = (roc["fpr"], roc["tpr"], figures[name]["auc"])
+            curves[f"{NAMES[name]} ({'held out' if name not in trained_on else 'test split'})"] = (roc["fpr"], roc["tpr"], figures[name]["auc"])
         write_text_atomic(root / REPORTS / "metrics.json", json.dumps(figures, indent=2) + "\n")
-        write_text_atomic(root / REPORTS / "report.md", report(figures, threshold, top_k))
+        write_text_atomic(root / REPORTS / "report.md", report(figures, threshold, top_k, trained_on))
         write_text_atomic(root / REPORTS / "scores.csv", scored.drop(columns=["path"]).to_csv(index=False))
         write_text_atomic(root / REPORTS / "refused.csv", refusals.to_csv(index=False))
         plot_roc_curves(curves, root / REPORTS / "roc.png")
@@ -147,4 +148,4 @@ def run(params: dict[str, Any], root: Path) -> None:
         log_pipeline_metrics(headline | {"cc-ccii.studies.auc": figures["cc-ccii.studies"]["auc"]})
         for name in ("metrics.json", "report.md", "roc.png", "refused.csv"):
             mlflow.log_artifact(str(root / REPORTS / name))
-    print(report(figures, threshold, top_k))
+    print(report(figures, threshold, top_k, trained_on))

@@ -1,5 +1,6 @@
 """Stage train_classifier: EfficientNet on the cropped images ("cropped", with segmentation)
-or on the original ones ("raw", without), the paper's Table 1 ablation."""
+or on the original ones ("raw", without), the paper's Table 1 ablation; on the sources that
+``classifier.sources`` names, with the others' validation slices scored as held out."""
 
 from __future__ import annotations
 
@@ -8,16 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import pandas as pd
 
 from covidct.atomic import write_text_atomic
 from covidct.checkpoints import clear_stage_resume, resume_dir
-from covidct.classification.data import load_resized
+from covidct.classification.table import checkpoint_meta, classifier_table, load_classifier_inputs
 from covidct.classification.train import fit_and_predict
 from covidct.config import section
-from covidct.paths import COVID_CT_SPLIT as SPLIT
 from covidct.paths import classifier_dir as model_dir
-from covidct.paths import classifier_inputs
 from covidct.plots import plot_training_curves
 from covidct.runtime import configure_threads, select_device
 from covidct.tracking import stage_run
@@ -26,19 +24,20 @@ from covidct.tracking import stage_run
 def run(params: dict[str, Any], root: Path, variant: str) -> None:
     config = section(params, "classifier")
     device, threads = select_device(), configure_threads()
-    table = pd.read_csv(root / SPLIT)
-    images = load_resized(classifier_inputs(root, table["relpath"], variant), config.image_size, progress=f"decode {variant} images")
+    table = classifier_table(root, config)
+    images = load_classifier_inputs(root, table, variant, config, progress=f"decode {variant} images")
     out = root / model_dir(variant)
     stage = f"train_classifier_{variant}"
     with stage_run(stage, {"classifier": dataclasses.asdict(config), "variant": variant}):
-        mlflow.log_params({"device": str(device), "threads": threads, **{f"n_{s}": int((table["split"] == s).sum()) for s in ("train", "val", "test")}})
+        counts = table[table["trained"]].groupby("split").size()
+        mlflow.log_params({"device": str(device), "threads": threads, **{f"n_{s}": int(counts.get(s, 0)) for s in ("train", "val", "test")}})
         history, predictions, meta = fit_and_predict(
             images,
             table,
             config,
             device,
             out / "model.pt",
-            {"model": config.model, "image_size": config.image_size, "variant": variant},
+            checkpoint_meta(config, variant),
             on_epoch=lambda row: mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"]),
             resume_dir=resume_dir(root, stage),  # a killed run carries on from its last finished epoch
         )

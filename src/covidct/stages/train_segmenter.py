@@ -27,7 +27,7 @@ def run(params: dict[str, Any], root: Path) -> None:
     device, threads = select_device(), configure_threads()
     _, train_images, train_masks = load_lung_split(root, "train", pre)
     _, val_images, val_masks = load_lung_split(root, "val", pre)
-    meta = {"channels": list(config.channels), "size": pre.size, "clahe_clip": pre.clahe_clip}
+    meta = {"channels": list(config.channels), "size": pre.size, "clahe_clip": pre.clahe_clip, "precision": config.precision}
     logged = {"preprocess": dataclasses.asdict(pre), "segmenter": dataclasses.asdict(config)}
     with stage_run(STAGE, logged):
         mlflow.log_params({"device": str(device), "threads": threads, "n_train": len(train_images), "n_val": len(val_images)})

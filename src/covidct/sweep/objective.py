@@ -16,7 +16,8 @@ import numpy as np
 import optuna
 import pandas as pd
 
-from covidct.classification.data import load_resized
+from covidct.classification.inputs import load_views
+from covidct.classification.table import checkpoint_meta
 from covidct.classification.train import fit_and_predict
 from covidct.config import section
 from covidct.datasets import COVID_CT, covid_ct_split
@@ -105,7 +106,9 @@ class TrialObjective:
     def classifier(self, trial: optuna.Trial, params: dict[str, Any], crops: Path) -> float:
         config = section(params, "classifier")
         boxes = pd.read_csv(crops / "boxes.csv")
-        images = load_resized([crops / "images" / c for c in boxes["crop"]], config.image_size, progress=None)
+        views = config.lung_mask or config.standardise  # the trial sees crops as the pipeline would show them
+        masks = [crops / "lung" / c for c in boxes["crop"]] if views else None
+        images = load_views([crops / "images" / c for c in boxes["crop"]], masks, config.image_size, config.lung_mask, config.standardise, progress=None)
         objective, started = self.config.objective, time.perf_counter()
 
         def on_epoch(row: dict) -> None:
@@ -118,7 +121,7 @@ class TrialObjective:
 
         out = self.root / "optuna" / "trials" / self.config.study / str(trial.number)
         history, predictions, meta = fit_and_predict(
-            images, boxes, config, self.device, out / "model.pt", {"model": config.model, "image_size": config.image_size}, on_epoch
+            images, boxes, config, self.device, out / "model.pt", checkpoint_meta(config, "cropped"), on_epoch
         )
         chosen = history.loc[history["epoch"] == meta["epoch"]].iloc[0]
         test = predictions[predictions["split"] == "test"]

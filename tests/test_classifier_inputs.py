@@ -1,0 +1,192 @@
+"""What the classifier sees (lung-masked, standardised views), the multi-source training table,
+the source-balanced sampler, and that training, evaluation and the registered pipeline agree."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from conftest import DATA, save_tiny_networks
+from covidct.classification.data import resize_for_classifier
+from covidct.classification.inputs import STANDARD_MEAN, STANDARD_SD, classifier_view
+from covidct.classification.table import checkpoint_meta, classifier_table, evenly_spaced
+from covidct.classification.train import balanced_sampler, fit_and_predict, predict_scores
+from covidct.config import ClassifierConfig, CropConfig, EvaluateConfig
+from covidct.cropping import crop_to_lung_bbox
+from covidct.images import read_grayscale
+from covidct.lung_crop import LungCrop, segment_and_crop
+from covidct.registry.pipeline_model import TwoStagePipeline
+from covidct.stages.evaluate import paper_split
+from covidct.thresholds import decision_threshold
+
+SLICE = DATA / "covid-ct" / "CT_COVID" / "2020.01.24.919183-p27-132.png"
+
+
+def _lungs(shape: tuple[int, int]) -> np.ndarray:
+    """Two ellipses either side of the midline: a mask shaped like a pair of lungs."""
+    h, w = shape
+    yy, xx = np.mgrid[:h, :w]
+    left = ((xx - 0.3 * w) / (0.15 * w)) ** 2 + ((yy - 0.5 * h) / (0.3 * h)) ** 2 <= 1
+    right = ((xx - 0.7 * w) / (0.15 * w)) ** 2 + ((yy - 0.5 * h) / (0.3 * h)) ** 2 <= 1
+    return left | right
+
+
+def test_plain_view_is_the_resized_crop_as_before() -> None:
+    image = read_grayscale(SLICE)
+    assert np.array_equal(classifier_view(image, None, 96, False, False), resize_for_classifier(image, 96))
+
+
+def test_lung_mask_blanks_everything_outside_the_lung_and_keeps_the_lung() -> None:
+    image = read_grayscale(SLICE)
+    mask = _lungs(image.shape)
+    view = classifier_view(image, mask, 128, lung_mask=True, standardise=False)
+    lung = resize_for_classifier(mask.astype(np.uint8) * 255, 128) > 127
+
+    def away(m: np.ndarray) -> np.ndarray:  # two pixels from the mask's edge, where resizing cannot blur it
+        return m & np.roll(m, 2, 0) & np.roll(m, -2, 0) & np.roll(m, 2, 1) & np.roll(m, -2, 1)
+
+    assert view[away(~lung)].max() == 0
+    assert np.array_equal(view[away(lung)], resize_for_classifier(image, 128)[away(lung)])
+
+
+def test_standardised_view_does_not_see_the_ct_window() -> None:
+    """Two sources showing the same lung through different windows (a linear grey-level map)
+    give the same standardised view, up to rounding: the window no longer tells them apart."""
+    image = read_grayscale(SLICE)
+    mask = _lungs(image.shape)
+    other_window = np.clip(0.6 * image.astype(float) + 60, 0, 255).round().astype(np.uint8)
+    a = classifier_view(image, mask, 128, lung_mask=True, standardise=True)
+    b = classifier_view(other_window, mask, 128, lung_mask=True, standardise=True)
+    lung = a > 0
+    assert np.abs(a.astype(int) - b.astype(int))[lung].mean() < 2.0
+    assert not np.array_equal(resize_for_classifier(image, 128), resize_for_classifier(other_window, 128))
+    small_lung = resize_for_classifier(mask.astype(np.uint8) * 255, 128) == 255
+    values = classifier_view(image, mask, 128, lung_mask=False, standardise=True)[small_lung].astype(float)
+    assert values.mean() == pytest.approx(STANDARD_MEAN, abs=3) and values.std() == pytest.approx(STANDARD_SD, rel=0.15)
+
+
+def test_an_empty_mask_shows_the_whole_image_and_a_wrong_mask_is_an_error() -> None:
+    image = read_grayscale(SLICE)
+    empty = np.zeros(image.shape, dtype=bool)
+    view = classifier_view(image, empty, 64, lung_mask=True, standardise=False)
+    assert np.array_equal(view, resize_for_classifier(image, 64))  # as the crop stage keeps the whole image
+    with pytest.raises(ValueError, match="mask shape"):
+        classifier_view(image, empty[:10], 64, lung_mask=True, standardise=False)
+    with pytest.raises(ValueError, match="needs the crop's lung mask"):
+        classifier_view(image, None, 64, lung_mask=False, standardise=True)
+
+
+def test_the_crops_lung_mask_is_aligned_with_the_crop() -> None:
+    """A picture that is its own mask: the crop and the crop's mask must show the same shape."""
+    mask = _lungs((300, 400))
+    image = np.where(mask, 200, 20).astype(np.uint8)
+    result = LungCrop(mask, crop_to_lung_bbox(image, mask, 5))
+    assert result.crop.fallback is None and result.lung.shape == image.shape
+    assert np.mean((result.crop.image > 110) == result.lung) > 0.99
+
+
+def test_evenly_spaced_slices_per_scan() -> None:
+    table = pd.DataFrame({"scan_id": [1] * 10 + [2] * 2, "slice": [*range(10), 0, 1]})
+    picked = evenly_spaced(table, 4)
+    assert picked.loc[picked["scan_id"] == 1, "slice"].tolist() == [0, 3, 6, 9]  # first to last
+    assert picked.loc[picked["scan_id"] == 2, "slice"].tolist() == [0, 1]  # a short scan gives what it has
+    assert len(evenly_spaced(table, 0)) == 12
+
+
+def test_balanced_sampler_draws_every_source_and_class_alike() -> None:
+    sources = np.array(["covid-ct"] * 100 + ["cc-ccii"] * 900)
+    labels = np.array([1] * 50 + [0] * 50 + [1] * 100 + [0] * 800)
+    draws = np.array(list(balanced_sampler(sources, labels, seed=0)))
+    cells = pd.Series([f"{s}:{y}" for s, y in zip(sources[draws], labels[draws], strict=True)]).value_counts(normalize=True)
+    assert len(draws) == 1000 and cells.between(0.2, 0.3).all() and len(cells) == 4
+    assert np.array_equal(draws, np.array(list(balanced_sampler(sources, labels, seed=0))))  # seeded
+    assert balanced_sampler(sources[:100], labels[:100], seed=0) is None  # one source: plain shuffling
+
+
+def _split_files(root: Path) -> None:
+    (root / "data" / "splits").mkdir(parents=True)
+    pd.DataFrame({"relpath": ["a.png", "b.png", "c.png"], "label": [1, 0, 1], "split": ["train", "val", "test"]}).to_csv(
+        root / "data" / "splits" / "covid_ct.csv", index=False
+    )
+    rows = [
+        {"relpath": f"s{scan}_{k}.png", "label": scan % 2, "split": split, "patient_group": f"P{scan}", "scan_id": scan, "slice": k}
+        for scan, split in ((1, "train"), (2, "val"), (3, "test"))
+        for k in range(6)
+    ]
+    pd.DataFrame(rows).to_csv(root / "data" / "splits" / "cc_ccii.csv", index=False)
+
+
+def test_classifier_table_marks_what_is_trained_on_and_never_takes_cc_ccii_test(tmp_path: Path) -> None:
+    _split_files(tmp_path)
+    one = classifier_table(tmp_path, ClassifierConfig(cc_ccii_per_scan=3))
+    assert one.groupby("source").size().to_dict() == {"covid-ct": 3, "cc-ccii": 6}  # 3 slices of the train and val scans each
+    assert "test" not in set(one.loc[one["source"] == "cc-ccii", "split"])
+    assert one.loc[one["trained"], "source"].unique().tolist() == ["covid-ct"]
+    assert one.loc[one["source"] == "cc-ccii", "patient"].unique().tolist() == ["P1", "P2"]  # what a bootstrap resamples
+    both = classifier_table(tmp_path, ClassifierConfig(sources=("covid-ct", "cc-ccii"), cc_ccii_per_scan=0))
+    assert both["trained"].all() and len(both) == 3 + 12
+    meta = checkpoint_meta(ClassifierConfig(sources=("covid-ct", "cc-ccii"), lung_mask=True, standardise=True), "raw")
+    assert meta["sources"] == ["covid-ct", "cc-ccii"] and not meta["lung_mask"] and not meta["standardise"]  # raw: no segmentation
+
+
+def test_held_out_rows_are_scored_but_never_train_or_choose(tmp_path: Path) -> None:
+    """Changing what the held-out source looks like changes nothing the classifier learnt or chose."""
+    rng = np.random.default_rng(0)
+    n = 24
+    table = pd.DataFrame(
+        {
+            "source": ["covid-ct"] * 12 + ["cc-ccii"] * 12,
+            "relpath": [f"{i}.png" for i in range(n)],
+            "label": [0, 1] * 12,
+            "split": (["train"] * 8 + ["val"] * 2 + ["test"] * 2) * 2,
+        }
+    )
+    table["trained"] = table["source"] == "covid-ct"
+    images = rng.integers(0, 255, size=(n, 32, 32), dtype=np.uint8)
+    config = ClassifierConfig(model="efficientnet_b0", image_size=32, epochs=2, batch_size=4)
+    device = torch.device("cpu")
+    first = fit_and_predict(images, table, config, device, tmp_path / "a.pt", {"model": config.model, "image_size": 32})
+    other = images.copy()
+    other[12:] = 255 - other[12:]  # the held-out source, redrawn
+    second = fit_and_predict(other, table, config, device, tmp_path / "b.pt", {"model": config.model, "image_size": 32})
+    assert first[1]["source"].tolist().count("cc-ccii") == 4 and not first[1].loc[first[1]["source"] == "cc-ccii", "trained"].any()
+    assert first[2]["epoch"] == second[2]["epoch"]
+    ours = first[1]["source"] == "covid-ct"
+    assert np.array_equal(first[1].loc[ours, "score"], second[1].loc[ours, "score"])
+    assert not np.array_equal(first[1].loc[~ours, "score"], second[1].loc[~ours, "score"])
+
+
+def test_threshold_is_chosen_on_the_pooled_validation_of_trained_sources_and_tables_stay_covid_ct() -> None:
+    predictions = pd.DataFrame(
+        {
+            "source": ["covid-ct"] * 4 + ["cc-ccii"] * 4,
+            "split": ["val", "val", "test", "test"] * 2,
+            "label": [1, 0, 1, 0] * 2,
+            "score": [0.9, 0.1, 0.8, 0.2, 0.3, 0.05, 0.7, 0.6],
+            "trained": [True] * 8,
+        }
+    )
+    config = EvaluateConfig(val_recall_floor=1.0)
+    assert decision_threshold(predictions[predictions["split"] == "val"], config) == pytest.approx(0.3)  # the CC-CCII COVID slice counts
+    assert paper_split(predictions, "test")["score"].tolist() == [0.8, 0.2]
+
+
+def test_registered_pipeline_shows_the_classifier_the_view_it_trained_on(tmp_path: Path) -> None:
+    segmenter, classifier = save_tiny_networks(tmp_path)
+    state = torch.load(classifier, weights_only=True)
+    state["meta"] |= {"lung_mask": True, "standardise": True}
+    torch.save(state, classifier)
+    pipeline = TwoStagePipeline(segmenter, classifier, CropConfig(min_lung_fraction=0.0), 0.5, device=torch.device("cpu"))
+    image = read_grayscale(SLICE)
+    (got,) = pipeline.predict_arrays(["slice"], [image])
+    (crop,) = segment_and_crop([image], pipeline.segmenter, pipeline.segmenter_meta, pipeline.crop, pipeline.device)
+    view = classifier_view(crop.crop.image, crop.lung, 64, True, True)
+    meta = pipeline.classifier_meta
+    expected = predict_scores(pipeline.classifier, view[None], pipeline.device, meta["mean"], meta["std"])[0]
+    plain = predict_scores(pipeline.classifier, resize_for_classifier(crop.crop.image, 64)[None], pipeline.device, meta["mean"], meta["std"])[0]
+    assert got.probability == pytest.approx(float(expected), abs=1e-6)
+    assert got.probability != pytest.approx(float(plain), abs=1e-6)
