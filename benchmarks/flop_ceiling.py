@@ -48,14 +48,20 @@ def forward_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
     return counter.get_total_flops()
 
 
-def network(model: torch.nn.Module, shape: tuple[int, ...], batch: int, rounds: int, passes: int = 1) -> dict[str, float]:
+def network(
+    model: torch.nn.Module, shape: tuple[int, ...], batch: int, rounds: int, passes: int = 1
+) -> dict[str, float]:
     """``passes``: forwards per scan (2 with test-time augmentation)."""
     model.eval()
     flops = passes * forward_flops(model, torch.zeros(1, *shape))
     x = torch.randn(batch * passes, *shape)
     with torch.inference_mode():
         seconds = median_seconds(lambda: model(x), rounds)
-    return {"gflops_per_scan": flops / 1e9, "ms_per_scan": 1000 * seconds / batch, "achieved_gflops_per_s": flops * batch / seconds / 1e9}
+    return {
+        "gflops_per_scan": flops / 1e9,
+        "ms_per_scan": 1000 * seconds / batch,
+        "achieved_gflops_per_s": flops * batch / seconds / 1e9,
+    }
 
 
 def main() -> None:
@@ -71,11 +77,20 @@ def main() -> None:
     nets = {
         "segmenter": network(build_segmenter(seg.channels), (1, pre.size, pre.size), args.batch, args.rounds),
         "classifier": network(
-            build_classifier(clf.model).to(memory_format=torch.channels_last), (3, clf.image_size, clf.image_size), args.batch, args.rounds, 2 if clf.tta else 1
+            build_classifier(clf.model).to(memory_format=torch.channels_last),
+            (3, clf.image_size, clf.image_size),
+            args.batch,
+            args.rounds,
+            2 if clf.tta else 1,
         ),
     }
     # how the crop stage ran the segmenter before it went channels-last: for the before/after
-    before = network(build_segmenter(seg.channels).to(memory_format=torch.contiguous_format), (1, pre.size, pre.size), args.batch, args.rounds)
+    before = network(
+        build_segmenter(seg.channels).to(memory_format=torch.contiguous_format),
+        (1, pre.size, pre.size),
+        args.batch,
+        args.rounds,
+    )
     total_gflops = sum(n["gflops_per_scan"] for n in nets.values())
     networks_ms = sum(n["ms_per_scan"] for n in nets.values())
     result = {
@@ -96,7 +111,9 @@ def main() -> None:
             f"{name}: {stats['gflops_per_scan']:.3f} GFLOP/scan, {stats['ms_per_scan']:.1f} ms/scan batched, {stats['achieved_gflops_per_s']:.1f} GFLOP/s ({share:.0%} of matmul)"
         )
     print(f"segmenter in NCHW (before): {before['ms_per_scan']:.1f} ms/scan")
-    print(f"ceiling {result['ceiling_scans_per_s']:.1f} scans/s at matmul speed; the two networks alone: {result['networks_only_scans_per_s']:.1f} scans/s")
+    print(
+        f"ceiling {result['ceiling_scans_per_s']:.1f} scans/s at matmul speed; the two networks alone: {result['networks_only_scans_per_s']:.1f} scans/s"
+    )
     print(f"written to {args.out}")
 
 

@@ -39,8 +39,17 @@ def _free_port() -> int:
 
 
 def _post(port: int, scans: list[tuple[str, bytes]]) -> float:
-    body = json.dumps({"dataframe_split": {"columns": ["image", "name"], "data": [[base64.b64encode(b).decode(), n] for n, b in scans]}}).encode()
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"})
+    body = json.dumps(
+        {
+            "dataframe_split": {
+                "columns": ["image", "name"],
+                "data": [[base64.b64encode(b).decode(), n] for n, b in scans],
+            }
+        }
+    ).encode()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"}
+    )
     started = time.perf_counter()
     with urllib.request.urlopen(request, timeout=300) as response:
         answer = json.loads(response.read())
@@ -50,10 +59,29 @@ def _post(port: int, scans: list[tuple[str, bytes]]) -> float:
 
 def served_latency(model: str, scans: list[tuple[str, bytes]]) -> dict[str, float]:
     port = _free_port()
-    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
-    command = ["mlflow", "models", "serve", "-m", model, "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"]
+    env = os.environ | {
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(),
+    }
+    command = [
+        "mlflow",
+        "models",
+        "serve",
+        "-m",
+        model,
+        "--env-manager",
+        "local",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "-w",
+        "1",
+    ]
     started = time.perf_counter()
-    server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    server = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     try:
         while True:
             try:
@@ -91,7 +119,11 @@ def main() -> None:
 
     started = time.perf_counter()
     pipeline = load_pipeline(args.model)
-    results: dict[str, float] = {"model_load_s": time.perf_counter() - started, "threads": threads, "cuda": torch.cuda.is_available()}
+    results: dict[str, float] = {
+        "model_load_s": time.perf_counter() - started,
+        "threads": threads,
+        "cuda": torch.cuda.is_available(),
+    }
     pipeline.predict_encoded(*zip(*scans[:2], strict=True))  # warm-up
     single = []
     for name, blob in scans[: args.n]:

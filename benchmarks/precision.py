@@ -57,7 +57,11 @@ def main() -> None:
         return run
 
     n = args.batches * config.batch_size
-    loader = DataLoader(SliceDataset(train_images[:n], train_masks[:n], segmentation_augmentation(config.seed)), batch_size=config.batch_size, shuffle=True)
+    loader = DataLoader(
+        SliceDataset(train_images[:n], train_masks[:n], segmentation_augmentation(config.seed)),
+        batch_size=config.batch_size,
+        shuffle=True,
+    )
     loss_fn = FocalTverskyLoss(config.tversky_alpha, config.tversky_beta, config.tversky_gamma)
     nets = {name: build_segmenter(config.channels).to(device) for name in DTYPES}
     optimisers = {name: torch.optim.Adam(net.parameters(), lr=config.lr) for name, net in nets.items()}
@@ -67,20 +71,35 @@ def main() -> None:
             started = time.perf_counter()
             to_device = lambda b: (b[0].to(device), b[1].to(device))  # noqa: E731
             scaler = grad_scaler(device, DTYPES[name])
-            _, seen = train_one_epoch(nets[name], loader, to_device, loss_fn, optimisers[name], scaler, device, desc=name, dtype=DTYPES[name])
+            _, seen = train_one_epoch(
+                nets[name], loader, to_device, loss_fn, optimisers[name], scaler, device, desc=name, dtype=DTYPES[name]
+            )
             return seen / (time.perf_counter() - started)
 
         return run
 
-    result = {"channels": list(config.channels), "size": pre.size, "threads": threads, "device": str(device), "native_bf16": native_cpu_bf16()}
+    result = {
+        "channels": list(config.channels),
+        "size": pre.size,
+        "threads": threads,
+        "device": str(device),
+        "native_bf16": native_cpu_bf16(),
+    }
     result["inference"] = alternate({name: inference(name) for name in DTYPES}, args.rounds)
     result["training"] = alternate({name: training(name) for name in DTYPES}, args.rounds)
     for part in ("inference", "training"):
         result[part]["bf16_speedup"] = result[part]["bf16_images_per_s"] / result[part]["fp32_images_per_s"]
-    masks = {name: predict_probabilities(model, test_images, device, config.batch_size, dtype=dtype) > 0.5 for name, dtype in DTYPES.items()}
+    masks = {
+        name: predict_probabilities(model, test_images, device, config.batch_size, dtype=dtype) > 0.5
+        for name, dtype in DTYPES.items()
+    }
     for name, predicted in masks.items():
-        result[f"{name}_test_dice"] = float(np.mean([dice_score(p, m) for p, m in zip(predicted, test_masks, strict=True)]))
-    result["bf16_vs_fp32_mask_dice"] = float(np.mean([dice_score(a, b) for a, b in zip(masks["bf16"], masks["fp32"], strict=True)]))
+        result[f"{name}_test_dice"] = float(
+            np.mean([dice_score(p, m) for p, m in zip(predicted, test_masks, strict=True)])
+        )
+    result["bf16_vs_fp32_mask_dice"] = float(
+        np.mean([dice_score(a, b) for a, b in zip(masks["bf16"], masks["fp32"], strict=True)])
+    )
     result["test_slices"] = len(test_images)
     save(result, root / "reports/benchmarks/precision.json")
 

@@ -40,7 +40,11 @@ def main() -> None:
     device, threads = select_device(), configure_threads()
     _, images, masks = load_lung_split(root, "train", pre)
     n = args.batches * config.batch_size
-    loader = DataLoader(SliceDataset(images[:n], masks[:n], segmentation_augmentation(config.seed)), batch_size=config.batch_size, shuffle=True)
+    loader = DataLoader(
+        SliceDataset(images[:n], masks[:n], segmentation_augmentation(config.seed)),
+        batch_size=config.batch_size,
+        shuffle=True,
+    )
     loss_fn = FocalTverskyLoss(config.tversky_alpha, config.tversky_beta, config.tversky_gamma)
     torch.manual_seed(config.seed)
     channels_last = build_segmenter(config.channels).to(device)
@@ -53,12 +57,27 @@ def main() -> None:
     def one_round(name: str) -> Callable[[], float]:
         def run() -> float:
             started = time.perf_counter()
-            _, seen = train_one_epoch(models[name], loader, lambda b: (b[0].to(device), b[1].to(device)), loss_fn, optimisers[name], scaler, device, desc=name)
+            _, seen = train_one_epoch(
+                models[name],
+                loader,
+                lambda b: (b[0].to(device), b[1].to(device)),
+                loss_fn,
+                optimisers[name],
+                scaler,
+                device,
+                desc=name,
+            )
             return seen / (time.perf_counter() - started)
 
         return run
 
-    result = {"channels": list(config.channels), "size": pre.size, "batch_size": config.batch_size, "threads": threads, "device": str(device)}
+    result = {
+        "channels": list(config.channels),
+        "size": pre.size,
+        "batch_size": config.batch_size,
+        "threads": threads,
+        "device": str(device),
+    }
     result |= alternate({name: one_round(name) for name in models}, args.rounds)
     result["speedup"] = result["channels_last_images_per_s"] / result["nchw_images_per_s"]
     save(result, root / "reports/benchmarks/segmenter_training.json")

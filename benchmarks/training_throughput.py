@@ -30,7 +30,9 @@ from covidct.paths import raw
 from covidct.runtime import configure_threads, grad_scaler, select_device
 
 
-def bare_round(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], optimiser: torch.optim.Optimizer) -> float:
+def bare_round(
+    model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], optimiser: torch.optim.Optimizer
+) -> float:
     loss_fn = torch.nn.BCEWithLogitsLoss()
     model.train()
     started = time.perf_counter()
@@ -58,7 +60,11 @@ def main() -> None:
     ours = build_classifier(config.model, config.pretrained).to(device).to(memory_format=torch.channels_last)
     bare = copy.deepcopy(ours)
     mean, std = normalisation(ours)
-    loader = DataLoader(CachedImages(images, labels, paper_augmentation(config.augment, config.seed)), batch_size=config.batch_size, shuffle=True)
+    loader = DataLoader(
+        CachedImages(images, labels, paper_augmentation(config.augment, config.seed)),
+        batch_size=config.batch_size,
+        shuffle=True,
+    )
     prepared = [
         (
             to_model_input(torch.from_numpy(images[i : i + config.batch_size])[:, None], mean, std, device),
@@ -66,7 +72,10 @@ def main() -> None:
         )
         for i in range(0, n, config.batch_size)
     ]
-    optimisers = {"ours": torch.optim.Adam(ours.parameters(), lr=config.lr), "bare": torch.optim.Adam(bare.parameters(), lr=config.lr)}
+    optimisers = {
+        "ours": torch.optim.Adam(ours.parameters(), lr=config.lr),
+        "bare": torch.optim.Adam(bare.parameters(), lr=config.lr),
+    }
     scaler = grad_scaler(device)
 
     def covidct_round() -> float:
@@ -74,8 +83,16 @@ def main() -> None:
         _, seen = classifier_epoch(ours, loader, optimisers["ours"], scaler, device, (mean, std), "covidct loop")
         return seen / (time.perf_counter() - started)
 
-    result = {"model": config.model, "image_size": config.image_size, "batch_size": config.batch_size, "threads": threads, "device": str(device)}
-    result |= alternate({"bare": lambda: bare_round(bare, prepared, optimisers["bare"]), "covidct": covidct_round}, args.rounds)
+    result = {
+        "model": config.model,
+        "image_size": config.image_size,
+        "batch_size": config.batch_size,
+        "threads": threads,
+        "device": str(device),
+    }
+    result |= alternate(
+        {"bare": lambda: bare_round(bare, prepared, optimisers["bare"]), "covidct": covidct_round}, args.rounds
+    )
     result["ratio"] = result["covidct_images_per_s"] / result["bare_images_per_s"]
     save(result, root / "reports/benchmarks/training_throughput.json")
 

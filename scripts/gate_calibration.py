@@ -43,7 +43,9 @@ def evidence(root: Path, split: str) -> pd.DataFrame:
         for start in tqdm(range(0, len(table), crop.batch_size), desc=f"{name} {split}", unit="batch"):
             chunk = table.iloc[start : start + crop.batch_size]
             images = [read_grayscale(p) for p in chunk["path"]]
-            for (_, row), image, result in zip(chunk.iterrows(), images, segment_and_crop(images, model, meta, crop, device), strict=True):
+            for (_, row), image, result in zip(
+                chunk.iterrows(), images, segment_and_crop(images, model, meta, crop, device), strict=True
+            ):
                 lungs = lung_evidence(result.mask, image)
                 rows.append(
                     {
@@ -93,7 +95,9 @@ def lungless_control(root: Path) -> pd.DataFrame:
 
 def main(root: Path, split: str = "train") -> None:
     table = evidence(root, split)
-    summary = table.groupby("source")[["min_side", "std", "lung_fraction", "balance"]].quantile(list(QUANTILES)).unstack()
+    summary = (
+        table.groupby("source")[["min_side", "std", "lung_fraction", "balance"]].quantile(list(QUANTILES)).unstack()
+    )
     OUT.mkdir(parents=True, exist_ok=True)
     summary.to_csv(root / OUT / "calibration.csv")
     table.to_csv(root / OUT / f"evidence_{split}.csv", index=False)

@@ -21,10 +21,21 @@ def save_tiny_networks(root: Path) -> tuple[Path, Path]:
     from covidct.segmentation.model import build_segmenter
 
     torch.manual_seed(0)
-    save_checkpoint(root / "segmenter.pt", build_segmenter([4, 8, 16]), {"channels": [4, 8, 16], "size": 64, "clahe_clip": 7.0, "epoch": 1})
+    save_checkpoint(
+        root / "segmenter.pt",
+        build_segmenter([4, 8, 16]),
+        {"channels": [4, 8, 16], "size": 64, "clahe_clip": 7.0, "epoch": 1},
+    )
     classifier = build_classifier("efficientnet_b0")
     mean, std = normalisation(classifier)
-    meta = {"model": "efficientnet_b0", "image_size": 64, "variant": "cropped", "epoch": 1, "mean": list(mean), "std": list(std)}
+    meta = {
+        "model": "efficientnet_b0",
+        "image_size": 64,
+        "variant": "cropped",
+        "epoch": 1,
+        "mean": list(mean),
+        "std": list(std),
+    }
     save_checkpoint(root / "classifier.pt", classifier, meta)
     return root / "segmenter.pt", root / "classifier.pt"
 

@@ -72,7 +72,9 @@ CC_CCII = DATA / "cc-ccii"
 REAL_PNG = COVID / "CT_COVID" / "kjr-21-e25-p1-6.png"
 REAL_JPEG = COVID / "CT_NonCOVID" / "1%0.jpg"  # 12 KB of EXIF before its pixels
 JPEG_AS_PNG = COVID / "CT_COVID" / "2020.03.16.20035105-p6-64-1.png"  # JPEG bytes behind a .png name
-RGBA_PNG = COVID / "CT_COVID" / "2019-novel-Coronavirus-severe-adult-respiratory-dist_2020_International-Jour-p3-89%0.png"
+RGBA_PNG = (
+    COVID / "CT_COVID" / "2019-novel-Coronavirus-severe-adult-respiratory-dist_2020_International-Jour-p3-89%0.png"
+)
 
 # ---------------------------------------------------------------- the files
 
@@ -118,7 +120,10 @@ def _png(image: Image.Image) -> bytes:
 #: kind -> (bytes, or None for a missing file; a fragment of the reason, lower case)
 BAD = {
     "truncated_png": (lambda: REAL_PNG.read_bytes()[: REAL_PNG.stat().st_size // 2], "truncated or corrupt png data"),
-    "truncated_jpeg": (lambda: REAL_JPEG.read_bytes()[: REAL_JPEG.stat().st_size // 2], "truncated or corrupt jpeg header"),
+    "truncated_jpeg": (
+        lambda: REAL_JPEG.read_bytes()[: REAL_JPEG.stat().st_size // 2],
+        "truncated or corrupt jpeg header",
+    ),
     "corrupt_png": (_corrupt_png, "truncated or corrupt png data"),
     "corrupt_jpeg": (_corrupt_jpeg, "truncated or corrupt jpeg data"),
     "bomb_30000x30000": (lambda: _png_header_only(30000, 30000), "too many pixels"),
@@ -250,14 +255,20 @@ class WarmPython:
             raise TimeoutError(f"no answer from the stage process in {timeout} s")
         return self.proc.stdout.readline().strip()
 
-    def run(self, stage: str, *args: str, cwd: Path, timeout: float = 180, cold: bool = False) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, stage: str, *args: str, cwd: Path, timeout: float = 180, cold: bool = False
+    ) -> subprocess.CompletedProcess[str]:
         """``python pipelines/<stage>.py args`` in ``cwd``; ``cold``: a fresh interpreter, as DVC starts it."""
         argv = [str(REPO / "pipelines" / f"{stage}.py"), *args]
         if cold:
-            return subprocess.run([sys.executable, *argv], cwd=cwd, env=self.env, capture_output=True, text=True, timeout=timeout)
+            return subprocess.run(
+                [sys.executable, *argv], cwd=cwd, env=self.env, capture_output=True, text=True, timeout=timeout
+            )
         self.count += 1
         out, err = self.logs / f"{self.count}.out", self.logs / f"{self.count}.err"
-        self.proc.stdin.write(json.dumps({"cwd": str(cwd), "argv": argv, "stdout": str(out), "stderr": str(err)}) + "\n")
+        self.proc.stdin.write(
+            json.dumps({"cwd": str(cwd), "argv": argv, "stdout": str(out), "stderr": str(err)}) + "\n"
+        )
         self.proc.stdin.flush()
         code = int(self._line(timeout))
         return subprocess.CompletedProcess(argv, code, out.read_text(), err.read_text())
@@ -327,7 +338,11 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     manifest.to_csv(lung / "manifest.csv", index=False)
     cc = src / "cc-ccii"  # 3 patients x 2 slices per class
     manifest = pd.read_csv(CC_CCII / "manifest.csv")
-    manifest = manifest[manifest["patient_id"].isin(manifest.groupby("cc_ccii_class")["patient_id"].unique().explode().groupby(level=0).head(3))]
+    manifest = manifest[
+        manifest["patient_id"].isin(
+            manifest.groupby("cc_ccii_class")["patient_id"].unique().explode().groupby(level=0).head(3)
+        )
+    ]
     manifest = manifest.groupby("patient_id").head(2)
     for relpath in manifest["file"]:
         (cc / relpath).parent.mkdir(parents=True, exist_ok=True)
@@ -346,10 +361,16 @@ def workdir(tmp_path_factory: pytest.TempPathFactory, source: Path, stages: Warm
     shutil.copy(REPO / "params.yaml", root / "params.yaml")
     shutil.copytree(REPO / "pipelines" / "profiles", root / "pipelines" / "profiles")
     apply_profile(root, "tiny")
-    set_params(root, {"data.source_dir": str(source), "crop.min_lung_fraction": 0.0})  # an untrained segmenter: crop what it finds
+    set_params(
+        root, {"data.source_dir": str(source), "crop.min_lung_fraction": 0.0}
+    )  # an untrained segmenter: crop what it finds
     prepare_data.run(load_params(root / "params.yaml"), root)
     torch.manual_seed(0)
-    save_checkpoint(root / "models/segmenter/model.pt", build_segmenter([4, 8, 16]), {"channels": [4, 8, 16], "size": 64, "clahe_clip": 7.0, "epoch": 1})
+    save_checkpoint(
+        root / "models/segmenter/model.pt",
+        build_segmenter([4, 8, 16]),
+        {"channels": [4, 8, 16], "size": 64, "clahe_clip": 7.0, "epoch": 1},
+    )
     result = stages.run("crop_images", cwd=root)
     assert result.returncode == 0, result.stderr[-3000:]
     return root
@@ -359,7 +380,10 @@ def _snapshot(root: Path) -> dict[str, tuple[str, int, int]]:
     """Every file's bytes and identity: a run that rewrote a file with the same bytes (the same
     crops again, then a bad image) would still have replaced it."""
     files = sorted(p for p in root.rglob("*") if p.is_file())
-    return {str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_ino, p.stat().st_mtime_ns) for p in files}
+    return {
+        str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_ino, p.stat().st_mtime_ns)
+        for p in files
+    }
 
 
 PROGRESS_BAR = re.compile(r"\d+/\d+ \[\d|\d+\w* \[\d\d:\d\d")
@@ -375,12 +399,16 @@ def _assert_one_clear_line(result: subprocess.CompletedProcess[str], *fragments:
     return lines[0]
 
 
-def _run_and_check_nothing_changed(stages: WarmPython, root: Path, stage: str, *args: str, cold: bool = False) -> subprocess.CompletedProcess[str]:
+def _run_and_check_nothing_changed(
+    stages: WarmPython, root: Path, stage: str, *args: str, cold: bool = False
+) -> subprocess.CompletedProcess[str]:
     before = _snapshot(root)
     result = stages.run(stage, *args, cwd=root, cold=cold)
     after = _snapshot(root)
     changed = sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name))
-    assert not changed, f"the failed run touched {len(changed)} file(s): {changed[:5]}"  # earlier outputs byte-identical and untouched
+    assert not changed, (
+        f"the failed run touched {len(changed)} file(s): {changed[:5]}"
+    )  # earlier outputs byte-identical and untouched
     assert not [p for p in root.rglob(".*") if ".tmp" in p.name]  # no temp file or folder left
     return result
 
@@ -402,7 +430,10 @@ def test_crop_images_started_cold_as_dvc_starts_it(stages: WarmPython, workdir: 
     path = workdir / "data/raw/covid-ct" / BAD_ROW
     with _replaced(path, BAD["text"][0]()):
         result = _run_and_check_nothing_changed(stages, workdir, "crop_images", cold=True)
-    assert _assert_one_clear_line(result) == f"error: {path}: not an image: the file contains text, not a known image format"
+    assert (
+        _assert_one_clear_line(result)
+        == f"error: {path}: not an image: the file contains text, not a known image format"
+    )
 
 
 @pytest.mark.parametrize("kind", VALID)
@@ -420,7 +451,9 @@ def test_crop_images_crops_valid_but_unusual_images(workdir: Path, kind: str) ->
     [("audit_data", (), "truncated_jpeg"), ("train_classifier", ("--variant", "raw"), "bomb_30000x30000")],
     ids=["audit_data-truncated_jpeg", "train_classifier_raw-bomb_30000x30000"],
 )
-def test_other_stages_reading_covid_ct_images(stages: WarmPython, workdir: Path, stage: str, args: tuple[str, ...], kind: str) -> None:
+def test_other_stages_reading_covid_ct_images(
+    stages: WarmPython, workdir: Path, stage: str, args: tuple[str, ...], kind: str
+) -> None:
     path = workdir / "data/raw/covid-ct" / BAD_ROW
     with _replaced(path, BAD[kind][0]()):
         result = _run_and_check_nothing_changed(stages, workdir, stage, *args)
@@ -438,8 +471,16 @@ def _real_mask(path: Path) -> np.ndarray:
 
 
 LUNG_CASES = {
-    "mask_of_the_wrong_size": ("mask", lambda m: _png(Image.fromarray(m).resize((128, 128), Image.Resampling.NEAREST)), "mask size 128x128"),
-    "mask_not_0_or_255": ("mask", lambda m: _png(Image.fromarray(np.where(m == 255, 200, m).astype(np.uint8))), "values other than 0 and 255: 200"),
+    "mask_of_the_wrong_size": (
+        "mask",
+        lambda m: _png(Image.fromarray(m).resize((128, 128), Image.Resampling.NEAREST)),
+        "mask size 128x128",
+    ),
+    "mask_not_0_or_255": (
+        "mask",
+        lambda m: _png(Image.fromarray(np.where(m == 255, 200, m).astype(np.uint8))),
+        "values other than 0 and 255: 200",
+    ),
     "mask_jpeg_compressed": ("mask", lambda m: _as_jpeg(Image.fromarray(m)), "values other than 0 and 255"),
     "lung_mask_empty": ("mask", lambda m: _png(Image.fromarray(np.zeros_like(m))), "lung mask is empty"),
     "lung_image_is_text": ("image", lambda m: BAD["text"][0](), "not an image"),
@@ -468,11 +509,19 @@ def test_prepare_data_with_a_split_list_naming_a_missing_image(stages: WarmPytho
     with _replaced(listing, listing.read_bytes() + b"ghost.png\n"), _replaced(sums, sums.read_bytes()):
         _write_sums(source / "covid-ct")  # the list is consistent with the checksums: only the name is wrong
         result = _run_and_check_nothing_changed(stages, workdir, "prepare_data")
-    _assert_one_clear_line(result, f"error: {listing}: names 'ghost.png', but {source / 'covid-ct/CT_NonCOVID/ghost.png'} does not exist")
+    _assert_one_clear_line(
+        result, f"error: {listing}: names 'ghost.png', but {source / 'covid-ct/CT_NonCOVID/ghost.png'} does not exist"
+    )
 
 
 PARAM_CASES = {
-    "unknown_efficientnet_variant": ("train_classifier", ("--variant", "cropped"), "classifier.model", "efficientnet_b8", "got 'efficientnet_b8'"),
+    "unknown_efficientnet_variant": (
+        "train_classifier",
+        ("--variant", "cropped"),
+        "classifier.model",
+        "efficientnet_b8",
+        "got 'efficientnet_b8'",
+    ),
     "tversky_alpha_above_1": ("train_segmenter", (), "segmenter.tversky_alpha", 1.5, "must be in [0, 1], got 1.5"),
     "tversky_beta_below_0": ("train_segmenter", (), "segmenter.tversky_beta", -0.2, "must be in [0, 1], got -0.2"),
     "tversky_gamma_0": ("train_segmenter", (), "segmenter.tversky_gamma", 0, "must be in (0, 5], got 0.0"),
@@ -527,7 +576,9 @@ def registered(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
 
 
 #: The gate's picture checks as params.yaml has them; its lung checks off: an untrained segmenter finds no lungs.
-PICTURE_GATE = GateConfig(**{**yaml.safe_load((REPO / "params.yaml").read_text())["gate"], "min_lung_fraction": 0.0, "min_lung_balance": 0.0})
+PICTURE_GATE = GateConfig(
+    **{**yaml.safe_load((REPO / "params.yaml").read_text())["gate"], "min_lung_fraction": 0.0, "min_lung_balance": 0.0}
+)
 #: Decodable pictures that are no CT slice: the input gate refuses them (a reason, no label).
 GATED = {
     "one_pixel": "under the minimum side",
@@ -538,7 +589,9 @@ GATED = {
 NOT_CT = {
     "all_black": lambda: _png(Image.new("L", (512, 512), 0)),
     "all_white": lambda: _png(Image.new("L", (512, 512), 255)),
-    "grey_with_noise": lambda: _png(Image.fromarray(np.random.default_rng(0).normal(128, 3, (256, 256)).clip(0, 255).astype(np.uint8))),
+    "grey_with_noise": lambda: _png(
+        Image.fromarray(np.random.default_rng(0).normal(128, 3, (256, 256)).clip(0, 255).astype(np.uint8))
+    ),
 }
 SCAN_KINDS = [*BAD, *VALID, *NOT_CT]
 
@@ -553,12 +606,21 @@ def predicted(registered: tuple[str, Path], tmp_path_factory: pytest.TempPathFac
     each kind and two ordinary scans; the CSV indexed by kind."""
     uri, _ = registered
     out = tmp_path_factory.mktemp("predict")
-    suffix = {"text": ".txt", "truncated_jpeg": ".jpg", "corrupt_jpeg": ".jpg"}  # a file named on the command line is read whatever its suffix
+    suffix = {
+        "text": ".txt",
+        "truncated_jpeg": ".jpg",
+        "corrupt_jpeg": ".jpg",
+    }  # a file named on the command line is read whatever its suffix
     names = {kind: out / "scans" / f"{kind}{suffix.get(kind, '.png')}" for kind in SCAN_KINDS}
     for kind, path in names.items():
         _put(path, _payload(kind))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "COVIDCT_"))}
-    env |= {"MLFLOW_TRACKING_URI": uri, "COVIDCT_DEVICE": "cpu", "COVIDCT_THREADS": "1", "NO_ALBUMENTATIONS_UPDATE": "1"}
+    env |= {
+        "MLFLOW_TRACKING_URI": uri,
+        "COVIDCT_DEVICE": "cpu",
+        "COVIDCT_THREADS": "1",
+        "NO_ALBUMENTATIONS_UPDATE": "1",
+    }
     files = [*map(str, names.values()), *map(str, ORDINARY)]
     result = subprocess.run(
         [sys.executable, "-m", "covidct", "predict", *files, "--out", "p.csv", "--overlays", "overlays"],
@@ -583,7 +645,12 @@ def test_predict_cli(predicted: pd.DataFrame, kind: str) -> None:
     if kind in BAD:
         assert _reason(kind) in row["error"].lower() and row["probability"] == "" and row["label"] == ""
     elif kind in GATED:
-        assert row["error"].startswith("input gate: ") and GATED[kind] in row["error"] and row["probability"] == "" and row["label"] == ""
+        assert (
+            row["error"].startswith("input gate: ")
+            and GATED[kind] in row["error"]
+            and row["probability"] == ""
+            and row["label"] == ""
+        )
     else:
         assert row["error"] == "" and 0.0 <= float(row["probability"]) <= 1.0 and row["label"] in ("COVID", "non-COVID")
 
@@ -618,7 +685,9 @@ def test_served_model(served: pd.DataFrame, predicted: pd.DataFrame, kind: str) 
     elif kind in GATED:  # the same refusal `covidct predict` gave
         assert row["error"] == predicted.loc[kind, "error"] and row["probability"] is None and row["label"] is None
     else:  # the same number `covidct predict` gave for the same bytes
-        assert row["error"] == "" and row["probability"] == pytest.approx(float(predicted.loc[kind, "probability"]), abs=1e-6)
+        assert row["error"] == "" and row["probability"] == pytest.approx(
+            float(predicted.loc[kind, "probability"]), abs=1e-6
+        )
 
 
 #: Cases per entry point (each one test id).

@@ -101,7 +101,9 @@ def test_balanced_sampler_draws_every_source_and_class_alike() -> None:
     sources = np.array(["covid-ct"] * 100 + ["cc-ccii"] * 900)
     labels = np.array([1] * 50 + [0] * 50 + [1] * 100 + [0] * 800)
     draws = np.array(list(balanced_sampler(sources, labels, seed=0)))
-    cells = pd.Series([f"{s}:{y}" for s, y in zip(sources[draws], labels[draws], strict=True)]).value_counts(normalize=True)
+    cells = pd.Series([f"{s}:{y}" for s, y in zip(sources[draws], labels[draws], strict=True)]).value_counts(
+        normalize=True
+    )
     assert len(draws) == 1000 and cells.between(0.2, 0.3).all() and len(cells) == 4
     assert np.array_equal(draws, np.array(list(balanced_sampler(sources, labels, seed=0))))  # seeded
     assert balanced_sampler(sources[:100], labels[:100], seed=0) is None  # one source: plain shuffling
@@ -109,11 +111,18 @@ def test_balanced_sampler_draws_every_source_and_class_alike() -> None:
 
 def _split_files(root: Path) -> None:
     (root / "data" / "splits").mkdir(parents=True)
-    pd.DataFrame({"relpath": ["a.png", "b.png", "c.png"], "label": [1, 0, 1], "split": ["train", "val", "test"]}).to_csv(
-        root / "data" / "splits" / "covid_ct.csv", index=False
-    )
+    pd.DataFrame(
+        {"relpath": ["a.png", "b.png", "c.png"], "label": [1, 0, 1], "split": ["train", "val", "test"]}
+    ).to_csv(root / "data" / "splits" / "covid_ct.csv", index=False)
     rows = [
-        {"relpath": f"s{scan}_{k}.png", "label": scan % 2, "split": split, "patient_group": f"P{scan}", "scan_id": scan, "slice": k}
+        {
+            "relpath": f"s{scan}_{k}.png",
+            "label": scan % 2,
+            "split": split,
+            "patient_group": f"P{scan}",
+            "scan_id": scan,
+            "slice": k,
+        }
         for scan, split in ((1, "train"), (2, "val"), (3, "test"))
         for k in range(6)
     ]
@@ -123,14 +132,22 @@ def _split_files(root: Path) -> None:
 def test_classifier_table_marks_what_is_trained_on_and_never_takes_cc_ccii_test(tmp_path: Path) -> None:
     _split_files(tmp_path)
     one = classifier_table(tmp_path, ClassifierConfig(cc_ccii_per_scan=3))
-    assert one.groupby("source").size().to_dict() == {"covid-ct": 3, "cc-ccii": 6}  # 3 slices of the train and val scans each
+    assert one.groupby("source").size().to_dict() == {
+        "covid-ct": 3,
+        "cc-ccii": 6,
+    }  # 3 slices of the train and val scans each
     assert "test" not in set(one.loc[one["source"] == "cc-ccii", "split"])
     assert one.loc[one["trained"], "source"].unique().tolist() == ["covid-ct"]
-    assert one.loc[one["source"] == "cc-ccii", "patient"].unique().tolist() == ["P1", "P2"]  # what a bootstrap resamples
+    assert one.loc[one["source"] == "cc-ccii", "patient"].unique().tolist() == [
+        "P1",
+        "P2",
+    ]  # what a bootstrap resamples
     both = classifier_table(tmp_path, ClassifierConfig(sources=("covid-ct", "cc-ccii"), cc_ccii_per_scan=0))
     assert both["trained"].all() and len(both) == 3 + 12
     meta = checkpoint_meta(ClassifierConfig(sources=("covid-ct", "cc-ccii"), lung_mask=True, standardise=True), "raw")
-    assert meta["sources"] == ["covid-ct", "cc-ccii"] and not meta["lung_mask"] and not meta["standardise"]  # raw: no segmentation
+    assert (
+        meta["sources"] == ["covid-ct", "cc-ccii"] and not meta["lung_mask"] and not meta["standardise"]
+    )  # raw: no segmentation
 
 
 def test_held_out_rows_are_scored_but_never_train_or_choose(tmp_path: Path) -> None:
@@ -153,7 +170,10 @@ def test_held_out_rows_are_scored_but_never_train_or_choose(tmp_path: Path) -> N
     other = images.copy()
     other[12:] = 255 - other[12:]  # the held-out source, redrawn
     second = fit_and_predict(other, table, config, device, tmp_path / "b.pt", {"model": config.model, "image_size": 32})
-    assert first[1]["source"].tolist().count("cc-ccii") == 4 and not first[1].loc[first[1]["source"] == "cc-ccii", "trained"].any()
+    assert (
+        first[1]["source"].tolist().count("cc-ccii") == 4
+        and not first[1].loc[first[1]["source"] == "cc-ccii", "trained"].any()
+    )
     assert first[2]["epoch"] == second[2]["epoch"]
     ours = first[1]["source"] == "covid-ct"
     assert np.array_equal(first[1].loc[ours, "score"], second[1].loc[ours, "score"])
@@ -171,7 +191,9 @@ def test_threshold_is_chosen_on_the_pooled_validation_of_trained_sources_and_tab
         }
     )
     config = EvaluateConfig(val_recall_floor=1.0)
-    assert decision_threshold(predictions[predictions["split"] == "val"], config) == pytest.approx(0.3)  # the CC-CCII COVID slice counts
+    assert decision_threshold(predictions[predictions["split"] == "val"], config) == pytest.approx(
+        0.3
+    )  # the CC-CCII COVID slice counts
     assert paper_split(predictions, "test")["score"].tolist() == [0.8, 0.2]
 
 
@@ -180,13 +202,21 @@ def test_registered_pipeline_shows_the_classifier_the_view_it_trained_on(tmp_pat
     state = torch.load(classifier, weights_only=True)
     state["meta"] |= {"lung_mask": True, "standardise": True}
     torch.save(state, classifier)
-    pipeline = TwoStagePipeline(segmenter, classifier, CropConfig(min_lung_fraction=0.0), 0.5, device=torch.device("cpu"))
+    pipeline = TwoStagePipeline(
+        segmenter, classifier, CropConfig(min_lung_fraction=0.0), 0.5, device=torch.device("cpu")
+    )
     image = read_grayscale(SLICE)
     (got,) = pipeline.predict_arrays(["slice"], [image])
     (crop,) = segment_and_crop([image], pipeline.segmenter, pipeline.segmenter_meta, pipeline.crop, pipeline.device)
     view = classifier_view(crop.crop.image, crop.lung, 64, True, True)
     meta = pipeline.classifier_meta
     expected = predict_scores(pipeline.classifier, view[None], pipeline.device, meta["mean"], meta["std"])[0]
-    plain = predict_scores(pipeline.classifier, resize_for_classifier(crop.crop.image, 64)[None], pipeline.device, meta["mean"], meta["std"])[0]
+    plain = predict_scores(
+        pipeline.classifier,
+        resize_for_classifier(crop.crop.image, 64)[None],
+        pipeline.device,
+        meta["mean"],
+        meta["std"],
+    )[0]
     assert got.probability == pytest.approx(float(expected), abs=1e-6)
     assert got.probability != pytest.approx(float(plain), abs=1e-6)

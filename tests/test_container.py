@@ -26,7 +26,9 @@ from conftest import REPO
 DOCKERFILE = REPO / "Dockerfile"
 README = REPO / "README.md"
 
-KEYWORDS = set("ADD ARG CMD COPY ENTRYPOINT ENV EXPOSE FROM HEALTHCHECK LABEL MAINTAINER ONBUILD RUN SHELL STOPSIGNAL USER VOLUME WORKDIR".split())
+KEYWORDS = set(
+    "ADD ARG CMD COPY ENTRYPOINT ENV EXPOSE FROM HEALTHCHECK LABEL MAINTAINER ONBUILD RUN SHELL STOPSIGNAL USER VOLUME WORKDIR".split()
+)
 
 
 # --- reading the files -----------------------------------------------------------------------------------------
@@ -172,14 +174,25 @@ def hadolint() -> str:
 
 def test_hadolint_passes():
     """Every hadolint rule (with its built-in ShellCheck) at every level, configured only by .hadolint.yaml."""
-    result = subprocess.run([hadolint(), "--config", ".hadolint.yaml", "--no-color", "Dockerfile"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [hadolint(), "--config", ".hadolint.yaml", "--no-color", "Dockerfile"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_hadolint_is_the_real_linter(tmp_path):
     bad = tmp_path / "Dockerfile"
     bad.write_text('FROM ubuntu\nRUN apt-get update && apt-get install -y git && cd /tmp\nCMD ["dvc", "repro"\n')
-    result = subprocess.run([hadolint(), "--config", str(REPO / ".hadolint.yaml"), "--no-color", str(bad)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [hadolint(), "--config", str(REPO / ".hadolint.yaml"), "--no-color", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode != 0
     for rule in ("DL3006", "DL3008", "DL3009", "DL3015", "DL3003"):  # untagged image, unpinned apt, lists kept, ...
         assert rule in result.stdout, result.stdout
@@ -204,7 +217,9 @@ def test_gpu_image_on_the_cuda_of_the_torch_wheel(instructions):
     pins = pip_installs(readme_install_line())[0]["pins"]
     if torch.__version__.split("+")[0] != pins["torch"].removeprefix("==") or not torch.version.cuda:
         pytest.skip(f"the installed torch ({torch.__version__}) is not the pinned PyPI wheel")
-    assert match[1] == torch.version.cuda, f"CUDA {match[1]} base image, but the torch wheel is built for CUDA {torch.version.cuda}"
+    assert match[1] == torch.version.cuda, (
+        f"CUDA {match[1]} base image, but the torch wheel is built for CUDA {torch.version.cuda}"
+    )
 
 
 def test_install_steps_are_the_readmes(instructions):
@@ -242,7 +257,9 @@ def test_install_steps_are_the_readmes(instructions):
     (interpreter,) = interpreters
     assert interpreter.removeprefix("python") in SpecifierSet(pyproject["requires-python"])
     assert any(re.search(rf"apt-get install .*\b{re.escape(interpreter)}-venv=", args) for args in runs)
-    assert any(re.search(r"apt-get install .*\bgit=", args) for args in runs), "git: MLflow runs are tagged with the commit"
+    assert any(re.search(r"apt-get install .*\bgit=", args) for args in runs), (
+        "git: MLflow runs are tagged with the commit"
+    )
 
     # the README's last step, and the environment CI runs the tests with
     assert "dvc config core.analytics false" in readme
@@ -252,7 +269,9 @@ def test_install_steps_are_the_readmes(instructions):
 
 
 def test_default_command_runs_the_pipeline(instructions):
-    assert not [args for kw, args in instructions if kw == "ENTRYPOINT"], "an ENTRYPOINT would prefix every command the README overrides"
+    assert not [args for kw, args in instructions if kw == "ENTRYPOINT"], (
+        "an ENTRYPOINT would prefix every command the README overrides"
+    )
     assert exec_form(one(instructions, "CMD")) == ["dvc", "repro"]
     users = [args for kw, args in instructions if kw == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0"), "the pipeline runs as a non-root user"
@@ -317,9 +336,13 @@ def dockerignore_rules(text: str) -> list[tuple[bool, re.Pattern]]:
             continue
         negate = pattern.startswith("!")
         pattern = posixpath.normpath(pattern.removeprefix("!").strip()).lstrip("/")
-        assert "[" not in pattern and "\\" not in pattern, f"{pattern}: character classes and escapes not supported here"
+        assert "[" not in pattern and "\\" not in pattern, (
+            f"{pattern}: character classes and escapes not supported here"
+        )
         regex = re.sub(
-            r"\\\*\\\*/|\\\*\\\*|\\\*|\\\?", lambda m: {"\\*\\*/": "(?:.*/)?", "\\*\\*": ".*", "\\*": "[^/]*", "\\?": "[^/]"}[m[0]], re.escape(pattern)
+            r"\\\*\\\*/|\\\*\\\*|\\\*|\\\?",
+            lambda m: {"\\*\\*/": "(?:.*/)?", "\\*\\*": ".*", "\\*": "[^/]*", "\\?": "[^/]"}[m[0]],
+            re.escape(pattern),
         )
         rules.append((negate, re.compile(regex)))
     return rules
@@ -337,21 +360,35 @@ def left_out(path: str, rules) -> bool:
 
 
 def test_dockerignore_matcher():
-    rules = dockerignore_rules("# comment\n**/__pycache__\n/models/*/model.pt\n!models/keep/model.pt\ndata\nre?orts/x.csv\n")
+    rules = dockerignore_rules(
+        "# comment\n**/__pycache__\n/models/*/model.pt\n!models/keep/model.pt\ndata\nre?orts/x.csv\n"
+    )
     assert left_out("src/a/__pycache__/x.pyc", rules) and left_out("__pycache__/x.pyc", rules)
     assert left_out("models/segmenter/model.pt", rules) and not left_out("models/segmenter/history.csv", rules)
     assert not left_out("models/a/b/model.pt", rules) and not left_out("models/keep/model.pt", rules)
-    assert left_out("data/raw/a.png", rules) and not left_out("src/data/a.py", rules) and not left_out("database.py", rules)
+    assert (
+        left_out("data/raw/a.png", rules)
+        and not left_out("src/data/a.py", rules)
+        and not left_out("database.py", rules)
+    )
     assert left_out("reports/x.csv", rules) and not left_out("reports/y/x.csv", rules)
 
 
 def test_dockerignore_keeps_the_git_checkout_and_leaves_out_data_and_state():
     if not shutil.which("git") or not (REPO / ".git").exists():
         pytest.skip("not a git checkout")
-    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split("\0")
+    tracked = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split("\0")
     rules = dockerignore_rules((REPO / ".dockerignore").read_text())
     dropped = [path for path in tracked if path and left_out(path, rules)]
     assert not dropped, f".dockerignore leaves out tracked files (git in the image would see them deleted): {dropped}"
     assert not left_out(".git/HEAD", rules), "the image needs .git: MLflow runs are tagged with the commit"
-    for path in (".venv/bin/python", "data/raw/covid-ct/a.png", "mlruns/mlflow.db", ".dvc/cache/files/md5/ab/cdef", "src/covidct/__pycache__/cli.pyc"):
+    for path in (
+        ".venv/bin/python",
+        "data/raw/covid-ct/a.png",
+        "mlruns/mlflow.db",
+        ".dvc/cache/files/md5/ab/cdef",
+        "src/covidct/__pycache__/cli.pyc",
+    ):
         assert left_out(path, rules), f"{path} would be copied into the image"

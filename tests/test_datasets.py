@@ -58,7 +58,9 @@ def test_covid_ct_split_labels_follow_folder(split: pd.DataFrame) -> None:
 def test_covid_ct_subset_per_class(split: pd.DataFrame) -> None:
     small = covid_ct_split(COVID_CT, subset_per_class=2)
     assert len(small) == 12
-    assert small.groupby(["split", "label"]).size().to_dict() == {(s, lab): 2 for s in ("train", "val", "test") for lab in (0, 1)}
+    assert small.groupby(["split", "label"]).size().to_dict() == {
+        (s, lab): 2 for s in ("train", "val", "test") for lab in (0, 1)
+    }
     assert set(small["relpath"]) <= set(split["relpath"])
     merged = small.merge(split, on="relpath", suffixes=("", "_full"))
     assert (merged["label"] == merged["label_full"]).all() and (merged["split"] == merged["split_full"]).all()

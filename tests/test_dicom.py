@@ -49,7 +49,11 @@ def ct_dataset(gray: np.ndarray, **attributes: object) -> Dataset:
     level, width = LUNG_WINDOW_HU
     hu = np.rint(level - width / 2 + gray.astype(np.float64) * width / 255)  # -1350 .. 150 HU
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, meta.TransferSyntaxUID = uid.CTImageStorage, uid.generate_uid(), uid.ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, meta.TransferSyntaxUID = (
+        uid.CTImageStorage,
+        uid.generate_uid(),
+        uid.ExplicitVRLittleEndian,
+    )
     ds = Dataset()
     ds.file_meta = meta
     ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
@@ -106,7 +110,9 @@ SYNTAXES = [
 
 
 @pytest.mark.parametrize(("syntax", "encoder", "plugin"), SYNTAXES, ids=[s[0].keyword for s in SYNTAXES])
-def test_compressed_slice_decodes_byte_identical(gray: np.ndarray, tmp_path: Path, syntax: uid.UID, encoder: str, plugin: str) -> None:
+def test_compressed_slice_decodes_byte_identical(
+    gray: np.ndarray, tmp_path: Path, syntax: uid.UID, encoder: str, plugin: str
+) -> None:
     raw = to_bytes(ct_dataset(gray))
     if encoder == "pydicom":
         ds = ct_dataset(gray)
@@ -178,7 +184,9 @@ def test_missing_decoder_package_is_named(gray: np.ndarray, tmp_path: Path) -> N
         "try: read_grayscale(sys.argv[1])\n"
         "except ImageReadError as exc: print(exc)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "sv1.dcm")], capture_output=True, text=True, timeout=60, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "sv1.dcm")], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
     assert out.startswith(f"{tmp_path / 'sv1.dcm'}: no installed decoder for DICOM transfer syntax"), out
     assert uid.JPEGLosslessSV1.name in out and "python-gdcm would decode it" in out
 
@@ -186,7 +194,9 @@ def test_missing_decoder_package_is_named(gray: np.ndarray, tmp_path: Path) -> N
 # --------------------------------------------------------------------------- series
 
 
-def write_series(folder: Path, zs: list[float], numbers: list[int], names: list[str], **attributes: object) -> list[np.ndarray]:
+def write_series(
+    folder: Path, zs: list[float], numbers: list[int], names: list[str], **attributes: object
+) -> list[np.ndarray]:
     """One slice per z (real slices, in list order) in one series; returns the slices written."""
     study, series = attributes.pop("StudyInstanceUID", uid.generate_uid()), uid.generate_uid()
     slices = [read_grayscale(path) for path in SLICES[: len(zs)]]
@@ -255,7 +265,9 @@ def test_two_series_and_files_without_uids(tmp_path: Path) -> None:
     found = read_series(tmp_path)
     assert sorted(len(s.files) for s in found) == [1, 1, 2, 3]
     loose = [s for s in found if s.series_uid is None]
-    assert [s.files for s in loose] == [[tmp_path / "loose1"], [tmp_path / "loose2"]] and all(s.ordered_by == "file name" for s in loose)
+    assert [s.files for s in loose] == [[tmp_path / "loose1"], [tmp_path / "loose2"]] and all(
+        s.ordered_by == "file name" for s in loose
+    )
     lung, soft = sorted((s for s in found if s.series_uid), key=lambda s: len(s.files))
     assert lung.study_uid == soft.study_uid == study and lung.series_uid != soft.series_uid
     assert [p.name for p in soft.files] == ["soft2", "soft1", "soft3"]
@@ -291,12 +303,18 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> TwoStagePipeline:
     return TwoStagePipeline(*weights, CropConfig(min_lung_fraction=0.0), 0.5, device=torch.device("cpu"), study_top_k=2)
 
 
-def test_jpeg_lossless_export_scores_exactly_like_the_uncompressed_file(gray: np.ndarray, pipeline: TwoStagePipeline, tmp_path: Path) -> None:
+def test_jpeg_lossless_export_scores_exactly_like_the_uncompressed_file(
+    gray: np.ndarray, pipeline: TwoStagePipeline, tmp_path: Path
+) -> None:
     raw = to_bytes(ct_dataset(gray))
     sv1 = gdcm_compress(raw, tmp_path, "JPEGLosslessProcess14_1")  # what hospital CT exports use
     assert pydicom.dcmread(io.BytesIO(sv1)).file_meta.TransferSyntaxUID == uid.JPEGLosslessSV1
     plain, compressed = pipeline.predict_encoded(["raw.dcm", "sv1.dcm"], [raw, sv1])
-    assert plain.error == compressed.error == "" and plain.probability == compressed.probability and plain.box == compressed.box
+    assert (
+        plain.error == compressed.error == ""
+        and plain.probability == compressed.probability
+        and plain.box == compressed.box
+    )
 
 
 def test_a_folder_series_is_one_study_in_slice_order(pipeline: TwoStagePipeline, tmp_path: Path) -> None:
@@ -313,7 +331,10 @@ def test_a_folder_series_is_one_study_in_slice_order(pipeline: TwoStagePipeline,
     predictions = predict_files(pipeline, files)
     table = write_predictions(predictions, tmp_path / "p.csv", studies, pipeline.study_top_k)
     top_two = np.sort([p.probability for p in predictions[:4]])[-2:].mean()
-    assert table["study_probability"][:4].tolist() == pytest.approx([top_two] * 4) and table["study_probability"][4] is None
+    assert (
+        table["study_probability"][:4].tolist() == pytest.approx([top_two] * 4)
+        and table["study_probability"][4] is None
+    )
     per_study = pd.read_csv(studies_csv(tmp_path / "p.csv"))
     assert per_study[["slices", "slices_scored", "top_k"]].values.tolist() == [[4, 4, 2]]
     assert per_study["study_probability"][0] == pytest.approx(top_two)
@@ -323,12 +344,17 @@ def test_a_folder_series_is_one_study_in_slice_order(pipeline: TwoStagePipeline,
     served.pipeline = pipeline
     frame = pd.DataFrame({"image": [f.read_bytes() for f in files], "study": [*studies[:4], None]})
     answer = served.predict(None, frame)
-    assert answer["study_probability"].tolist()[:4] == table["study_probability"].tolist()[:4] and answer["study"][4] is None
+    assert (
+        answer["study_probability"].tolist()[:4] == table["study_probability"].tolist()[:4]
+        and answer["study"][4] is None
+    )
 
 
 def test_an_unreadable_header_in_a_folder_leaves_the_series_grouped(tmp_path: Path) -> None:
     write_series(tmp_path, [5.0, -5.0, 0.0], [1, 2, 3], ["x1", "x2", "x3"])
     (tmp_path / "cut").write_bytes((tmp_path / "x1").read_bytes()[:200])  # DICM marker, header cut short
     files, studies = group_studies(collect_scans([tmp_path]))
-    assert files == [tmp_path / n for n in ("cut", "x2", "x3", "x1")]  # the cut file keeps its place for its error row; the series by z
+    assert files == [
+        tmp_path / n for n in ("cut", "x2", "x3", "x1")
+    ]  # the cut file keeps its place for its error row; the series by z
     assert studies[0] == "" and len(set(studies[1:])) == 1 and studies[1]

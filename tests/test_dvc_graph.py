@@ -78,8 +78,12 @@ def _covered(path: Path, deps: list[str]) -> bool:
 @pytest.mark.parametrize("name", list(_stages()))
 def test_every_imported_file_is_a_dependency(name: str) -> None:
     stage = _stages()[name]
-    missing = sorted(p.relative_to(REPO).as_posix() for p in import_closure(_entry(stage)) if not _covered(p, stage["deps"]))
-    assert not missing, f"dvc.yaml stage {name} imports these files but does not list them (or a folder holding them) in deps: {missing}"
+    missing = sorted(
+        p.relative_to(REPO).as_posix() for p in import_closure(_entry(stage)) if not _covered(p, stage["deps"])
+    )
+    assert not missing, (
+        f"dvc.yaml stage {name} imports these files but does not list them (or a folder holding them) in deps: {missing}"
+    )
 
 
 def _sections_read(files: set[Path]) -> set[str]:
@@ -99,10 +103,17 @@ def test_every_section_read_is_a_param(name: str) -> None:
     listed = {p.split(".")[0] for p in stage.get("params", [])}
     files = import_closure(_entry(stage)) | {_entry(stage)}
     read = _sections_read({f for f in files if "stages" in f.parts or f == _entry(stage)})
-    assert read <= listed, f"dvc.yaml stage {name} reads params.yaml sections {sorted(read - listed)} but does not list them in params"
+    assert read <= listed, (
+        f"dvc.yaml stage {name} reads params.yaml sections {sorted(read - listed)} but does not list them in params"
+    )
 
 
 def test_the_closure_sees_imports_inside_functions() -> None:
     """The check itself can fail: a stage's closure holds what its functions import late."""
     closure = {p.relative_to(SRC).as_posix() for p in import_closure(REPO / "pipelines/train_classifier.py")}
-    assert {"covidct/metrics.py", "covidct/config.py", "covidct/classification/train.py", "covidct/tracking.py"} <= closure
+    assert {
+        "covidct/metrics.py",
+        "covidct/config.py",
+        "covidct/classification/train.py",
+        "covidct/tracking.py",
+    } <= closure

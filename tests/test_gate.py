@@ -23,7 +23,10 @@ LUNG = DATA / "lung-seg"
 
 def _real_slices() -> list[Path]:
     """A few real slices of each source, the smallest COVID-CT picture among them."""
-    covid = sorted((DATA / "covid-ct" / "CT_NonCOVID").glob("*.*"))[:4] + sorted((DATA / "covid-ct" / "CT_COVID").glob("*.*"))[:4]
+    covid = (
+        sorted((DATA / "covid-ct" / "CT_NonCOVID").glob("*.*"))[:4]
+        + sorted((DATA / "covid-ct" / "CT_COVID").glob("*.*"))[:4]
+    )
     cc = [p for cls in ("NCP", "CP", "Normal") for p in sorted((DATA / "cc-ccii" / "images" / cls).glob("*.png"))[:3]]
     return [*covid, *cc, *sorted((LUNG / "images").glob("*.png"))[::200]]
 
@@ -67,7 +70,9 @@ def test_one_sided_or_tiny_lung_is_refused() -> None:
     gray = read_grayscale(LUNG / "images" / f"{pd.read_csv(LUNG / 'manifest.csv')['id'].iloc[500]}.png")
     mask = np.zeros(gray.shape, bool)
     mask[80:180, 20:100] = True  # one lung's worth, all left of the midline
-    two_lungs = GateConfig(GATE.min_side, GATE.min_std, GATE.min_lung_fraction, 0.05)  # params.yaml keeps this check off (see its comment)
+    two_lungs = GateConfig(
+        GATE.min_side, GATE.min_std, GATE.min_lung_fraction, 0.05
+    )  # params.yaml keeps this check off (see its comment)
     one_sided = lung_problem(lung_evidence(mask, gray), two_lungs)
     assert one_sided is not None and "both sides" in one_sided
     assert lung_problem(LungEvidence(0.2, 0.2, 0.0), GATE) is None  # off by default: one lung is not refused
@@ -92,7 +97,13 @@ def test_pipeline_refuses_what_the_gate_refuses_and_scores_the_rest(tmp_path: Pa
     answers = gated.predict_arrays(names, images)
     table = predictions_table(answers)
     assert table["label"].isna().tolist() == [True, False, True, False, True]
-    assert all(table["error"][i].startswith(REFUSED) for i in (0, 2, 4)) and table["error"][1] == table["error"][3] == ""
+    assert (
+        all(table["error"][i].startswith(REFUSED) for i in (0, 2, 4)) and table["error"][1] == table["error"][3] == ""
+    )
     # the scans the gate lets through get exactly the scores they get without a gate
-    assert [answers[1].probability, answers[3].probability] == [p.probability for p in open_.predict_arrays(names[1::2], real)]
-    assert all(p.error == "" for p in open_.predict_arrays(names, images))  # no gate: everything gets a label, as before
+    assert [answers[1].probability, answers[3].probability] == [
+        p.probability for p in open_.predict_arrays(names[1::2], real)
+    ]
+    assert all(
+        p.error == "" for p in open_.predict_arrays(names, images)
+    )  # no gate: everything gets a label, as before

@@ -41,23 +41,31 @@ def _profile(tmp_path: Path, name: str) -> dict:
 
 
 def _native_size(name: str) -> int:
-    return int(timm.data.resolve_model_data_config(timm.create_model(name, pretrained=False, num_classes=1))["input_size"][-1])
+    return int(
+        timm.data.resolve_model_data_config(timm.create_model(name, pretrained=False, num_classes=1))["input_size"][-1]
+    )
 
 
 def _one_step(config: ClassifierConfig, tmp_path: Path) -> None:
     images = np.stack([resize_for_classifier(read_grayscale(p), config.image_size) for p in TWO_SCANS])
     labels = np.array([1.0, 0.0], dtype=np.float32)
-    history = train_classifier((images, labels), (images, labels), config, torch.device("cpu"), tmp_path / "model.pt", {"model": config.model})
+    history = train_classifier(
+        (images, labels), (images, labels), config, torch.device("cpu"), tmp_path / "model.pt", {"model": config.model}
+    )
     assert len(history) == 1 and np.isfinite(history["train_loss"]).all() and np.isfinite(history["val_loss"]).all()
     state, meta = load_checkpoint(tmp_path / "model.pt", torch.device("cpu"), "test")
-    assert meta["model"] == config.model and all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point())
+    assert meta["model"] == config.model and all(
+        torch.isfinite(t).all() for t in state.values() if t.is_floating_point()
+    )
 
 
 @pytest.mark.parametrize("name", SWEPT)
 def test_every_swept_efficientnet_trains_a_step_at_its_own_size(name: str, tmp_path: Path) -> None:
     base = section(load_params(REPO / "params.yaml"), "classifier")
     size = _native_size(name)
-    config = ClassifierConfig(**{**base.__dict__, "model": name, "pretrained": "none", "image_size": size, "epochs": 1, "batch_size": 2})
+    config = ClassifierConfig(
+        **{**base.__dict__, "model": name, "pretrained": "none", "image_size": size, "epochs": 1, "batch_size": 2}
+    )
     _one_step(config, tmp_path)
 
 
@@ -73,10 +81,19 @@ def test_the_paper_size_segmenter_trains_a_step(tmp_path: Path) -> None:
     config, pre = section(params, "segmenter"), section(params, "preprocess")
     assert config.channels == (16, 32, 64, 128, 256)
     lung = DATA / "lung-seg"
-    images = np.stack([segmenter_input(read_grayscale(lung / "images" / f"{s}.png"), pre.size, pre.clahe_clip) for s in TWO_SLICES])
+    images = np.stack(
+        [segmenter_input(read_grayscale(lung / "images" / f"{s}.png"), pre.size, pre.clahe_clip) for s in TWO_SLICES]
+    )
     masks = np.stack([read_mask(lung / "masks" / f"{s}.png") for s in TWO_SLICES])
     one = SegmenterConfig(**{**config.__dict__, "epochs": 1, "batch_size": 2})
-    history = train_segmenter((images, masks), (images, masks), one, torch.device("cpu"), tmp_path / "segmenter.pt", {"channels": list(one.channels)})
+    history = train_segmenter(
+        (images, masks),
+        (images, masks),
+        one,
+        torch.device("cpu"),
+        tmp_path / "segmenter.pt",
+        {"channels": list(one.channels)},
+    )
     assert len(history) == 1 and np.isfinite(history["train_loss"]).all() and 0.0 <= history["val_dice"].iloc[0] <= 1.0
 
 

@@ -47,16 +47,31 @@ COVID = DATA / "covid-ct"
 LUNG = DATA / "lung-seg"
 CC = DATA / "cc-ccii"
 JPEG_IN_PNG = "CT_COVID/2020.03.16.20035105-p6-64-1.png"  # JPEG bytes behind a .png name
-OTHERS = ["CT_COVID/kjr-21-e25-p1-6.png", "CT_NonCOVID/1335.png", "CT_NonCOVID/0.jpg", "CT_NonCOVID/10%0.jpg", "CT_COVID/2020.03.16.20035105-p6-64-2.png"]
-KNOWN_PAIR = ("CT_NonCOVID/71%0.jpg", "CT_COVID/kjr-21-e24-p5-29.png")  # the same figure, NonCOVID in train, COVID in test
+OTHERS = [
+    "CT_COVID/kjr-21-e25-p1-6.png",
+    "CT_NonCOVID/1335.png",
+    "CT_NonCOVID/0.jpg",
+    "CT_NonCOVID/10%0.jpg",
+    "CT_COVID/2020.03.16.20035105-p6-64-2.png",
+]
+KNOWN_PAIR = (
+    "CT_NonCOVID/71%0.jpg",
+    "CT_COVID/kjr-21-e24-p5-29.png",
+)  # the same figure, NonCOVID in train, COVID in test
 SAME_PATIENT = ("CT_NonCOVID/71%0.jpg", "CT_NonCOVID/71%1.jpg")  # crawled_patient_71, two different slices
-LUNG_SLICES = ["images/coronacases_001_000.png", "images/coronacases_002_000.png", "images/radiopaedia_4_85506_1_000.png"]
+LUNG_SLICES = [
+    "images/coronacases_001_000.png",
+    "images/coronacases_002_000.png",
+    "images/radiopaedia_4_85506_1_000.png",
+]
 THRESHOLDS = {"near_duplicate_distance": 32, "verify_distance": 88, "min_keypoint_inliers": 100}
 
 
 def _table(entries: list[tuple[Path, str, str, Any]]) -> pd.DataFrame:
     """(path, relpath, split, label) rows as the image table audit_dataset takes (patient unknown)."""
-    return pd.DataFrame([{"relpath": r, "path": str(p), "split": s, "label": lab, "patient_id": None} for p, r, s, lab in entries])
+    return pd.DataFrame(
+        [{"relpath": r, "path": str(p), "split": s, "label": lab, "patient_id": None} for p, r, s, lab in entries]
+    )
 
 
 def _pairs(images: pd.DataFrame) -> pd.DataFrame:
@@ -70,7 +85,9 @@ def _save_variant(source: Path, dest: Path, kind: str) -> Path:
     gray = read_grayscale(source)
     h, w = gray.shape
     if kind == "jpeg_resized":  # re-encoded as JPEG at 90 % size
-        Image.fromarray(gray).resize((w * 9 // 10, h * 9 // 10), Image.Resampling.BILINEAR).save(dest, "JPEG", quality=70)
+        Image.fromarray(gray).resize((w * 9 // 10, h * 9 // 10), Image.Resampling.BILINEAR).save(
+            dest, "JPEG", quality=70
+        )
     elif kind == "cropped":  # 4 % cut off every side, into the body: pHash alone cannot see it
         Image.fromarray(gray[h // 25 : h - h // 25, w // 25 : w - w // 25]).save(dest, "JPEG", quality=80)
     elif kind == "padded":  # a looser crop of the figure: black margin added
@@ -108,7 +125,9 @@ def test_copy_of_real_image_is_near_duplicate(tmp_path: Path, kind: str) -> None
     [pair] = pairs.itertuples()
     assert pair.kind == NEAR_DUPLICATE
     if kind == "cropped":  # found by keypoints, not by the pHash threshold
-        assert pair.distance > THRESHOLDS["near_duplicate_distance"] and pair.inliers >= THRESHOLDS["min_keypoint_inliers"]
+        assert (
+            pair.distance > THRESHOLDS["near_duplicate_distance"] and pair.inliers >= THRESHOLDS["min_keypoint_inliers"]
+        )
     else:
         assert pair.distance <= 8
 
@@ -117,7 +136,15 @@ def test_identical_file_and_identical_pixels(tmp_path: Path) -> None:
     source = COVID / JPEG_IN_PNG
     shutil.copy2(source, tmp_path / "same_bytes.png")
     _save_variant(source, tmp_path / "same_pixels.png", "png_of_pixels")
-    pairs = _pairs(_table([(source, "a", "train", 1), (tmp_path / "same_bytes.png", "b", "val", 1), (tmp_path / "same_pixels.png", "c", "test", 1)]))
+    pairs = _pairs(
+        _table(
+            [
+                (source, "a", "train", 1),
+                (tmp_path / "same_bytes.png", "b", "val", 1),
+                (tmp_path / "same_pixels.png", "c", "test", 1),
+            ]
+        )
+    )
     kinds = {(r.relpath_a, r.relpath_b): r.kind for r in pairs.itertuples()}
     assert kinds[("a", "b")] == IDENTICAL_FILE
     assert kinds[("a", "c")] == IDENTICAL_PIXELS and kinds[("b", "c")] == IDENTICAL_PIXELS
@@ -127,13 +154,23 @@ def test_identical_file_and_identical_pixels(tmp_path: Path) -> None:
 # slices or a follow-up scan of one patient, and two lung-set patients. The thresholds must leave them alone.
 HARD_NEGATIVES = [
     (COVID, "CT_NonCOVID/1920.png", "CT_NonCOVID/1919.png"),  # 46, consecutive slices
-    (COVID, "CT_COVID/2020.03.12.20034686-p17-91-4.png", "CT_COVID/2020.03.12.20034686-p17-91-2.png"),  # 52, "Pt 2" twice
-    (COVID, "CT_COVID/2020.03.13.20035212-p23-153.png", "CT_COVID/2020.03.13.20035212-p23-157.png"),  # 84, 54 inliers, follow-up
+    (
+        COVID,
+        "CT_COVID/2020.03.12.20034686-p17-91-4.png",
+        "CT_COVID/2020.03.12.20034686-p17-91-2.png",
+    ),  # 52, "Pt 2" twice
+    (
+        COVID,
+        "CT_COVID/2020.03.13.20035212-p23-153.png",
+        "CT_COVID/2020.03.13.20035212-p23-157.png",
+    ),  # 84, 54 inliers, follow-up
     (LUNG, "images/radiopaedia_10_85902_1_009.png", "images/radiopaedia_4_85506_1_010.png"),  # 76, two patients
 ]
 
 
-@pytest.mark.parametrize(("root", "a", "b"), HARD_NEGATIVES, ids=["neighbour-slices", "same-patient-figure", "follow-up", "lung-patients"])
+@pytest.mark.parametrize(
+    ("root", "a", "b"), HARD_NEGATIVES, ids=["neighbour-slices", "same-patient-figure", "follow-up", "lung-patients"]
+)
 def test_close_but_different_real_images_are_not_duplicates(root: Path, a: str, b: str) -> None:
     [pair] = _pairs(_table([(root / a, a, "train", None), (root / b, b, "test", None)])).itertuples()
     assert pair.kind == ""
@@ -145,7 +182,9 @@ def test_unrelated_real_images_are_not_compared() -> None:
     names = [JPEG_IN_PNG, *OTHERS, *LUNG_SLICES]
     roots = [COVID] * (1 + len(OTHERS)) + [LUNG] * len(LUNG_SLICES)
     splits = ["train", "val", "test"] * 3
-    assert _pairs(_table([(root / n, n, splits[i], None) for i, (root, n) in enumerate(zip(roots, names, strict=True))])).empty
+    assert _pairs(
+        _table([(root / n, n, splits[i], None) for i, (root, n) in enumerate(zip(roots, names, strict=True))])
+    ).empty
 
 
 def test_same_split_copies_are_not_cross_split_pairs(tmp_path: Path) -> None:
@@ -164,7 +203,9 @@ def test_keypoints_separate_same_picture_from_neighbouring_slice() -> None:
 
 @pytest.fixture(scope="module")
 def known_pair_audit() -> Any:
-    images = _table([(COVID / KNOWN_PAIR[0], KNOWN_PAIR[0], "train", 0), (COVID / KNOWN_PAIR[1], KNOWN_PAIR[1], "test", 1)])
+    images = _table(
+        [(COVID / KNOWN_PAIR[0], KNOWN_PAIR[0], "train", 0), (COVID / KNOWN_PAIR[1], KNOWN_PAIR[1], "test", 1)]
+    )
     return audit_dataset("covid-ct", images, **THRESHOLDS)
 
 
@@ -176,19 +217,27 @@ def test_real_duplicate_with_conflicting_labels_is_found(known_pair_audit: Any) 
     assert summary["near_duplicate_pairs"] == 1 and summary["duplicate_pairs_with_conflicting_labels"] == 1
     message = leak_message([known_pair_audit], allow_patient_overlap=False, allow_duplicates=False)
     assert message and "\n" not in message
-    assert "covid-ct: 1 duplicate image pair(s)" in message and KNOWN_PAIR[0] in message and "audit.allowed_pairs" in message
+    assert (
+        "covid-ct: 1 duplicate image pair(s)" in message
+        and KNOWN_PAIR[0] in message
+        and "audit.allowed_pairs" in message
+    )
     assert leak_message([known_pair_audit], allow_patient_overlap=False, allow_duplicates=True) is None
 
 
 def test_allowed_pair_passes_in_either_order() -> None:
-    images = _table([(COVID / KNOWN_PAIR[0], KNOWN_PAIR[0], "train", 0), (COVID / KNOWN_PAIR[1], KNOWN_PAIR[1], "test", 1)])
+    images = _table(
+        [(COVID / KNOWN_PAIR[0], KNOWN_PAIR[0], "train", 0), (COVID / KNOWN_PAIR[1], KNOWN_PAIR[1], "test", 1)]
+    )
     audit = audit_dataset("covid-ct", images, **THRESHOLDS, allowed_pairs=[KNOWN_PAIR[::-1]])
     assert audit.duplicates["allowed"].all() and audit.summary()["duplicate_pairs_not_allowed"] == 0
     assert leak_message([audit], False, False) is None
 
 
 def test_stale_allowed_pair_is_noted() -> None:
-    images = _table([(COVID / SAME_PATIENT[0], SAME_PATIENT[0], "train", 0), (COVID / SAME_PATIENT[1], SAME_PATIENT[1], "test", 0)])
+    images = _table(
+        [(COVID / SAME_PATIENT[0], SAME_PATIENT[0], "train", 0), (COVID / SAME_PATIENT[1], SAME_PATIENT[1], "test", 0)]
+    )
     audit = audit_dataset("covid-ct", images, **THRESHOLDS, allowed_pairs=[SAME_PATIENT])
     assert audit.duplicates.empty and any("no longer a duplicate" in note for note in audit.notes)
 
@@ -206,10 +255,14 @@ def test_covid_ct_patients_cover_every_real_image() -> None:
 
 
 def test_patient_in_two_splits_is_a_leak() -> None:
-    images = _table([(COVID / SAME_PATIENT[0], SAME_PATIENT[0], "train", 0), (COVID / SAME_PATIENT[1], SAME_PATIENT[1], "test", 0)])
+    images = _table(
+        [(COVID / SAME_PATIENT[0], SAME_PATIENT[0], "train", 0), (COVID / SAME_PATIENT[1], SAME_PATIENT[1], "test", 0)]
+    )
     images["patient_id"] = "crawled_patient_71"
     audit = audit_dataset("covid-ct", images, **THRESHOLDS)
-    assert audit.patients.to_dict("records") == [{"patient_id": "crawled_patient_71", "splits": "train+test", "images": "train 1; test 1"}]
+    assert audit.patients.to_dict("records") == [
+        {"patient_id": "crawled_patient_71", "splits": "train+test", "images": "train 1; test 1"}
+    ]
     message = leak_message([audit], allow_patient_overlap=False, allow_duplicates=False)
     assert message == (
         "split leakage: covid-ct: 1 patient(s) in more than one split (e.g. crawled_patient_71 in train+test). See reports/audit/report.md; "
@@ -220,7 +273,13 @@ def test_patient_in_two_splits_is_a_leak() -> None:
 
 def test_lung_patients_come_from_the_manifest() -> None:
     manifest = pd.read_csv(LUNG / "manifest.csv")
-    split = pd.DataFrame({"id": ["coronacases_001_000", "coronacases_002_000"], "patient_id": ["edited", "edited"], "split": ["train", "test"]})
+    split = pd.DataFrame(
+        {
+            "id": ["coronacases_001_000", "coronacases_002_000"],
+            "patient_id": ["edited", "edited"],
+            "split": ["train", "test"],
+        }
+    )
     split["image"] = "images/" + split["id"] + ".png"
     assert list(lung_patients(split, manifest)["patient_id"]) == ["coronacases_001", "coronacases_002"]
     split.loc[1, "id"] = "no_such_slice"
@@ -277,10 +336,19 @@ def test_bad_audit_value_names_key(params: dict[str, Any], key: str, value: Any,
 
 #: CC-CCII files one scan under two ids: CP_1775's slice 39 and CP_3636's slice 199 are 2 pHash bits apart.
 CC_SAME_SCAN = ("images/CP/CP_1775_3530_0039.png", "images/CP/CP_3636_5595_0199.png")
-CLEAN_CC = [("images/NCP/NCP_1001_2559_0046.png", "train"), ("images/Normal/Normal_1703_960_0027.png", "val"), ("images/CP/CP_1075_3119_0009.png", "test")]
+CLEAN_CC = [
+    ("images/NCP/NCP_1001_2559_0046.png", "train"),
+    ("images/Normal/Normal_1703_960_0027.png", "val"),
+    ("images/CP/CP_1075_3119_0009.png", "test"),
+]
 
 
-def _stage_root(tmp: Path, covid_rows: list[tuple[str, str]], lung_rows: list[tuple[str, str]], cc_rows: list[tuple[str, str]] = CLEAN_CC) -> Path:
+def _stage_root(
+    tmp: Path,
+    covid_rows: list[tuple[str, str]],
+    lung_rows: list[tuple[str, str]],
+    cc_rows: list[tuple[str, str]] = CLEAN_CC,
+) -> Path:
     """A repository root with data/raw (links to real files, real meta) and data/splits for a few images."""
     raw = tmp / "data" / "raw"
     shutil.copytree(COVID / "meta", raw / "covid-ct" / "meta")
@@ -296,13 +364,27 @@ def _stage_root(tmp: Path, covid_rows: list[tuple[str, str]], lung_rows: list[tu
     covid = pd.DataFrame([{"relpath": r, "label": int(r.startswith("CT_COVID")), "split": s} for r, s in covid_rows])
     covid.to_csv(splits / "covid_ct.csv", index=False)
     ids = [Path(r).stem for r, _ in lung_rows]
-    lung = pd.DataFrame({"id": ids, "patient_id": "x", "split": [s for _, s in lung_rows], "image": [r for r, _ in lung_rows], "mask": ""})
+    lung = pd.DataFrame(
+        {
+            "id": ids,
+            "patient_id": "x",
+            "split": [s for _, s in lung_rows],
+            "image": [r for r, _ in lung_rows],
+            "mask": "",
+        }
+    )
     lung.to_csv(splits / "lung_seg.csv", index=False)
     for relpath, _ in cc_rows:
         (raw / "cc-ccii" / relpath).parent.mkdir(parents=True, exist_ok=True)
         os.symlink(CC / relpath, raw / "cc-ccii" / relpath)
     patients = ["_".join(Path(r).stem.split("_")[:2]) for r, _ in cc_rows]
-    cc = pd.DataFrame({"relpath": [r for r, _ in cc_rows], "label": [int("/NCP/" in r) for r, _ in cc_rows], "split": [s for _, s in cc_rows]})
+    cc = pd.DataFrame(
+        {
+            "relpath": [r for r, _ in cc_rows],
+            "label": [int("/NCP/" in r) for r, _ in cc_rows],
+            "split": [s for _, s in cc_rows],
+        }
+    )
     cc.assign(patient_id=patients, patient_group=patients).to_csv(splits / "cc_ccii.csv", index=False)
     return tmp
 
@@ -340,12 +422,19 @@ def test_stage_passes_and_reports(tmp_path: Path, params: dict[str, Any], mlflow
 
 
 def test_stage_fails_on_patient_in_two_splits(tmp_path: Path, params: dict[str, Any], mlflow_store: None) -> None:
-    lung = CLEAN_LUNG + [("images/coronacases_001_112.png", "test")]  # coronacases_001 is also in train (a slice far from it)
+    lung = CLEAN_LUNG + [
+        ("images/coronacases_001_112.png", "test")
+    ]  # coronacases_001 is also in train (a slice far from it)
     root = _stage_root(tmp_path / "repo", CLEAN_COVID, lung)
-    with pytest.raises(LeakageError, match=r"lung-seg: 1 patient\(s\) in more than one split \(e.g. coronacases_001 in train\+test\)"):
+    with pytest.raises(
+        LeakageError, match=r"lung-seg: 1 patient\(s\) in more than one split \(e.g. coronacases_001 in train\+test\)"
+    ):
         audit_data.run(params, root)
     report = json.loads((root / "reports/audit/report.json").read_text())  # written before failing, to be read
-    assert report["passed"] is False and report["details"]["lung-seg"]["patient_overlap"][0]["patient_id"] == "coronacases_001"
+    assert (
+        report["passed"] is False
+        and report["details"]["lung-seg"]["patient_overlap"][0]["patient_id"] == "coronacases_001"
+    )
     assert "FAILED" in (root / "reports/audit/report.md").read_text()
     audit_data.run(_audit_params(params, allow_patient_overlap=True), root)
     assert json.loads((root / "reports/audit/report.json").read_text())["passed"] is True
@@ -355,16 +444,35 @@ def test_entry_point_exits_with_one_line(tmp_path: Path, params: dict[str, Any],
     root = _stage_root(tmp_path / "repo", CLEAN_COVID + [(KNOWN_PAIR[0], "train"), (KNOWN_PAIR[1], "test")], CLEAN_LUNG)
     strict = _audit_params(params, allowed_pairs=[])
     (root / "params.yaml").write_text(json.dumps(strict), encoding="utf-8")  # JSON is YAML
-    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_db, "COVIDCT_PIPELINE_RUN": "audit-test", "PYTHONPATH": str(REPO / "src")}
-    result = subprocess.run([sys.executable, str(REPO / "pipelines/audit_data.py")], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": mlflow_db,
+        "COVIDCT_PIPELINE_RUN": "audit-test",
+        "PYTHONPATH": str(REPO / "src"),
+    }
+    result = subprocess.run(
+        [sys.executable, str(REPO / "pipelines/audit_data.py")],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in result.stderr
-    assert f"covid-ct: 1 duplicate image pair(s) across splits (e.g. {KNOWN_PAIR[0]} [train] ~ {KNOWN_PAIR[1]} [test], near-duplicate" in errors[0]
+    assert (
+        f"covid-ct: 1 duplicate image pair(s) across splits (e.g. {KNOWN_PAIR[0]} [train] ~ {KNOWN_PAIR[1]} [test], near-duplicate"
+        in errors[0]
+    )
 
 
-def test_stage_fails_on_one_cc_ccii_scan_under_two_ids_in_two_splits(tmp_path: Path, params: dict[str, Any], mlflow_store: None) -> None:
-    root = _stage_root(tmp_path / "repo", CLEAN_COVID, CLEAN_LUNG, [*CLEAN_CC, (CC_SAME_SCAN[0], "train"), (CC_SAME_SCAN[1], "test")])
+def test_stage_fails_on_one_cc_ccii_scan_under_two_ids_in_two_splits(
+    tmp_path: Path, params: dict[str, Any], mlflow_store: None
+) -> None:
+    root = _stage_root(
+        tmp_path / "repo", CLEAN_COVID, CLEAN_LUNG, [*CLEAN_CC, (CC_SAME_SCAN[0], "train"), (CC_SAME_SCAN[1], "test")]
+    )
     with pytest.raises(LeakageError, match="cc-ccii"):
         audit_data.run(params, root)
     report = json.loads((root / "reports/audit/report.json").read_text())

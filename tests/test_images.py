@@ -38,7 +38,12 @@ def _png_chunk(kind: bytes, data: bytes) -> bytes:
 def _png_header_only(width: int, height: int) -> bytes:
     """A syntactically valid 8-bit grayscale PNG header declaring width x height, no pixel data."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(b"")) + _png_chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", zlib.compress(b""))
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def _assert_read_error(path: Path, *fragments: str, reader=read_grayscale, **kwargs) -> ImageReadError:
@@ -335,7 +340,11 @@ def write_ct_dicom(path: Path, gray: np.ndarray, modality: str = "CT", photometr
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, meta.TransferSyntaxUID = CTImageStorage, generate_uid(), ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, meta.TransferSyntaxUID = (
+        CTImageStorage,
+        generate_uid(),
+        ExplicitVRLittleEndian,
+    )
     ds = Dataset()
     ds.file_meta = meta
     ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
@@ -343,7 +352,10 @@ def write_ct_dicom(path: Path, gray: np.ndarray, modality: str = "CT", photometr
     ds.Rows, ds.Columns = gray.shape
     ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 1, 16, 16, 15, 0
     level, width = LUNG_WINDOW_HU
-    ds.RescaleSlope, ds.RescaleIntercept = f"{width / 255:.10f}", f"{level - width / 2:.10f}"  # HU = g * width/255 + (level - width/2)
+    ds.RescaleSlope, ds.RescaleIntercept = (
+        f"{width / 255:.10f}",
+        f"{level - width / 2:.10f}",
+    )  # HU = g * width/255 + (level - width/2)
     ds.PixelData = gray.astype(np.uint16).tobytes()
     ds.save_as(path, enforce_file_format=True)
 

@@ -40,7 +40,9 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _levers(root: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "COVIDCT_"))} | {"COVIDCT_DEVICE": "cpu"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "COVIDCT_"))} | {
+        "COVIDCT_DEVICE": "cpu"
+    }
     return subprocess.run([COVIDCT, "levers", *args], cwd=root, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -57,9 +59,19 @@ def test_levers_table_mlflow_runs_and_reuse(root: Path) -> None:
     assert list(table.index) == ["baseline", "baseline+tta", "timm_head", "timm_head+tta"]
     assert pd.isna(table.loc["baseline", "test_auc_delta"])
     # each row against the baseline scored the same way; the baseline's TTA row against no TTA
-    for lever, reference in (("baseline+tta", "baseline"), ("timm_head", "baseline"), ("timm_head+tta", "baseline+tta")):
-        assert table.loc[lever, "test_auc_delta"] == pytest.approx(table.loc[lever, "test_auc"] - table.loc[reference, "test_auc"])
-        assert table.loc[lever, "test_auc_delta_ci_low"] <= table.loc[lever, "test_auc_delta"] <= table.loc[lever, "test_auc_delta_ci_high"]
+    for lever, reference in (
+        ("baseline+tta", "baseline"),
+        ("timm_head", "baseline"),
+        ("timm_head+tta", "baseline+tta"),
+    ):
+        assert table.loc[lever, "test_auc_delta"] == pytest.approx(
+            table.loc[lever, "test_auc"] - table.loc[reference, "test_auc"]
+        )
+        assert (
+            table.loc[lever, "test_auc_delta_ci_low"]
+            <= table.loc[lever, "test_auc_delta"]
+            <= table.loc[lever, "test_auc_delta_ci_high"]
+        )
     # the threshold is the validation split's: its recall reaches evaluate.val_recall_floor
     assert (table["val_recall"] >= load_params(root / "params.yaml")["evaluate"]["val_recall_floor"]).all()
     markdown = (root / "reports" / "levers" / "t.md").read_text()
@@ -69,7 +81,10 @@ def test_levers_table_mlflow_runs_and_reuse(root: Path) -> None:
     runs = _lever_runs(root)
     assert sorted(r.data.tags["covidct.lever"] for r in runs) == ["baseline", "timm_head"]
     timm = next(r for r in runs if r.data.tags["covidct.lever"] == "timm_head")
-    assert timm.data.params["override.classifier.head_init"] == "timm" and timm.data.params["classifier.head_init"] == "timm"
+    assert (
+        timm.data.params["override.classifier.head_init"] == "timm"
+        and timm.data.params["classifier.head_init"] == "timm"
+    )
     assert {r.data.params["classifier.epochs"] for r in runs} == {"1"}  # base: under every lever
     assert timm.data.metrics["test_auc"] == pytest.approx(table.loc["timm_head", "test_auc"])
     assert timm.data.metrics["tta_test_auc"] == pytest.approx(table.loc["timm_head+tta", "test_auc"])
@@ -90,19 +105,31 @@ def test_levers_table_mlflow_runs_and_reuse(root: Path) -> None:
 def test_levers_over_seeds_reuse_other_studies_and_ensemble(root: Path) -> None:
     """seeds: every lever once per seed, paired seed by seed; a finished run of another study
     with the same settings and pixels is reused; the seeds' averaged scores are scored too."""
-    lr = load_params(root / "params.yaml")["classifier"]["lr"]  # what the previous test left, so baseline seed 0 is t's baseline
-    (root / "s.yaml").write_text(f"study: s\nvariant: raw\nbase: {{classifier.epochs: 1, classifier.lr: {lr}}}\nseeds: [0, 1]\n" + LEVERS.split("\n", 3)[3])
+    lr = load_params(root / "params.yaml")["classifier"][
+        "lr"
+    ]  # what the previous test left, so baseline seed 0 is t's baseline
+    (root / "s.yaml").write_text(
+        f"study: s\nvariant: raw\nbase: {{classifier.epochs: 1, classifier.lr: {lr}}}\nseeds: [0, 1]\n"
+        + LEVERS.split("\n", 3)[3]
+    )
     done = _levers(root, "s.yaml")
     assert done.returncode == 0, done.stderr
     assert f"lever baseline_seed0: reused ({root / 'levers' / 't' / 'baseline'})" in done.stdout
     assert done.stdout.count("reused") == 1
     table = pd.read_csv(root / "reports" / "levers" / "s.csv").set_index("lever")
-    runs = [f"{lever}_seed{seed}{suffix}" for lever in ("baseline", "timm_head") for seed in (0, 1) for suffix in ("", "+tta")]
+    runs = [
+        f"{lever}_seed{seed}{suffix}"
+        for lever in ("baseline", "timm_head")
+        for seed in (0, 1)
+        for suffix in ("", "+tta")
+    ]
     ensembles = [f"{lever}_ensemble{suffix}" for lever in ("baseline", "timm_head") for suffix in ("", "+tta")]
     assert list(table.index) == runs + ensembles
     for seed in (0, 1):
         lever, reference = f"timm_head_seed{seed}+tta", f"baseline_seed{seed}+tta"
-        assert table.loc[lever, "test_auc_delta"] == pytest.approx(table.loc[lever, "test_auc"] - table.loc[reference, "test_auc"])
+        assert table.loc[lever, "test_auc_delta"] == pytest.approx(
+            table.loc[lever, "test_auc"] - table.loc[reference, "test_auc"]
+        )
 
     def predictions(run: str) -> pd.DataFrame:
         frame = pd.read_csv(root / "levers" / "s" / run / "predictions+tta.csv")
@@ -118,13 +145,24 @@ def test_levers_over_seeds_reuse_other_studies_and_ensemble(root: Path) -> None:
     assert over.loc["timm_head", "test_auc_mean"] == pytest.approx(per_seed["test_auc"].mean())
     assert over.loc["timm_head", "test_auc_sd"] == pytest.approx(per_seed["test_auc"].std())
     assert over.loc["timm_head", "test_auc_delta"] == pytest.approx(per_seed["test_auc_delta"].mean())
-    assert over.loc["timm_head", "test_auc_delta_ci_low"] <= over.loc["timm_head", "test_auc_delta"] <= over.loc["timm_head", "test_auc_delta_ci_high"]
+    assert (
+        over.loc["timm_head", "test_auc_delta_ci_low"]
+        <= over.loc["timm_head", "test_auc_delta"]
+        <= over.loc["timm_head", "test_auc_delta_ci_high"]
+    )
     assert over.loc["timm_head", "seeds_better"] == (per_seed["test_auc_delta"] > 0).sum()
-    gain = table.loc["timm_head_ensemble+tta", "test_auc"] - table.loc[["timm_head_seed0+tta", "timm_head_seed1+tta"], "test_auc"].mean()
+    gain = (
+        table.loc["timm_head_ensemble+tta", "test_auc"]
+        - table.loc[["timm_head_seed0+tta", "timm_head_seed1+tta"], "test_auc"].mean()
+    )
     assert over.loc["timm_head+tta", "test_ensemble_gain"] == pytest.approx(gain)
     assert "## Over seeds 0, 1" in (root / "reports" / "levers" / "s.md").read_text()
     seed_runs = [r for r in _lever_runs(root) if r.data.tags["covidct.levers"] == "s"]
-    assert sorted((r.data.tags["covidct.lever"], r.data.tags["covidct.seed"]) for r in seed_runs) == [("baseline", "1"), ("timm_head", "0"), ("timm_head", "1")]
+    assert sorted((r.data.tags["covidct.lever"], r.data.tags["covidct.seed"]) for r in seed_runs) == [
+        ("baseline", "1"),
+        ("timm_head", "0"),
+        ("timm_head", "1"),
+    ]
 
 
 @pytest.mark.parametrize(

@@ -68,7 +68,9 @@ def _set_param(repo: Path, dotted: str, value: object) -> None:
 @pytest.fixture(scope="module")
 def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
     repo = tmp_path_factory.mktemp("covidct") / "repo"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
     for name in files:
         if (REPO / name).is_file() and not name.startswith(("dvc.lock", "reports/", "models/")):
             (repo / name).parent.mkdir(parents=True, exist_ok=True)
@@ -120,7 +122,12 @@ def test_every_output_is_written(tiny_repo: tuple[Path, dict[str, str]]) -> None
     assert len(split) == 3 * 2 * 3  # tiny profile: 3 per class and split
     boxes = pd.read_csv(repo / "reports/crop/boxes.csv")
     assert len(boxes) == len(split)
-    assert ((boxes["x_min"] >= 0) & (boxes["x_max"] < boxes["width"]) & (boxes["y_min"] >= 0) & (boxes["y_max"] < boxes["height"])).all()
+    assert (
+        (boxes["x_min"] >= 0)
+        & (boxes["x_max"] < boxes["width"])
+        & (boxes["y_min"] >= 0)
+        & (boxes["y_max"] < boxes["height"])
+    ).all()
     for crop in boxes["crop"]:
         with Image.open(repo / "data/crops/images" / crop) as image:
             original = boxes.loc[boxes["crop"] == crop].iloc[0]
@@ -161,7 +168,11 @@ def test_every_source_is_scored_and_held_out_sources_say_so(tiny_repo: tuple[Pat
     scores = pd.read_csv(repo / "reports/sources/scores.csv")
     assert len(scores) == 42 and scores["probability"].between(0, 1).all()
     report = (repo / "reports/sources/report.md").read_text()
-    assert "Source-held-out table" in report and "CC-CCII, all (held out)" in report and "COVID-CT, its test split" in report
+    assert (
+        "Source-held-out table" in report
+        and "CC-CCII, all (held out)" in report
+        and "COVID-CT, its test split" in report
+    )
 
 
 def test_mlflow_has_one_parent_and_every_stage(tiny_repo: tuple[Path, dict[str, str]]) -> None:
@@ -193,11 +204,16 @@ def test_mlflow_has_one_parent_and_every_stage(tiny_repo: tuple[Path, dict[str, 
     assert "cropped.test.auc" in stages["evaluate"].data.metrics
 
 
-def test_registered_pipeline_is_promoted_and_reproduces_the_evaluate_stage(tiny_repo: tuple[Path, dict[str, str]]) -> None:
+def test_registered_pipeline_is_promoted_and_reproduces_the_evaluate_stage(
+    tiny_repo: tuple[Path, dict[str, str]],
+) -> None:
     repo, env = tiny_repo
     version = MlflowClient(f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}").get_model_version("covidct", "1")
     metrics = json.loads((repo / "reports/metrics.json").read_text())["cropped"]
-    assert version.tags["val.auc"] == f"{metrics['val']['auc']:.6g}" and version.tags["covidct.variant"] == "tf_efficientnet_lite0"
+    assert (
+        version.tags["val.auc"] == f"{metrics['val']['auc']:.6g}"
+        and version.tags["covidct.variant"] == "tf_efficientnet_lite0"
+    )
     assert version.tags["data.covid-ct.md5"].endswith(".dir") and version.tags["param.crop.margin"] == "5"
     assert version.tags["source.cc-ccii.held_out"] == "1" and "source.cc-ccii.auc" in version.tags
     assert (repo / "models/pipeline/MLmodel").is_file()
@@ -208,7 +224,9 @@ def test_registered_pipeline_is_promoted_and_reproduces_the_evaluate_stage(tiny_
     verified = _run([*covidct, "verify-model", "--split", "test", "--external"], repo, env)
     assert "reproduces the evaluate stage's test metrics exactly" in verified.stdout
     unseen = verified.stdout.split("unseen scans")[1].splitlines()
-    assert len([line for line in unseen if "radiopaedia" in line or "coronacases" in line]) == 3  # the held-out lung patients
+    assert (
+        len([line for line in unseen if "radiopaedia" in line or "coronacases" in line]) == 3
+    )  # the held-out lung patients
     assert re.search(r"^\s*all\s+9\s+[01]\.\d{3}$", verified.stdout, re.M)
 
 
@@ -222,16 +240,32 @@ def test_readmes_serve_command_works_as_written(tiny_repo: tuple[Path, dict[str,
     points the plain ``mlflow`` CLI at the project's store, then the serve command (its port
     swapped for a free one), and the champion answers; no stray ./mlflow.db is left behind."""
     repo, env = tiny_repo
-    _run([sys.executable, "-m", "covidct", "promote", "--min-val-recall", "0"], repo, env)  # a champion, if no test made one yet
-    export, serve = _readme_line("export MLFLOW_TRACKING_URI="), _readme_line("mlflow models serve -m models:/covidct@champion")
+    _run(
+        [sys.executable, "-m", "covidct", "promote", "--min-val-recall", "0"], repo, env
+    )  # a champion, if no test made one yet
+    export, serve = (
+        _readme_line("export MLFLOW_TRACKING_URI="),
+        _readme_line("mlflow models serve -m models:/covidct@champion"),
+    )
     port = free_port()
     command = f"{export} && {serve.replace('-p 5001', f'-p {port}')} -w 1"
-    server = subprocess.Popen(["bash", "-c", command], cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    server = subprocess.Popen(
+        ["bash", "-c", command],
+        cwd=repo,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     try:
         wait_until_serving(server, port)
         scan = next((repo / "data/raw/covid-ct/CT_COVID").iterdir()).read_bytes()
-        body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(scan).decode()]]}}).encode()
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"})
+        body = json.dumps(
+            {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(scan).decode()]]}}
+        ).encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(request, timeout=120) as response:
             answer = json.loads(response.read())["predictions"][0]
         assert answer["error"] == "" and 0.0 <= answer["probability"] <= 1.0
@@ -247,14 +281,24 @@ def test_second_repro_does_nothing_and_margin_reruns_only_downstream(tiny_repo: 
     assert _ran_stages(again.stdout) == set()
     _set_param(repo, "crop.margin", 3)
     changed = _run(["dvc", "repro"], repo, env)
-    assert _ran_stages(changed.stdout) == {"crop_images", "train_classifier@cropped", "evaluate", "evaluate_sources", "register_model"}
+    assert _ran_stages(changed.stdout) == {
+        "crop_images",
+        "train_classifier@cropped",
+        "evaluate",
+        "evaluate_sources",
+        "register_model",
+    }
 
 
 def test_bad_parameter_stops_a_stage_with_one_clear_line(tmp_path: Path) -> None:
     params = (REPO / "params.yaml").read_text().replace("model: tf_efficientnet_lite0", "model: efficientnet_b9")
     (tmp_path / "params.yaml").write_text(params)
     result = subprocess.run(
-        [sys.executable, str(REPO / "pipelines/train_classifier.py"), "--variant", "raw"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+        [sys.executable, str(REPO / "pipelines/train_classifier.py"), "--variant", "raw"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # one line, no traceback

@@ -48,7 +48,9 @@ SCANS = [
 ]
 CROP = CropConfig(min_lung_fraction=0.0, batch_size=16)  # random segmenter: crop whatever it finds
 NAME = "covidct-test"
-OPEN_GATE = GateConfig(min_side=1, min_std=0.0, min_lung_fraction=0.0, min_lung_balance=0.0)  # untrained networks: let everything through
+OPEN_GATE = GateConfig(
+    min_side=1, min_std=0.0, min_lung_fraction=0.0, min_lung_balance=0.0
+)  # untrained networks: let everything through
 SOURCES = {"covid-ct": {"held_out": 0, "auc": 0.9}, "cc-ccii": {"held_out": 1, "auc": 0.74, "slices": 5605}}
 METRICS = {
     "threshold": 0.5,
@@ -78,45 +80,74 @@ def store(tmp_path_factory: pytest.TempPathFactory, weights: tuple[Path, Path]) 
     experiment = mlflow.create_experiment("test", artifact_location=(root / "artifacts").as_uri())
     with mlflow.start_run(experiment_id=experiment):
         params = {"classifier": {"model": "efficientnet_b0", "image_size": 64}, "crop": {"margin": 5}}
-        build_and_register(root, root / "pipeline", NAME, weights, CROP, OPEN_GATE, METRICS, params, (SCANS[0].name, SCANS[0].read_bytes()), SOURCES)
+        build_and_register(
+            root,
+            root / "pipeline",
+            NAME,
+            weights,
+            CROP,
+            OPEN_GATE,
+            METRICS,
+            params,
+            (SCANS[0].name, SCANS[0].read_bytes()),
+            SOURCES,
+        )
     yield uri, root
     mlflow.set_tracking_uri(previous)  # None unsets both the URI and the variable
 
 
-def test_pipeline_scores_exactly_as_the_crop_and_classifier_stages(pipeline: TwoStagePipeline, weights: tuple[Path, Path], tmp_path: Path) -> None:
+def test_pipeline_scores_exactly_as_the_crop_and_classifier_stages(
+    pipeline: TwoStagePipeline, weights: tuple[Path, Path], tmp_path: Path
+) -> None:
     # The stages' route: crop_images writes PNG crops, train_classifier decodes and scores them.
-    table = pd.DataFrame({"relpath": [str(p.relative_to(DATA / "covid-ct")) for p in SCANS], "split": "test", "label": [1, 1, 0, 0]})
-    boxes = crop_dataset(table, DATA / "covid-ct", tmp_path, pipeline.segmenter, pipeline.segmenter_meta, CROP, pipeline.device)
+    table = pd.DataFrame(
+        {"relpath": [str(p.relative_to(DATA / "covid-ct")) for p in SCANS], "split": "test", "label": [1, 1, 0, 0]}
+    )
+    boxes = crop_dataset(
+        table, DATA / "covid-ct", tmp_path, pipeline.segmenter, pipeline.segmenter_meta, CROP, pipeline.device
+    )
     crops = load_resized([tmp_path / "images" / crop_relpath(p) for p in table["relpath"]], 64, progress=None)
     meta = pipeline.classifier_meta
     stage_scores = predict_scores(pipeline.classifier, crops, pipeline.device, meta["mean"], meta["std"], 32)
 
     predictions = pipeline.predict_encoded([p.name for p in SCANS], [p.read_bytes() for p in SCANS])
     assert [p.probability for p in predictions] == stage_scores.tolist()
-    assert [p.box for p in predictions] == list(boxes[["x_min", "y_min", "x_max", "y_max"]].itertuples(index=False, name=None))
+    assert [p.box for p in predictions] == list(
+        boxes[["x_min", "y_min", "x_max", "y_max"]].itertuples(index=False, name=None)
+    )
     assert not any(p.crop_fallback for p in predictions)  # the crop path really ran
     for p, scan in zip(predictions, SCANS, strict=True):
         assert p.mask.shape == read_grayscale(scan).shape and p.error == ""
 
 
-def test_pipeline_applies_the_checkpoints_test_time_augmentation(pipeline: TwoStagePipeline, weights: tuple[Path, Path], tmp_path: Path) -> None:
+def test_pipeline_applies_the_checkpoints_test_time_augmentation(
+    pipeline: TwoStagePipeline, weights: tuple[Path, Path], tmp_path: Path
+) -> None:
     # classifier.tta: true marks the checkpoint; the registered pipeline then scores as the stages did
     state, meta = load_checkpoint(weights[1], torch.device("cpu"), "train_classifier")
     save_state_dict(tmp_path / "classifier.pt", state, meta | {"tta": True})
     with_tta = TwoStagePipeline(weights[0], tmp_path / "classifier.pt", CROP, 0.5, device=torch.device("cpu"))
-    table = pd.DataFrame({"relpath": [str(p.relative_to(DATA / "covid-ct")) for p in SCANS], "split": "test", "label": [1, 1, 0, 0]})
-    crop_dataset(table, DATA / "covid-ct", tmp_path / "crops", pipeline.segmenter, pipeline.segmenter_meta, CROP, pipeline.device)
+    table = pd.DataFrame(
+        {"relpath": [str(p.relative_to(DATA / "covid-ct")) for p in SCANS], "split": "test", "label": [1, 1, 0, 0]}
+    )
+    crop_dataset(
+        table, DATA / "covid-ct", tmp_path / "crops", pipeline.segmenter, pipeline.segmenter_meta, CROP, pipeline.device
+    )
     crops = load_resized([tmp_path / "crops" / "images" / crop_relpath(p) for p in table["relpath"]], 64, progress=None)
     stage_scores = predict_scores(with_tta.classifier, crops, with_tta.device, meta["mean"], meta["std"], 32, tta=True)
     scored = with_tta.predict_encoded([p.name for p in SCANS], [p.read_bytes() for p in SCANS])
     assert [p.probability for p in scored] == stage_scores.tolist()
-    assert [p.probability for p in scored] != [p.probability for p in pipeline.predict_encoded([p.name for p in SCANS], [p.read_bytes() for p in SCANS])]
+    assert [p.probability for p in scored] != [
+        p.probability for p in pipeline.predict_encoded([p.name for p in SCANS], [p.read_bytes() for p in SCANS])
+    ]
 
 
 def test_a_bad_scan_gets_its_error_and_the_others_are_unchanged(pipeline: TwoStagePipeline) -> None:
     alone = pipeline.predict_encoded(["a", "b"], [SCANS[0].read_bytes(), SCANS[2].read_bytes()])
     truncated = SCANS[2].read_bytes()[:500]
-    mixed = pipeline.predict_encoded(["a", "text", "b", "cut", "empty"], [SCANS[0].read_bytes(), b"hello", SCANS[2].read_bytes(), truncated, b""])
+    mixed = pipeline.predict_encoded(
+        ["a", "text", "b", "cut", "empty"], [SCANS[0].read_bytes(), b"hello", SCANS[2].read_bytes(), truncated, b""]
+    )
     assert [m.probability for m in (mixed[0], mixed[2])] == [a.probability for a in alone]
     assert "not an image" in mixed[1].error and "truncated" in mixed[3].error.lower() and "empty" in mixed[4].error
     assert all(m.probability is None for m in (mixed[1], mixed[3], mixed[4]))
@@ -124,7 +155,9 @@ def test_a_bad_scan_gets_its_error_and_the_others_are_unchanged(pipeline: TwoSta
 
 def test_ct_dicom_scores_like_its_png(pipeline: TwoStagePipeline, tmp_path: Path) -> None:
     write_ct_dicom(tmp_path / "slice.dcm", read_grayscale(SCANS[1]))
-    png, dicom = pipeline.predict_encoded(["png", "dicom"], [SCANS[1].read_bytes(), (tmp_path / "slice.dcm").read_bytes()])
+    png, dicom = pipeline.predict_encoded(
+        ["png", "dicom"], [SCANS[1].read_bytes(), (tmp_path / "slice.dcm").read_bytes()]
+    )
     assert dicom.probability == png.probability and dicom.box == png.box
 
 
@@ -140,17 +173,30 @@ def test_registered_version_carries_its_tags(store: tuple[str, Path]) -> None:
     assert not list(local.rglob("*.pkl"))  # models from code: nothing to unpickle
     assert json.loads((local / "artifacts" / "settings.json").read_text())["threshold"] == 0.5
     assert json.loads((local / "artifacts" / "settings.json").read_text())["gate"]["min_side"] == 1
-    assert tags["source.cc-ccii.held_out"] == "1" and tags["source.cc-ccii.auc"] == "0.74" and tags["source.covid-ct.held_out"] == "0"
+    assert (
+        tags["source.cc-ccii.held_out"] == "1"
+        and tags["source.cc-ccii.auc"] == "0.74"
+        and tags["source.covid-ct.held_out"] == "0"
+    )
 
 
 def test_promotion_holds_back_a_pipeline_below_the_source_held_out_floor(store: tuple[str, Path]) -> None:
     uri, _ = store
     client = MlflowClient(uri)
-    source, name = client.get_model_version(NAME, "1").source, "covidct-heldout-floor"  # its own model: other tests' versions stay as they are
+    source, name = (
+        client.get_model_version(NAME, "1").source,
+        "covidct-heldout-floor",
+    )  # its own model: other tests' versions stay as they are
     client.create_registered_model(name)
 
     def version(**sources: float) -> str:
-        tags = {"covidct.variant": "efficientnet_b0", "val.auc": "0.9", "val.recall": "0.95", "source.covid-ct.held_out": "0", "source.covid-ct.auc": "0.99"}
+        tags = {
+            "covidct.variant": "efficientnet_b0",
+            "val.auc": "0.9",
+            "val.recall": "0.95",
+            "source.covid-ct.held_out": "0",
+            "source.covid-ct.auc": "0.99",
+        }
         tags |= {f"source.{src.replace('_', '-')}.held_out": "1" for src in sources}
         tags |= {f"source.{src.replace('_', '-')}.auc": str(auc) for src, auc in sources.items() if auc >= 0}
         return str(client.create_model_version(name, source, tags=tags).version)
@@ -163,7 +209,9 @@ def test_promotion_holds_back_a_pipeline_below_the_source_held_out_floor(store: 
     assert "has no source-held-out AUC" in promote_if_better(client, name, version=untested, min_heldout_auc=0.8).reason
     strong = version(cc_ccii=0.85)
     assert promote_if_better(client, name, version=strong, min_heldout_auc=0.8).promoted
-    assert promote_if_better(client, name, version=weak, alias="floor-off").promoted  # floor off (0): the old rule alone
+    assert promote_if_better(
+        client, name, version=weak, alias="floor-off"
+    ).promoted  # floor off (0): the old rule alone
 
 
 def _version(client: MlflowClient, source: str, variant: str, auc: float, recall: float) -> str:
@@ -202,7 +250,11 @@ def test_promotion_moves_the_alias_only_for_a_better_pipeline_above_the_recall_f
 
 def _env(uri: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    return env | {"MLFLOW_TRACKING_URI": uri, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}", "COVIDCT_DEVICE": "cpu"}
+    return env | {
+        "MLFLOW_TRACKING_URI": uri,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
+        "COVIDCT_DEVICE": "cpu",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -217,15 +269,29 @@ def cli_predictions(store: tuple[str, Path], tmp_path_factory: pytest.TempPathFa
     write_ct_dicom(folder / "slice.dcm", read_grayscale(SCANS[1]))
     (folder / "notes.txt").write_text("not a scan")  # skipped inside folders
     (folder / "broken.png").write_bytes(SCANS[2].read_bytes()[:300])
-    args = [*map(str, SCANS), str(folder), str(out / "missing.png"), "--model", f"models:/{NAME}@serving", "--out", str(out / "p.csv")]
+    args = [
+        *map(str, SCANS),
+        str(folder),
+        str(out / "missing.png"),
+        "--model",
+        f"models:/{NAME}@serving",
+        "--out",
+        str(out / "p.csv"),
+    ]
     result = subprocess.run(
-        [sys.executable, "-m", "covidct", "predict", *args, "--overlays", str(out / "overlays")], env=_env(uri), capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "covidct", "predict", *args, "--overlays", str(out / "overlays")],
+        env=_env(uri),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return pd.read_csv(out / "p.csv", keep_default_na=False), out
 
 
-def test_predict_cli_loads_by_alias_and_reports_errors_per_file(cli_predictions: tuple[pd.DataFrame, Path], pipeline: TwoStagePipeline) -> None:
+def test_predict_cli_loads_by_alias_and_reports_errors_per_file(
+    cli_predictions: tuple[pd.DataFrame, Path], pipeline: TwoStagePipeline
+) -> None:
     table, out = cli_predictions
     assert list(table.columns) == ["file", *OUTPUT]
     assert [Path(f).name for f in table["file"]] == [p.name for p in SCANS] + ["broken.png", "slice.dcm", "missing.png"]
@@ -233,7 +299,11 @@ def test_predict_cli_loads_by_alias_and_reports_errors_per_file(cli_predictions:
     assert table["probability"][:4].astype(float).tolist() == pytest.approx([p.probability for p in expected], abs=1e-6)
     assert table["label"][:4].tolist() == [("COVID" if p.probability >= 0.5 else "non-COVID") for p in expected]
     assert float(table["probability"][5]) == pytest.approx(expected[1].probability, abs=1e-6)  # the DICOM of scan 1
-    assert "truncated" in table["error"][4].lower() and table["error"][6] == "file not found" and table["probability"][6] == ""
+    assert (
+        "truncated" in table["error"][4].lower()
+        and table["error"][6] == "file not found"
+        and table["probability"][6] == ""
+    )
     overlays = sorted(p.name for p in (out / "overlays").iterdir())
     assert overlays == sorted([*(f"{p.stem}.png" for p in SCANS), "slice.png"])
     with Image.open(out / "overlays" / f"{SCANS[0].stem}.png") as image:
@@ -241,7 +311,9 @@ def test_predict_cli_loads_by_alias_and_reports_errors_per_file(cli_predictions:
 
 
 def _post(port: int, body: bytes, content_type: str = "application/json") -> tuple[int, dict]:
-    request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": content_type})
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": content_type}
+    )
     try:
         with urllib.request.urlopen(request, timeout=120) as response:
             return response.status, json.loads(response.read())
@@ -255,32 +327,57 @@ def _rows(scans: list[tuple[str, bytes]]) -> bytes:
     return json.dumps({"dataframe_split": {"columns": ["image", "name"], "data": data}}).encode()
 
 
-def test_served_model_answers_like_predict_and_survives_malformed_requests(store: tuple[str, Path], cli_predictions: tuple[pd.DataFrame, Path]) -> None:
+def test_served_model_answers_like_predict_and_survives_malformed_requests(
+    store: tuple[str, Path], cli_predictions: tuple[pd.DataFrame, Path]
+) -> None:
     uri, _ = store
     table, _ = cli_predictions
     port = free_port()
-    command = ["mlflow", "models", "serve", "-m", f"models:/{NAME}@serving", "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"]
-    server = subprocess.Popen(command, env=_env(uri), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    command = [
+        "mlflow",
+        "models",
+        "serve",
+        "-m",
+        f"models:/{NAME}@serving",
+        "--env-manager",
+        "local",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "-w",
+        "1",
+    ]
+    server = subprocess.Popen(
+        command, env=_env(uri), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     try:
         wait_until_serving(server, port)
         status, answer = _post(port, _rows([(p.name, p.read_bytes()) for p in SCANS] + [("text", b"hello")]))
         assert status == 200
         served = answer["predictions"]
-        assert [r["probability"] for r in served[:4]] == pytest.approx(table["probability"][:4].astype(float).tolist(), abs=1e-6)
+        assert [r["probability"] for r in served[:4]] == pytest.approx(
+            table["probability"][:4].astype(float).tolist(), abs=1e-6
+        )
         assert [r["label"] for r in served[:4]] == table["label"][:4].tolist()
         assert [r["x_min"] for r in served[:4]] == table["x_min"][:4].astype(int).tolist()
         assert served[4]["probability"] is None and "not an image" in served[4]["error"]  # valid JSON: null, not NaN
         for body, content_type in [
             (b"{not json", "application/json"),
             (json.dumps({"dataframe_split": {"columns": ["img"], "data": [["aGk="]]}}).encode(), "application/json"),
-            (json.dumps({"dataframe_split": {"columns": ["image"], "data": [["!!!notbase64"]]}}).encode(), "application/json"),
+            (
+                json.dumps({"dataframe_split": {"columns": ["image"], "data": [["!!!notbase64"]]}}).encode(),
+                "application/json",
+            ),
             (json.dumps({"rows": [1]}).encode(), "application/json"),
             (b"image\n1\n", "text/plain"),
         ]:
             status, error = _post(port, body, content_type)
             assert 400 <= status < 500 and error["message"], (body, status)
         status, answer = _post(port, _rows([(SCANS[2].name, SCANS[2].read_bytes())]))
-        assert status == 200 and answer["predictions"][0]["probability"] == pytest.approx(float(table["probability"][2]), abs=1e-6)
+        assert status == 200 and answer["predictions"][0]["probability"] == pytest.approx(
+            float(table["probability"][2]), abs=1e-6
+        )
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)

@@ -101,7 +101,9 @@ def test_results_report_page():
     assert "1000 resamples" in page and "0.5" in page
     assert table1_markdown(RESULTS) in page and table2_markdown(RESULTS) in page
     assert confusion_markdown(CONFUSIONS["raw"]) in page
-    assert page.index("### Without segmentation (threshold 0.5000)") < page.index("### With segmentation (threshold 0.3125)")
+    assert page.index("### Without segmentation (threshold 0.5000)") < page.index(
+        "### With segmentation (threshold 0.3125)"
+    )
     assert "](figures/roc.png)" in page and "](figures/confusion.png)" in page
     assert "| mean_dice | 0.9346 |" in page and "| n_images | 120 |" in page
     assert page.rstrip().endswith("MLflow run: abc123")
@@ -109,7 +111,12 @@ def test_results_report_page():
 
 def test_results_report_without_dice():
     page = results_report(
-        RESULTS, confusions=CONFUSIONS, dice_summary=None, n_test={"COVID": 1, "non-COVID": 1}, thresholds={"raw": 0.5, "cropped": 0.5}, threshold_rule="x"
+        RESULTS,
+        confusions=CONFUSIONS,
+        dice_summary=None,
+        n_test={"COVID": 1, "non-COVID": 1},
+        thresholds={"raw": 0.5, "cropped": 0.5},
+        threshold_rule="x",
     )
     assert "segmentation (test set)" not in page
     assert "2 images" in page

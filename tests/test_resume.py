@@ -56,7 +56,12 @@ def lung_sample() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.n
 
     def load(chosen: list[str]) -> tuple[np.ndarray, np.ndarray]:
         images = np.stack([segmenter_input(read_grayscale(lung / "images" / f"{i}.png"), SIZE, 7.0) for i in chosen])
-        masks = [cv2.resize(read_mask(lung / "masks" / f"{i}.png").astype(np.uint8), (SIZE, SIZE), interpolation=cv2.INTER_NEAREST) for i in chosen]
+        masks = [
+            cv2.resize(
+                read_mask(lung / "masks" / f"{i}.png").astype(np.uint8), (SIZE, SIZE), interpolation=cv2.INTER_NEAREST
+            )
+            for i in chosen
+        ]
         return images, np.stack(masks).astype(bool)
 
     return load(ids[:16]), load(ids[16:20])
@@ -68,7 +73,12 @@ def covid_sample() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.
     parts = []
     for split, n in (("train", 8), ("val", 4)):
         rows = table[table["split"] == split].groupby("label").head(n)
-        parts.append((load_resized([DATA / "covid-ct" / p for p in rows["relpath"]], SIZE, progress=None), rows["label"].to_numpy().copy()))
+        parts.append(
+            (
+                load_resized([DATA / "covid-ct" / p for p in rows["relpath"]], SIZE, progress=None),
+                rows["label"].to_numpy().copy(),
+            )
+        )
     return parts[0], parts[1]
 
 
@@ -77,7 +87,15 @@ def train(kind: str, out: Path, resume: Path | None, on_epoch=lambda row: None) 
     if kind == "segmenter":
         meta = {"channels": list(SEG_CONFIG.channels), "size": SIZE, "clahe_clip": 7.0}
         return train_segmenter(*lung_sample(), SEG_CONFIG, CPU, out / "model.pt", meta, on_epoch, resume)
-    return train_classifier(*covid_sample(), CLF_CONFIG, CPU, out / "model.pt", {"model": CLF_CONFIG.model, "image_size": SIZE}, on_epoch, resume)
+    return train_classifier(
+        *covid_sample(),
+        CLF_CONFIG,
+        CPU,
+        out / "model.pt",
+        {"model": CLF_CONFIG.model, "image_size": SIZE},
+        on_epoch,
+        resume,
+    )
 
 
 def main(kind: str, out: str, resume: str) -> None:
@@ -231,7 +249,9 @@ def test_finished_state_is_reused_and_restores_deleted_checkpoint(killed_and_res
     history = train(kind, tmp_path, tmp_path / "resume", on_epoch=lambda row: seen.append(row["epoch"]))
     assert seen == list(range(1, killed_and_resumed["epochs"] + 1))  # the finished epochs, replayed to the callback
     assert history.to_dict("records") == json.loads((base / "reference" / "history.json").read_text())
-    _assert_same_weights(_load(tmp_path / "model.pt")["state_dict"], _load(base / "reference" / "model.pt")["state_dict"])
+    _assert_same_weights(
+        _load(tmp_path / "model.pt")["state_dict"], _load(base / "reference" / "model.pt")["state_dict"]
+    )
 
 
 def test_state_of_other_settings_is_never_picked_up(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -239,10 +259,21 @@ def test_state_of_other_settings_is_never_picked_up(tmp_path: Path, capsys: pyte
     train_data, val_data = covid_sample()
     config = ClassifierConfig(model="efficientnet_b0", image_size=SIZE, epochs=1, batch_size=4, seed=0)
     meta = {"model": config.model, "image_size": SIZE}
-    fingerprint = run_fingerprint({"trainer": "classifier", "config": {"lr": 1.0}, "meta": meta, "device": "cpu"}, (*train_data, *val_data), ())
+    fingerprint = run_fingerprint(
+        {"trainer": "classifier", "config": {"lr": 1.0}, "meta": meta, "device": "cpu"}, (*train_data, *val_data), ()
+    )
     save_resume_state(tmp_path / "resume", {"fingerprint": fingerprint, "epoch": 1})
     seen: list[int] = []
-    train_classifier(train_data, val_data, config, CPU, tmp_path / "model.pt", meta, lambda row: seen.append(row["epoch"]), tmp_path / "resume")
+    train_classifier(
+        train_data,
+        val_data,
+        config,
+        CPU,
+        tmp_path / "model.pt",
+        meta,
+        lambda row: seen.append(row["epoch"]),
+        tmp_path / "resume",
+    )
     assert seen == [1]
     assert "resume state of another run" in capsys.readouterr().out
     assert _load(tmp_path / "resume" / RESUME_FILE)["fingerprint"] != fingerprint

@@ -21,7 +21,13 @@ def _clustered(n_patients: int = 40, slices: int = 20, seed: int = 0) -> pd.Data
         level = rng.normal(0.6 if label else 0.4, 0.15)
         for k in range(slices):
             rows.append(
-                {"patient": f"p{patient}", "study": f"s{patient}", "label": label, "probability": float(np.clip(level + rng.normal(0, 0.03), 0, 1)), "slice": k}
+                {
+                    "patient": f"p{patient}",
+                    "study": f"s{patient}",
+                    "label": label,
+                    "probability": float(np.clip(level + rng.normal(0, 0.03), 0, 1)),
+                    "slice": k,
+                }
             )
     return pd.DataFrame(rows)
 
@@ -39,8 +45,12 @@ def test_patient_bootstrap_is_wider_than_the_slice_bootstrap_on_clustered_slices
 def test_paired_difference_over_patients_is_wider_than_over_slices() -> None:
     table = _clustered()
     y, a = table["label"].to_numpy(), table["probability"].to_numpy()
-    shift = dict(zip(table["patient"].unique(), np.random.default_rng(1).normal(0, 0.1, table["patient"].nunique()), strict=True))
-    b = np.clip(a + table["patient"].map(shift).to_numpy(), 0, 1)  # model b moves whole patients: its gain is clustered too
+    shift = dict(
+        zip(table["patient"].unique(), np.random.default_rng(1).normal(0, 0.1, table["patient"].nunique()), strict=True)
+    )
+    b = np.clip(
+        a + table["patient"].map(shift).to_numpy(), 0, 1
+    )  # model b moves whole patients: its gain is clustered too
     slices = paired_auc_difference(y, a, b, 300, 0)
     patients = paired_auc_difference(y, a, b, 300, 0, groups=table["patient"].to_numpy())
     assert patients["value"] == pytest.approx(slices["value"])
@@ -63,7 +73,11 @@ def test_study_scores_and_the_validation_choice_of_k() -> None:
     table = _clustered(n_patients=6, slices=5)
     studies = study_scores(table, 2)
     assert len(studies) == 6 and studies["slices"].eq(5).all()
-    top = table.sort_values("probability", ascending=False).groupby("study")["probability"].apply(lambda p: p.iloc[:2].mean())
+    top = (
+        table.sort_values("probability", ascending=False)
+        .groupby("study")["probability"]
+        .apply(lambda p: p.iloc[:2].mean())
+    )
     assert studies.set_index("study")["probability"].to_dict() == pytest.approx(top.to_dict())
     assert choose_top_k(table) in (1, 3, 5, 10, 0)
 
@@ -75,7 +89,9 @@ def test_source_figures_count_refusals_and_cc_ccii_contrasts() -> None:
     figures = source_figures(table, "cc-ccii", 0.5, 200, 0)
     assert figures["slices"] == 36 and figures["refused"] == 1 and figures["patients"] == 12
     assert figures["auc_ci_low"] <= figures["auc"] <= figures["auc_ci_high"]
-    assert {"ncp_vs_normal.auc", "ncp_vs_cp.auc", "ncp_vs_normal.specificity", "ncp_vs_cp.specificity_ci_low"} <= set(figures)
+    assert {"ncp_vs_normal.auc", "ncp_vs_cp.auc", "ncp_vs_normal.specificity", "ncp_vs_cp.specificity_ci_low"} <= set(
+        figures
+    )
 
 
 def test_lung_set_gives_sensitivity_per_patient() -> None:
@@ -87,7 +103,11 @@ def test_lung_set_gives_sensitivity_per_patient() -> None:
 
 def test_a_source_trained_on_has_figures_from_its_test_split_only() -> None:
     table = pd.DataFrame({"split": ["train", "val", "test", "test"]})
-    assert rows_to_score(table, "covid-ct", ["covid-ct"])["split"].tolist() == ["val", "test", "test"]  # val: for choices only
+    assert rows_to_score(table, "covid-ct", ["covid-ct"])["split"].tolist() == [
+        "val",
+        "test",
+        "test",
+    ]  # val: for choices only
     assert len(rows_to_score(table, "cc-ccii", ["covid-ct"])) == 4  # never trained on: all of it
     assert len(rows_to_score(table, "lung-seg", ["covid-ct"])) == 2  # the segmenter trained on the rest
     scored = pd.concat([table.assign(source="covid-ct"), table.assign(source="cc-ccii")])
@@ -113,7 +133,9 @@ def test_cc_ccii_split_keeps_linked_patients_together_and_stratifies_classes() -
 def test_study_label_uses_the_study_threshold_chosen_on_validation_scans() -> None:
     from covidct.registry.pipeline_model import ScanPrediction, predictions_table
 
-    scans = [ScanPrediction(f"s{i}", probability=p, threshold=0.5, box=(0, 0, 1, 1)) for i, p in enumerate([0.3, 0.4, 0.9])]
+    scans = [
+        ScanPrediction(f"s{i}", probability=p, threshold=0.5, box=(0, 0, 1, 1)) for i, p in enumerate([0.3, 0.4, 0.9])
+    ]
     studies = ["a", "a", "b"]
     at_slice = predictions_table(scans, studies, top_k=0)
     assert at_slice["study_label"].tolist() == ["non-COVID", "non-COVID", "COVID"]  # study a: 0.35 < 0.5

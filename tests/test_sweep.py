@@ -60,7 +60,9 @@ def _config(root: Path, study: str, n_trials: int, extra: str = "") -> Path:
     return path
 
 
-def test_sweep_reuses_stages_resumes_and_exports_best(root: Path, env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sweep_reuses_stages_resumes_and_exports_best(
+    root: Path, env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     config = load_sweep(_config(root, "micro", 4))
@@ -80,15 +82,24 @@ def test_sweep_reuses_stages_resumes_and_exports_best(root: Path, env: dict[str,
     for name in ("optimization_history.png", "param_importances.png", "parallel_coordinate.png", "trials.csv"):
         assert (out / name).stat().st_size > 0
     client = MlflowClient(f"sqlite:///{root / 'mlruns' / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("covidct").experiment_id], filter_string="tags.`covidct.study` = 'micro'")
+    runs = client.search_runs(
+        [client.get_experiment_by_name("covidct").experiment_id], filter_string="tags.`covidct.study` = 'micro'"
+    )
     [parent] = [r for r in runs if r.data.tags["covidct.role"] == "study"]
     trial_runs = [r for r in runs if r.data.tags["covidct.role"] == "trial"]
     assert len(trial_runs) == 5 and all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in trial_runs)
-    assert all("test_auc" in r.data.metrics and "val_auc" in r.data.metrics for r in trial_runs if r.data.tags.get("optuna.state") != "PRUNED")
+    assert all(
+        "test_auc" in r.data.metrics and "val_auc" in r.data.metrics
+        for r in trial_runs
+        if r.data.tags.get("optuna.state") != "PRUNED"
+    )
 
     best = apply_best(root, more)
     params = YAML(typ="safe").load((root / "params.yaml").read_text())
-    assert params["crop"]["margin"] == best["crop.margin"] and params["segmenter"]["tversky_alpha"] == best["segmenter.tversky_alpha"]
+    assert (
+        params["crop"]["margin"] == best["crop.margin"]
+        and params["segmenter"]["tversky_alpha"] == best["segmenter.tversky_alpha"]
+    )
 
 
 def _wait_for(predicate, proc: subprocess.Popen, log: Path, timeout: float, what: str) -> None:
@@ -124,7 +135,9 @@ def test_killed_sweep_resumes_without_losing_or_repeating_trials(root: Path, env
     killed = [t.number for t in before.trials if t.state == TrialState.RUNNING]
     time.sleep(3)  # past the heartbeat grace period
 
-    result = subprocess.run([COVIDCT, "sweep", str(path)], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [COVIDCT, "sweep", str(path)], cwd=root, env=env, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     after = optuna.load_study(study_name="killed", storage=storage)
     assert [after.trials[n].state for n in killed] == [TrialState.FAIL] * len(killed)
@@ -144,17 +157,29 @@ def postgres() -> Iterator[str]:
         shutil.chown(base, "postgres")
     base.chmod(0o755)
     data, port = base / "data", "54329"
-    subprocess.run([*as_postgres, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"], check=True, capture_output=True)
+    subprocess.run(
+        [*as_postgres, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"],
+        check=True,
+        capture_output=True,
+    )
     options = f"-k {base} -c listen_addresses='' -p {port}"
     subprocess.run(
-        [*as_postgres, str(bindir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(base / "log"), "-w", "start"], check=True, capture_output=True
+        [*as_postgres, str(bindir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(base / "log"), "-w", "start"],
+        check=True,
+        capture_output=True,
     )
     try:
         for name in ("optuna", "mlflow"):
-            subprocess.run([*as_postgres, str(bindir / "createdb"), "-h", str(base), "-p", port, "-U", "postgres", name], check=True, capture_output=True)
+            subprocess.run(
+                [*as_postgres, str(bindir / "createdb"), "-h", str(base), "-p", port, "-U", "postgres", name],
+                check=True,
+                capture_output=True,
+            )
         yield f"postgresql+psycopg://postgres@/{{db}}?host={base}&port={port}"
     finally:
-        subprocess.run([*as_postgres, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"], capture_output=True)
+        subprocess.run(
+            [*as_postgres, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"], capture_output=True
+        )
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -179,7 +204,9 @@ def test_two_workers_share_one_study_on_postgresql(root: Path, env: dict[str, st
     assert len({t.number for t in study.trials}) == len(study.trials)
     assert len({t.user_attrs["worker"] for t in finished}) == 2  # both workers contributed
     client = MlflowClient(tracking)
-    runs = client.search_runs([client.get_experiment_by_name("covidct").experiment_id], filter_string="tags.`covidct.study` = 'distributed'")
+    runs = client.search_runs(
+        [client.get_experiment_by_name("covidct").experiment_id], filter_string="tags.`covidct.study` = 'distributed'"
+    )
     parents = {r.info.run_id for r in runs if r.data.tags["covidct.role"] == "study"}
     assert len(parents) == 1
     assert {r.data.tags["mlflow.parentRunId"] for r in runs if r.data.tags["covidct.role"] == "trial"} == parents

@@ -30,9 +30,13 @@ def test_every_shipped_sweep_gives_valid_params(path: Path) -> None:
 
 def test_gpu_sweep_covers_the_mission_space() -> None:
     config = load_sweep(REPO / "pipelines" / "sweeps" / "gpu-full.yaml")
-    assert set(config.space["classifier.model"].choices) == {f"tf_efficientnet_b{i}" for i in range(8)}  # B0-B7, all with hub weights
+    assert set(config.space["classifier.model"].choices) == {
+        f"tf_efficientnet_b{i}" for i in range(8)
+    }  # B0-B7, all with hub weights
     assert config.budget["classifier.pretrained"] == "timm"
-    assert {"segmenter.tversky_alpha", "segmenter.tversky_beta", "segmenter.tversky_gamma", "crop.margin"} <= set(config.space)
+    assert {"segmenter.tversky_alpha", "segmenter.tversky_beta", "segmenter.tversky_gamma", "crop.margin"} <= set(
+        config.space
+    )
 
 
 @pytest.mark.parametrize(

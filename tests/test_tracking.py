@@ -51,16 +51,22 @@ def test_stage_runs_of_one_pipeline_share_a_parent(store: Path, monkeypatch: pyt
     assert segmenter.data.metrics["val_dice"] == 0.5
 
 
-def test_experiment_opens_as_model_training_and_parent_runs_carry_the_headlines(store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_experiment_opens_as_model_training_and_parent_runs_carry_the_headlines(
+    store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("COVIDCT_PIPELINE_RUN", "repro-headline")
     with stage_run("evaluate", {}):
         log_pipeline_metrics({"cropped.test.auc": 0.85})
     client = MlflowClient(tracking_uri())
     experiment = client.get_experiment_by_name("covidct-test")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the runs table, not the GenAI view
-    [parent] = [r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get("covidct.role") == "pipeline"]
+    [parent] = [
+        r for r in client.search_runs([experiment.experiment_id]) if r.data.tags.get("covidct.role") == "pipeline"
+    ]
     assert parent.data.metrics == {"cropped.test.auc": 0.85}
-    assert re.fullmatch(r"pipeline \d{4}-\d{2}-\d{2} \d{2}:\d{2} \S+", parent.info.run_name), parent.info.run_name  # date and commit
+    assert re.fullmatch(r"pipeline \d{4}-\d{2}-\d{2} \d{2}:\d{2} \S+", parent.info.run_name), (
+        parent.info.run_name
+    )  # date and commit
 
 
 def test_failed_stage_is_recorded_as_failed(store: Path, monkeypatch: pytest.MonkeyPatch) -> None:

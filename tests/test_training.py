@@ -140,7 +140,9 @@ def test_precision_settings_resolve_per_device_and_network() -> None:
         assert autocast_dtype(torch.device("cuda"), "auto") in (torch.bfloat16, torch.float16)
 
 
-def test_bf16_segmenter_trains_deterministically_and_segments_like_fp32(segmenter_run, lung_data, tmp_path: Path) -> None:
+def test_bf16_segmenter_trains_deterministically_and_segments_like_fp32(
+    segmenter_run, lung_data, tmp_path: Path
+) -> None:
     """The mixed-precision path runs here on every CPU run, a rerun gives the same bits, and its
     lung probabilities stay within a stated tolerance of fp32 (the trained net's: benchmarks/precision.py)."""
     bf16 = dataclasses.replace(SEG_CONFIG, precision="bf16")
@@ -218,7 +220,9 @@ def test_classifier_checkpoint_scores(classifier_run, covid_data) -> None:
     # the reloaded weights reproduce the validation figures of training
     assert binary_metrics(val_labels, scores)["auc"] == pytest.approx(meta["val_auc"])
     assert meta["val_auc"] == pytest.approx(history.iloc[0]["val_auc"])
-    bce = -np.mean(val_labels * np.log(np.clip(scores, 1e-7, 1)) + (1 - val_labels) * np.log(np.clip(1 - scores, 1e-7, 1)))
+    bce = -np.mean(
+        val_labels * np.log(np.clip(scores, 1e-7, 1)) + (1 - val_labels) * np.log(np.clip(1 - scores, 1e-7, 1))
+    )
     assert bce == pytest.approx(history.iloc[0]["val_loss"], abs=1e-4)
     # batch size does not change the scores (eval mode: no batch statistics)
     all_scores = predict_scores(model, train_images, CPU, meta["mean"], meta["std"], batch_size=8)
@@ -262,7 +266,9 @@ def test_tta_is_the_mean_over_the_image_and_its_mirror(classifier_run, covid_dat
     (images, _), _ = covid_data
     plain = predict_scores(model, images, CPU, meta["mean"], meta["std"])
     mirrored = predict_scores(model, np.ascontiguousarray(images[:, :, ::-1]), CPU, meta["mean"], meta["std"])
-    np.testing.assert_allclose(predict_scores(model, images, CPU, meta["mean"], meta["std"], tta=True), (plain + mirrored) / 2, atol=1e-6)
+    np.testing.assert_allclose(
+        predict_scores(model, images, CPU, meta["mean"], meta["std"], tta=True), (plain + mirrored) / 2, atol=1e-6
+    )
     assert "tta" not in meta  # absent = off, so earlier checkpoints read the same
 
 
@@ -279,8 +285,12 @@ def test_levers_change_training_and_land_in_the_checkpoint(covid_data, tmp_path:
     import dataclasses
 
     train, val = covid_data
-    config = dataclasses.replace(CLF_CONFIG, epochs=2, schedule="cosine", class_weight="balanced", head_init="zero", tta=True)
-    history = train_classifier(train, val, config, CPU, tmp_path / "model.pt", {"model": config.model, "image_size": SIZE})
+    config = dataclasses.replace(
+        CLF_CONFIG, epochs=2, schedule="cosine", class_weight="balanced", head_init="zero", tta=True
+    )
+    history = train_classifier(
+        train, val, config, CPU, tmp_path / "model.pt", {"model": config.model, "image_size": SIZE}
+    )
     assert list(history["epoch"]) == [1, 2]
     assert history.iloc[0]["train_loss"] < 1.0  # a zero head starts near ln 2 (timm's starts far above)
     _, meta = load_classifier(tmp_path / "model.pt", CPU)
@@ -345,7 +355,9 @@ def test_moving_average_of_the_weights_is_what_gets_scored_and_kept(covid_data, 
     config = dataclasses.replace(CLF_CONFIG, batch_size=4, ema_decay=0.5)  # 8 images: two steps
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train_module, "classifier_epoch", spy)
-        history = train_classifier(train, val, config, CPU, tmp_path / "model.pt", {"model": config.model, "image_size": SIZE})
+        history = train_classifier(
+            train, val, config, CPU, tmp_path / "model.pt", {"model": config.model, "image_size": SIZE}
+        )
     initial, first, second = snapshots
     model, meta = load_classifier(tmp_path / "model.pt", CPU)
     kept = dict(model.named_parameters())

@@ -24,7 +24,9 @@ def _sweep(args: argparse.Namespace, root: Path) -> None:
         out = summarise(root, config, study)
         print(f"study {config.study}: {finished_trials(study)} finished trials; plots and trials.csv in {out}")
         if any(t.state.name == "COMPLETE" for t in study.trials):
-            print(f"best validation {config.objective} {study.best_value:.4f} (trial {study.best_trial.number}): {study.best_trial.params}")
+            print(
+                f"best validation {config.objective} {study.best_value:.4f} (trial {study.best_trial.number}): {study.best_trial.params}"
+            )
     else:
         study = open_study(root, config, args.storage)
         overrides = apply_best(root, study) if args.apply else best_overrides(study)
@@ -41,7 +43,9 @@ def _registry(root: Path) -> RegistryConfig:
     from covidct.tracking import tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri(root))
-    return section(load_params(root / "params.yaml"), "registry") if (root / "params.yaml").is_file() else RegistryConfig()
+    return (
+        section(load_params(root / "params.yaml"), "registry") if (root / "params.yaml").is_file() else RegistryConfig()
+    )
 
 
 def _promote(args: argparse.Namespace, root: Path) -> None:
@@ -50,7 +54,12 @@ def _promote(args: argparse.Namespace, root: Path) -> None:
     from covidct.registry.promote import PromotionError, promote_if_better
 
     config = _registry(root)
-    overrides = {"alias": args.alias, "select_metric": args.metric, "min_val_recall": args.min_val_recall, "min_heldout_auc": args.min_heldout_auc}
+    overrides = {
+        "alias": args.alias,
+        "select_metric": args.metric,
+        "min_val_recall": args.min_val_recall,
+        "min_heldout_auc": args.min_heldout_auc,
+    }
     config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
     config.validate()
     try:
@@ -67,26 +76,43 @@ def _promote(args: argparse.Namespace, root: Path) -> None:
     except PromotionError as exc:
         raise ConfigError(str(exc)) from exc
     verdict = "promoted" if decision.promoted else "not promoted"
-    print(f"version {decision.candidate} {verdict}: {decision.reason}. @{config.alias} -> {decision.champion or 'none'}")
+    print(
+        f"version {decision.candidate} {verdict}: {decision.reason}. @{config.alias} -> {decision.champion or 'none'}"
+    )
 
 
 def _predict(args: argparse.Namespace, root: Path) -> None:
     from covidct.gate import REFUSED
-    from covidct.predict import SCAN_SUFFIXES, collect_scans, group_studies, load_pipeline, predict_files, studies_csv, write_overlays, write_predictions
+    from covidct.predict import (
+        SCAN_SUFFIXES,
+        collect_scans,
+        group_studies,
+        load_pipeline,
+        predict_files,
+        studies_csv,
+        write_overlays,
+        write_predictions,
+    )
 
     config = _registry(root)
     model = args.model or f"models:/{config.model_name}@{config.alias}"
     files, studies = group_studies(collect_scans(args.paths))
     if not files:
-        raise FileNotFoundError(f"no scans ({', '.join(SCAN_SUFFIXES)}, or DICOM) under {', '.join(map(str, args.paths))}")
+        raise FileNotFoundError(
+            f"no scans ({', '.join(SCAN_SUFFIXES)}, or DICOM) under {', '.join(map(str, args.paths))}"
+        )
     pipeline = load_pipeline(model)
     predictions = predict_files(pipeline, files, args.batch_size)
     table = write_predictions(predictions, args.out, studies, pipeline.study_top_k, pipeline.study_threshold)
     refused = int(table["error"].str.startswith(REFUSED).sum())
     failed = int((table["error"] != "").sum()) - refused
-    print(f"{len(table) - failed - refused} scans scored, {failed} unreadable, {refused} refused by the input gate; {model} -> {args.out}")
+    print(
+        f"{len(table) - failed - refused} scans scored, {failed} unreadable, {refused} refused by the input gate; {model} -> {args.out}"
+    )
     if any(studies):
-        print(f"{len(set(filter(None, studies)))} DICOM series scored as studies (top-{pipeline.study_top_k or 'all'} mean) -> {studies_csv(args.out)}")
+        print(
+            f"{len(set(filter(None, studies)))} DICOM series scored as studies (top-{pipeline.study_top_k or 'all'} mean) -> {studies_csv(args.out)}"
+        )
     if args.overlays:
         print(f"{write_overlays(predictions, args.overlays)} overlays in {args.overlays}")
 
@@ -100,7 +126,9 @@ def _verify_model(args: argparse.Namespace, root: Path) -> None:
     comparison = compare_with_evaluate(scored, root, args.split)
     gap = max_score_difference(scored, root)
     print(comparison.to_string(index=False, float_format=lambda v: f"{v:.6f}"))
-    print(f"{len(scored)} {args.split} scans; largest probability difference from the classifier stage's predictions: {gap:.3g}")
+    print(
+        f"{len(scored)} {args.split} scans; largest probability difference from the classifier stage's predictions: {gap:.3g}"
+    )
     if (comparison["difference"] != 0).any():
         print(f"error: {model} does not reproduce the evaluate stage's {args.split} metrics", file=sys.stderr)
         sys.exit(1)
@@ -116,7 +144,9 @@ def _levers(args: argparse.Namespace, root: Path) -> None:
 
     study = load_levers(args.config)
     configure_threads()
-    report = run_levers(root, load_params(root / "params.yaml"), study, args.only.split(",") if args.only else None, select_device())
+    report = run_levers(
+        root, load_params(root / "params.yaml"), study, args.only.split(",") if args.only else None, select_device()
+    )
     print(f"lever table: {report} (and .csv, .png beside it)")
 
 
@@ -127,34 +157,66 @@ def main(argv: list[str] | None = None) -> None:
     profile = sub.add_parser("profile", help="merge a profile from pipelines/profiles/ into params.yaml")
     profile.add_argument("name", nargs="?", help="profile name; omit to list them")
     sub.add_parser("check-params", help="validate every section of params.yaml")
-    for name, help_text in (("sweep", "run (or resume) an Optuna study over the pipeline"), ("sweep-best", "print the best trial's parameters")):
+    for name, help_text in (
+        ("sweep", "run (or resume) an Optuna study over the pipeline"),
+        ("sweep-best", "print the best trial's parameters"),
+    ):
         command = sub.add_parser(name, help=help_text)
         command.add_argument("config", help="sweep definition, e.g. pipelines/sweeps/cpu-smoke.yaml")
-        command.add_argument("--storage", help="Optuna storage URL (overrides the config's), e.g. postgresql+psycopg://host/db")
-        command.add_argument("--n-trials", type=int, help="finished trials the study should hold (overrides the config's)")
+        command.add_argument(
+            "--storage", help="Optuna storage URL (overrides the config's), e.g. postgresql+psycopg://host/db"
+        )
+        command.add_argument(
+            "--n-trials", type=int, help="finished trials the study should hold (overrides the config's)"
+        )
         if name == "sweep":
-            command.add_argument("--worker-index", type=int, default=0, help="distinct per concurrent worker (sampler seed offset)")
+            command.add_argument(
+                "--worker-index", type=int, default=0, help="distinct per concurrent worker (sampler seed offset)"
+            )
         else:
             command.add_argument("--apply", action="store_true", help="write them into params.yaml")
-    promote = sub.add_parser("promote", help="move the champion alias to a better registered pipeline (validation metric, recall floor)")
+    promote = sub.add_parser(
+        "promote", help="move the champion alias to a better registered pipeline (validation metric, recall floor)"
+    )
     promote.add_argument("--version", help="the candidate version (default: the best registered one)")
-    promote.add_argument("--variant", help="only pipelines with this classifier, e.g. efficientnet_b4; the alias then holds the best of them")
+    promote.add_argument(
+        "--variant",
+        help="only pipelines with this classifier, e.g. efficientnet_b4; the alias then holds the best of them",
+    )
     promote.add_argument("--model-name", help="registered model (default: registry.model_name in params.yaml)")
     promote.add_argument("--alias", help="default: registry.alias")
     promote.add_argument("--metric", help="validation metric to compare (default: registry.select_metric)")
-    promote.add_argument("--min-val-recall", type=float, help="recall floor on the validation split (default: registry.min_val_recall)")
-    promote.add_argument("--min-heldout-auc", type=float, help="AUC floor on every source the classifier never trained on (default: registry.min_heldout_auc)")
-    predict = sub.add_parser("predict", help="score CT scans (PNG, JPEG, DICOM; files or folders) with a registered pipeline")
+    promote.add_argument(
+        "--min-val-recall", type=float, help="recall floor on the validation split (default: registry.min_val_recall)"
+    )
+    promote.add_argument(
+        "--min-heldout-auc",
+        type=float,
+        help="AUC floor on every source the classifier never trained on (default: registry.min_heldout_auc)",
+    )
+    predict = sub.add_parser(
+        "predict", help="score CT scans (PNG, JPEG, DICOM; files or folders) with a registered pipeline"
+    )
     predict.add_argument("paths", nargs="+", type=Path)
     predict.add_argument("--model", help="MLflow model URI (default: models:/<registry.model_name>@<registry.alias>)")
-    predict.add_argument("--out", type=Path, default=Path("predictions.csv"), help="CSV to write (default: predictions.csv)")
+    predict.add_argument(
+        "--out", type=Path, default=Path("predictions.csv"), help="CSV to write (default: predictions.csv)"
+    )
     predict.add_argument("--overlays", type=Path, help="folder for lung mask + crop box overlays, one PNG per scan")
     predict.add_argument("--batch-size", type=int, default=64, help="scans decoded and scored together")
-    verify = sub.add_parser("verify-model", help="run a registered pipeline on a split's raw scans and compare with the evaluate stage")
+    verify = sub.add_parser(
+        "verify-model", help="run a registered pipeline on a split's raw scans and compare with the evaluate stage"
+    )
     verify.add_argument("--model", help="MLflow model URI (default: models:/<registry.model_name>@<registry.alias>)")
     verify.add_argument("--split", choices=("val", "test"), default="test")
-    verify.add_argument("--external", action="store_true", help="also score the held-out lung-set patients (another source, all COVID-19)")
-    levers = sub.add_parser("levers", help="train one classifier per recipe change on the last dvc repro's images; val/test table with CIs")
+    verify.add_argument(
+        "--external",
+        action="store_true",
+        help="also score the held-out lung-set patients (another source, all COVID-19)",
+    )
+    levers = sub.add_parser(
+        "levers", help="train one classifier per recipe change on the last dvc repro's images; val/test table with CIs"
+    )
     levers.add_argument("config", help="lever study, e.g. pipelines/levers/cpu.yaml")
     levers.add_argument("--only", help="comma-separated lever names (default: all; finished ones are reused)")
     args = parser.parse_args(argv)

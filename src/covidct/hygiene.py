@@ -46,7 +46,9 @@ from covidct.images import read_grayscale
 
 HASH_SIZE = 16  # pHash of 16 x 16 DCT coefficients: 256 bits (the 64-bit default cannot separate; see module doc)
 HASH_BITS = HASH_SIZE * HASH_SIZE
-KEYPOINT_SIDE = 384  # both images of a pair are scaled to this longer side before ORB, so scale differences do not matter
+KEYPOINT_SIDE = (
+    384  # both images of a pair are scaled to this longer side before ORB, so scale differences do not matter
+)
 MAX_KEYPOINTS = 1000
 RATIO_TEST = 0.75  # Lowe's ratio: a match counts only if clearly better than the second best
 RANSAC_PX = 4.0  # reprojection tolerance at KEYPOINT_SIDE
@@ -110,7 +112,9 @@ def fingerprint_images(paths: Sequence[Path], progress: str | None = None) -> tu
     rows, hashes = [], np.zeros((len(paths), HASH_BITS // 8), dtype=np.uint8)
     for i, path in enumerate(tqdm(paths, desc=progress, unit="image", disable=progress is None)):
         fp = fingerprint(path)
-        rows.append({"file_sha256": fp.file_sha256, "pixel_sha256": fp.pixel_sha256, "height": fp.height, "width": fp.width})
+        rows.append(
+            {"file_sha256": fp.file_sha256, "pixel_sha256": fp.pixel_sha256, "height": fp.height, "width": fp.width}
+        )
         hashes[i] = fp.phash
     return pd.DataFrame(rows, columns=["file_sha256", "pixel_sha256", "height", "width"]), hashes
 
@@ -152,7 +156,11 @@ class KeypointMatcher:
         (points_a, desc_a), (points_b, desc_b) = self._features_of(a), self._features_of(b)
         if desc_a is None or desc_b is None or len(points_a) < 3 or len(points_b) < 3:
             return 0
-        matches = [m[0] for m in self._matcher.knnMatch(desc_a, desc_b, k=2) if len(m) == 2 and m[0].distance < RATIO_TEST * m[1].distance]
+        matches = [
+            m[0]
+            for m in self._matcher.knnMatch(desc_a, desc_b, k=2)
+            if len(m) == 2 and m[0].distance < RATIO_TEST * m[1].distance
+        ]
         if len(matches) < 3:
             return 0
         src = points_a[[m.queryIdx for m in matches]]
@@ -200,7 +208,11 @@ def cross_split_pairs(
         if SPLIT_RANK.get(split[i], 0) > SPLIT_RANK.get(split[j], 0):
             i, j = j, i
         distance = int(distances[i, j])
-        inliers = matcher.inliers(Path(images["path"].iat[i]), Path(images["path"].iat[j])) if distance <= verify_distance else 0
+        inliers = (
+            matcher.inliers(Path(images["path"].iat[i]), Path(images["path"].iat[j]))
+            if distance <= verify_distance
+            else 0
+        )
         if file_sha[i] == file_sha[j]:
             kind = IDENTICAL_FILE
         elif pixel_sha[i] == pixel_sha[j]:
@@ -257,16 +269,23 @@ def covid_ct_patients(root: Path) -> pd.DataFrame:
         if not path.is_file():
             raise DatasetError(f"{path}: patient meta file not found")
     # A row without a patient id is dropped (its image counts as unknown), never read as patient "nan".
-    covid = _require_columns(pd.read_excel(covid_meta), ["File name", "Patient ID"], covid_meta).dropna(subset=["File name", "Patient ID"])
+    covid = _require_columns(pd.read_excel(covid_meta), ["File name", "Patient ID"], covid_meta).dropna(
+        subset=["File name", "Patient ID"]
+    )
     covid = pd.DataFrame(
         {
             "relpath": "CT_COVID/" + covid["File name"].astype(str).str.strip().str.removesuffix(".png") + ".png",
             "patient_id": covid["Patient ID"].astype(str).str.strip(),
         }
     )
-    noncovid = _require_columns(pd.read_csv(noncovid_meta), ["image name", "patient id"], noncovid_meta).dropna(subset=["image name", "patient id"])
+    noncovid = _require_columns(pd.read_csv(noncovid_meta), ["image name", "patient id"], noncovid_meta).dropna(
+        subset=["image name", "patient id"]
+    )
     noncovid = pd.DataFrame(
-        {"relpath": "CT_NonCOVID/" + noncovid["image name"].astype(str).str.strip(), "patient_id": noncovid["patient id"].astype(str).str.strip()}
+        {
+            "relpath": "CT_NonCOVID/" + noncovid["image name"].astype(str).str.strip(),
+            "patient_id": noncovid["patient id"].astype(str).str.strip(),
+        }
     )
     return pd.concat([covid, noncovid], ignore_index=True)
 
@@ -292,7 +311,9 @@ def patient_overlap(rows: pd.DataFrame) -> pd.DataFrame:
         {
             "patient_id": shared.index.astype(str),
             "splits": ["+".join(s for s in shared.columns if row[s] > 0) for _, row in shared.iterrows()],
-            "images": ["; ".join(f"{s} {int(row[s])}" for s in shared.columns if row[s] > 0) for _, row in shared.iterrows()],
+            "images": [
+                "; ".join(f"{s} {int(row[s])}" for s in shared.columns if row[s] > 0) for _, row in shared.iterrows()
+            ],
         }
     )
 
@@ -344,7 +365,11 @@ class DatasetAudit:
         by_split = self.images.groupby("split")
         unallowed = self.duplicates[~self.duplicates["allowed"]] if len(self.duplicates) else self.duplicates
         known = self.images["patient_id"].notna()
-        labels_differ = self.duplicates["label_a"].astype(str) != self.duplicates["label_b"].astype(str) if len(self.duplicates) else []
+        labels_differ = (
+            self.duplicates["label_a"].astype(str) != self.duplicates["label_b"].astype(str)
+            if len(self.duplicates)
+            else []
+        )
         return {
             "images": len(self.images),
             "images_per_split": {s: int(by_split.size().get(s, 0)) for s in SPLITS},
@@ -352,9 +377,15 @@ class DatasetAudit:
             "patients_per_split": {s: int(by_split["patient_id"].nunique().get(s, 0)) for s in SPLITS},
             "images_without_patient_id": int((~known).sum()),
             "patient_overlap": len(self.patients),
-            "identical_file_pairs": int((self.duplicates["kind"] == IDENTICAL_FILE).sum()) if len(self.duplicates) else 0,
-            "identical_pixel_pairs": int((self.duplicates["kind"] == IDENTICAL_PIXELS).sum()) if len(self.duplicates) else 0,
-            "near_duplicate_pairs": int((self.duplicates["kind"] == NEAR_DUPLICATE).sum()) if len(self.duplicates) else 0,
+            "identical_file_pairs": int((self.duplicates["kind"] == IDENTICAL_FILE).sum())
+            if len(self.duplicates)
+            else 0,
+            "identical_pixel_pairs": int((self.duplicates["kind"] == IDENTICAL_PIXELS).sum())
+            if len(self.duplicates)
+            else 0,
+            "near_duplicate_pairs": int((self.duplicates["kind"] == NEAR_DUPLICATE).sum())
+            if len(self.duplicates)
+            else 0,
             "duplicate_pairs_allowed": int(self.duplicates["allowed"].sum()) if len(self.duplicates) else 0,
             "duplicate_pairs_not_allowed": len(unallowed),
             "duplicate_pairs_with_conflicting_labels": int(np.sum(labels_differ)),
@@ -379,25 +410,44 @@ def audit_dataset(
     images = pd.concat([images, table], axis=1)
     distances = hamming_distances(hashes)
     pairs = cross_split_pairs(
-        images, distances, near_duplicate_distance, verify_distance, min_keypoint_inliers, progress=f"compare {name}" if progress else None
+        images,
+        distances,
+        near_duplicate_distance,
+        verify_distance,
+        min_keypoint_inliers,
+        progress=f"compare {name}" if progress else None,
     )
     allowed = {pair_key(*pair) for pair in allowed_pairs}
     pairs["allowed"] = [pair_key(a, b) in allowed for a, b in zip(pairs["relpath_a"], pairs["relpath_b"], strict=True)]
-    duplicates = pairs[pairs["kind"] != ""].sort_values(["distance", "inliers"], ascending=[True, False]).reset_index(drop=True)
+    duplicates = (
+        pairs[pairs["kind"] != ""].sort_values(["distance", "inliers"], ascending=[True, False]).reset_index(drop=True)
+    )
     # For a human to look at: the pairs keypoints found most alike, then the nearest by pHash alone.
-    closest = pairs[pairs["kind"] == ""].sort_values(["inliers", "distance"], ascending=[False, True]).head(n_closest - n_closest // 3)
+    closest = (
+        pairs[pairs["kind"] == ""]
+        .sort_values(["inliers", "distance"], ascending=[False, True])
+        .head(n_closest - n_closest // 3)
+    )
     nearest = nearest_pairs(images, distances, n_closest - len(closest), exclude=pd.concat([duplicates, closest]))
-    verified = {pair_key(a, b): n for a, b, n in zip(pairs["relpath_a"], pairs["relpath_b"], pairs["inliers"], strict=True)}
-    nearest["inliers"] = [verified.get(pair_key(a, b), -1) for a, b in zip(nearest["relpath_a"], nearest["relpath_b"], strict=True)]
+    verified = {
+        pair_key(a, b): n for a, b, n in zip(pairs["relpath_a"], pairs["relpath_b"], pairs["inliers"], strict=True)
+    }
+    nearest["inliers"] = [
+        verified.get(pair_key(a, b), -1) for a, b in zip(nearest["relpath_a"], nearest["relpath_b"], strict=True)
+    ]
     closest = pd.concat([closest, nearest], ignore_index=True) if len(nearest) else closest.reset_index(drop=True)
     cross = images["split"].to_numpy()[:, None] != images["split"].to_numpy()[None, :]
     min_distance = int(distances[cross].min()) if cross.any() else -1
-    audit = DatasetAudit(name, images.drop(columns=["path"]), patient_overlap(images), duplicates, closest, min_distance)
+    audit = DatasetAudit(
+        name, images.drop(columns=["path"]), patient_overlap(images), duplicates, closest, min_distance
+    )
     present = {pair_key(a, b) for a, b in zip(pairs["relpath_a"], pairs["relpath_b"], strict=True)}
     relpaths = set(images["relpath"])
     for pair in allowed:
         if pair <= relpaths and pair not in present:
-            audit.notes.append(f"allowed pair {' ~ '.join(sorted(pair))} is no longer a duplicate; it can leave audit.allowed_pairs")
+            audit.notes.append(
+                f"allowed pair {' ~ '.join(sorted(pair))} is no longer a duplicate; it can leave audit.allowed_pairs"
+            )
     return audit
 
 
@@ -446,7 +496,9 @@ def leak_message(audits: Sequence[DatasetAudit], allow_patient_overlap: bool, al
     for audit in audits:
         if len(audit.patients) and not allow_patient_overlap:
             first = audit.patients.iloc[0]
-            parts.append(f"{audit.name}: {len(audit.patients)} patient(s) in more than one split (e.g. {first['patient_id']} in {first['splits']})")
+            parts.append(
+                f"{audit.name}: {len(audit.patients)} patient(s) in more than one split (e.g. {first['patient_id']} in {first['splits']})"
+            )
         unallowed = audit.duplicates[~audit.duplicates["allowed"]] if len(audit.duplicates) else audit.duplicates
         if len(unallowed) and not allow_duplicates:
             first = unallowed.iloc[0]
@@ -489,11 +541,22 @@ def report_json(audits: Sequence[DatasetAudit], passed: bool) -> dict[str, Any]:
 
 
 def _pair_table(frame: pd.DataFrame, with_kind: bool) -> list[str]:
-    head = "| split a | image a | label a | split b | image b | label b | pHash distance | keypoint inliers |" + (" kind | allowed |" if with_kind else "")
+    head = "| split a | image a | label a | split b | image b | label b | pHash distance | keypoint inliers |" + (
+        " kind | allowed |" if with_kind else ""
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for row in frame.itertuples():
         inliers = "-" if row.inliers < 0 else str(row.inliers)
-        cells = [row.split_a, f"`{row.relpath_a}`", _label(row.label_a), row.split_b, f"`{row.relpath_b}`", _label(row.label_b), str(row.distance), inliers]
+        cells = [
+            row.split_a,
+            f"`{row.relpath_a}`",
+            _label(row.label_a),
+            row.split_b,
+            f"`{row.relpath_b}`",
+            _label(row.label_b),
+            str(row.distance),
+            inliers,
+        ]
         if with_kind:
             cells += [row.kind, "yes" if row.allowed else "**no**"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -504,7 +567,9 @@ def _label(value: Any) -> str:
     return "-" if value is None or (isinstance(value, float) and np.isnan(value)) else str(value)
 
 
-def report_markdown(audits: Sequence[DatasetAudit], settings: Mapping[str, Any], verdict: str | None, seconds: float, image_name: str) -> str:
+def report_markdown(
+    audits: Sequence[DatasetAudit], settings: Mapping[str, Any], verdict: str | None, seconds: float, image_name: str
+) -> str:
     """A readable report: the verdict, per-dataset counts, every duplicate pair and the closest others."""
     lines = [
         "# Data audit: splits before training",
@@ -512,7 +577,9 @@ def report_markdown(audits: Sequence[DatasetAudit], settings: Mapping[str, Any],
         f"**{'FAILED: ' + verdict if verdict else 'Passed'}**",
         "",
         f"Audit time {seconds:.1f} s. Settings (params.yaml `audit`): "
-        + ", ".join(f"`{k}` = {v if not isinstance(v, (list, tuple)) else f'{len(v)} pair(s)'}" for k, v in settings.items())
+        + ", ".join(
+            f"`{k}` = {v if not isinstance(v, (list, tuple)) else f'{len(v)} pair(s)'}" for k, v in settings.items()
+        )
         + ".",
         "",
         f"Near-duplicates: pHash ({HASH_BITS} bits, imagehash) of each image decoded to grey and trimmed to the body; a pair within "
@@ -524,9 +591,13 @@ def report_markdown(audits: Sequence[DatasetAudit], settings: Mapping[str, Any],
     ]
     summaries = [a.summary() for a in audits]
     for key in summaries[0] if summaries else []:
-        values = [s[key] if not isinstance(s[key], dict) else " / ".join(str(v) for v in s[key].values()) for s in summaries]
+        values = [
+            s[key] if not isinstance(s[key], dict) else " / ".join(str(v) for v in s[key].values()) for s in summaries
+        ]
         lines.append(
-            f"| {key.replace('_', ' ')}{' (train / val / test)' if isinstance(summaries[0][key], dict) else ''} | " + " | ".join(map(str, values)) + " |"
+            f"| {key.replace('_', ' ')}{' (train / val / test)' if isinstance(summaries[0][key], dict) else ''} | "
+            + " | ".join(map(str, values))
+            + " |"
         )
     for audit in audits:
         lines += ["", f"## {audit.name}", ""]
@@ -541,7 +612,11 @@ def report_markdown(audits: Sequence[DatasetAudit], settings: Mapping[str, Any],
         else:
             lines.append("No duplicate picture across splits.")
         if len(audit.closest):
-            lines += ["", "Closest cross-split pairs that are **not** counted as duplicates (most keypoint inliers first), for a human to look at:", ""]
+            lines += [
+                "",
+                "Closest cross-split pairs that are **not** counted as duplicates (most keypoint inliers first), for a human to look at:",
+                "",
+            ]
             lines += _pair_table(audit.closest, with_kind=False)
         if audit.notes:
             lines += ["", "Notes:", ""] + [f"- {note}" for note in audit.notes]
@@ -549,7 +624,9 @@ def report_markdown(audits: Sequence[DatasetAudit], settings: Mapping[str, Any],
     return "\n".join(lines)
 
 
-def save_pair_gallery(pairs: Sequence[tuple[Path, Path, str, str]], path: str | os.PathLike[str], max_side: int = 256) -> None:
+def save_pair_gallery(
+    pairs: Sequence[tuple[Path, Path, str, str]], path: str | os.PathLike[str], max_side: int = 256
+) -> None:
     """One row per pair: both images side by side, each with its caption, and the pair's title on the left tile.
 
     ``pairs`` holds (image a, image b, caption a, caption b); written atomically.

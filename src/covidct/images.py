@@ -306,7 +306,10 @@ def decode_dicom(data: bytes, name: str | os.PathLike[str], max_pixels: int = DE
     if frames != 1:
         raise ImageReadError(name, f"DICOM holds {frames} frames; give one grayscale slice per file")
     if rows * columns > max_pixels:
-        raise ImageReadError(name, f"too many pixels: {columns}x{rows} = {rows * columns} > limit {max_pixels} (possible decompression bomb)")
+        raise ImageReadError(
+            name,
+            f"too many pixels: {columns}x{rows} = {rows * columns} > limit {max_pixels} (possible decompression bomb)",
+        )
     ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     if ts is not None:
         try:
@@ -321,7 +324,9 @@ def decode_dicom(data: bytes, name: str | os.PathLike[str], max_pixels: int = DE
         syntax = f" in transfer syntax {_syntax_label(ts)}" if ts is not None else ""
         package = _DICOM_DECODER_PACKAGES.get(str(ts))
         decoders = f"; packages that decode this syntax: {package}" if package else ""
-        raise ImageReadError(name, f"cannot decode DICOM pixel data{syntax} ({type(exc).__name__}: {exc}){decoders}") from exc
+        raise ImageReadError(
+            name, f"cannot decode DICOM pixel data{syntax} ({type(exc).__name__}: {exc}){decoders}"
+        ) from exc
     if pixels.ndim != 2:
         raise ImageReadError(name, f"DICOM holds {pixels.shape} pixels; give one grayscale slice per file")
     if ds.get("Modality") == "CT":

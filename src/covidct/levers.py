@@ -90,7 +90,9 @@ def load_levers(path: str | Path) -> LeverStudy:
         raise ConfigError(f"{path}: variant: must be one of {', '.join(VARIANTS)}, got {raw.get('variant')!r}")
     for name, overrides in levers.items():
         if not isinstance(overrides, dict) or (name == BASELINE and overrides):
-            raise ConfigError(f"{path}: levers.{name}: must be a mapping of dotted keys (baseline: {{}}; common settings go under base:)")
+            raise ConfigError(
+                f"{path}: levers.{name}: must be a mapping of dotted keys (baseline: {{}}; common settings go under base:)"
+            )
     base = raw.get("base") or {}
     if not isinstance(base, dict):
         raise ConfigError(f"{path}: base: must be a mapping of dotted keys")
@@ -119,7 +121,13 @@ def _fingerprint(params: dict[str, Any], images: np.ndarray) -> str:
     those runs keep their fingerprints.
     """
     classifier = {k: v for k, v in params["classifier"].items() if not (k == "ema_decay" and v == 0)}
-    return cache_key({"classifier": classifier, "evaluate": params["evaluate"], "images": hashlib.sha256(images.tobytes()).hexdigest()})
+    return cache_key(
+        {
+            "classifier": classifier,
+            "evaluate": params["evaluate"],
+            "images": hashlib.sha256(images.tobytes()).hexdigest(),
+        }
+    )
 
 
 def score_lever(predictions: pd.DataFrame, evaluate: Any) -> dict[str, Any]:
@@ -132,7 +140,9 @@ def score_lever(predictions: pd.DataFrame, evaluate: Any) -> dict[str, Any]:
     for name in PARTS:
         part = part_rows(predictions, name)
         if part["label"].nunique() == 2:
-            out[name] = metrics_with_ci(part["label"].to_numpy(), part["score"].to_numpy(), threshold, evaluate.n_bootstrap, evaluate.seed)
+            out[name] = metrics_with_ci(
+                part["label"].to_numpy(), part["score"].to_numpy(), threshold, evaluate.n_bootstrap, evaluate.seed
+            )
     return out
 
 
@@ -152,7 +162,9 @@ def _reuse(root: Path, out: Path, key: str, run: LeverRun) -> dict[str, Any] | N
     return None
 
 
-def run_lever(root: Path, base: dict[str, Any], study: LeverStudy, run: LeverRun, device: torch.device) -> dict[str, Any]:
+def run_lever(
+    root: Path, base: dict[str, Any], study: LeverStudy, run: LeverRun, device: torch.device
+) -> dict[str, Any]:
     """Train (or reuse) one lever run; returns its record, also written to ``<lever_dir>/metrics.json``."""
     params = with_overrides(base, study.base | run.overrides)
     config, evaluate = section(params, "classifier"), section(params, "evaluate")
@@ -171,7 +183,9 @@ def run_lever(root: Path, base: dict[str, Any], study: LeverStudy, run: LeverRun
         {"classifier": params["classifier"], "evaluate": params["evaluate"]},
         tags,
     ):
-        mlflow.log_params({f"override.{k}": v for k, v in run.overrides.items()} | {"variant": study.variant, "device": str(device)})
+        mlflow.log_params(
+            {f"override.{k}": v for k, v in run.overrides.items()} | {"variant": study.variant, "device": str(device)}
+        )
         history, predictions, meta = fit_and_predict(
             images,
             table,
@@ -180,7 +194,9 @@ def run_lever(root: Path, base: dict[str, Any], study: LeverStudy, run: LeverRun
             out / "model.pt",
             checkpoint_meta(config, study.variant),
             on_epoch=lambda row: mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"]),
-            resume_dir=resume_dir(root, f"levers/{study.study}/{run.name}"),  # a killed lever carries on from its last epoch
+            resume_dir=resume_dir(
+                root, f"levers/{study.study}/{run.name}"
+            ),  # a killed lever carries on from its last epoch
         )
         model, chosen = load_classifier(out / "model.pt", device)
         keep = table["split"].isin(["val", "test"]).to_numpy()
@@ -207,7 +223,12 @@ def run_lever(root: Path, base: dict[str, Any], study: LeverStudy, run: LeverRun
             prefix = "tta_" if suffix else ""
             mlflow.log_metrics(
                 {f"{prefix}threshold": result["threshold"]}
-                | {f"{prefix}{split}_{k}": v for split in PARTS if split in result for k, v in flatten_metrics(result[split]).items()}
+                | {
+                    f"{prefix}{split}_{k}": v
+                    for split in PARTS
+                    if split in result
+                    for k, v in flatten_metrics(result[split]).items()
+                }
             )
         write_text_atomic(out / "history.csv", history.to_csv(index=False))
         write_text_atomic(out / "metrics.json", json.dumps(record, indent=2))
@@ -232,7 +253,9 @@ def _reference(lever: str, suffix: str) -> tuple[str, str] | None:
     return BASELINE, suffix
 
 
-def _paired(reference: list[pd.DataFrame], this: list[pd.DataFrame], n_boot: int, seed: int, label: str) -> dict[str, float]:
+def _paired(
+    reference: list[pd.DataFrame], this: list[pd.DataFrame], n_boot: int, seed: int, label: str
+) -> dict[str, float]:
     """Paired AUC differences per scored part; each list holds one frame per seed."""
     row: dict[str, float] = {}
     for split in PARTS:
@@ -242,14 +265,29 @@ def _paired(reference: list[pd.DataFrame], this: list[pd.DataFrame], n_boot: int
         if not all(np.array_equal(f["relpath"].to_numpy(), a[0]["relpath"].to_numpy()) for f in a + b):
             raise ValueError(f"lever {label}: {split} images differ from the baseline's; re-run both")
         stack = lambda frames: np.stack([f["score"].to_numpy() for f in frames])  # noqa: E731
-        groups = a[0]["patient"].to_numpy() if split == "cc_val" and "patient" in a[0] else None  # CC-CCII: whole patients
+        groups = (
+            a[0]["patient"].to_numpy() if split == "cc_val" and "patient" in a[0] else None
+        )  # CC-CCII: whole patients
         delta = paired_auc_difference(a[0]["label"].to_numpy(), stack(a), stack(b), n_boot, seed, groups=groups)
-        row |= {f"{split}_auc_delta": delta["value"], f"{split}_auc_delta_ci_low": delta["ci_low"], f"{split}_auc_delta_ci_high": delta["ci_high"]}
+        row |= {
+            f"{split}_auc_delta": delta["value"],
+            f"{split}_auc_delta_ci_low": delta["ci_low"],
+            f"{split}_auc_delta_ci_high": delta["ci_high"],
+        }
     return row
 
 
-def _metrics_row(label: str, lever: str, seed: int | None, suffix: str, overrides: str, result: dict[str, Any]) -> dict[str, Any]:
-    row: dict[str, Any] = {"lever": label, "arm": lever, "seed": seed, "scoring": suffix, "overrides": overrides, "threshold": result["threshold"]}
+def _metrics_row(
+    label: str, lever: str, seed: int | None, suffix: str, overrides: str, result: dict[str, Any]
+) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "lever": label,
+        "arm": lever,
+        "seed": seed,
+        "scoring": suffix,
+        "overrides": overrides,
+        "threshold": result["threshold"],
+    }
     for split in PARTS:
         row |= {f"{split}_{k}": v for k, v in flatten_metrics(result.get(split, {})).items()}
     return row
@@ -262,7 +300,9 @@ def _averaged(frames: list[pd.DataFrame], lever: str) -> pd.DataFrame:
     return frames[0].assign(score=np.mean([f["score"].to_numpy() for f in frames], axis=0))
 
 
-def _ensemble(root: Path, study: LeverStudy, records: dict[str, dict[str, Any]], lever: str, suffix: str) -> pd.DataFrame | None:
+def _ensemble(
+    root: Path, study: LeverStudy, records: dict[str, dict[str, Any]], lever: str, suffix: str
+) -> pd.DataFrame | None:
     """The lever's seeds as one model; None until every seed is finished."""
     names = [study.run_name(lever, s) for s in study.seeds]
     if len(names) < 2 or any(name not in records for name in names):
@@ -279,19 +319,36 @@ def lever_table(root: Path, study: LeverStudy, records: dict[str, dict[str, Any]
             continue
         record = records[run.name]
         for suffix, result in record["scorings"].items():
-            row = _metrics_row(run.name + suffix, run.lever, run.seed, suffix, as_overrides(run.overrides) or "(the base)", result)
+            row = _metrics_row(
+                run.name + suffix, run.lever, run.seed, suffix, as_overrides(run.overrides) or "(the base)", result
+            )
             reference = _reference(run.lever, suffix)
             if reference and study.run_name(reference[0], run.seed) in records:
                 before = _predictions(root, study, study.run_name(reference[0], run.seed), reference[1])
-                row |= _paired([before], [_predictions(root, study, run.name, suffix)], evaluate.n_bootstrap, evaluate.seed, run.name)
-            rows.append(row | {"kind": "run", "best_epoch": record["best_epoch"], "train_minutes": record["train_seconds"] / 60})
+                row |= _paired(
+                    [before],
+                    [_predictions(root, study, run.name, suffix)],
+                    evaluate.n_bootstrap,
+                    evaluate.seed,
+                    run.name,
+                )
+            rows.append(
+                row | {"kind": "run", "best_epoch": record["best_epoch"], "train_minutes": record["train_seconds"] / 60}
+            )
     for lever in study.levers:
         for suffix in SCORINGS:
             mine = _ensemble(root, study, records, lever, suffix)
             if mine is None:
                 continue
             seeds = ", ".join(map(str, study.seeds))
-            row = _metrics_row(f"{lever}_ensemble{suffix}", lever, None, suffix, f"scores averaged over seeds {seeds}", score_lever(mine, evaluate))
+            row = _metrics_row(
+                f"{lever}_ensemble{suffix}",
+                lever,
+                None,
+                suffix,
+                f"scores averaged over seeds {seeds}",
+                score_lever(mine, evaluate),
+            )
             reference = _reference(lever, suffix)
             before = _ensemble(root, study, records, *reference) if reference else None
             if before is not None:
@@ -315,7 +372,15 @@ def seed_table(root: Path, study: LeverStudy, table: pd.DataFrame, evaluate: Any
             if len(part) < 2 or len(part) != len(study.seeds):
                 continue
             row: dict[str, Any] = {"lever": lever + suffix, "seeds": len(part)}
-            for key in ("val_auc", "test_auc", "test_accuracy", "test_recall", "test_f1", "cc_val_auc", "cc_val_specificity"):
+            for key in (
+                "val_auc",
+                "test_auc",
+                "test_accuracy",
+                "test_recall",
+                "test_f1",
+                "cc_val_auc",
+                "cc_val_specificity",
+            ):
                 if key in part:
                     row |= {f"{key}_mean": part[key].mean(), f"{key}_sd": part[key].std(ddof=1)}
             seeds = [_predictions(root, study, study.run_name(lever, s), suffix) for s in study.seeds]
@@ -401,7 +466,17 @@ def lever_markdown(table: pd.DataFrame, study: LeverStudy, seeds: pd.DataFrame) 
         "CC-CCII (`classifier.sources`); its Δ intervals resample whole patients (its per-run CIs resample slices: too narrow).",
         "",
     ]
-    header = ["lever", "overrides", "val AUC", "Δ val AUC", "test AUC", "Δ test AUC", "test acc", "test recall", "test F1"]
+    header = [
+        "lever",
+        "overrides",
+        "val AUC",
+        "Δ val AUC",
+        "test AUC",
+        "Δ test AUC",
+        "test acc",
+        "test recall",
+        "test F1",
+    ]
     header += ["CC-CCII val AUC", "Δ CC-CCII val AUC", "CC-CCII val spec.", "threshold", "epoch", "min"]
     lines += [markdown_table(header, [_run_cells(row) for _, row in table.iterrows()])]
     if len(seeds):
@@ -440,7 +515,9 @@ def summarise(root: Path, study: LeverStudy, base: dict[str, Any]) -> Path:
     return out / f"{study.study}.md"
 
 
-def run_levers(root: Path, base: dict[str, Any], study: LeverStudy, only: list[str] | None, device: torch.device) -> Path:
+def run_levers(
+    root: Path, base: dict[str, Any], study: LeverStudy, only: list[str] | None, device: torch.device
+) -> Path:
     unknown = sorted(set(only or []) - set(study.levers))
     if unknown:
         raise ConfigError(f"--only: no lever named {unknown[0]!r} (levers: {', '.join(study.levers)})")

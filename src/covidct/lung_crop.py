@@ -34,7 +34,9 @@ class LungCrop:
         return resize_mask(self.mask[y0 : y1 + 1, x0 : x1 + 1], *self.mask.shape)
 
 
-def segment_and_crop(originals: Sequence[np.ndarray], model: torch.nn.Module, meta: dict, config: CropConfig, device: torch.device) -> list[LungCrop]:
+def segment_and_crop(
+    originals: Sequence[np.ndarray], model: torch.nn.Module, meta: dict, config: CropConfig, device: torch.device
+) -> list[LungCrop]:
     """uint8 grayscale images of any size -> their lung masks and crops, one segmenter batch."""
     inputs = np.stack([segmenter_input(image, meta["size"], meta["clahe_clip"]) for image in originals])
     dtype = segmenter_dtype(device, meta.get("precision", "auto"))
@@ -64,7 +66,9 @@ def crop_dataset(
     for start in tqdm(range(0, len(table), config.batch_size), desc=f"segment + crop {source}", unit="batch"):
         chunk = table.iloc[start : start + config.batch_size]
         originals = [read_grayscale(image_root / relpath) for relpath in chunk["relpath"]]
-        for row, image, result in zip(chunk.itertuples(), originals, segment_and_crop(originals, model, meta, config, device), strict=True):
+        for row, image, result in zip(
+            chunk.itertuples(), originals, segment_and_crop(originals, model, meta, config, device), strict=True
+        ):
             out = crop_relpath(row.relpath, source)
             write_png(out_dir / "images" / out, result.crop.image)
             write_png(out_dir / "masks" / out, result.mask.astype(np.uint8) * 255)
@@ -93,7 +97,11 @@ def crop_dataset(
 def crop_summary(boxes: pd.DataFrame) -> dict[str, float]:
     """Counts of whole-image fallbacks and the typical box, for metrics and the report."""
     cropped = boxes[boxes["fallback"] == ""]
-    area = (cropped["x_max"] - cropped["x_min"] + 1) * (cropped["y_max"] - cropped["y_min"] + 1) / (cropped["height"] * cropped["width"])
+    area = (
+        (cropped["x_max"] - cropped["x_min"] + 1)
+        * (cropped["y_max"] - cropped["y_min"] + 1)
+        / (cropped["height"] * cropped["width"])
+    )
     return {
         "n_images": len(boxes),
         "n_fallback_empty_mask": int((boxes["fallback"] == "empty_mask").sum()),

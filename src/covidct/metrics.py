@@ -97,7 +97,9 @@ def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
     return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
 
 
-def _resample_metrics(y_true: np.ndarray, y_score: np.ndarray, threshold: float, idx: np.ndarray) -> dict[str, np.ndarray]:
+def _resample_metrics(
+    y_true: np.ndarray, y_score: np.ndarray, threshold: float, idx: np.ndarray
+) -> dict[str, np.ndarray]:
     """Metrics of every resample ``y[idx[b]]`` at once, without a Python loop over resamples.
 
     Each resample is reduced to counts per (class, distinct score) bin; confusion counts and
@@ -230,13 +232,23 @@ def patient_metrics_with_ci(
             boot[name][b] = resampled[name]
     point = binary_metrics(t, s, threshold)
     return {
-        name: {"value": point[name], "ci_low": float(np.percentile(boot[name], 2.5)), "ci_high": float(np.percentile(boot[name], 97.5))}
+        name: {
+            "value": point[name],
+            "ci_low": float(np.percentile(boot[name], 2.5)),
+            "ci_high": float(np.percentile(boot[name], 97.5)),
+        }
         for name in METRIC_NAMES
     }
 
 
 def paired_auc_difference(
-    y_true: ArrayLike, score_a: ArrayLike, score_b: ArrayLike, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05, groups: ArrayLike | None = None
+    y_true: ArrayLike,
+    score_a: ArrayLike,
+    score_b: ArrayLike,
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+    groups: ArrayLike | None = None,
 ) -> dict[str, float]:
     """AUC(b) - AUC(a) on the same images, with a percentile CI from paired resamples.
 
@@ -257,7 +269,9 @@ def paired_auc_difference(
         idx = _stratified_resamples(t, n_boot, seed)
 
         def mean_auc(rows: np.ndarray) -> tuple[float, np.ndarray]:
-            return float(np.mean([roc_auc_score(t, r) for r in rows])), np.mean([_resample_metrics(t, r, 0.5, idx)["auc"] for r in rows], axis=0)
+            return float(np.mean([roc_auc_score(t, r) for r in rows])), np.mean(
+                [_resample_metrics(t, r, 0.5, idx)["auc"] for r in rows], axis=0
+            )
 
     else:  # whole patients resampled: clustered slices are not independent evidence
         resamples = list(_patient_resamples(t, groups, n_boot, seed))

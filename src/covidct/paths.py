@@ -13,7 +13,9 @@ SPLITS = Path("data/splits")
 COVID_CT_SPLIT = SPLITS / "covid_ct.csv"
 LUNG_SPLIT = SPLITS / "lung_seg.csv"
 CC_CCII_SPLIT = SPLITS / "cc_ccii.csv"
-CROPS = Path("data/crops")  # images/, masks/ (whole image) and lung/ (the crop's), one PNG per image; CC-CCII under cc-ccii/
+CROPS = Path(
+    "data/crops"
+)  # images/, masks/ (whole image) and lung/ (the crop's), one PNG per image; CC-CCII under cc-ccii/
 
 SEGMENTER = Path("models/segmenter/model.pt")
 PIPELINE = Path("models/pipeline")  # the registered MLflow model, saved locally

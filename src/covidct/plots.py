@@ -124,10 +124,14 @@ def plot_lever_forest(table: pd.DataFrame, path: str | os.PathLike[str], title: 
     y = np.arange(len(table))[::-1]
     for offset, split, color in ((0.15, "val", "grey"), (-0.15, "test", "blue")):
         value = table[f"{split}_auc"].to_numpy()
-        err = np.vstack([value - table[f"{split}_auc_ci_low"].to_numpy(), table[f"{split}_auc_ci_high"].to_numpy() - value])
+        err = np.vstack(
+            [value - table[f"{split}_auc_ci_low"].to_numpy(), table[f"{split}_auc_ci_high"].to_numpy() - value]
+        )
         ax.errorbar(value, y + offset, xerr=err, fmt="o", color=color, capsize=3, label=f"{split} AUC")
     if "baseline" in set(table["lever"]):
-        ax.axvline(float(table.loc[table["lever"] == "baseline", "test_auc"].iloc[0]), color="blue", linestyle=":", linewidth=1)
+        ax.axvline(
+            float(table.loc[table["lever"] == "baseline", "test_auc"].iloc[0]), color="blue", linestyle=":", linewidth=1
+        )
     ax.set_yticks(y, table["lever"])
     ax.set(xlabel="AUC (95 % bootstrap CI)", title=title)
     ax.legend(loc="lower right")

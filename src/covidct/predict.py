@@ -30,7 +30,9 @@ def collect_scans(paths: Iterable[Path]) -> list[Path]:
     for path in paths:
         if path.is_dir():
             dicom = set(find_dicom_files(path))
-            found += sorted(p for p in path.rglob("*") if p.is_file() and (p.suffix.lower() in SCAN_SUFFIXES or p in dicom))
+            found += sorted(
+                p for p in path.rglob("*") if p.is_file() and (p.suffix.lower() in SCAN_SUFFIXES or p in dicom)
+            )
         else:
             found.append(path)
     return found
@@ -88,13 +90,21 @@ def predict_files(pipeline: TwoStagePipeline, files: Sequence[Path], batch_size:
                 errors[i] = "file not found"
             except OSError as exc:
                 errors[i] = f"cannot read file ({exc.strerror or exc})"
-        scored = dict(zip(blobs, pipeline.predict_encoded([str(chunk[i]) for i in blobs], list(blobs.values())), strict=True))
-        out += [scored[i] if i in scored else ScanPrediction(str(path), error=errors[i]) for i, path in enumerate(chunk)]
+        scored = dict(
+            zip(blobs, pipeline.predict_encoded([str(chunk[i]) for i in blobs], list(blobs.values())), strict=True)
+        )
+        out += [
+            scored[i] if i in scored else ScanPrediction(str(path), error=errors[i]) for i, path in enumerate(chunk)
+        ]
     return out
 
 
 def write_predictions(
-    predictions: Sequence[ScanPrediction], out_csv: Path, studies: Sequence[str] | None = None, top_k: int = 0, study_threshold: float | None = None
+    predictions: Sequence[ScanPrediction],
+    out_csv: Path,
+    studies: Sequence[str] | None = None,
+    top_k: int = 0,
+    study_threshold: float | None = None,
 ) -> pd.DataFrame:
     """One row per scan in ``out_csv``; with studies, one row per study beside it (``<name>_studies.csv``)."""
     table = predictions_table(predictions, studies, top_k, study_threshold)

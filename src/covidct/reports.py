@@ -35,7 +35,12 @@ _TABLE1_ROWS: tuple[tuple[str, str], ...] = (
     ("f1", "F1"),
     ("auc", "AUC"),
 )
-_TABLE2_ROWS: tuple[tuple[str, str], ...] = (("accuracy", "Accuracy"), ("recall", "Recall"), ("f1", "F1"), ("auc", "AUC"))
+_TABLE2_ROWS: tuple[tuple[str, str], ...] = (
+    ("accuracy", "Accuracy"),
+    ("recall", "Recall"),
+    ("f1", "F1"),
+    ("auc", "AUC"),
+)
 _MISSING = "–"
 
 
@@ -191,7 +196,10 @@ def results_report(
         "## Confusion matrices",
     ]
     for variant in _ordered_variants(confusions):
-        parts += [f"### {variant_label(variant)} (threshold {thresholds[variant]:.4f})", confusion_markdown(confusions[variant])]
+        parts += [
+            f"### {variant_label(variant)} (threshold {thresholds[variant]:.4f})",
+            confusion_markdown(confusions[variant]),
+        ]
     parts.append("![Confusion matrices](figures/confusion.png)")
     if dice_summary is not None:
         parts += [

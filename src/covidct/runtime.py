@@ -35,8 +35,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-
-
 def native_cpu_bf16() -> bool:
     """bf16 in the CPU's hardware (AVX512-BF16 or AMX): only there does bf16 autocast pay off on
     a CPU; elsewhere it is emulated and slower than fp32."""
@@ -97,28 +95,44 @@ def _augmentation_nodes(pipeline: object) -> list[object]:
     return nodes
 
 
-def rng_state(device: torch.device, loader_generator: torch.Generator | None = None, augmentation: object | None = None) -> dict[str, Any]:
+def rng_state(
+    device: torch.device, loader_generator: torch.Generator | None = None, augmentation: object | None = None
+) -> dict[str, Any]:
     """Every random stream a training epoch draws from, as plain types and tensors, so it can be
     saved and read back with ``torch.load(weights_only=True)``: python, numpy (global), torch
     (CPU, and CUDA on a GPU), the data loader's shuffling generator and the augmentation pipeline."""
     name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
     return {
         "python": random.getstate(),
-        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
         "loader": loader_generator.get_state() if loader_generator is not None else None,
         "augmentation": [
-            {"numpy": node.random_generator.bit_generator.state, "python": node.py_random.getstate()} for node in _augmentation_nodes(augmentation)
+            {"numpy": node.random_generator.bit_generator.state, "python": node.py_random.getstate()}
+            for node in _augmentation_nodes(augmentation)
         ],
     }
 
 
-def restore_rng_state(state: dict[str, Any], device: torch.device, loader_generator: torch.Generator | None = None, augmentation: object | None = None) -> None:
+def restore_rng_state(
+    state: dict[str, Any],
+    device: torch.device,
+    loader_generator: torch.Generator | None = None,
+    augmentation: object | None = None,
+) -> None:
     """Put back what :func:`rng_state` captured, so the next epoch draws exactly what it would have."""
     random.setstate(_as_tuples(state["python"]))
     numpy = state["numpy"]
-    np.random.set_state((numpy["name"], numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"], numpy["cached"]))
+    np.random.set_state(
+        (numpy["name"], numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"], numpy["cached"])
+    )
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and state["cuda"]:
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -126,7 +140,9 @@ def restore_rng_state(state: dict[str, Any], device: torch.device, loader_genera
         loader_generator.set_state(state["loader"])
     nodes = _augmentation_nodes(augmentation)
     if len(nodes) != len(state["augmentation"]):
-        raise ValueError(f"augmentation pipeline has {len(nodes)} random transforms, the saved state {len(state['augmentation'])}")
+        raise ValueError(
+            f"augmentation pipeline has {len(nodes)} random transforms, the saved state {len(state['augmentation'])}"
+        )
     for node, saved in zip(nodes, state["augmentation"], strict=True):
         node.random_generator.bit_generator.state = saved["numpy"]
         node.py_random.setstate(_as_tuples(saved["python"]))

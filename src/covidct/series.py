@@ -64,7 +64,9 @@ def find_dicom_files(folder: str | os.PathLike[str]) -> list[Path]:
 def _position(ds: Any) -> float | None:
     """ImagePositionPatient projected on the normal of ImageOrientationPatient, if both are valid."""
     try:
-        origin, cosines = (np.array([float(v) for v in ds.get(k)]) for k in ("ImagePositionPatient", "ImageOrientationPatient"))
+        origin, cosines = (
+            np.array([float(v) for v in ds.get(k)]) for k in ("ImagePositionPatient", "ImageOrientationPatient")
+        )
     except (TypeError, ValueError):  # absent or not numbers
         return None
     if origin.shape != (3,) or cosines.shape != (6,):
@@ -88,9 +90,21 @@ def _read_header(path: Path) -> _Header | None:
             return None
         if ended:  # pydicom reads a cut-off header silently: an image must go on to Pixel Data
             raise ValueError("the file ends before its Pixel Data (truncated header)")
-        study, series, location, number = (ds.get(k) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SliceLocation", "InstanceNumber"))
-        keys = (_position(ds), float(location) if location not in (None, "") else None, int(number) if number not in (None, "") else None)
-        return _Header(path, str(study) if study else None, str(series) if series else None, str(ds.get("SeriesDescription") or ""), keys)
+        study, series, location, number = (
+            ds.get(k) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SliceLocation", "InstanceNumber")
+        )
+        keys = (
+            _position(ds),
+            float(location) if location not in (None, "") else None,
+            int(number) if number not in (None, "") else None,
+        )
+        return _Header(
+            path,
+            str(study) if study else None,
+            str(series) if series else None,
+            str(ds.get("SeriesDescription") or ""),
+            keys,
+        )
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types for a bad header
         raise ImageReadError(path, f"unreadable DICOM header ({type(exc).__name__}: {exc})") from exc
 
@@ -101,7 +115,9 @@ def _series(headers: list[_Header]) -> Series:
     ordered = sorted(headers, key=lambda h: (h.keys[by] if by < 3 else 0, h.path.name, str(h.path)))
     first = ordered[0]
     positions = [h.keys[0] if by == 0 else h.keys[1] for h in ordered]
-    return Series(first.study_uid, first.series_uid, first.description, [h.path for h in ordered], positions, ORDER_KEYS[by])
+    return Series(
+        first.study_uid, first.series_uid, first.description, [h.path for h in ordered], positions, ORDER_KEYS[by]
+    )
 
 
 def read_series(source: str | os.PathLike[str] | Iterable[str | os.PathLike[str]]) -> list[Series]:
@@ -119,7 +135,9 @@ def read_series(source: str | os.PathLike[str] | Iterable[str | os.PathLike[str]
         paths = [Path(source)] if isinstance(source, str | os.PathLike) else [Path(p) for p in source]
         for p in paths:
             if not _sniff_dicom(p):
-                raise ImageReadError(p, "not a DICOM file (no DICM marker at byte 128)" if p.is_file() else "file not found")
+                raise ImageReadError(
+                    p, "not a DICOM file (no DICM marker at byte 128)" if p.is_file() else "file not found"
+                )
     groups: dict[object, list[_Header]] = {}
     for header in filter(None, map(_read_header, paths)):
         key = (header.study_uid, header.series_uid) if header.series_uid else header.path

@@ -82,7 +82,11 @@ def source_figures(scored: pd.DataFrame, name: str, threshold: float, n_boot: in
     if name == CC_CCII:
         for contrast, (positive, negative) in CC_CCII_CONTRASTS.items():
             part = kept[kept["cc_ccii_class"].isin((positive, negative))]
-            out |= {f"{contrast}.{k}": v for k, v in _figures(part, threshold, n_boot, seed).items() if k.split("_ci")[0] in ("auc", "specificity")}
+            out |= {
+                f"{contrast}.{k}": v
+                for k, v in _figures(part, threshold, n_boot, seed).items()
+                if k.split("_ci")[0] in ("auc", "specificity")
+            }
     if name == LUNG_SEG:
         out |= {f"recall.{p}": float(np.mean(part["probability"] >= threshold)) for p, part in kept.groupby("patient")}
     return out
@@ -95,7 +99,15 @@ def study_scores(scored: pd.DataFrame, top_k: int) -> pd.DataFrame:
     rows = []
     for study, part in kept.groupby("study", sort=True):
         probability = top_k_mean(part["probability"].tolist(), top_k)
-        rows.append({"study": study, "patient": part["patient"].iat[0], "label": int(part["label"].max()), "probability": probability, "slices": len(part)})
+        rows.append(
+            {
+                "study": study,
+                "patient": part["patient"].iat[0],
+                "label": int(part["label"].max()),
+                "probability": probability,
+                "slices": len(part),
+            }
+        )
     return pd.DataFrame(rows)
 
 

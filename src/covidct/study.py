@@ -15,7 +15,9 @@ def top_k_mean(probabilities: Sequence[float | None], top_k: int) -> float | Non
     return float(scores[: top_k or None].mean()) if scores.size else None
 
 
-def study_probabilities(studies: Sequence[str], probabilities: Sequence[float | None], top_k: int) -> dict[str, float | None]:
+def study_probabilities(
+    studies: Sequence[str], probabilities: Sequence[float | None], top_k: int
+) -> dict[str, float | None]:
     """Study id -> its score; an empty id is no study."""
     members: dict[str, list[float | None]] = {}
     for study, probability in zip(studies, probabilities, strict=True):

@@ -37,8 +37,16 @@ def tracking_uri(root: Path | None = None) -> str:
 
 def git_commit(root: Path) -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=10).stdout
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return out.stdout.strip() + ("-dirty" if dirty.strip() else "")
@@ -92,7 +100,9 @@ def _experiment_id(client: MlflowClient, name: str, root: Path) -> str:
             client.set_experiment_tag(experiment.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
         return experiment.experiment_id
     try:
-        return client.create_experiment(name, artifact_location=(root / "mlruns" / "artifacts").as_uri(), tags=EXPERIMENT_KIND)
+        return client.create_experiment(
+            name, artifact_location=(root / "mlruns" / "artifacts").as_uri(), tags=EXPERIMENT_KIND
+        )
     except MlflowException:  # another worker created it a moment ago
         experiment = client.get_experiment_by_name(name)
         if experiment is None:
@@ -100,7 +110,9 @@ def _experiment_id(client: MlflowClient, name: str, root: Path) -> str:
         return experiment.experiment_id
 
 
-def _parent_run(client: MlflowClient, experiment_id: str, key: Mapping[str, str], name: str, tags: Mapping[str, str]) -> str:
+def _parent_run(
+    client: MlflowClient, experiment_id: str, key: Mapping[str, str], name: str, tags: Mapping[str, str]
+) -> str:
     """The run whose tags match ``key`` (created, already finished, if there is none): its
     children are the stages of one pipeline execution or the trials of one study.
 
@@ -110,7 +122,9 @@ def _parent_run(client: MlflowClient, experiment_id: str, key: Mapping[str, str]
     query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in key.items())
 
     def oldest() -> str | None:
-        found = client.search_runs([experiment_id], filter_string=query, order_by=["attributes.start_time ASC"], max_results=1)
+        found = client.search_runs(
+            [experiment_id], filter_string=query, order_by=["attributes.start_time ASC"], max_results=1
+        )
         return found[0].info.run_id if found else None
 
     existing = oldest()
@@ -125,7 +139,9 @@ def _parent_run(client: MlflowClient, experiment_id: str, key: Mapping[str, str]
 
 
 @contextlib.contextmanager
-def child_run(parent_key: Mapping[str, str], parent_name: str, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> Iterator[mlflow.ActiveRun]:
+def child_run(
+    parent_key: Mapping[str, str], parent_name: str, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str]
+) -> Iterator[mlflow.ActiveRun]:
     """An MLflow run nested under the parent identified by ``parent_key`` (see ``_parent_run``)."""
     root = repo_root()
     mlflow.set_tracking_uri(tracking_uri(root))
@@ -133,7 +149,12 @@ def child_run(parent_key: Mapping[str, str], parent_name: str, run_name: str, pa
     experiment_id = _experiment_id(client, os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT), root)
     commit = git_commit(root)
     parent = _parent_run(client, experiment_id, parent_key, parent_name, {"covidct.git_commit": commit})
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, parent_run_id=parent, tags={**tags, "covidct.git_commit": commit}) as run:
+    with mlflow.start_run(
+        experiment_id=experiment_id,
+        run_name=run_name,
+        parent_run_id=parent,
+        tags={**tags, "covidct.git_commit": commit},
+    ) as run:
         mlflow.log_params(flatten(params))
         yield run
 
@@ -143,7 +164,9 @@ def stage_run(stage: str, params: Mapping[str, Any]) -> Iterator[mlflow.ActiveRu
     """An MLflow run for one DVC stage, nested under the run of its pipeline execution."""
     group = pipeline_group_id()
     commit = git_commit(repo_root())[:7]
-    name = f"pipeline {time.strftime('%Y-%m-%d %H:%M')} {commit}" + (f" {os.environ['DVC_EXP_NAME']}" if os.environ.get("DVC_EXP_NAME") else "")
+    name = f"pipeline {time.strftime('%Y-%m-%d %H:%M')} {commit}" + (
+        f" {os.environ['DVC_EXP_NAME']}" if os.environ.get("DVC_EXP_NAME") else ""
+    )
     tags = {GROUP_TAG: group, "covidct.role": "stage", "covidct.stage": os.environ.get("DVC_STAGE", stage)}
     with child_run({GROUP_TAG: group, "covidct.role": "pipeline"}, name, stage, params, tags) as run:
         yield run

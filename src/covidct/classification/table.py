@@ -39,12 +39,16 @@ def classifier_table(root: Path, config: ClassifierConfig) -> pd.DataFrame:
     covid = pd.read_csv(root / COVID_CT_SPLIT)
     covid = covid.assign(source=COVID_CT, patient=covid["relpath"])  # the official split lists images, not patients
     cc = pd.read_csv(root / CC_CCII_SPLIT).query("split != 'test'")
-    cc = evenly_spaced(cc, config.cc_ccii_per_scan).assign(source=CC_CCII, patient=lambda t: t["patient_group"].astype(str))
+    cc = evenly_spaced(cc, config.cc_ccii_per_scan).assign(
+        source=CC_CCII, patient=lambda t: t["patient_group"].astype(str)
+    )
     table = pd.concat([covid, cc], ignore_index=True)
     return table.assign(trained=table["source"].isin(config.sources))[COLUMNS]
 
 
-def load_classifier_inputs(root: Path, table: pd.DataFrame, variant: str, config: ClassifierConfig, progress: str | None = "decode") -> np.ndarray:
+def load_classifier_inputs(
+    root: Path, table: pd.DataFrame, variant: str, config: ClassifierConfig, progress: str | None = "decode"
+) -> np.ndarray:
     """Every row's classifier input, in table order. The raw variant is the paper's "without
     segmentation": no lung mask reaches it, so ``lung_mask`` and ``standardise`` apply to crops only."""
     views = variant == "cropped" and (config.lung_mask or config.standardise)
@@ -54,7 +58,19 @@ def load_classifier_inputs(root: Path, table: pd.DataFrame, variant: str, config
         if relpaths.empty:
             continue
         masks = lung_masks(root, relpaths, source) if views else None
-        parts.append((relpaths.index, load_views(classifier_inputs(root, relpaths, variant, source), masks, config.image_size, config.lung_mask and views, config.standardise and views, progress)))
+        parts.append(
+            (
+                relpaths.index,
+                load_views(
+                    classifier_inputs(root, relpaths, variant, source),
+                    masks,
+                    config.image_size,
+                    config.lung_mask and views,
+                    config.standardise and views,
+                    progress,
+                ),
+            )
+        )
     images = np.empty((len(table), config.image_size, config.image_size), dtype=np.uint8)
     for index, block in parts:
         images[table.index.get_indexer(index)] = block

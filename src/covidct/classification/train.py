@@ -74,7 +74,9 @@ def classifier_epoch(
     dtype: torch.dtype | None | str = "auto",
 ) -> tuple[float, int]:
     """One BCE epoch over uint8 batches; the trainer and the throughput benchmark both run it."""
-    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=None if pos_weight is None else torch.tensor(pos_weight, device=device))
+    loss_fn = torch.nn.BCEWithLogitsLoss(
+        pos_weight=None if pos_weight is None else torch.tensor(pos_weight, device=device)
+    )
     return train_one_epoch(
         model,
         loader,
@@ -108,7 +110,9 @@ def balanced_sampler(groups: np.ndarray, labels: np.ndarray, seed: int) -> Weigh
         return None
     cells = pd.Series(list(zip(groups, labels, strict=True)))
     weights = 1.0 / cells.map(cells.value_counts()).to_numpy(dtype=float)
-    return WeightedRandomSampler(torch.from_numpy(weights), len(weights), replacement=True, generator=torch.Generator().manual_seed(seed))
+    return WeightedRandomSampler(
+        torch.from_numpy(weights), len(weights), replacement=True, generator=torch.Generator().manual_seed(seed)
+    )
 
 
 def _selection_score(metrics: dict[str, float], val_loss: float, name: str) -> float:
@@ -153,13 +157,29 @@ def train_classifier(
     if resume_dir is not None:
         settings = {"trainer": "classifier", "config": dataclasses.asdict(config), "meta": meta, "device": device.type}
         fingerprint = run_fingerprint(settings, (*train, *val), TRAINING_CODE)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, config.epochs * len(loader)) if config.schedule == "cosine" else None
+    schedule = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, config.epochs * len(loader))
+        if config.schedule == "cosine"
+        else None
+    )
     pos_weight = positive_weight(train[1], config.class_weight)
     # A running average of the weights smooths the epoch-to-epoch swings that a 118-image
     # validation split would otherwise pick a checkpoint from; it is what gets scored and kept.
     ema = ModelEmaV3(model, decay=config.ema_decay) if config.ema_decay > 0 else None
     dtype = autocast_dtype(device, config.precision)
-    run = TrainingRun(model, optimiser, grad_scaler(device, dtype), loader, device, checkpoint, -np.inf, on_epoch, schedule, resume_dir, fingerprint)
+    run = TrainingRun(
+        model,
+        optimiser,
+        grad_scaler(device, dtype),
+        loader,
+        device,
+        checkpoint,
+        -np.inf,
+        on_epoch,
+        schedule,
+        resume_dir,
+        fingerprint,
+    )
     run.averaged = ema.module if ema is not None else None
     after_step = (lambda: ema.update(model)) if ema is not None else None
     # absent means no TTA, so checkpoints written before the option read the same
@@ -167,18 +187,44 @@ def train_classifier(
     for epoch in range(run.start(), config.epochs + 1):
         started = time.perf_counter()
         train_loss, seen = classifier_epoch(
-            model, loader, optimiser, run.scaler, device, (mean, std), f"classifier epoch {epoch}/{config.epochs}", schedule, pos_weight, after_step, dtype
+            model,
+            loader,
+            optimiser,
+            run.scaler,
+            device,
+            (mean, std),
+            f"classifier epoch {epoch}/{config.epochs}",
+            schedule,
+            pos_weight,
+            after_step,
+            dtype,
         )
         train_seconds = time.perf_counter() - started
         val_scores = predict_scores(run.scored, val[0], device, mean, std, config.batch_size * 2, dtype=dtype)
         val_loss = float(
-            torch.nn.functional.binary_cross_entropy(torch.from_numpy(val_scores).double().clamp(1e-7, 1 - 1e-7), torch.from_numpy(val[1]).double())
+            torch.nn.functional.binary_cross_entropy(
+                torch.from_numpy(val_scores).double().clamp(1e-7, 1 - 1e-7), torch.from_numpy(val[1]).double()
+            )
         )
         val_metrics = binary_metrics(val[1], val_scores)
         score = _selection_score(val_metrics, val_loss, config.select_metric)
-        run.offer(score, meta | scoring | {"epoch": epoch, f"val_{config.select_metric}": score, "mean": list(mean), "std": list(std)})
-        row = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, **{f"val_{k}": v for k, v in val_metrics.items()}}
-        row |= {"best_val_score": run.best, "train_images_per_s": seen / train_seconds, "epoch_seconds": time.perf_counter() - started}
+        run.offer(
+            score,
+            meta
+            | scoring
+            | {"epoch": epoch, f"val_{config.select_metric}": score, "mean": list(mean), "std": list(std)},
+        )
+        row = {
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "val_loss": val_loss,
+            **{f"val_{k}": v for k, v in val_metrics.items()},
+        }
+        row |= {
+            "best_val_score": run.best,
+            "train_images_per_s": seen / train_seconds,
+            "epoch_seconds": time.perf_counter() - started,
+        }
         run.end_epoch(row)
         tqdm.write(
             f"classifier epoch {epoch}: loss {row['train_loss']:.4f}, val loss {val_loss:.4f}, val AUC {val_metrics['auc']:.3f}, val acc {val_metrics['accuracy']:.3f} ({row['train_images_per_s']:.1f} img/s)"
@@ -219,7 +265,16 @@ def fit_and_predict(
     model, chosen = load_classifier(checkpoint, device)
     keep = part["val"] | part["test"]
     dtype = autocast_dtype(device, chosen.get("precision", "auto"))
-    scores = predict_scores(model, images[keep], device, chosen["mean"], chosen["std"], progress="score val + test", tta=chosen.get("tta", False), dtype=dtype)
+    scores = predict_scores(
+        model,
+        images[keep],
+        device,
+        chosen["mean"],
+        chosen["std"],
+        progress="score val + test",
+        tta=chosen.get("tta", False),
+        dtype=dtype,
+    )
     columns = [c for c in ("source", "relpath", "split", "label", "patient", "trained") if c in table]
     predictions = table[keep].assign(score=scores)[[*columns, "score"]]
     return history, predictions, chosen

@@ -44,7 +44,9 @@ ARTIFACTS = ("segmenter", "classifier", "settings")
 CLASSIFIER_BATCH = 32  # as the train_classifier stage scores val and test, so scores match it bit for bit
 
 SIGNATURE = ModelSignature(
-    inputs=Schema([ColSpec("binary", IMAGE), ColSpec("string", NAME, required=False), ColSpec("string", STUDY, required=False)]),
+    inputs=Schema(
+        [ColSpec("binary", IMAGE), ColSpec("string", NAME, required=False), ColSpec("string", STUDY, required=False)]
+    ),
     outputs=Schema(
         [
             ColSpec("double", "probability"),
@@ -89,14 +91,21 @@ class ScanPrediction:
 
 
 def predictions_table(
-    predictions: Sequence[ScanPrediction], studies: Sequence[str] | None = None, top_k: int = 0, study_threshold: float | None = None
+    predictions: Sequence[ScanPrediction],
+    studies: Sequence[str] | None = None,
+    top_k: int = 0,
+    study_threshold: float | None = None,
 ) -> pd.DataFrame:
     """One row per scan; ``studies`` (an id per scan, empty for none) adds each study's verdict
     (:mod:`covidct.study`; labelled at ``study_threshold``, else at the slice threshold) to its
     scans' rows. Object columns keep ``None`` for failed scans, so the JSON answer says null, not NaN."""
     studies = list(studies) if studies is not None else [""] * len(predictions)
     verdicts = study_probabilities(studies, [p.probability for p in predictions], top_k)
-    threshold = study_threshold if study_threshold is not None else next((p.threshold for p in predictions if p.threshold is not None), None)
+    threshold = (
+        study_threshold
+        if study_threshold is not None
+        else next((p.threshold for p in predictions if p.threshold is not None), None)
+    )
     rows = []
     for prediction, study in zip(predictions, studies, strict=True):
         score = verdicts.get(study)
@@ -123,20 +132,40 @@ class TwoStagePipeline:
         self.device = device or select_device()
         self.segmenter, self.segmenter_meta = load_segmenter(segmenter_path, self.device)
         self.classifier, self.classifier_meta = load_classifier(classifier_path, self.device)
-        self.crop, self.threshold, self.gate, self.study_top_k, self.study_threshold = crop, threshold, gate, study_top_k, study_threshold
+        self.crop, self.threshold, self.gate, self.study_top_k, self.study_threshold = (
+            crop,
+            threshold,
+            gate,
+            study_top_k,
+            study_threshold,
+        )
 
     @classmethod
     def from_artifacts(cls, artifacts: dict[str, str], device: torch.device | None = None) -> TwoStagePipeline:
         settings = json.loads(Path(artifacts["settings"]).read_text())
-        gate = GateConfig(**settings["gate"]) if "gate" in settings else None  # versions registered before the gate have none
+        gate = (
+            GateConfig(**settings["gate"]) if "gate" in settings else None
+        )  # versions registered before the gate have none
         paths = Path(artifacts["segmenter"]), Path(artifacts["classifier"])
         study_threshold = settings.get("study_threshold")  # absent in versions registered before it was chosen
-        return cls(*paths, CropConfig(**settings["crop"]), float(settings["threshold"]), gate, device, int(settings.get("study_top_k", 0)), study_threshold)
+        return cls(
+            *paths,
+            CropConfig(**settings["crop"]),
+            float(settings["threshold"]),
+            gate,
+            device,
+            int(settings.get("study_top_k", 0)),
+            study_threshold,
+        )
 
     def predict_arrays(self, names: Sequence[str], images: Sequence[np.ndarray]) -> list[ScanPrediction]:
         """uint8 grayscale scans -> predictions; segmented in batches of ``crop.batch_size``;
         what the gate refuses gets its reason and no score."""
-        refused = {i: ScanPrediction(names[i], error=why) for i, image in enumerate(images) if self.gate and (why := image_problem(image, self.gate))}
+        refused = {
+            i: ScanPrediction(names[i], error=why)
+            for i, image in enumerate(images)
+            if self.gate and (why := image_problem(image, self.gate))
+        }
         kept = [i for i in range(len(images)) if i not in refused]
         crops = []
         for start in range(0, len(kept), self.crop.batch_size):
@@ -145,7 +174,9 @@ class TwoStagePipeline:
         if self.gate:
             for i, c in zip(list(kept), list(crops), strict=True):
                 if why := lung_problem(lung_evidence(c.mask, images[i]), self.gate):
-                    refused[i] = ScanPrediction(names[i], lung_fraction=float(c.crop.lung_fraction), error=why, mask=c.mask)
+                    refused[i] = ScanPrediction(
+                        names[i], lung_fraction=float(c.crop.lung_fraction), error=why, mask=c.mask
+                    )
             crops = [c for i, c in zip(kept, crops, strict=True) if i not in refused]
             kept = [i for i in kept if i not in refused]
         scored = self._classify([names[i] for i in kept], crops)
@@ -154,8 +185,15 @@ class TwoStagePipeline:
 
     def _classify(self, names: Sequence[str], crops: Sequence) -> list[ScanPrediction]:
         size, meta = self.classifier_meta["image_size"], self.classifier_meta
-        views = meta.get("lung_mask", False), meta.get("standardise", False)  # absent in checkpoints from before the options
-        inputs = np.stack([classifier_view(c.crop.image, c.lung if any(views) else None, size, *views) for c in crops]) if crops else np.empty((0, size, size), np.uint8)
+        views = (
+            meta.get("lung_mask", False),
+            meta.get("standardise", False),
+        )  # absent in checkpoints from before the options
+        inputs = (
+            np.stack([classifier_view(c.crop.image, c.lung if any(views) else None, size, *views) for c in crops])
+            if crops
+            else np.empty((0, size, size), np.uint8)
+        )
         scores = (
             predict_scores(
                 self.classifier,
@@ -191,7 +229,9 @@ class TwoStagePipeline:
                 decoded[i] = decode_grayscale(bytes(blob), name)
             except ImageReadError as exc:
                 failed[i] = ScanPrediction(name, error=exc.reason)
-        scored = dict(zip(decoded, self.predict_arrays([names[i] for i in decoded], list(decoded.values())), strict=True))
+        scored = dict(
+            zip(decoded, self.predict_arrays([names[i] for i in decoded], list(decoded.values())), strict=True)
+        )
         return [scored.get(i) or failed[i] for i in range(len(names))]
 
 
@@ -203,15 +243,32 @@ class PipelineModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         self.pipeline = TwoStagePipeline.from_artifacts(context.artifacts)
 
-    def predict(self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+    def predict(
+        self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
         frame = pd.DataFrame(model_input)
         if IMAGE not in frame:
-            raise ValueError(f"input needs an {IMAGE!r} column of encoded scans (base64 in JSON); got columns {list(frame.columns)}")
+            raise ValueError(
+                f"input needs an {IMAGE!r} column of encoded scans (base64 in JSON); got columns {list(frame.columns)}"
+            )
         names = [str(n) for n in frame[NAME]] if NAME in frame else [f"row {i}" for i in range(len(frame))]
         studies = [str(s) if isinstance(s, str) else "" for s in frame[STUDY]] if STUDY in frame else None
-        return predictions_table(self.pipeline.predict_encoded(names, list(frame[IMAGE])), studies, self.pipeline.study_top_k, self.pipeline.study_threshold)
+        return predictions_table(
+            self.pipeline.predict_encoded(names, list(frame[IMAGE])),
+            studies,
+            self.pipeline.study_top_k,
+            self.pipeline.study_threshold,
+        )
 
 
-def settings(crop: CropConfig, threshold: float, gate: GateConfig, study_top_k: int = 0, study_threshold: float | None = None) -> dict[str, Any]:
+def settings(
+    crop: CropConfig, threshold: float, gate: GateConfig, study_top_k: int = 0, study_threshold: float | None = None
+) -> dict[str, Any]:
     """What the pipeline needs besides the two weight files (the preprocessing is in their meta)."""
-    return {"crop": asdict(crop), "threshold": threshold, "gate": asdict(gate), "study_top_k": study_top_k, "study_threshold": study_threshold}
+    return {
+        "crop": asdict(crop),
+        "threshold": threshold,
+        "gate": asdict(gate),
+        "study_top_k": study_top_k,
+        "study_threshold": study_threshold,
+    }

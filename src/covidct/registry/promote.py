@@ -30,7 +30,9 @@ def val_metric(version: ModelVersion, metric: str) -> float:
     try:
         return float(version.tags[f"val.{metric}"])
     except (KeyError, ValueError) as exc:
-        raise PromotionError(f"model version {version.version} has no validation {metric} tag (val.{metric}); was it registered by `dvc repro`?") from exc
+        raise PromotionError(
+            f"model version {version.version} has no validation {metric} tag (val.{metric}); was it registered by `dvc repro`?"
+        ) from exc
 
 
 def heldout_shortfall(version: ModelVersion, floor: float) -> str | None:
@@ -38,8 +40,14 @@ def heldout_shortfall(version: ModelVersion, floor: float) -> str | None:
     never trained on, from the evaluate_sources stage's tags), or None when it holds."""
     if floor <= 0:
         return None
-    held_out = [k[len("source.") : -len(".held_out")] for k, v in version.tags.items() if k.startswith("source.") and k.endswith(".held_out") and v == "1"]
-    aucs = {name: float(version.tags[f"source.{name}.auc"]) for name in held_out if f"source.{name}.auc" in version.tags}
+    held_out = [
+        k[len("source.") : -len(".held_out")]
+        for k, v in version.tags.items()
+        if k.startswith("source.") and k.endswith(".held_out") and v == "1"
+    ]
+    aucs = {
+        name: float(version.tags[f"source.{name}.auc"]) for name in held_out if f"source.{name}.auc" in version.tags
+    }
     if not aucs:
         return f"version {version.version} has no source-held-out AUC (source.<name>.auc tags from the evaluate_sources stage)"
     name, auc = min(aucs.items(), key=lambda item: item[1])
@@ -53,13 +61,25 @@ def current_champion(client: MlflowClient, name: str, alias: str) -> ModelVersio
         return None
 
 
-def pick_candidate(client: MlflowClient, name: str, metric: str, min_val_recall: float, variant: str | None) -> ModelVersion:
+def pick_candidate(
+    client: MlflowClient, name: str, metric: str, min_val_recall: float, variant: str | None
+) -> ModelVersion:
     """The best version on the validation metric among those clearing the recall floor
     (newest on a tie); when none clears it, the best one anyway, to be refused with a reason."""
-    versions = [v for v in client.search_model_versions(f"name = '{name}'") if variant is None or v.tags.get(VARIANT_TAG) == variant]
+    versions = [
+        v
+        for v in client.search_model_versions(f"name = '{name}'")
+        if variant is None or v.tags.get(VARIANT_TAG) == variant
+    ]
     if not versions:
-        raise PromotionError(f"no version of registered model {name!r}" + (f" with variant {variant!r}" if variant else "") + " (run `dvc repro` first)")
-    return max(versions, key=lambda v: (val_metric(v, "recall") >= min_val_recall, val_metric(v, metric), int(v.version)))
+        raise PromotionError(
+            f"no version of registered model {name!r}"
+            + (f" with variant {variant!r}" if variant else "")
+            + " (run `dvc repro` first)"
+        )
+    return max(
+        versions, key=lambda v: (val_metric(v, "recall") >= min_val_recall, val_metric(v, metric), int(v.version))
+    )
 
 
 def promote_if_better(
@@ -81,9 +101,15 @@ def promote_if_better(
     With ``variant``, a champion of another variant does not count: the alias then holds the
     best pipeline of that variant (e.g. "the best B4 pipeline").
     """
-    candidate = client.get_model_version(name, version) if version else pick_candidate(client, name, metric, min_val_recall, variant)
+    candidate = (
+        client.get_model_version(name, version)
+        if version
+        else pick_candidate(client, name, metric, min_val_recall, variant)
+    )
     if variant is not None and candidate.tags.get(VARIANT_TAG) != variant:
-        raise PromotionError(f"model version {candidate.version} is {candidate.tags.get(VARIANT_TAG)!r}, not {variant!r}")
+        raise PromotionError(
+            f"model version {candidate.version} is {candidate.tags.get(VARIANT_TAG)!r}, not {variant!r}"
+        )
     champion = current_champion(client, name, alias)
     number, held = str(candidate.version), str(champion.version) if champion is not None else None
     score, recall = val_metric(candidate, metric), val_metric(candidate, "recall")
@@ -96,7 +122,10 @@ def promote_if_better(
     elif champion is None:
         promoted, reason = True, f"no version held @{alias}; validation {metric} {score:.4f}, recall {recall:.4f}"
     elif variant is not None and champion.tags.get(VARIANT_TAG) != variant:
-        promoted, reason = True, f"@{alias} was version {champion.version} ({champion.tags.get(VARIANT_TAG)}), not {variant}; validation {metric} {score:.4f}"
+        promoted, reason = (
+            True,
+            f"@{alias} was version {champion.version} ({champion.tags.get(VARIANT_TAG)}), not {variant}; validation {metric} {score:.4f}",
+        )
     else:
         incumbent = val_metric(champion, metric)
         promoted = score > incumbent

@@ -61,11 +61,17 @@ def dataset_hashes(root: Path) -> dict[str, str]:
     return {Path(dep["path"]).name: dep["md5"] for dep in stage.get("deps", []) if dep.get("md5", "").endswith(".dir")}
 
 
-def version_tags(root: Path, params: Mapping[str, Any], metrics: Mapping[str, Any], variant: str, sources: Mapping[str, Any]) -> dict[str, str]:
+def version_tags(
+    root: Path, params: Mapping[str, Any], metrics: Mapping[str, Any], variant: str, sources: Mapping[str, Any]
+) -> dict[str, str]:
     """Flat string tags: MLflow's registry UI shows and searches them. ``sources``: the
     evaluate_sources stage's figures per source (``source.<name>.held_out`` is 1 for a source
     the classifier never trained on)."""
-    tags = {VARIANT_TAG: variant, "covidct.git_commit": git_commit(root), "covidct.threshold": f"{metrics['threshold']:.6g}"}
+    tags = {
+        VARIANT_TAG: variant,
+        "covidct.git_commit": git_commit(root),
+        "covidct.threshold": f"{metrics['threshold']:.6g}",
+    }
     tags |= {f"data.{name}.md5": md5 for name, md5 in dataset_hashes(root).items()}
     tags |= {f"val.{k}": f"{v:.6g}" for k, v in metrics["val"].items()}
     tags |= {f"test.{k}": f"{v:.6g}" for k, v in metrics["test"].items()}
@@ -136,9 +142,13 @@ def build_and_register(
     stage's entry for the cropped variant (threshold, val and test metrics), ``sources`` the
     evaluate_sources stage's figures."""
     with tempfile.TemporaryDirectory() as workdir:
-        studies = (sources or {}).get("cc-ccii.studies", {})  # aggregation and threshold chosen on CC-CCII's validation scans
+        studies = (sources or {}).get(
+            "cc-ccii.studies", {}
+        )  # aggregation and threshold chosen on CC-CCII's validation scans
         top_k, study_threshold = int(studies.get("top_k", 0)), studies.get("threshold")
-        kwargs = model_kwargs(*files, crop, float(metrics["threshold"]), gate, example, Path(workdir), top_k, study_threshold)
+        kwargs = model_kwargs(
+            *files, crop, float(metrics["threshold"]), gate, example, Path(workdir), top_k, study_threshold
+        )
         save_pipeline(out, kwargs)
         variant = str(params["classifier"]["model"])
         return register_pipeline(model_name, kwargs, version_tags(root, params, metrics, variant, sources or {}))

@@ -26,15 +26,22 @@ def score_split(model_uri: str, root: Path, split: str) -> pd.DataFrame:
     predictions = predict_files(load_pipeline(model_uri), [root / RAW / p for p in table["relpath"]])
     failed = [p for p in predictions if p.error]
     if failed:
-        raise ValueError(f"{len(failed)} scans of the {split} split could not be scored, e.g. {failed[0].name}: {failed[0].error}")
+        raise ValueError(
+            f"{len(failed)} scans of the {split} split could not be scored, e.g. {failed[0].name}: {failed[0].error}"
+        )
     return table.assign(probability=[p.probability for p in predictions], threshold=[p.threshold for p in predictions])
 
 
 def compare_with_evaluate(scored: pd.DataFrame, root: Path, split: str) -> pd.DataFrame:
     """One row per metric: the model's value, the report's, and their difference."""
     reported = json.loads((root / METRICS).read_text())["cropped"][split]
-    mine = binary_metrics(scored["label"].to_numpy(), scored["probability"].to_numpy(dtype=float), float(scored["threshold"].iloc[0]))
-    rows = [{"metric": m, "registered_model": mine[m], "evaluate_stage": reported[m], "difference": mine[m] - reported[m]} for m in COMPARED]
+    mine = binary_metrics(
+        scored["label"].to_numpy(), scored["probability"].to_numpy(dtype=float), float(scored["threshold"].iloc[0])
+    )
+    rows = [
+        {"metric": m, "registered_model": mine[m], "evaluate_stage": reported[m], "difference": mine[m] - reported[m]}
+        for m in COMPARED
+    ]
     return pd.DataFrame(rows)
 
 
@@ -43,7 +50,9 @@ def max_score_difference(scored: pd.DataFrame, root: Path) -> float:
     stage = pd.read_csv(root / classifier_dir("cropped") / "predictions.csv")
     merged = scored.merge(stage[["relpath", "score"]], on="relpath", validate="one_to_one")
     if len(merged) != len(scored):
-        raise ValueError(f"{len(scored) - len(merged)} scans are missing from models/classifier_cropped/predictions.csv")
+        raise ValueError(
+            f"{len(scored) - len(merged)} scans are missing from models/classifier_cropped/predictions.csv"
+        )
     return float((merged["probability"].astype(float) - merged["score"]).abs().max())
 
 
@@ -54,6 +63,9 @@ def external_recall(model_uri: str, root: Path) -> pd.DataFrame:
     table = pd.read_csv(root / LUNG_SPLIT).query("split == 'test'").reset_index(drop=True)
     predictions = predict_files(load_pipeline(model_uri), [root / LUNG_ROOT / p for p in table["image"]])
     table = table.assign(covid=[p.probability is not None and p.probability >= p.threshold for p in predictions])
-    rows = [{"patient": patient, "slices": len(part), "recall": float(part["covid"].mean())} for patient, part in table.groupby("patient_id")]
+    rows = [
+        {"patient": patient, "slices": len(part), "recall": float(part["covid"].mean())}
+        for patient, part in table.groupby("patient_id")
+    ]
     rows.append({"patient": "all", "slices": len(table), "recall": float(table["covid"].mean())})
     return pd.DataFrame(rows)

@@ -34,7 +34,9 @@ def load_lung_split(root: Path, split: str, pre: PreprocessConfig) -> tuple[pd.D
         images[i] = segmenter_input(read_grayscale(root / LUNG_ROOT / row.image), pre.size, pre.clahe_clip)
         mask = read_mask(root / LUNG_ROOT / row.mask, LUNG_MASK_SHAPE)
         if not mask.any():
-            raise DatasetError(f"{root / LUNG_ROOT / row.mask}: lung mask is empty (no pixel is 255); every lung-set mask has lung, so this file is damaged")
+            raise DatasetError(
+                f"{root / LUNG_ROOT / row.mask}: lung mask is empty (no pixel is 255); every lung-set mask has lung, so this file is damaged"
+            )
         if mask.shape != (pre.size, pre.size):
             mask = cv2.resize(mask.astype(np.uint8), (pre.size, pre.size), interpolation=cv2.INTER_NEAREST).astype(bool)
         masks[i] = mask

@@ -41,7 +41,15 @@ def segmentation_augmentation(seed: int) -> A.Compose:
     zoom and shift, flips (the lung set's orientation is not harmonised), contrast, blur, JPEG."""
     return A.Compose(
         [
-            A.Affine(scale=(0.8, 1.15), translate_percent=(-0.08, 0.08), rotate=(-12, 12), border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=0.8),
+            A.Affine(
+                scale=(0.8, 1.15),
+                translate_percent=(-0.08, 0.08),
+                rotate=(-12, 12),
+                border_mode=cv2.BORDER_CONSTANT,
+                fill=0,
+                fill_mask=0,
+                p=0.8,
+            ),
             A.HorizontalFlip(p=0.5),
             A.VerticalFlip(p=0.2),
             A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.5),
@@ -67,7 +75,9 @@ class SliceDataset(Dataset):
         if self.transform is not None:
             out = self.transform(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
-        return torch.from_numpy(image).float().div_(255.0)[None], torch.from_numpy(np.ascontiguousarray(mask)).float()[None]
+        return torch.from_numpy(image).float().div_(255.0)[None], torch.from_numpy(np.ascontiguousarray(mask)).float()[
+            None
+        ]
 
 
 def mean_dice(probabilities: np.ndarray, masks: np.ndarray) -> float:
@@ -101,13 +111,27 @@ def train_segmenter(
         generator=torch.Generator().manual_seed(config.seed),
         drop_last=len(train[0]) > config.batch_size,
     )
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=config.lr, total_steps=config.epochs * len(loader), pct_start=0.15)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimiser, max_lr=config.lr, total_steps=config.epochs * len(loader), pct_start=0.15
+    )
     fingerprint = None
     if resume_dir is not None:
         settings = {"trainer": "segmenter", "config": dataclasses.asdict(config), "meta": meta, "device": device.type}
         fingerprint = run_fingerprint(settings, (*train, *val), TRAINING_CODE)
     dtype = segmenter_dtype(device, config.precision)
-    run = TrainingRun(model, optimiser, grad_scaler(device, dtype), loader, device, checkpoint, -1.0, on_epoch, schedule, resume_dir, fingerprint)
+    run = TrainingRun(
+        model,
+        optimiser,
+        grad_scaler(device, dtype),
+        loader,
+        device,
+        checkpoint,
+        -1.0,
+        on_epoch,
+        schedule,
+        resume_dir,
+        fingerprint,
+    )
     for epoch in range(run.start(), config.epochs + 1):
         started = time.perf_counter()
         train_loss, _ = train_one_epoch(
@@ -123,9 +147,16 @@ def train_segmenter(
             dtype=dtype,
         )
         val_dice = mean_dice(predict_probabilities(model, val[0], device, config.batch_size, dtype=dtype), val[1])
-        row = {"epoch": epoch, "train_loss": train_loss, "val_dice": val_dice, "epoch_seconds": time.perf_counter() - started}
+        row = {
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "val_dice": val_dice,
+            "epoch_seconds": time.perf_counter() - started,
+        }
         run.offer(val_dice, meta | {"epoch": epoch, "val_dice": val_dice})
         row["best_val_dice"] = run.best
         run.end_epoch(row)
-        tqdm.write(f"segmenter epoch {epoch}: loss {row['train_loss']:.4f}, val Dice {val_dice:.4f} (best {run.best:.4f})")
+        tqdm.write(
+            f"segmenter epoch {epoch}: loss {row['train_loss']:.4f}, val Dice {val_dice:.4f} (best {run.best:.4f})"
+        )
     return pd.DataFrame(run.history)

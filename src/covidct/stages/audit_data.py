@@ -46,12 +46,16 @@ def covid_ct_images(root: Path) -> tuple[pd.DataFrame, list[str]]:
     data_root = root / RAW / COVID_CT
     table = pd.read_csv(root / SPLITS / "covid_ct.csv")
     patients = covid_ct_patients(data_root).drop_duplicates("relpath").set_index("relpath")["patient_id"]
-    images = table.assign(path=[str(data_root / p) for p in table["relpath"]], patient_id=table["relpath"].map(patients))
+    images = table.assign(
+        path=[str(data_root / p) for p in table["relpath"]], patient_id=table["relpath"].map(patients)
+    )
     notes = []
     lists = noncovid_split_lists(data_root)
     shared = patient_overlap(lists)
     if len(shared):
-        notes.append(f"meta/CT_NonCOVID_*_id.csv list {len(shared)} patient(s) in more than one split: {', '.join(shared['patient_id'][:5])}")
+        notes.append(
+            f"meta/CT_NonCOVID_*_id.csv list {len(shared)} patient(s) in more than one split: {', '.join(shared['patient_id'][:5])}"
+        )
     noncovid = images[images["relpath"].str.startswith("CT_NonCOVID/") & images["patient_id"].notna()]
     listed = set(zip(lists["patient_id"], lists["split"], strict=True))
     off_list = noncovid[[(p, s) not in listed for p, s in zip(noncovid["patient_id"], noncovid["split"], strict=True)]]
@@ -60,7 +64,9 @@ def covid_ct_images(root: Path) -> tuple[pd.DataFrame, list[str]]:
             f"{len(off_list)} NonCOVID image(s) whose patient is not in its split's meta/CT_NonCOVID_<split>_id.csv, e.g. {off_list['relpath'].iloc[0]}"
         )
     else:
-        notes.append(f"every NonCOVID image's patient is in its split's meta/CT_NonCOVID_<split>_id.csv ({len(noncovid)} images)")
+        notes.append(
+            f"every NonCOVID image's patient is in its split's meta/CT_NonCOVID_<split>_id.csv ({len(noncovid)} images)"
+        )
     return images[["relpath", "path", "split", "label", "patient_id"]], notes
 
 
@@ -72,22 +78,26 @@ def lung_images(root: Path) -> pd.DataFrame:
         if column not in manifest.columns:
             raise DatasetError(f"{data_root / 'manifest.csv'}: column {column!r} is missing")
     images = lung_patients(pd.read_csv(root / SPLITS / "lung_seg.csv"), manifest)
-    return images.assign(path=[str(data_root / p) for p in images["relpath"]], label=None)[["relpath", "path", "split", "label", "patient_id"]]
+    return images.assign(path=[str(data_root / p) for p in images["relpath"]], label=None)[
+        ["relpath", "path", "split", "label", "patient_id"]
+    ]
 
 
 def cc_ccii_images(root: Path) -> pd.DataFrame:
     """The CC-CCII split; its patients are the linked groups the split was made by."""
     table = pd.read_csv(root / SPLITS / "cc_ccii.csv")
-    return table.assign(path=[str(root / RAW / CC_CCII / p) for p in table["relpath"]], patient_id=table["patient_group"])[
-        ["relpath", "path", "split", "label", "patient_id"]
-    ]
+    return table.assign(
+        path=[str(root / RAW / CC_CCII / p) for p in table["relpath"]], patient_id=table["patient_group"]
+    )[["relpath", "path", "split", "label", "patient_id"]]
 
 
 def gallery_pairs(root: Path, audits: list[DatasetAudit]) -> list[tuple[Path, Path, str, str]]:
     """Every duplicate pair, then the closest other pairs of each dataset, with captions."""
     pairs = []
     for audit, folder in zip(audits, (COVID_CT, LUNG_SEG, CC_CCII), strict=True):
-        shown = pd.concat([audit.duplicates.assign(note="DUPLICATE"), audit.closest.head(CLOSEST_IN_IMAGE).assign(note="not flagged")])
+        shown = pd.concat(
+            [audit.duplicates.assign(note="DUPLICATE"), audit.closest.head(CLOSEST_IN_IMAGE).assign(note="not flagged")]
+        )
         for row in shown.itertuples():
             allowed = " (allowed)" if row.allowed else ""
             score = f"d={row.distance}" + (f", {row.inliers} inliers" if row.inliers >= 0 else "")
@@ -106,7 +116,9 @@ def run(params: dict[str, Any], root: Path) -> None:
     config: AuditConfig = section(params, "audit")
     link_distance = section(params, "cc_ccii_split").link_distance
     settings = dataclasses.asdict(config) | {"cc_ccii_link_distance": link_distance}
-    logged = {k: v for k, v in settings.items() if k != "allowed_pairs"} | {"n_allowed_pairs": len(config.allowed_pairs)}
+    logged = {k: v for k, v in settings.items() if k != "allowed_pairs"} | {
+        "n_allowed_pairs": len(config.allowed_pairs)
+    }
     with stage_run("audit_data", {"audit": logged}):
         start = time.perf_counter()
         covid, covid_notes = covid_ct_images(root)
@@ -116,7 +128,15 @@ def run(params: dict[str, Any], root: Path) -> None:
             audit_dataset(LUNG_SEG, lung_images(root), *thresholds, allowed_pairs=config.allowed_pairs, progress=True),
             # CC-CCII slices are all body-cropped and resized alike, so a re-cropped copy (what the
             # keypoints are for) is not the risk; the same scan under two ids is, at <= link_distance.
-            audit_dataset(CC_CCII, cc_ccii_images(root), link_distance, link_distance, config.min_keypoint_inliers, config.allowed_pairs, progress=True),
+            audit_dataset(
+                CC_CCII,
+                cc_ccii_images(root),
+                link_distance,
+                link_distance,
+                config.min_keypoint_inliers,
+                config.allowed_pairs,
+                progress=True,
+            ),
         ]
         audits[0].notes[:0] = covid_notes
         verdict = leak_message(audits, config.allow_patient_overlap, config.allow_duplicates)
@@ -124,8 +144,13 @@ def run(params: dict[str, Any], root: Path) -> None:
         seconds = time.perf_counter() - start
         report = report_json(audits, verdict is None)
         write_text_atomic(root / REPORTS / "report.json", json.dumps(report, indent=2) + "\n")
-        write_text_atomic(root / REPORTS / "report.md", report_markdown(audits, settings, verdict, seconds, PAIRS_IMAGE))
-        mlflow.log_metrics({f"{a.name}.{k}": float(v) for a in audits for k, v in a.summary().items() if not isinstance(v, dict)} | {"audit_seconds": seconds})
+        write_text_atomic(
+            root / REPORTS / "report.md", report_markdown(audits, settings, verdict, seconds, PAIRS_IMAGE)
+        )
+        mlflow.log_metrics(
+            {f"{a.name}.{k}": float(v) for a in audits for k, v in a.summary().items() if not isinstance(v, dict)}
+            | {"audit_seconds": seconds}
+        )
         for name in ("report.json", "report.md", PAIRS_IMAGE):
             mlflow.log_artifact(str(root / REPORTS / name))
         for audit in audits:

@@ -34,7 +34,9 @@ GALLERY_ROWS = 8
 def gallery(root: Path, boxes: pd.DataFrame) -> list[list]:
     """One image per split and class, then every whole-image fallback, as Fig. 6 rows."""
     ours = boxes[boxes["source"] == COVID_CT]
-    picks = pd.concat([ours.groupby(["split", "label"]).head(1).head(GALLERY_ROWS // 2), boxes[boxes["fallback"] != ""]]).head(GALLERY_ROWS)
+    picks = pd.concat(
+        [ours.groupby(["split", "label"]).head(1).head(GALLERY_ROWS // 2), boxes[boxes["fallback"] != ""]]
+    ).head(GALLERY_ROWS)
     rows = []
     for row in picks.itertuples():
         image = read_grayscale(root / raw(row.source) / row.relpath)
@@ -54,10 +56,18 @@ def run(params: dict[str, Any], root: Path) -> None:
         with atomic_dir(root / CROPS) as crops:
             crops.mkdir()
             boxes = pd.concat(
-                [crop_dataset(table, root / raw(source), crops, model, meta, config, device, source) for source, table in tables.items()], ignore_index=True
+                [
+                    crop_dataset(table, root / raw(source), crops, model, meta, config, device, source)
+                    for source, table in tables.items()
+                ],
+                ignore_index=True,
             )
         write_text_atomic(root / REPORTS / "boxes.csv", boxes.to_csv(index=False))
-        save_gallery(gallery(root, boxes), ["input", "lung mask and crop box", "cropped, resized back"], root / REPORTS / "gallery.png")
+        save_gallery(
+            gallery(root, boxes),
+            ["input", "lung mask and crop box", "cropped, resized back"],
+            root / REPORTS / "gallery.png",
+        )
         metrics = crop_summary(boxes[boxes["source"] == COVID_CT])
         metrics |= {f"{CC_CCII}.{k}": v for k, v in crop_summary(boxes[boxes["source"] == CC_CCII]).items()}
         write_text_atomic(root / REPORTS / "metrics.json", json.dumps(metrics, indent=2) + "\n")

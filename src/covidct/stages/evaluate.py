@@ -49,9 +49,15 @@ def segmentation_gain(root: Path, config: EvaluateConfig) -> dict[str, float]:
     """Test AUC with minus without segmentation, paired on the same test images, with its CI."""
     test = {v: paper_split(read_predictions(root, v), "test").sort_values("relpath") for v in VARIANTS}
     if list(test["cropped"]["relpath"]) != list(test["raw"]["relpath"]):
-        raise ValueError("the cropped and raw classifiers scored different test images; re-run both train_classifier stages")
+        raise ValueError(
+            "the cropped and raw classifiers scored different test images; re-run both train_classifier stages"
+        )
     gain = paired_auc_difference(
-        test["raw"]["label"].to_numpy(), test["raw"]["score"].to_numpy(), test["cropped"]["score"].to_numpy(), config.n_bootstrap, config.seed
+        test["raw"]["label"].to_numpy(),
+        test["raw"]["score"].to_numpy(),
+        test["cropped"]["score"].to_numpy(),
+        config.n_bootstrap,
+        config.seed,
     )
     return {"test_auc" if k == "value" else f"test_auc_{k}": v for k, v in gain.items()}
 
@@ -62,11 +68,19 @@ def run(params: dict[str, Any], root: Path) -> None:
     with stage_run("evaluate", {"evaluate": dataclasses.asdict(config)}):
         for variant in VARIANTS:
             predictions = read_predictions(root, variant)
-            thresholds[variant] = decision_threshold(predictions[(predictions["split"] == "val") & predictions["trained"]], config)
+            thresholds[variant] = decision_threshold(
+                predictions[(predictions["split"] == "val") & predictions["trained"]], config
+            )
             per_split = {}
             for split in ("val", "test"):
                 part = paper_split(predictions, split)
-                per_split[split] = metrics_with_ci(part["label"].to_numpy(), part["score"].to_numpy(), thresholds[variant], config.n_bootstrap, config.seed)
+                per_split[split] = metrics_with_ci(
+                    part["label"].to_numpy(),
+                    part["score"].to_numpy(),
+                    thresholds[variant],
+                    config.n_bootstrap,
+                    config.seed,
+                )
             test = paper_split(predictions, "test")
             y, s = test["label"].to_numpy(), test["score"].to_numpy()
             results[variant] = per_split["test"]
@@ -79,8 +93,18 @@ def run(params: dict[str, Any], root: Path) -> None:
                 "test_confusion": confusions[variant],
             }
             for split, m in per_split.items():
-                mlflow.log_metrics({f"{variant}.{split}.{k}": v for k, v in flatten_metrics(m).items()} | {f"{variant}.threshold": thresholds[variant]})
-        log_pipeline_metrics({f"{v}.{split}.{k}": metrics[v][split][k] for v in VARIANTS for split in ("val", "test") for k in ("auc", "recall", "specificity")})
+                mlflow.log_metrics(
+                    {f"{variant}.{split}.{k}": v for k, v in flatten_metrics(m).items()}
+                    | {f"{variant}.threshold": thresholds[variant]}
+                )
+        log_pipeline_metrics(
+            {
+                f"{v}.{split}.{k}": metrics[v][split][k]
+                for v in VARIANTS
+                for split in ("val", "test")
+                for k in ("auc", "recall", "specificity")
+            }
+        )
         gain = segmentation_gain(root, config)
         metrics["segmentation_gain"] = gain
         mlflow.log_metrics({f"segmentation_gain.{k}": v for k, v in gain.items()})

@@ -35,7 +35,13 @@ def run(params: dict[str, Any], root: Path) -> None:
     configure_threads()
     model, meta = load_segmenter(root / MODEL, device)
     table, images, masks = load_lung_split(root, "test", pre)
-    with stage_run("evaluate_segmenter", {"preprocess": {"size": pre.size, "clahe_clip": pre.clahe_clip}, "crop": {"keep_components": crop.keep_components}}):
+    with stage_run(
+        "evaluate_segmenter",
+        {
+            "preprocess": {"size": pre.size, "clahe_clip": pre.clahe_clip},
+            "crop": {"keep_components": crop.keep_components},
+        },
+    ):
         dtype = segmenter_dtype(device, meta.get("precision", "auto"))
         probabilities = predict_probabilities(model, images, device, progress="segment test slices", dtype=dtype)
         predicted = probabilities > 0.5
@@ -60,7 +66,10 @@ def run(params: dict[str, Any], root: Path) -> None:
         # Fig. 5: input, ground truth, prediction; slices from the worst to the best Dice, evenly spaced by rank.
         order = np.argsort(table["dice"].to_numpy())
         picks = order[np.linspace(0, len(order) - 1, min(GALLERY_ROWS, len(order))).astype(int)]
-        rows = [[images[i], draw_overlay(images[i], masks[i], None), draw_overlay(images[i], predicted[i], None)] for i in picks]
+        rows = [
+            [images[i], draw_overlay(images[i], masks[i], None), draw_overlay(images[i], predicted[i], None)]
+            for i in picks
+        ]
         save_gallery(rows, ["input (preprocessed)", "ground truth", "prediction"], root / REPORTS / "overlays.png")
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
         log_pipeline_metrics({f"segmenter.{k}": metrics[k] for k in ("dice_mean", "dice_pooled")})

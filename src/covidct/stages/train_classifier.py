@@ -30,7 +30,13 @@ def run(params: dict[str, Any], root: Path, variant: str) -> None:
     stage = f"train_classifier_{variant}"
     with stage_run(stage, {"classifier": dataclasses.asdict(config), "variant": variant}):
         counts = table[table["trained"]].groupby("split").size()
-        mlflow.log_params({"device": str(device), "threads": threads, **{f"n_{s}": int(counts.get(s, 0)) for s in ("train", "val", "test")}})
+        mlflow.log_params(
+            {
+                "device": str(device),
+                "threads": threads,
+                **{f"n_{s}": int(counts.get(s, 0)) for s in ("train", "val", "test")},
+            }
+        )
         history, predictions, meta = fit_and_predict(
             images,
             table,
@@ -43,10 +49,21 @@ def run(params: dict[str, Any], root: Path, variant: str) -> None:
         )
         write_text_atomic(out / "predictions.csv", predictions.to_csv(index=False))
         write_text_atomic(out / "history.csv", history.to_csv(index=False))
-        plot_training_curves(history[["epoch", "train_loss", "val_loss", "val_auc", "val_accuracy"]], out / "training_curves.png", f"Classifier ({variant})")
+        plot_training_curves(
+            history[["epoch", "train_loss", "val_loss", "val_auc", "val_accuracy"]],
+            out / "training_curves.png",
+            f"Classifier ({variant})",
+        )
         best = history.loc[history["epoch"] == meta["epoch"]].iloc[0]
-        mlflow.log_metrics({"best_epoch": int(meta["epoch"]), **{f"best_{k}": float(v) for k, v in best.items() if k.startswith("val_")}})
+        mlflow.log_metrics(
+            {
+                "best_epoch": int(meta["epoch"]),
+                **{f"best_{k}": float(v) for k, v in best.items() if k.startswith("val_")},
+            }
+        )
         for name in ("model.pt", "predictions.csv", "history.csv", "training_curves.png"):
             mlflow.log_artifact(str(out / name))
     clear_stage_resume(root, stage)  # every output is written: nothing left to resume
-    print(f"{variant}: best epoch {meta['epoch']}, val AUC {best['val_auc']:.3f}, median {history['train_images_per_s'].median():.1f} train images/s")
+    print(
+        f"{variant}: best epoch {meta['epoch']}, val AUC {best['val_auc']:.3f}, median {history['train_images_per_s'].median():.1f} train images/s"
+    )

@@ -27,10 +27,17 @@ def run(params: dict[str, Any], root: Path) -> None:
     device, threads = select_device(), configure_threads()
     _, train_images, train_masks = load_lung_split(root, "train", pre)
     _, val_images, val_masks = load_lung_split(root, "val", pre)
-    meta = {"channels": list(config.channels), "size": pre.size, "clahe_clip": pre.clahe_clip, "precision": config.precision}
+    meta = {
+        "channels": list(config.channels),
+        "size": pre.size,
+        "clahe_clip": pre.clahe_clip,
+        "precision": config.precision,
+    }
     logged = {"preprocess": dataclasses.asdict(pre), "segmenter": dataclasses.asdict(config)}
     with stage_run(STAGE, logged):
-        mlflow.log_params({"device": str(device), "threads": threads, "n_train": len(train_images), "n_val": len(val_images)})
+        mlflow.log_params(
+            {"device": str(device), "threads": threads, "n_train": len(train_images), "n_val": len(val_images)}
+        )
         history = train_segmenter(
             (train_images, train_masks),
             (val_images, val_masks),
@@ -42,7 +49,9 @@ def run(params: dict[str, Any], root: Path) -> None:
             resume_dir=resume_dir(root, STAGE),  # a killed run carries on from its last finished epoch
         )
         write_text_atomic(root / REPORTS / "train_history.csv", history.to_csv(index=False))
-        plot_training_curves(history.drop(columns=["epoch_seconds"]), root / REPORTS / "training_curves.png", "Lung segmenter")
+        plot_training_curves(
+            history.drop(columns=["epoch_seconds"]), root / REPORTS / "training_curves.png", "Lung segmenter"
+        )
         best = history.loc[history["val_dice"].idxmax()]
         mlflow.log_metrics({"best_val_dice": float(best["val_dice"]), "best_epoch": int(best["epoch"])})
         for path in (MODEL, REPORTS / "train_history.csv", REPORTS / "training_curves.png"):

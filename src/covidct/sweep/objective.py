@@ -49,14 +49,23 @@ class TrialObjective:
         pre, seg = section(params, "preprocess"), section(params, "segmenter")
         per_patient = section(params, "data").lung_subset_per_patient
         key = cache_key(
-            {"preprocess": dataclasses.asdict(pre), "segmenter": dataclasses.asdict(seg), "lung_split": params["lung_split"], "per_patient": per_patient}
+            {
+                "preprocess": dataclasses.asdict(pre),
+                "segmenter": dataclasses.asdict(seg),
+                "lung_split": params["lung_split"],
+                "per_patient": per_patient,
+            }
         )
 
         def build(out: Path) -> None:
             sets = []
             for split in ("train", "val"):
                 table, images, masks = load_lung_split(self.root, split, pre)
-                keep = (table.groupby("patient_id").cumcount() < per_patient).to_numpy() if per_patient else np.ones(len(table), bool)
+                keep = (
+                    (table.groupby("patient_id").cumcount() < per_patient).to_numpy()
+                    if per_patient
+                    else np.ones(len(table), bool)
+                )
                 sets.append((images[keep], masks[keep]))
             meta = {"channels": list(seg.channels), "size": pre.size, "clahe_clip": pre.clahe_clip}
             train_segmenter(sets[0], sets[1], seg, self.device, out / "model.pt", meta)
@@ -82,15 +91,29 @@ class TrialObjective:
         params = with_overrides(self.base, {**self.config.budget, **suggested})
         trial.set_user_attr("worker", self.worker)
         parent_key, parent_name = study_parent(self.config)
-        tags = {"covidct.role": "trial", "covidct.study": self.config.study, "optuna.trial_number": str(trial.number), "covidct.worker": self.worker}
+        tags = {
+            "covidct.role": "trial",
+            "covidct.study": self.config.study,
+            "optuna.trial_number": str(trial.number),
+            "covidct.worker": self.worker,
+        }
         pruned = False
         with child_run(
-            parent_key, parent_name, f"trial {trial.number}", {k: params[k] for k in ("data", "preprocess", "segmenter", "crop", "classifier")}, tags
+            parent_key,
+            parent_name,
+            f"trial {trial.number}",
+            {k: params[k] for k in ("data", "preprocess", "segmenter", "crop", "classifier")},
+            tags,
         ):
             mlflow.log_params({f"suggested.{k}": v for k, v in suggested.items()})
             segmenter, segmenter_key, seg_reused, seg_seconds = self.segmenter(params)
             crops, crops_reused, crop_seconds = self.crops(params, segmenter, segmenter_key)
-            timing = {"segmenter_reused": seg_reused, "segmenter_seconds": seg_seconds, "crops_reused": crops_reused, "crops_seconds": crop_seconds}
+            timing = {
+                "segmenter_reused": seg_reused,
+                "segmenter_seconds": seg_seconds,
+                "crops_reused": crops_reused,
+                "crops_seconds": crop_seconds,
+            }
             for name, value in timing.items():
                 trial.set_user_attr(name, value)
             mlflow.log_metrics({k: float(v) for k, v in timing.items()})
@@ -108,7 +131,14 @@ class TrialObjective:
         boxes = pd.read_csv(crops / "boxes.csv")
         views = config.lung_mask or config.standardise  # the trial sees crops as the pipeline would show them
         masks = [crops / "lung" / c for c in boxes["crop"]] if views else None
-        images = load_views([crops / "images" / c for c in boxes["crop"]], masks, config.image_size, config.lung_mask, config.standardise, progress=None)
+        images = load_views(
+            [crops / "images" / c for c in boxes["crop"]],
+            masks,
+            config.image_size,
+            config.lung_mask,
+            config.standardise,
+            progress=None,
+        )
         objective, started = self.config.objective, time.perf_counter()
 
         def on_epoch(row: dict) -> None:
@@ -127,6 +157,9 @@ class TrialObjective:
         test = predictions[predictions["split"] == "test"]
         # Logged for the record only: the study never sees a test metric.
         test_metrics = binary_metrics(test["label"].to_numpy(), test["score"].to_numpy())
-        mlflow.log_metrics({f"test_{k}": v for k, v in test_metrics.items()} | {"objective": float(chosen[objective]), "chosen_epoch": int(meta["epoch"])})
+        mlflow.log_metrics(
+            {f"test_{k}": v for k, v in test_metrics.items()}
+            | {"objective": float(chosen[objective]), "chosen_epoch": int(meta["epoch"])}
+        )
         trial.set_user_attr("test_auc", test_metrics["auc"])
         return float(chosen[objective])

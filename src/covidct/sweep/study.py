@@ -45,7 +45,9 @@ def _rdb_storage(url: str, engine: dict[str, Any], config: SweepConfig, attempts
         try:
             with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna, and exactly what resuming needs
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return RDBStorage(url, engine_kwargs=engine, heartbeat_interval=config.heartbeat_s, grace_period=config.grace_s)
+                return RDBStorage(
+                    url, engine_kwargs=engine, heartbeat_interval=config.heartbeat_s, grace_period=config.grace_s
+                )
         except sqlalchemy.exc.SQLAlchemyError:
             if attempt == attempts - 1:
                 raise
@@ -60,11 +62,15 @@ def open_study(root: Path, config: SweepConfig, storage: str | None = None, work
     # Workers started together must not draw the same random start-up trials.
     sampler = optuna.samplers.TPESampler(seed=config.sampler_seed + worker_index)
     pruner = (
-        optuna.pruners.MedianPruner(n_startup_trials=config.pruner_startup_trials, n_warmup_steps=config.pruner_warmup_epochs)
+        optuna.pruners.MedianPruner(
+            n_startup_trials=config.pruner_startup_trials, n_warmup_steps=config.pruner_warmup_epochs
+        )
         if config.pruning
         else optuna.pruners.NopPruner()
     )
-    return optuna.create_study(study_name=config.study, storage=rdb, direction="maximize", sampler=sampler, pruner=pruner, load_if_exists=True)
+    return optuna.create_study(
+        study_name=config.study, storage=rdb, direction="maximize", sampler=sampler, pruner=pruner, load_if_exists=True
+    )
 
 
 def finished_trials(study: optuna.Study) -> int:
@@ -85,7 +91,12 @@ def run_sweep(root: Path, config: SweepConfig, storage: str | None = None, worke
     if remaining > 0:
         worker = f"{socket.gethostname()}-{os.getpid()}"
         objective = TrialObjective(root, load_params(root / "params.yaml"), config, worker)
-        study.optimize(objective, timeout=config.timeout_s, callbacks=[MaxTrialsCallback(config.n_trials, states=FINISHED)], gc_after_trial=True)
+        study.optimize(
+            objective,
+            timeout=config.timeout_s,
+            callbacks=[MaxTrialsCallback(config.n_trials, states=FINISHED)],
+            gc_after_trial=True,
+        )
     return study
 
 
@@ -111,7 +122,13 @@ def summarise(root: Path, config: SweepConfig, study: optuna.Study) -> Path:
             figure.savefig(tmp, dpi=120, bbox_inches="tight")
     parent_key, parent_name = study_parent(config)
     best = {"best_value": study.best_value, "best_trial": study.best_trial.number} if complete else {}
-    with child_run(parent_key, parent_name, f"summary {config.study}", {}, {"covidct.role": "study_summary", "covidct.study": config.study}):
+    with child_run(
+        parent_key,
+        parent_name,
+        f"summary {config.study}",
+        {},
+        {"covidct.role": "study_summary", "covidct.study": config.study},
+    ):
         mlflow.log_metrics({**best, "finished_trials": finished_trials(study)})
         mlflow.log_artifacts(str(out))
     return out
