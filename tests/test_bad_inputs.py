@@ -29,6 +29,7 @@ segmenter stages stop on it, naming it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -51,9 +52,8 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
-from test_images import _png_header_only
 
-from conftest import DATA, REPO, save_tiny_networks
+from conftest import DATA, REPO
 from covidct.checkpoints import save_checkpoint
 from covidct.config import CropConfig, GateConfig, load_params
 from covidct.datasets import CLASS_DIRS, SPLITS, covid_ct_split
@@ -63,6 +63,8 @@ from covidct.registry.pipeline_model import OUTPUT
 from covidct.registry.register import build_and_register
 from covidct.segmentation.model import build_segmenter
 from covidct.stages import prepare_data
+from helpers.images import png_header_only
+from helpers.tiny import save_tiny_networks
 
 pytestmark = pytest.mark.slow
 
@@ -126,7 +128,7 @@ BAD = {
     ),
     "corrupt_png": (_corrupt_png, "truncated or corrupt png data"),
     "corrupt_jpeg": (_corrupt_jpeg, "truncated or corrupt jpeg data"),
-    "bomb_30000x30000": (lambda: _png_header_only(30000, 30000), "too many pixels"),
+    "bomb_30000x30000": (lambda: png_header_only(30000, 30000), "too many pixels"),
     "empty": (lambda: b"", "empty file"),
     "text": (lambda: b"patient 17, slice 40: see the report\n", "not an image"),
     "missing": (lambda: None, "file not found"),
@@ -306,27 +308,34 @@ def _write_sums(root: Path) -> None:
 
 
 TINY_PROFILE = yaml.safe_load((REPO / "pipelines/profiles/tiny.yaml").read_text())
-TINY = covid_ct_split(COVID, TINY_PROFILE["data"]["subset_per_class"])  # the tiny profile's COVID-CT images
-VALID_ROWS = dict(zip(VALID, TINY["relpath"][:5], strict=True))  # these five become the odd-but-valid kinds
-BAD_ROW = TINY["relpath"].iloc[-1]  # met in crop_images' last batch, after crops of the others are written
+
+
+@functools.cache
+def tiny_rows() -> tuple[pd.DataFrame, dict[str, str], str]:
+    """The tiny profile's COVID-CT images; the five that become the odd-but-valid kinds; and the
+    one met in crop_images' last batch, after crops of the others are written. Read when first
+    asked, so a machine without the data collects the module and skips its tests."""
+    tiny = covid_ct_split(COVID, TINY_PROFILE["data"]["subset_per_class"])
+    return tiny, dict(zip(VALID, tiny["relpath"][:5], strict=True)), tiny["relpath"].iloc[-1]
 
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A source directory like ../shared/data, small: the tiny COVID-CT images (five turned into
     the odd-but-valid kinds) with their own split lists, 6 lung patients x 3 slices, checksums."""
+    tiny, valid_rows, _ = tiny_rows()
     src = tmp_path_factory.mktemp("source")
     covid, lung = src / "covid-ct", src / "lung-seg"
     shutil.copytree(COVID / "meta", covid / "meta")
     for split in SPLITS:
         for class_dir in CLASS_DIRS:
-            names = [Path(r).name for r in TINY.query("split == @split")["relpath"] if r.startswith(f"{class_dir}/")]
+            names = [Path(r).name for r in tiny.query("split == @split")["relpath"] if r.startswith(f"{class_dir}/")]
             (covid / "Data-split").mkdir(exist_ok=True)
             (covid / "Data-split" / f"{split}{class_dir}.txt").write_text("\n".join(names) + "\n")
-    for relpath in TINY["relpath"]:
+    for relpath in tiny["relpath"]:
         (covid / relpath).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(COVID / relpath, covid / relpath)
-    for kind, relpath in VALID_ROWS.items():
+    for kind, relpath in valid_rows.items():
         (covid / relpath).write_bytes(VALID[kind](_gray(COVID / relpath)))
     manifest = pd.read_csv(LUNG / "manifest.csv")
     manifest = manifest[manifest["patient_id"].isin(manifest["patient_id"].unique()[:6])].groupby("patient_id").head(3)
@@ -419,7 +428,8 @@ def _reason(kind: str) -> str:
 
 @pytest.mark.parametrize("kind", BAD)
 def test_crop_images_with_a_bad_image(stages: WarmPython, workdir: Path, kind: str) -> None:
-    path = workdir / "data/raw/covid-ct" / BAD_ROW
+    bad_row = tiny_rows()[2]
+    path = workdir / "data/raw/covid-ct" / bad_row
     with _replaced(path, BAD[kind][0]()):
         result = _run_and_check_nothing_changed(stages, workdir, "crop_images")
     _assert_one_clear_line(result, f"error: {path}: ", _reason(kind))
@@ -427,7 +437,8 @@ def test_crop_images_with_a_bad_image(stages: WarmPython, workdir: Path, kind: s
 
 def test_crop_images_started_cold_as_dvc_starts_it(stages: WarmPython, workdir: Path) -> None:
     """The warm fork is only a shortcut: a fresh ``python pipelines/crop_images.py`` says the same."""
-    path = workdir / "data/raw/covid-ct" / BAD_ROW
+    bad_row = tiny_rows()[2]
+    path = workdir / "data/raw/covid-ct" / bad_row
     with _replaced(path, BAD["text"][0]()):
         result = _run_and_check_nothing_changed(stages, workdir, "crop_images", cold=True)
     assert (
@@ -438,8 +449,9 @@ def test_crop_images_started_cold_as_dvc_starts_it(stages: WarmPython, workdir: 
 
 @pytest.mark.parametrize("kind", VALID)
 def test_crop_images_crops_valid_but_unusual_images(workdir: Path, kind: str) -> None:
+    valid_rows = tiny_rows()[1]
     boxes = pd.read_csv(workdir / "reports/crop/boxes.csv", keep_default_na=False).set_index("relpath")
-    relpath = VALID_ROWS[kind]
+    relpath = valid_rows[kind]
     original = read_grayscale(workdir / "data/raw/covid-ct" / relpath)
     crop = read_grayscale(workdir / "data/crops/images" / boxes.loc[relpath, "crop"])
     assert crop.shape == original.shape == (boxes.loc[relpath, "height"], boxes.loc[relpath, "width"])
@@ -454,7 +466,8 @@ def test_crop_images_crops_valid_but_unusual_images(workdir: Path, kind: str) ->
 def test_other_stages_reading_covid_ct_images(
     stages: WarmPython, workdir: Path, stage: str, args: tuple[str, ...], kind: str
 ) -> None:
-    path = workdir / "data/raw/covid-ct" / BAD_ROW
+    bad_row = tiny_rows()[2]
+    path = workdir / "data/raw/covid-ct" / bad_row
     with _replaced(path, BAD[kind][0]()):
         result = _run_and_check_nothing_changed(stages, workdir, stage, *args)
     _assert_one_clear_line(result, f"error: {path}: ", _reason(kind))

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import DATA, save_tiny_networks
+from conftest import DATA
 from covidct.classification.data import resize_for_classifier
 from covidct.classification.inputs import STANDARD_MEAN, STANDARD_SD, classifier_view
 from covidct.classification.table import checkpoint_meta, classifier_table, evenly_spaced
@@ -22,6 +22,7 @@ from covidct.lung_crop import LungCrop, segment_and_crop
 from covidct.registry.pipeline_model import TwoStagePipeline
 from covidct.stages.evaluate import paper_split
 from covidct.thresholds import decision_threshold
+from helpers.tiny import save_tiny_networks
 
 SLICE = DATA / "covid-ct" / "CT_COVID" / "2020.01.24.919183-p27-132.png"
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import csv
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -14,13 +12,13 @@ from PIL import Image, ImageFile
 from conftest import DATA
 from covidct.images import (
     DEFAULT_MAX_PIXELS,
-    LUNG_WINDOW_HU,
     ImageReadError,
     decode_grayscale,
     read_grayscale,
     read_mask,
     write_png,
 )
+from helpers.images import png_header_only, write_ct_dicom
 
 COVID_DIR = DATA / "covid-ct" / "CT_COVID"
 LUNG_DIR = DATA / "lung-seg"
@@ -29,21 +27,6 @@ JPEG_AS_PNG = COVID_DIR / "2020.03.16.20035105-p6-64-1.png"
 # A genuine PNG stored as RGBA.
 RGBA_PNG = COVID_DIR / "2019-novel-Coronavirus-severe-adult-respiratory-dist_2020_International-Jour-p3-89%0.png"
 LUNG_ID = "coronacases_001_000"
-
-
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def _png_header_only(width: int, height: int) -> bytes:
-    """A syntactically valid 8-bit grayscale PNG header declaring width x height, no pixel data."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + _png_chunk(b"IHDR", ihdr)
-        + _png_chunk(b"IDAT", zlib.compress(b""))
-        + _png_chunk(b"IEND", b"")
-    )
 
 
 def _assert_read_error(path: Path, *fragments: str, reader=read_grayscale, **kwargs) -> ImageReadError:
@@ -240,13 +223,13 @@ def test_unknown_binary_format(tmp_path: Path) -> None:
 
 def test_zero_size_png(tmp_path: Path) -> None:
     p = tmp_path / "zero.png"
-    p.write_bytes(_png_header_only(0, 5))
+    p.write_bytes(png_header_only(0, 5))
     _assert_read_error(p, "png", "malformed")
 
 
 def test_decompression_bomb_30000_squared(tmp_path: Path) -> None:
     p = tmp_path / "bomb.png"
-    p.write_bytes(_png_header_only(30000, 30000))
+    p.write_bytes(png_header_only(30000, 30000))
     assert p.stat().st_size < 100
     err = _assert_read_error(p, "too many pixels")
     assert isinstance(err, ImageReadError)
@@ -256,13 +239,13 @@ def test_decompression_bomb_30000_squared(tmp_path: Path) -> None:
 
 def test_bomb_in_pillow_warning_range_is_an_error(tmp_path: Path) -> None:
     p = tmp_path / "warnbomb.png"
-    p.write_bytes(_png_header_only(10000, 10000))  # 1e8 px: Pillow would only warn
+    p.write_bytes(png_header_only(10000, 10000))  # 1e8 px: Pillow would only warn
     _assert_read_error(p, "too many pixels", max_pixels=10**12)
 
 
 def test_our_max_pixels_limit_checked_before_decoding(tmp_path: Path) -> None:
     p = tmp_path / "big.png"
-    p.write_bytes(_png_header_only(8000, 8000))  # 64 Mpx: under Pillow's limit, over ours
+    p.write_bytes(png_header_only(8000, 8000))  # 64 Mpx: under Pillow's limit, over ours
     assert 8000 * 8000 > DEFAULT_MAX_PIXELS
     _assert_read_error(p, "too many pixels", "64000000")  # refused from the header, no decode
     small = tmp_path / "small.png"
@@ -332,32 +315,6 @@ def test_write_png_rejects_bad_arrays(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="shape"):
         write_png(tmp_path / "x.png", np.zeros((3, 3, 2), dtype=np.uint8))
     assert list(tmp_path.iterdir()) == []
-
-
-def write_ct_dicom(path: Path, gray: np.ndarray, modality: str = "CT", photometric: str = "MONOCHROME2") -> None:
-    """A single-slice DICOM whose stored values map back onto ``gray`` through the lung window."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, meta.TransferSyntaxUID = (
-        CTImageStorage,
-        generate_uid(),
-        ExplicitVRLittleEndian,
-    )
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.PhotometricInterpretation = modality, photometric
-    ds.Rows, ds.Columns = gray.shape
-    ds.SamplesPerPixel, ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 1, 16, 16, 15, 0
-    level, width = LUNG_WINDOW_HU
-    ds.RescaleSlope, ds.RescaleIntercept = (
-        f"{width / 255:.10f}",
-        f"{level - width / 2:.10f}",
-    )  # HU = g * width/255 + (level - width/2)
-    ds.PixelData = gray.astype(np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
 
 
 def test_ct_dicom_reads_like_the_png_it_was_made_from(tmp_path: Path) -> None:

@@ -14,9 +14,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 from sklearn.metrics import roc_auc_score
 
-from conftest import prepare_tiny_root
 from covidct.config import load_params
 from covidct.profiles import set_params
+from helpers.tiny import prepare_tiny_root
 
 pytestmark = pytest.mark.slow
 COVIDCT = str(Path(sys.executable).parent / "covidct")

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from helpers.serving import free_port, wait_until_serving
 from mlflow.tracking import MlflowClient
 from PIL import Image
 from ruamel.yaml import YAML
 
 from conftest import DATA, REPO
 from covidct.profiles import apply_profile
+from helpers.serving import free_port, wait_until_serving
 
 pytestmark = pytest.mark.slow
 

@@ -22,12 +22,10 @@ import mlflow
 import pandas as pd
 import pytest
 import torch
-from helpers.serving import free_port, wait_until_serving
 from mlflow.tracking import MlflowClient
 from PIL import Image
-from test_images import write_ct_dicom
 
-from conftest import DATA, save_tiny_networks
+from conftest import DATA
 from covidct.checkpoints import load_checkpoint, save_state_dict
 from covidct.classification.data import load_resized
 from covidct.classification.train import predict_scores
@@ -37,6 +35,9 @@ from covidct.lung_crop import crop_dataset, crop_relpath
 from covidct.registry.pipeline_model import OUTPUT, TwoStagePipeline
 from covidct.registry.promote import PromotionError, promote_if_better
 from covidct.registry.register import build_and_register
+from helpers.images import write_ct_dicom
+from helpers.serving import free_port, wait_until_serving
+from helpers.tiny import save_tiny_networks
 
 COVID = DATA / "covid-ct" / "CT_COVID"
 NONCOVID = DATA / "covid-ct" / "CT_NonCOVID"

@@ -20,9 +20,9 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 from ruamel.yaml import YAML
 
-from conftest import prepare_tiny_root
 from covidct.sweep.config import load_sweep
 from covidct.sweep.study import apply_best, finished_trials, run_sweep, summarise
+from helpers.tiny import prepare_tiny_root
 
 pytestmark = pytest.mark.slow
 COVIDCT = str(Path(sys.executable).parent / "covidct")
