@@ -341,7 +341,7 @@ def test_moving_average_of_the_weights_is_what_gets_scored_and_kept(covid_data, 
     snapshots: list[dict[str, torch.Tensor]] = []
     real_epoch = train_module.classifier_epoch
 
-    def spy(model, *args):
+    def spy(model, *args, **kwargs):
         *rest, after_step = args
 
         def recorded() -> None:
@@ -349,7 +349,7 @@ def test_moving_average_of_the_weights_is_what_gets_scored_and_kept(covid_data, 
             after_step()
 
         snapshots.append({k: v.detach().clone() for k, v in model.named_parameters()})  # before the first step
-        return real_epoch(model, *rest, recorded)
+        return real_epoch(model, *rest, recorded, **kwargs)
 
     train, val = covid_data
     config = dataclasses.replace(CLF_CONFIG, batch_size=4, ema_decay=0.5)  # 8 images: two steps

@@ -117,10 +117,11 @@ def lever_dir(root: Path, study: str, name: str) -> Path:
 def _fingerprint(params: dict[str, Any], images: np.ndarray) -> str:
     """The lever's settings and its input pixels: a finished lever is reused only while both hold.
 
-    ``ema_decay: 0`` trains exactly as runs from before the option did, so it is left out and
-    those runs keep their fingerprints.
+    ``ema_decay: 0`` and ``precision: auto`` train exactly as runs from before the options did, so
+    they are left out and those runs keep their fingerprints.
     """
-    classifier = {k: v for k, v in params["classifier"].items() if not (k == "ema_decay" and v == 0)}
+    before = {"ema_decay": 0, "precision": "auto"}
+    classifier = {k: v for k, v in params["classifier"].items() if not (k in before and v == before[k])}
     return cache_key(
         {
             "classifier": classifier,

@@ -197,7 +197,7 @@ def train_classifier(
             schedule,
             pos_weight,
             after_step,
-            dtype,
+            dtype=dtype,
         )
         train_seconds = time.perf_counter() - started
         val_scores = predict_scores(run.scored, val[0], device, mean, std, config.batch_size * 2, dtype=dtype)
