@@ -157,21 +157,23 @@ def test_metrics_are_in_range(tiny_repo: tuple[Path, dict[str, str]]) -> None:
 def test_every_source_is_scored_and_held_out_sources_say_so(tiny_repo: tuple[Path, dict[str, str]]) -> None:
     repo, _ = tiny_repo
     sources = json.loads((repo / "reports/sources/metrics.json").read_text())
-    # trained on COVID-CT: its test split (6); never on CC-CCII: all of it (3 per class and split); the lung set's 3 held-out patients
-    assert [sources[s]["slices"] for s in ("covid-ct", "cc-ccii", "lung-seg")] == [6, 27, 9]
-    assert [sources[s]["held_out"] for s in ("covid-ct", "cc-ccii", "lung-seg")] == [0, 1, 1]
+    # trained on both: figures from each one's test split (COVID-CT 6, CC-CCII 3 per class); the lung set's 3 held-out patients
+    assert [sources[s]["slices"] for s in ("covid-ct", "cc-ccii", "lung-seg")] == [6, 9, 9]
+    assert [sources[s]["held_out"] for s in ("covid-ct", "cc-ccii", "lung-seg")] == [0, 0, 1]
     cc = sources["cc-ccii"]
     assert cc["patients"] >= 3 and cc["auc_ci_low"] <= cc["auc"] <= cc["auc_ci_high"]
     assert {"ncp_vs_normal.auc", "ncp_vs_cp.auc", "ncp_vs_normal.specificity"} <= set(cc)
     assert sources["cc-ccii.studies"]["studies"] >= 3 and sources["cc-ccii.studies"]["top_k"] in (0, 1, 3, 5, 10)
     assert 0.0 <= sources["lung-seg"]["recall"] <= 1.0 and sources["gate"]["refused"] == 0
     scores = pd.read_csv(repo / "reports/sources/scores.csv")
-    assert len(scores) == 42 and scores["probability"].between(0, 1).all()
+    assert len(scores) == 12 + 18 + 9 and scores["probability"].between(0, 1).all()  # validation splits too: for choices
+    assert set(scores.loc[scores["source"] == "cc-ccii", "split"]) == {"val", "test"}
     report = (repo / "reports/sources/report.md").read_text()
     assert (
         "Source-held-out table" in report
-        and "CC-CCII, all (held out)" in report
+        and "CC-CCII, its test split" in report
         and "COVID-CT, its test split" in report
+        and "lung set, held-out patients (held out)" in report
     )
 
 
@@ -215,7 +217,8 @@ def test_registered_pipeline_is_promoted_and_reproduces_the_evaluate_stage(
         and version.tags["covidct.variant"] == "tf_efficientnet_lite0"
     )
     assert version.tags["data.covid-ct.md5"].endswith(".dir") and version.tags["param.crop.margin"] == "5"
-    assert version.tags["source.cc-ccii.held_out"] == "1" and "source.cc-ccii.auc" in version.tags
+    assert version.tags["source.cc-ccii.held_out"] == "0" and "source.cc-ccii.auc" in version.tags
+    assert version.tags["source.lung-seg.held_out"] == "1"
     assert (repo / "models/pipeline/MLmodel").is_file()
     covidct = [sys.executable, "-m", "covidct"]
     promoted = _run([*covidct, "promote", "--min-val-recall", "0"], repo, env)
