@@ -215,3 +215,14 @@ def test_paired_auc_difference_of_seed_means():
     assert three["ci_high"] - three["ci_low"] < one["ci_high"] - one["ci_low"]
     with pytest.raises(ValueError, match="length"):
         paired_auc_difference(y, weak, strong[:, :-1])
+
+
+def test_rank_auc_is_sklearns_auc_ties_included() -> None:
+    """The patient bootstrap's fast AUC must be the same number roc_auc_score gives."""
+    from covidct.metrics import _rank_auc
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        y = rng.integers(0, 2, 150)
+        s = np.round(rng.random(150), 1)  # many ties
+        assert _rank_auc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import numpy as np
 import pandas as pd
 from numpy.typing import ArrayLike
+from scipy.stats import rankdata
 from sklearn.metrics import (
     accuracy_score,
     confusion_matrix,
@@ -194,6 +195,15 @@ def metrics_with_ci(
     return {name: {"value": point[name], "ci_low": ci[name][0], "ci_high": ci[name][1]} for name in METRIC_NAMES}
 
 
+def _rank_auc(y: np.ndarray, s: np.ndarray) -> float:
+    """ROC AUC as the Mann-Whitney statistic (ties count half, as in ``roc_auc_score``), in
+    microseconds instead of sklearn's milliseconds: a patient bootstrap calls it thousands of times."""
+    ranks = rankdata(s)
+    positives = y == 1
+    n_pos, n_neg = int(positives.sum()), int((~positives).sum())
+    return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
 def _patient_resamples(t: np.ndarray, groups: ArrayLike, n_boot: int, seed: int) -> Iterator[np.ndarray]:
     """Slice indices of patients drawn with replacement within their class (a patient's class:
     any COVID slice), keeping the class's patient count."""
@@ -277,7 +287,7 @@ def paired_auc_difference(
         resamples = list(_patient_resamples(t, groups, n_boot, seed))
 
         def mean_auc(rows: np.ndarray) -> tuple[float, np.ndarray]:
-            boot = [np.mean([roc_auc_score(t[i], r[i]) for r in rows]) for i in resamples]
+            boot = [np.mean([_rank_auc(t[i], r[i]) for r in rows]) for i in resamples]
             return float(np.mean([roc_auc_score(t, r) for r in rows])), np.asarray(boot)
 
     (auc_a, boot_a), (auc_b, boot_b) = mean_auc(a), mean_auc(b)
