@@ -24,7 +24,7 @@ COVIDCT = str(Path(sys.executable).parent / "covidct")
 LEVERS = """\
 study: t
 variant: raw
-base: {classifier.epochs: 1}
+base: {classifier.epochs: 1, classifier.sources: [covid-ct]}
 levers:
   baseline: {}
   timm_head: {classifier.head_init: timm}
@@ -72,6 +72,8 @@ def test_levers_table_mlflow_runs_and_reuse(root: Path) -> None:
             <= table.loc[lever, "test_auc_delta"]
             <= table.loc[lever, "test_auc_delta_ci_high"]
         )
+    # CC-CCII's validation patients, never trained on, are scored beside COVID-CT's splits
+    assert table["cc_val_auc"].between(0, 1).all() and table["cc_val_auc_ci_low"].le(table["cc_val_auc"]).all()
     # the threshold is the validation split's: its recall reaches evaluate.val_recall_floor
     assert (table["val_recall"] >= load_params(root / "params.yaml")["evaluate"]["val_recall_floor"]).all()
     markdown = (root / "reports" / "levers" / "t.md").read_text()
@@ -109,8 +111,8 @@ def test_levers_over_seeds_reuse_other_studies_and_ensemble(root: Path) -> None:
         "lr"
     ]  # what the previous test left, so baseline seed 0 is t's baseline
     (root / "s.yaml").write_text(
-        f"study: s\nvariant: raw\nbase: {{classifier.epochs: 1, classifier.lr: {lr}}}\nseeds: [0, 1]\n"
-        + LEVERS.split("\n", 3)[3]
+        f"study: s\nvariant: raw\nbase: {{classifier.epochs: 1, classifier.sources: [covid-ct], classifier.lr: {lr}}}\n"
+        "seeds: [0, 1]\n" + LEVERS.split("\n", 3)[3]
     )
     done = _levers(root, "s.yaml")
     assert done.returncode == 0, done.stderr

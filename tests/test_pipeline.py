@@ -166,7 +166,9 @@ def test_every_source_is_scored_and_held_out_sources_say_so(tiny_repo: tuple[Pat
     assert sources["cc-ccii.studies"]["studies"] >= 3 and sources["cc-ccii.studies"]["top_k"] in (0, 1, 3, 5, 10)
     assert 0.0 <= sources["lung-seg"]["recall"] <= 1.0 and sources["gate"]["refused"] == 0
     scores = pd.read_csv(repo / "reports/sources/scores.csv")
-    assert len(scores) == 12 + 18 + 9 and scores["probability"].between(0, 1).all()  # validation splits too: for choices
+    assert (
+        len(scores) == 12 + 18 + 9 and scores["probability"].between(0, 1).all()
+    )  # validation splits too: for choices
     assert set(scores.loc[scores["source"] == "cc-ccii", "split"]) == {"val", "test"}
     report = (repo / "reports/sources/report.md").read_text()
     assert (
