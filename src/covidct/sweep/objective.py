@@ -127,7 +127,8 @@ class TrialObjective:
         return value
 
     def classifier(self, trial: optuna.Trial, params: dict[str, Any], crops: Path) -> float:
-        config = section(params, "classifier")
+        # a trial crops COVID-CT for its own segmenter and margin, so it trains on COVID-CT alone
+        config = dataclasses.replace(section(params, "classifier"), sources=("covid-ct",))
         boxes = pd.read_csv(crops / "boxes.csv")
         views = config.lung_mask or config.standardise  # the trial sees crops as the pipeline would show them
         masks = [crops / "lung" / c for c in boxes["crop"]] if views else None
