@@ -115,7 +115,8 @@ def report(figures: dict[str, dict[str, float]], threshold: float, top_k: int, t
         "",
         f"A scan's score is the mean of {f'its {top_k} highest slice scores' if top_k else 'all its slice scores'} (chosen on CC-CCII's "
         f"validation scans among the top 1, 3, 5, 10 and all, by AUC); scored on the {figures['cc-ccii.studies']['studies']:.0f} test scans. "
-        "Sensitivity and specificity are at the slice threshold.",
+        f"Sensitivity and specificity are at the study threshold {figures['cc-ccii.studies']['threshold']:.4f}, chosen on the "
+        "validation scans by the slice threshold's rule (evaluate.val_recall_floor).",
         "",
         markdown_table(
             ["studies", "AUC", "sensitivity", "specificity"],
