@@ -68,12 +68,12 @@ def run(params: dict[str, Any], root: Path) -> None:
     with stage_run("evaluate", {"evaluate": dataclasses.asdict(config)}):
         for variant in VARIANTS:
             predictions = read_predictions(root, variant)
-            thresholds[variant] = decision_threshold(
-                predictions[(predictions["split"] == "val") & predictions["trained"]], config
-            )
+            val = predictions[(predictions["split"] == "val") & predictions["trained"]]
+            thresholds[variant] = decision_threshold(val, config)
             per_split = {}
             for split in ("val", "test"):
-                part = paper_split(predictions, split)
+                # val: what the threshold was chosen on (pooled over the training sources); test: the paper's
+                part = val if split == "val" else paper_split(predictions, split)
                 per_split[split] = metrics_with_ci(
                     part["label"].to_numpy(),
                     part["score"].to_numpy(),
