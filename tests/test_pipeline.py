@@ -121,7 +121,10 @@ def test_every_output_is_written(tiny_repo: tuple[Path, dict[str, str]]) -> None
     split = pd.read_csv(repo / "data/splits/covid_ct.csv")
     assert len(split) == 3 * 2 * 3  # tiny profile: 3 per class and split
     boxes = pd.read_csv(repo / "reports/crop/boxes.csv")
-    assert len(boxes) == len(split)
+    cc_ccii = pd.read_csv(repo / "data/splits/cc_ccii.csv").query(
+        "split != 'test'"
+    )  # its test split meets only the pipeline
+    assert boxes.groupby("source").size().to_dict() == {"covid-ct": len(split), "cc-ccii": len(cc_ccii)}
     assert (
         (boxes["x_min"] >= 0)
         & (boxes["x_max"] < boxes["width"])
@@ -132,6 +135,8 @@ def test_every_output_is_written(tiny_repo: tuple[Path, dict[str, str]]) -> None
         with Image.open(repo / "data/crops/images" / crop) as image:
             original = boxes.loc[boxes["crop"] == crop].iloc[0]
             assert image.size == (original["width"], original["height"])  # resized back to the original size
+        with Image.open(repo / "data/crops/lung" / crop) as lung:  # the crop's own lung mask, aligned with it
+            assert lung.size == image.size
     report = (repo / "reports/results.md").read_text()
     assert "87.2" in report and "Zhao" in report  # published figures beside this run's
 
