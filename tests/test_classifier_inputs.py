@@ -133,16 +133,13 @@ def _split_files(root: Path) -> None:
 def test_classifier_table_marks_what_is_trained_on_and_never_takes_cc_ccii_test(tmp_path: Path) -> None:
     _split_files(tmp_path)
     one = classifier_table(tmp_path, ClassifierConfig(cc_ccii_per_scan=3))
-    assert one.groupby("source").size().to_dict() == {
-        "covid-ct": 3,
-        "cc-ccii": 6,
-    }  # 3 slices of the train and val scans each
-    assert "test" not in set(one.loc[one["source"] == "cc-ccii", "split"])
+    # CC-CCII is not trained on: only 3 slices of its validation scan, scored as held-out evidence
+    assert one.groupby("source").size().to_dict() == {"covid-ct": 3, "cc-ccii": 3}
+    assert set(one.loc[one["source"] == "cc-ccii", "split"]) == {"val"}
     assert one.loc[one["trained"], "source"].unique().tolist() == ["covid-ct"]
-    assert one.loc[one["source"] == "cc-ccii", "patient"].unique().tolist() == [
-        "P1",
-        "P2",
-    ]  # what a bootstrap resamples
+    assert one.loc[one["source"] == "cc-ccii", "patient"].unique().tolist() == ["P2"]  # what a bootstrap resamples
+    reverse = classifier_table(tmp_path, ClassifierConfig(sources=("cc-ccii",), cc_ccii_per_scan=3))
+    assert set(reverse.loc[reverse["source"] == "covid-ct", "split"]) == {"val", "test"}
     both = classifier_table(tmp_path, ClassifierConfig(sources=("covid-ct", "cc-ccii"), cc_ccii_per_scan=0))
     assert both["trained"].all() and len(both) == 3 + 12
     meta = checkpoint_meta(ClassifierConfig(sources=("covid-ct", "cc-ccii"), lung_mask=True, standardise=True), "raw")

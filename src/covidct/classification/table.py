@@ -43,7 +43,9 @@ def classifier_table(root: Path, config: ClassifierConfig) -> pd.DataFrame:
         source=CC_CCII, patient=lambda t: t["patient_group"].astype(str)
     )
     table = pd.concat([covid, cc], ignore_index=True)
-    return table.assign(trained=table["source"].isin(config.sources))[COLUMNS]
+    table = table.assign(trained=table["source"].isin(config.sources))
+    # A source's training rows only matter where it is trained on: the rest are never decoded.
+    return table[table["trained"] | (table["split"] != "train")].reset_index(drop=True)[COLUMNS]
 
 
 def load_classifier_inputs(
