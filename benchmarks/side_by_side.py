@@ -12,15 +12,16 @@ from typing import Any
 from covidct.atomic import write_text_atomic
 
 
-def alternate(contenders: dict[str, Callable[[], float]], rounds: int) -> dict[str, Any]:
-    """Each contender returns images/s for one round; one warm-up round each, then ``rounds``."""
+def alternate(contenders: dict[str, Callable[[], float]], rounds: int, unit: str = "images_per_s") -> dict[str, Any]:
+    """Each contender returns one round's figure (images/s unless ``unit`` says otherwise); one
+    warm-up round each, then ``rounds``."""
     for run in contenders.values():
         run()
     speeds: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(rounds):
         for name, run in contenders.items():
             speeds[name].append(run())
-    return {f"{name}_images_per_s": statistics.median(values) for name, values in speeds.items()} | {
+    return {f"{name}_{unit}": statistics.median(values) for name, values in speeds.items()} | {
         "rounds": {name: [round(v, 2) for v in values] for name, values in speeds.items()}
     }
 

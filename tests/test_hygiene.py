@@ -22,24 +22,10 @@ from PIL import Image
 from conftest import DATA, REPO
 from covidct.config import AuditConfig, ConfigError, load_params, section
 from covidct.datasets import DatasetError
-from covidct.hygiene import (
-    HASH_BITS,
-    IDENTICAL_FILE,
-    IDENTICAL_PIXELS,
-    NEAR_DUPLICATE,
-    KeypointMatcher,
-    LeakageError,
-    audit_dataset,
-    covid_ct_patients,
-    cross_split_pairs,
-    fingerprint_images,
-    hamming_distances,
-    leak_message,
-    linked_patients,
-    lung_patients,
-    perceptual_hash,
-    trim_to_body,
-)
+from covidct.hygiene.audit import LeakageError, audit_dataset, leak_message
+from covidct.hygiene.fingerprints import HASH_BITS, fingerprint_images, hamming_distances, perceptual_hash, trim_to_body
+from covidct.hygiene.pairs import IDENTICAL_FILE, IDENTICAL_PIXELS, NEAR_DUPLICATE, KeypointMatcher, cross_split_pairs
+from covidct.hygiene.patients import covid_ct_patients, linked_patients, lung_patients
 from covidct.images import read_grayscale
 from covidct.stages import audit_data
 

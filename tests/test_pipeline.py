@@ -10,7 +10,6 @@ import base64
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import urllib.request
@@ -20,11 +19,11 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
-from ruamel.yaml import YAML
 
-from conftest import DATA, REPO
-from covidct.profiles import apply_profile
+from conftest import REPO
+from covidct.profiles import set_params
 from helpers.serving import free_port, wait_until_serving
+from helpers.tiny import clean_env, make_tiny_repo, ran_stages, run_ok
 
 pytestmark = pytest.mark.slow
 
@@ -42,59 +41,12 @@ STAGES = {
 }
 
 
-def _run(args: list[str], cwd: Path, env: dict[str, str], timeout: int = 900) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-    return result
-
-
-def _ran_stages(output: str) -> set[str]:
-    return set(re.findall(r"Running stage '([^']+)'", output))
-
-
-def _set_param(repo: Path, dotted: str, value: object) -> None:
-    yaml = YAML()
-    path = repo / "params.yaml"
-    params = yaml.load(path.read_text())
-    *parents, leaf = dotted.split(".")
-    node = params
-    for key in parents:
-        node = node[key]
-    node[leaf] = value
-    with path.open("w") as handle:
-        yaml.dump(params, handle)
-
-
 @pytest.fixture(scope="module")
 def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
-    repo = tmp_path_factory.mktemp("covidct") / "repo"
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
-    ).stdout.split()
-    for name in files:
-        if (REPO / name).is_file() and not name.startswith(("dvc.lock", "reports/", "models/")):
-            (repo / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, repo / name)
-    apply_profile(repo, "tiny")
-    _set_param(repo, "data.source_dir", str(DATA))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "COVIDCT_"))}
-    env |= {
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
-        "NO_ALBUMENTATIONS_UPDATE": "1",
-        "COVIDCT_DEVICE": "cpu",
-        "GIT_AUTHOR_NAME": "t",
-        "GIT_AUTHOR_EMAIL": "t@t",
-        "GIT_COMMITTER_NAME": "t",
-        "GIT_COMMITTER_EMAIL": "t@t",
-    }
-    _run(["git", "init", "-q"], repo, env)
-    if not (repo / ".dvc").is_dir():
-        _run(["dvc", "init", "-q"], repo, env)
-    _run(["dvc", "config", "core.analytics", "false"], repo, env)
-    _run(["git", "add", "-A"], repo, env)
-    _run(["git", "commit", "-qm", "tiny"], repo, env)
-    result = _run(["dvc", "repro"], repo, env)
-    assert _ran_stages(result.stdout) == STAGES
+    env = clean_env()
+    repo = make_tiny_repo(tmp_path_factory.mktemp("covidct") / "repo", env)
+    result = run_ok(["dvc", "repro"], repo, env)
+    assert ran_stages(result.stdout) == STAGES
     return repo, env
 
 
@@ -228,10 +180,10 @@ def test_registered_pipeline_is_promoted_and_reproduces_the_evaluate_stage(
     assert version.tags["source.lung-seg.held_out"] == "1"
     assert (repo / "models/pipeline/MLmodel").is_file()
     covidct = [sys.executable, "-m", "covidct"]
-    promoted = _run([*covidct, "promote", "--min-val-recall", "0"], repo, env)
+    promoted = run_ok([*covidct, "promote", "--min-val-recall", "0"], repo, env)
     assert "version 1 promoted" in promoted.stdout
     # A fresh process loads models:/covidct@champion and scores the raw test scans end to end.
-    verified = _run([*covidct, "verify-model", "--split", "test", "--external"], repo, env)
+    verified = run_ok([*covidct, "verify-model", "--split", "test", "--external"], repo, env)
     assert "reproduces the evaluate stage's test metrics exactly" in verified.stdout
     unseen = verified.stdout.split("unseen scans")[1].splitlines()
     assert (
@@ -250,7 +202,7 @@ def test_readmes_serve_command_works_as_written(tiny_repo: tuple[Path, dict[str,
     points the plain ``mlflow`` CLI at the project's store, then the serve command (its port
     swapped for a free one), and the champion answers; no stray ./mlflow.db is left behind."""
     repo, env = tiny_repo
-    _run(
+    run_ok(
         [sys.executable, "-m", "covidct", "promote", "--min-val-recall", "0"], repo, env
     )  # a champion, if no test made one yet
     export, serve = (
@@ -287,11 +239,11 @@ def test_readmes_serve_command_works_as_written(tiny_repo: tuple[Path, dict[str,
 
 def test_second_repro_does_nothing_and_margin_reruns_only_downstream(tiny_repo: tuple[Path, dict[str, str]]) -> None:
     repo, env = tiny_repo
-    again = _run(["dvc", "repro"], repo, env)
-    assert _ran_stages(again.stdout) == set()
-    _set_param(repo, "crop.margin", 3)
-    changed = _run(["dvc", "repro"], repo, env)
-    assert _ran_stages(changed.stdout) == {
+    again = run_ok(["dvc", "repro"], repo, env)
+    assert ran_stages(again.stdout) == set()
+    set_params(repo, {"crop.margin": 3})
+    changed = run_ok(["dvc", "repro"], repo, env)
+    assert ran_stages(changed.stdout) == {
         "crop_images",
         "train_classifier@cropped",
         "evaluate",

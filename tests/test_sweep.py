@@ -4,15 +4,14 @@ kill (heartbeat), and two workers sharing one study on a real PostgreSQL server.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import mlflow
 import optuna
 import pytest
 import sqlalchemy.exc
@@ -22,6 +21,7 @@ from ruamel.yaml import YAML
 
 from covidct.sweep.config import load_sweep
 from covidct.sweep.study import apply_best, finished_trials, run_sweep, summarise
+from helpers.servers import Postgres, running_mlflow_server
 from helpers.tiny import prepare_tiny_root
 
 pytestmark = pytest.mark.slow
@@ -146,47 +146,19 @@ def test_killed_sweep_resumes_without_losing_or_repeating_trials(root: Path, env
 
 
 @pytest.fixture(scope="module")
-def postgres() -> Iterator[str]:
-    """A real PostgreSQL server in a temporary directory, on a unix socket only."""
-    bins = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
-    assert bins, "PostgreSQL server binaries are missing: .ci/run installs Debian's postgresql package"
-    bindir = bins[-1].parent
-    base = Path(tempfile.mkdtemp(prefix="covidct-pg-"))
-    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    if as_postgres:
-        shutil.chown(base, "postgres")
-    base.chmod(0o755)
-    data, port = base / "data", "54329"
-    subprocess.run(
-        [*as_postgres, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"],
-        check=True,
-        capture_output=True,
-    )
-    options = f"-k {base} -c listen_addresses='' -p {port}"
-    subprocess.run(
-        [*as_postgres, str(bindir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(base / "log"), "-w", "start"],
-        check=True,
-        capture_output=True,
-    )
-    try:
-        for name in ("optuna", "mlflow"):
-            subprocess.run(
-                [*as_postgres, str(bindir / "createdb"), "-h", str(base), "-p", port, "-U", "postgres", name],
-                check=True,
-                capture_output=True,
-            )
-        yield f"postgresql+psycopg://postgres@/{{db}}?host={base}&port={port}"
-    finally:
-        subprocess.run(
-            [*as_postgres, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"], capture_output=True
-        )
-        shutil.rmtree(base, ignore_errors=True)
+def tracking_server(postgres: Postgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The team's MLflow server: PostgreSQL backend, artifacts proxied to a directory only it writes."""
+    with running_mlflow_server(postgres.create_database("mlflow_sweep"), tmp_path_factory.mktemp("artifacts")) as url:
+        yield url
 
 
-def test_two_workers_share_one_study_on_postgresql(root: Path, env: dict[str, str], postgres: str) -> None:
+def test_two_workers_share_one_study_on_postgresql_and_one_tracking_server(
+    root: Path, env: dict[str, str], postgres: Postgres, tracking_server: str, tmp_path: Path
+) -> None:
+    """Two workers (one per GPU on a GPU machine: CUDA_VISIBLE_DEVICES per process) on one Optuna
+    study in PostgreSQL, logging through the team's MLflow server: one parent, no trial twice."""
     path = _config(root, "distributed", 6)
-    storage, tracking = postgres.format(db="optuna"), postgres.format(db="mlflow")
-    MlflowClient(tracking).search_experiments()  # create MLflow's tables once, before two workers race to
+    storage, tracking = postgres.create_database("optuna"), tracking_server
     env = env | {"MLFLOW_TRACKING_URI": tracking}
     logs = [root / f"distributed-{i}.log" for i in range(2)]
     workers = []
@@ -210,3 +182,9 @@ def test_two_workers_share_one_study_on_postgresql(root: Path, env: dict[str, st
     parents = {r.info.run_id for r in runs if r.data.tags["covidct.role"] == "study"}
     assert len(parents) == 1
     assert {r.data.tags["mlflow.parentRunId"] for r in runs if r.data.tags["covidct.role"] == "trial"} == parents
+    # Artifacts went through the server (no client wrote them by path): another directory reads them.
+    assert all(r.info.artifact_uri.startswith("mlflow-artifacts:") for r in runs)
+    [summary, *_] = [r for r in runs if r.data.tags["covidct.role"] == "study_summary"]
+    elsewhere = tmp_path / "another-clone"
+    mlflow.artifacts.download_artifacts(run_id=summary.info.run_id, dst_path=str(elsewhere), tracking_uri=tracking)
+    assert any(elsewhere.glob("*.png")) and not (root / "mlruns" / "artifacts").exists()

@@ -9,8 +9,9 @@ import pytest
 
 from conftest import REPO
 from covidct.config import ConfigError, load_params, section
+from covidct.experiments.overrides import with_overrides
 from covidct.sweep.config import load_sweep
-from covidct.sweep.space import suggest, with_overrides
+from covidct.sweep.space import suggest
 
 SHIPPED = sorted((REPO / "pipelines" / "sweeps").glob("*.yaml"))
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from covidct.tracking import GROUP_TAG, flatten, log_pipeline_metrics, stage_run, tracking_uri
+from covidct.config import ConfigError
+from covidct.tracking import GROUP_TAG, TrackingServerError, flatten, log_pipeline_metrics, stage_run, tracking_uri
+from helpers.serving import free_port
 
 
 @pytest.fixture()
@@ -81,3 +84,16 @@ def test_failed_stage_is_recorded_as_failed(store: Path, monkeypatch: pytest.Mon
 
 def test_flatten_nested_params() -> None:
     assert flatten({"a": {"b": 1, "c": {"d": 2}}, "e": 3}) == {"a.b": 1, "a.c.d": 2, "e": 3}
+
+
+def test_a_tracking_server_that_does_not_answer_stops_a_stage_at_once_naming_it(
+    store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", dead)
+    started = time.monotonic()
+    with pytest.raises(TrackingServerError, match=re.escape(dead)) as raised:
+        with stage_run("crop_images", {"crop": {"margin": 5}}):
+            pytest.fail("the stage body must not run")
+    assert time.monotonic() - started < 10 and isinstance(raised.value, ConfigError)  # a stage prints it in one line
+    assert not (store / "mlruns").exists()  # nothing written locally instead

@@ -38,11 +38,9 @@ def _sweep(args: argparse.Namespace, root: Path) -> None:
 
 def _registry(root: Path) -> RegistryConfig:
     """Registry defaults from params.yaml; the store is the project's (or MLFLOW_TRACKING_URI)."""
-    import mlflow
+    from covidct.tracking import connect
 
-    from covidct.tracking import tracking_uri
-
-    mlflow.set_tracking_uri(tracking_uri(root))
+    connect(root)
     return (
         section(load_params(root / "params.yaml"), "registry") if (root / "params.yaml").is_file() else RegistryConfig()
     )
@@ -139,7 +137,8 @@ def _verify_model(args: argparse.Namespace, root: Path) -> None:
 
 
 def _levers(args: argparse.Namespace, root: Path) -> None:
-    from covidct.levers import load_levers, run_levers
+    from covidct.levers.runner import run_levers
+    from covidct.levers.study import load_levers
     from covidct.runtime import configure_threads, select_device
 
     study = load_levers(args.config)

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from covidct.datasets import CC_CCII, COVID_CT, LUNG_SEG
-from covidct.hygiene import covid_ct_patients
+from covidct.hygiene.patients import covid_ct_patients
 from covidct.metrics import binary_metrics, flatten_metrics, patient_metrics_with_ci
 from covidct.paths import CC_CCII_SPLIT, COVID_CT_SPLIT, LUNG_SPLIT, raw
 from covidct.study import top_k_mean

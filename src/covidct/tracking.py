@@ -1,5 +1,6 @@
-"""MLflow runs for pipeline stages: one store under ``mlruns/``, one experiment, and every stage
-run of one ``dvc repro`` nested under a shared parent run so the UI compares them side by side.
+"""MLflow runs for pipeline stages: one store (``mlruns/``, or the team's server), one experiment,
+and every stage run of one ``dvc repro`` nested under a shared parent run so the UI compares
+them side by side.
 """
 
 from __future__ import annotations
@@ -8,6 +9,8 @@ import contextlib
 import os
 import subprocess
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -16,6 +19,8 @@ from typing import Any
 import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+
+from covidct.config import ConfigError
 
 DEFAULT_EXPERIMENT = "covidct"
 GROUP_TAG = "covidct.pipeline_run"
@@ -33,6 +38,35 @@ def tracking_uri(root: Path | None = None) -> str:
     store = (root or repo_root()) / "mlruns"
     store.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{store / 'mlflow.db'}"
+
+
+class TrackingServerError(ConfigError):
+    """The tracking server in ``MLFLOW_TRACKING_URI`` does not answer."""
+
+
+def is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def connect(root: Path | None = None, timeout_s: float = 5.0) -> str:
+    """Point MLflow at the project's store. A server that does not answer ends the command here,
+    in seconds and naming the URI, before anything is written: MLflow's own client would retry
+    every request for minutes first."""
+    uri = tracking_uri(root)
+    if is_server(uri):
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s):
+                pass
+        except urllib.error.HTTPError:
+            pass  # it answers (a proxy or an auth layer may guard /health)
+        except (OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise TrackingServerError(
+                f"MLFLOW_TRACKING_URI={uri} does not answer ({reason}): start the team's MLflow server "
+                "(docs/team.md) or unset MLFLOW_TRACKING_URI to log to mlruns/"
+            ) from None
+    mlflow.set_tracking_uri(uri)
+    return uri
 
 
 def git_commit(root: Path) -> str:
@@ -94,15 +128,16 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def _experiment_id(client: MlflowClient, name: str, root: Path) -> str:
+    """A server stores artifacts where its ``--artifacts-destination`` says (clients upload
+    through it); only a local store keeps them beside itself, under ``mlruns/artifacts``."""
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         if experiment.tags.get("mlflow.experimentKind") is None:  # made before the tag was set
             client.set_experiment_tag(experiment.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
         return experiment.experiment_id
+    local = None if is_server(mlflow.get_tracking_uri()) else (root / "mlruns" / "artifacts").as_uri()
     try:
-        return client.create_experiment(
-            name, artifact_location=(root / "mlruns" / "artifacts").as_uri(), tags=EXPERIMENT_KIND
-        )
+        return client.create_experiment(name, artifact_location=local, tags=EXPERIMENT_KIND)
     except MlflowException:  # another worker created it a moment ago
         experiment = client.get_experiment_by_name(name)
         if experiment is None:
@@ -144,7 +179,7 @@ def child_run(
 ) -> Iterator[mlflow.ActiveRun]:
     """An MLflow run nested under the parent identified by ``parent_key`` (see ``_parent_run``)."""
     root = repo_root()
-    mlflow.set_tracking_uri(tracking_uri(root))
+    connect(root)
     client = MlflowClient()
     experiment_id = _experiment_id(client, os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT), root)
     commit = git_commit(root)

@@ -3,6 +3,11 @@ root prepared as `dvc repro prepare_data` leaves it on the tiny profile."""
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 from conftest import DATA, REPO
@@ -39,8 +44,6 @@ def save_tiny_networks(root: Path) -> tuple[Path, Path]:
 
 def prepare_tiny_root(root: Path) -> Path:
     """``root`` as `dvc repro prepare_data` leaves it on the tiny profile: params, profiles, data and splits."""
-    import shutil
-
     from covidct.config import load_params
     from covidct.profiles import apply_profile, set_params
     from covidct.stages import prepare_data
@@ -51,3 +54,51 @@ def prepare_tiny_root(root: Path) -> Path:
     set_params(root, {"data.source_dir": str(DATA)})
     prepare_data.run(load_params(root / "params.yaml"), root)
     return root
+
+
+def run_ok(args: list[str], cwd: Path, env: dict[str, str], timeout: int = 900) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return result
+
+
+def ran_stages(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This environment without any MLflow, DVC or covidct setting of the caller's, on the CPU."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "COVIDCT_"))}
+    return env | {
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
+        "NO_ALBUMENTATIONS_UPDATE": "1",
+        "COVIDCT_DEVICE": "cpu",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+        **extra,
+    }
+
+
+def make_tiny_repo(repo: Path, env: dict[str, str]) -> Path:
+    """A git + DVC repository at ``repo`` with this checkout's files (no outputs) on the tiny
+    profile, reading the real data, committed and ready for `dvc repro`."""
+    from covidct.profiles import apply_profile, set_params
+
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
+    for name in files:
+        if (REPO / name).is_file() and not name.startswith(("dvc.lock", "reports/", "models/")):
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, repo / name)
+    apply_profile(repo, "tiny")
+    set_params(repo, {"data.source_dir": str(DATA)})
+    run_ok(["git", "init", "-q"], repo, env)
+    if not (repo / ".dvc").is_dir():
+        run_ok(["dvc", "init", "-q"], repo, env)
+    run_ok(["dvc", "config", "core.analytics", "false"], repo, env)
+    run_ok(["git", "add", "-A"], repo, env)
+    run_ok(["git", "commit", "-qm", "tiny"], repo, env)
+    return repo

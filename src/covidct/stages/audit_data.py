@@ -19,19 +19,9 @@ import pandas as pd
 from covidct.atomic import write_text_atomic
 from covidct.config import AuditConfig, section
 from covidct.datasets import CC_CCII, COVID_CT, LUNG_SEG, DatasetError
-from covidct.hygiene import (
-    DatasetAudit,
-    LeakageError,
-    audit_dataset,
-    covid_ct_patients,
-    leak_message,
-    lung_patients,
-    noncovid_split_lists,
-    patient_overlap,
-    report_json,
-    report_markdown,
-    save_pair_gallery,
-)
+from covidct.hygiene.audit import DatasetAudit, LeakageError, audit_dataset, leak_message
+from covidct.hygiene.patients import covid_ct_patients, lung_patients, noncovid_split_lists, patient_overlap
+from covidct.hygiene.report import report_json, report_markdown, save_pair_gallery
 from covidct.paths import AUDIT_REPORTS, RAW, SPLITS
 from covidct.tracking import stage_run
 

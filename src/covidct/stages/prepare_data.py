@@ -18,7 +18,8 @@ from covidct.datasets import (
     covid_ct_split,
     lung_split,
 )
-from covidct.hygiene import fingerprint_images, linked_patients
+from covidct.hygiene.fingerprints import fingerprint_images
+from covidct.hygiene.patients import linked_patients
 from covidct.paths import RAW, SPLITS
 
 

@@ -21,6 +21,8 @@ from covidct.classification.table import checkpoint_meta
 from covidct.classification.train import fit_and_predict
 from covidct.config import section
 from covidct.datasets import COVID_CT, covid_ct_split
+from covidct.experiments.cache import cache_key, get_or_build
+from covidct.experiments.overrides import with_overrides
 from covidct.lung_crop import crop_dataset
 from covidct.metrics import binary_metrics
 from covidct.paths import RAW
@@ -28,9 +30,8 @@ from covidct.runtime import select_device
 from covidct.segmentation.data import load_lung_split
 from covidct.segmentation.model import load_segmenter
 from covidct.segmentation.train import train_segmenter
-from covidct.sweep.cache import cache_key, get_or_build
 from covidct.sweep.config import SweepConfig
-from covidct.sweep.space import suggest, with_overrides
+from covidct.sweep.space import suggest
 from covidct.tracking import child_run
 
 

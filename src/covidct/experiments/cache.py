@@ -1,5 +1,5 @@
-"""Reuse of expensive trial stages: a trained segmenter for the same (loss, preprocessing,
-budget) parameters, crops for the same (segmenter, margin) pair.
+"""Reuse of expensive work: a sweep trial's segmenter for the same (loss, preprocessing, budget)
+parameters, its crops for the same (segmenter, margin) pair, a lever run for the same settings and pixels.
 
 Entries are directories named by a hash of everything that determines their content, built
 in a temporary directory and renamed into place, under a file lock so two workers on one

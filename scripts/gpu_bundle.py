@@ -1,0 +1,157 @@
+"""Builds ``.gpu/`` for the device check (``scripts/gpu_check.py``) and dry-runs the check on the
+CPU here, in one command, so a session lent a GPU only has to carry ``.gpu`` and run it:
+
+    python scripts/gpu_bundle.py          # after `dvc repro prepare_data`; about 10 minutes
+
+A device call carries at most 64 MiB, and ``../shared`` does not travel, so ``.gpu/`` holds:
+- ``root/``: a prepared repository root, as `dvc repro prepare_data` leaves one, compacted:
+  COVID-CT whole (746 images, longest side at most 384 px: the paper profile classifies at
+  320), the lung set whole (images JPEG, masks PNG as they are), CC-CCII a few scans per split
+  and class; every file under its own name (the readers decode by content), the splits as
+  prepare_data wrote them (CC-CCII's cut to what travels), and ``params.yaml`` on the paper
+  profile with the budget of ``CHECK_BUDGET`` and random starting weights (no hub there);
+- ``wheels/``: every package the dry run imported that the device image lacks
+  (``DEVICE_PACKAGES``, from the device's package list), at the versions installed here,
+  built for its Python 3.12.
+The dry run (``gpu_check.py --dry-run`` on a copy of ``root/``) also records which modules the
+check imports, which is how the wheel list is made and checked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from covidct.images import read_grayscale
+from covidct.paths import CC_CCII_SPLIT, COVID_CT_SPLIT, LUNG_SPLIT, raw
+from covidct.profiles import apply_profile, set_params
+
+#: What the paper profile runs for in the check: ~7 minutes of an H200 for the whole of it.
+CHECK_BUDGET = {"segmenter.epochs": 30, "classifier.epochs": 20, "classifier.pretrained": "none"}
+COVID_CT_SIDE, JPEG_QUALITY = 384, 92
+CC_CCII_SCANS, CC_CCII_SLICES = 4, 8  # per split and class; evenly spaced slices per scan
+#: Distributions the device image already has (the device tool's package list, read 2026-11-17);
+#: timm is left out of it on purpose, so it travels: the code needs the API of the version pinned here.
+DEVICE_PACKAGES = set(
+    """absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs certifi
+    charset-normalizer click cloudpickle contourpy cycler filelock fonttools frozenlist fsspec h11 h5py
+    hf-xet httpcore httpx huggingface-hub idna imageio jinja2 joblib kiwisolver lazy-loader markdown
+    markdown-it-py markupsafe matplotlib mdurl ml-dtypes mpmath msgpack multidict networkx numpy
+    opencv-python-headless packaging pandas pillow pip platformdirs protobuf psutil pyarrow pygments
+    pyparsing python-dateutil pytz pyyaml regex requests rich safetensors scikit-image scikit-learn
+    scipy setuptools six sympy threadpoolctl tifffile tokenizers torch torchvision tqdm
+    typing-extensions tzdata urllib3 werkzeug wheel yarl zipp""".split()
+)
+PLATFORMS = ["manylinux_2_17_x86_64", "manylinux2014_x86_64", *(f"manylinux_2_{n}_x86_64" for n in range(24, 40))]
+
+
+def _jpeg(path: Path, gray: np.ndarray) -> None:
+    ok, data = cv2.imencode(".jpg", gray, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+    assert ok, path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data.tobytes())
+
+
+def _copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(src, dst)
+
+
+def build_root(repo: Path, out: Path) -> None:
+    covid = pd.read_csv(repo / COVID_CT_SPLIT)
+    for relpath in covid["relpath"]:
+        gray = read_grayscale(repo / raw("covid-ct") / relpath)
+        scale = COVID_CT_SIDE / max(gray.shape)
+        if scale < 1:
+            gray = cv2.resize(gray, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+        _jpeg(out / raw("covid-ct") / relpath, gray)
+    shutil.copytree(repo / raw("covid-ct") / "meta", out / raw("covid-ct") / "meta")
+    lung = pd.read_csv(repo / LUNG_SPLIT)
+    for row in lung.itertuples():
+        _jpeg(out / raw("lung-seg") / row.image, read_grayscale(repo / raw("lung-seg") / row.image))
+        _copy(repo / raw("lung-seg") / row.mask, out / raw("lung-seg") / row.mask)
+    cc = pd.read_csv(repo / CC_CCII_SPLIT)
+    scans = cc.drop_duplicates("scan_id").sort_values("scan_id").groupby(["split", "cc_ccii_class"]).head(CC_CCII_SCANS)
+    kept = []
+    for _, scan in cc[cc["scan_id"].isin(scans["scan_id"])].sort_values(["scan_id", "slice"]).groupby("scan_id"):
+        kept.append(scan.iloc[np.unique(np.linspace(0, len(scan) - 1, min(CC_CCII_SLICES, len(scan))).astype(int))])
+    cc = pd.concat(kept)
+    for relpath in cc["relpath"]:
+        _copy(repo / raw("cc-ccii") / relpath, out / raw("cc-ccii") / relpath)
+    (out / CC_CCII_SPLIT).parent.mkdir(parents=True, exist_ok=True)
+    for split in (COVID_CT_SPLIT, LUNG_SPLIT):
+        shutil.copy2(repo / split, out / split)
+    cc.to_csv(out / CC_CCII_SPLIT, index=False)
+    shutil.copy2(repo / "params.yaml", out / "params.yaml")
+    shutil.copytree(repo / "pipelines" / "profiles", out / "pipelines" / "profiles")
+    apply_profile(out, "paper")
+    set_params(out, CHECK_BUDGET)
+    shutil.rmtree(out / "pipelines")
+
+
+def dry_run(repo: Path, root: Path) -> tuple[dict, list[str]]:
+    """The check on a copy of ``root`` on this CPU; its report and the modules it imported."""
+    with tempfile.TemporaryDirectory(prefix="covidct-gpu-dry-") as tmp:
+        copy, out = Path(tmp) / "root", Path(tmp) / "out"
+        shutil.copytree(root, copy)
+        command = [sys.executable, str(repo / "scripts/gpu_check.py"), "--root", str(copy), "--out", str(out)]
+        subprocess.run([*command, "--dry-run"], check=True)
+        return json.loads((out / "check.json").read_text()), json.loads((out / "modules.json").read_text())
+
+
+def needed_distributions(modules: list[str]) -> dict[str, str]:
+    """Distribution -> version installed here, for each imported module the device lacks."""
+    owners = importlib.metadata.packages_distributions()
+    needed = {}
+    for module in modules:
+        for dist in owners.get(module, []):
+            name = re.sub(r"[-_.]+", "-", dist).lower()
+            if name not in DEVICE_PACKAGES and name != "covidct":
+                needed[name] = importlib.metadata.version(dist)
+    return dict(sorted(needed.items()))
+
+
+def download_wheels(needed: dict[str, str], out: Path) -> None:
+    shutil.rmtree(out, ignore_errors=True)
+    platforms = [arg for p in PLATFORMS for arg in ("--platform", p)]
+    command = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "-d", str(out)]
+    command += ["--python-version", "3.12", "--implementation", "cp", *platforms]
+    subprocess.run([*command, *(f"{name}=={version}" for name, version in needed.items())], check=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path(".gpu"))
+    args = parser.parse_args()
+    repo = Path.cwd()
+    root = args.out / "root"
+    shutil.rmtree(root, ignore_errors=True)
+    build_root(repo, root)
+    report, modules = dry_run(repo, root)
+    needed = needed_distributions(modules)
+    download_wheels(needed, args.out / "wheels")
+    sizes = {
+        p.name: sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) / 2**20 for p in (root, args.out / "wheels")
+    }
+    print(f"dry run on {report['device']}: {report['total_seconds']:.0f} s; stages {', '.join(report['stages'])}")
+    print(f"wheels ({len(needed)}): {', '.join(f'{k}=={v}' for k, v in needed.items())}")
+    print(
+        "MiB: "
+        + ", ".join(f"{k} {v:.1f}" for k, v in sizes.items())
+        + " (a device call carries at most 64 with the checkout)"
+    )
+
+
+if __name__ == "__main__":
+    main()

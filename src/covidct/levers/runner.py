@@ -1,0 +1,149 @@
+"""Train (or reuse) each run of a lever study as its own MLflow run, then write the table."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import torch
+
+from covidct.atomic import write_text_atomic
+from covidct.checkpoints import clear_stage_resume, resume_dir
+from covidct.classification.model import load_classifier
+from covidct.classification.table import checkpoint_meta, classifier_table, load_classifier_inputs
+from covidct.classification.train import fit_and_predict, predict_scores
+from covidct.config import ConfigError, section
+from covidct.experiments.cache import cache_key
+from covidct.experiments.overrides import with_overrides
+from covidct.levers.report import summarise
+from covidct.levers.statistics import PARTS, SCORINGS, score_lever
+from covidct.levers.study import LeverRun, LeverStudy, lever_dir
+from covidct.metrics import flatten_metrics
+from covidct.tracking import child_run
+
+
+def _fingerprint(params: dict[str, Any], images: np.ndarray) -> str:
+    """The lever's settings and its input pixels: a finished lever is reused only while both hold.
+
+    ``ema_decay: 0`` and ``precision: auto`` train exactly as runs from before the options did, so
+    they are left out and those runs keep their fingerprints.
+    """
+    before = {"ema_decay": 0, "precision": "auto"}
+    classifier = {k: v for k, v in params["classifier"].items() if not (k in before and v == before[k])}
+    return cache_key(
+        {
+            "classifier": classifier,
+            "evaluate": params["evaluate"],
+            "images": hashlib.sha256(images.tobytes()).hexdigest(),
+        }
+    )
+
+
+def _reuse(root: Path, out: Path, key: str, run: LeverRun) -> dict[str, Any] | None:
+    """A finished run with these settings and pixels: this one, or another study's (copied here)."""
+    mine = out / "metrics.json"
+    for path in [mine, *sorted((root / "levers").glob("*/*/metrics.json"))]:
+        if not path.is_file() or json.loads(path.read_text()).get("fingerprint") != key:
+            continue
+        record = json.loads(path.read_text())
+        if path != mine:
+            shutil.copytree(path.parent, out, ignore=shutil.ignore_patterns("metrics.json"), dirs_exist_ok=True)
+            record |= {"lever": run.lever, "run": run.name, "seed": run.seed, "overrides": run.overrides}
+            write_text_atomic(mine, json.dumps(record, indent=2))  # last: a half-copied run is not a finished one
+        print(f"lever {run.name}: reused ({path.parent})")
+        return record
+    return None
+
+
+def run_lever(
+    root: Path, base: dict[str, Any], study: LeverStudy, run: LeverRun, device: torch.device
+) -> dict[str, Any]:
+    """Train (or reuse) one lever run; returns its record, also written to ``<lever_dir>/metrics.json``."""
+    params = with_overrides(base, study.base | run.overrides)
+    config, evaluate = section(params, "classifier"), section(params, "evaluate")
+    table = classifier_table(root, config)
+    images = load_classifier_inputs(root, table, study.variant, config, progress=f"decode {study.variant} images")
+    out, key = lever_dir(root, study.study, run.name), _fingerprint(params, images)
+    record = _reuse(root, out, key, run)
+    if record is not None:
+        return record
+    tags = {"covidct.role": "lever", "covidct.lever": run.lever, "covidct.levers": study.study}
+    tags |= {"covidct.seed": str(run.seed)} if run.seed is not None else {}
+    with child_run(
+        {"covidct.levers": study.study, "covidct.role": "levers"},
+        f"levers {study.study}",
+        run.name,
+        {"classifier": params["classifier"], "evaluate": params["evaluate"]},
+        tags,
+    ):
+        mlflow.log_params(
+            {f"override.{k}": v for k, v in run.overrides.items()} | {"variant": study.variant, "device": str(device)}
+        )
+        history, predictions, meta = fit_and_predict(
+            images,
+            table,
+            config,
+            device,
+            out / "model.pt",
+            checkpoint_meta(config, study.variant),
+            on_epoch=lambda row: mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"]),
+            resume_dir=resume_dir(
+                root, f"levers/{study.study}/{run.name}"
+            ),  # a killed lever carries on from its last epoch
+        )
+        model, chosen = load_classifier(out / "model.pt", device)
+        keep = table["split"].isin(["val", "test"]).to_numpy()
+        scored = {}
+        for suffix, tta in SCORINGS.items():
+            scores = (
+                predictions["score"].to_numpy()
+                if tta == chosen.get("tta", False)
+                else predict_scores(model, images[keep], device, chosen["mean"], chosen["std"], tta=tta)
+            )
+            scored[suffix] = predictions.assign(score=scores)
+            write_text_atomic(out / f"predictions{suffix}.csv", scored[suffix].to_csv(index=False))
+        record = {
+            "lever": run.lever,
+            "run": run.name,
+            "seed": run.seed,
+            "overrides": run.overrides,
+            "fingerprint": key,
+            "best_epoch": int(meta["epoch"]),
+            "train_seconds": float(history["epoch_seconds"].sum()),
+            "scorings": {suffix: score_lever(part, evaluate) for suffix, part in scored.items()},
+        }
+        for suffix, result in record["scorings"].items():
+            prefix = "tta_" if suffix else ""
+            mlflow.log_metrics(
+                {f"{prefix}threshold": result["threshold"]}
+                | {
+                    f"{prefix}{split}_{k}": v
+                    for split in PARTS
+                    if split in result
+                    for k, v in flatten_metrics(result[split]).items()
+                }
+            )
+        write_text_atomic(out / "history.csv", history.to_csv(index=False))
+        write_text_atomic(out / "metrics.json", json.dumps(record, indent=2))
+        mlflow.log_artifacts(str(out), artifact_path="lever")
+    clear_stage_resume(root, f"levers/{study.study}/{run.name}")
+    return record
+
+
+def run_levers(
+    root: Path, base: dict[str, Any], study: LeverStudy, only: list[str] | None, device: torch.device
+) -> Path:
+    unknown = sorted(set(only or []) - set(study.levers))
+    if unknown:
+        raise ConfigError(f"--only: no lever named {unknown[0]!r} (levers: {', '.join(study.levers)})")
+    runs = study.runs(only)
+    for run in runs:  # every override checked before the first lever trains
+        with_overrides(base, study.base | run.overrides)
+    for run in runs:
+        run_lever(root, base, study, run, device)
+    return summarise(root, study, base)

@@ -1,0 +1,74 @@
+"""A lever study as its YAML file says it: the levers (params.yaml overrides), the base under
+all of them, the seeds, and the runs those make."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from covidct.config import ConfigError, read_yaml_mapping
+from covidct.paths import VARIANTS
+
+BASELINE = "baseline"
+
+
+@dataclass(frozen=True)
+class LeverRun:
+    name: str  # its directory and MLflow run: the lever, or <lever>_seed<k> in a study with seeds
+    lever: str
+    seed: int | None  # None: the recipe's own classifier.seed
+    overrides: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class LeverStudy:
+    study: str
+    variant: str  # cropped (the segmented pipeline) or raw
+    levers: dict[str, dict[str, Any]]  # name -> dotted params overrides; "baseline" has none
+    base: dict[str, Any]  # overrides under every lever, baseline included: pins the study's starting recipe
+    seeds: tuple[int, ...] = ()  # every lever once per seed; empty: once, with the recipe's seed
+
+    def run_name(self, lever: str, seed: int | None) -> str:
+        return lever if seed is None else f"{lever}_seed{seed}"
+
+    def runs(self, levers: list[str] | None = None) -> list[LeverRun]:
+        runs = []
+        for lever in levers or list(self.levers):
+            for seed in self.seeds or (None,):
+                overrides = self.levers[lever] if seed is None else self.levers[lever] | {"classifier.seed": seed}
+                runs.append(LeverRun(self.run_name(lever, seed), lever, seed, overrides))
+        return runs
+
+
+def load_levers(path: str | Path) -> LeverStudy:
+    raw = read_yaml_mapping(path, "lever study")
+    levers = raw.get("levers")
+    if not isinstance(levers, dict) or BASELINE not in levers:
+        raise ConfigError(f"{path}: levers: must be a mapping of name -> overrides that includes {BASELINE!r}")
+    if raw.get("variant", "cropped") not in VARIANTS:
+        raise ConfigError(f"{path}: variant: must be one of {', '.join(VARIANTS)}, got {raw.get('variant')!r}")
+    for name, overrides in levers.items():
+        if not isinstance(overrides, dict) or (name == BASELINE and overrides):
+            raise ConfigError(
+                f"{path}: levers.{name}: must be a mapping of dotted keys (baseline: {{}}; common settings go under base:)"
+            )
+    base = raw.get("base") or {}
+    if not isinstance(base, dict):
+        raise ConfigError(f"{path}: base: must be a mapping of dotted keys")
+    seeds = raw.get("seeds") or []
+    if not isinstance(seeds, list) or any(type(s) is not int or s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"{path}: seeds: must be a list of distinct integers >= 0, got {seeds!r}")
+    if seeds and any("classifier.seed" in overrides for overrides in [base, *levers.values()]):
+        raise ConfigError(f"{path}: classifier.seed: set by seeds:, not by a lever or base")
+    return LeverStudy(
+        str(raw.get("study", Path(path).stem)),
+        raw.get("variant", "cropped"),
+        {str(k): dict(v) for k, v in levers.items()},
+        dict(base),
+        tuple(seeds),
+    )
+
+
+def lever_dir(root: Path, study: str, name: str) -> Path:
+    return root / "levers" / study / name

@@ -1,0 +1,43 @@
+"""The prepared device check (scripts/gpu_check.py) dry-runs end to end on the CPU, on the tiny
+profile's real data, as a session lent a GPU would run it there: every stage and network timed,
+the headline metrics read back, the imported modules recorded for the wheels that travel."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from helpers.tiny import clean_env, prepare_tiny_root
+
+pytestmark = pytest.mark.slow
+
+
+def test_the_device_check_dry_runs_every_stage_and_network(tmp_path: Path) -> None:
+    root = prepare_tiny_root(tmp_path / "root")
+    out = tmp_path / "out"
+    command = [sys.executable, str(REPO / "scripts/gpu_check.py"), "--root", str(root), "--out", str(out), "--dry-run"]
+    result = subprocess.run(command, env=clean_env(), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads((out / "check.json").read_text())
+    assert list(report["stages"]) == [
+        "train_segmenter",
+        "evaluate_segmenter",
+        "crop_images",
+        "train_classifier@cropped",
+        "train_classifier@raw",
+        "evaluate",
+        "evaluate_sources",
+        "register_model",
+    ]
+    assert all(stage["seconds"] > 0 for stage in report["stages"].values())
+    assert list(report["networks"]) == ["efficientnet_b0", "efficientnet_b1"]
+    assert all(n["train_images_per_s"] > 0 for n in report["networks"].values())
+    assert 0.0 <= report["results"]["segmenter_dice_mean"] <= 1.0
+    assert (root / "models/pipeline/MLmodel").is_file()  # registered, as register_model does under DVC
+    modules = json.loads((out / "modules.json").read_text())
+    assert {"covidct", "monai", "mlflow", "albumentations", "timm"} <= set(modules)

@@ -1,0 +1,168 @@
+"""A research group's setup, with real servers: PostgreSQL, ``mlflow server`` with proxied
+artifacts, and a DVC remote. One clone runs the tiny ``dvc repro`` through the server and pushes;
+a teammate's clone, sharing nothing with it but the server URL and the remote, pulls, finds
+nothing to re-run, and scores scans with the champion exactly as the first clone does.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from helpers.servers import Postgres, running_mlflow_server
+from helpers.serving import free_port, wait_until_serving
+from helpers.tiny import clean_env, make_tiny_repo, ran_stages, run_ok
+
+pytestmark = pytest.mark.slow
+COVIDCT = [sys.executable, "-m", "covidct"]
+
+
+@pytest.fixture(scope="module")
+def server(postgres: Postgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with running_mlflow_server(postgres.create_database("mlflow_team"), tmp_path_factory.mktemp("artifacts")) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def first(server: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str], Path]:
+    """The clone that trains: `dvc repro` logging to the server, `dvc push` to a directory remote."""
+    base = tmp_path_factory.mktemp("team")
+    env = clean_env(MLFLOW_TRACKING_URI=server)
+    repo = make_tiny_repo(base / "first", env)
+    remote = base / "remote"
+    run_ok(["dvc", "remote", "add", "-d", "team", str(remote)], repo, env)
+    run_ok(["dvc", "repro"], repo, env)
+    run_ok(["dvc", "push"], repo, env)
+    run_ok(["git", "add", "-A"], repo, env)
+    run_ok(["git", "commit", "-qm", "repro"], repo, env)
+    return repo, env, remote
+
+
+def _clone(first: Path, to: Path, env: dict[str, str]) -> Path:
+    run_ok(["git", "clone", "-q", "--no-hardlinks", str(first), str(to)], to.parent, env)
+    return to
+
+
+@pytest.fixture(scope="module")
+def teammate(first: tuple[Path, dict[str, str], Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh clone that never trained: `dvc pull` is all it runs."""
+    repo, env, _ = first
+    clone = _clone(repo, tmp_path_factory.mktemp("teammate") / "clone", env)
+    run_ok(["dvc", "pull"], clone, env)
+    return clone
+
+
+def _scans(repo: Path) -> list[str]:
+    return sorted(str(p) for p in (repo / "data/raw/covid-ct/CT_COVID").iterdir())[:4]
+
+
+def test_runs_artifacts_and_models_live_on_the_server(first: tuple[Path, dict[str, str], Path], server: str) -> None:
+    repo, _, _ = first
+    client = MlflowClient(server)
+    runs = client.search_runs([client.get_experiment_by_name("covidct").experiment_id])
+    assert {r.data.tags.get("covidct.role") for r in runs} == {"pipeline", "stage"} and len(runs) == 10
+    assert all(r.info.artifact_uri.startswith("mlflow-artifacts:") for r in runs)  # uploaded through the server
+    assert not (repo / "mlruns").exists()  # no client-side store, no artifact written by path
+    assert client.get_model_version("covidct", "1").status == "READY"
+
+
+def test_a_pulled_clone_is_up_to_date_and_reproduces_nothing(
+    first: tuple[Path, dict[str, str], Path], teammate: Path
+) -> None:
+    _, env, _ = first
+    status = run_ok(["dvc", "status"], teammate, env)
+    assert "Data and pipelines are up to date" in status.stdout, status.stdout
+    assert ran_stages(run_ok(["dvc", "repro"], teammate, env).stdout) == set()
+    assert (teammate / "models/pipeline/MLmodel").is_file() and (teammate / "models/segmenter/model.pt").is_file()
+
+
+def test_the_teammate_promotes_and_predicts_through_the_server_as_the_first_clone_does(
+    first: tuple[Path, dict[str, str], Path], teammate: Path, tmp_path: Path
+) -> None:
+    repo, env, _ = first
+    promoted = run_ok([*COVIDCT, "promote", "--min-val-recall", "0"], teammate, env)
+    assert "promoted" in promoted.stdout
+    run_ok([*COVIDCT, "predict", *_scans(repo), "--out", str(tmp_path / "first.csv")], repo, env)
+    run_ok([*COVIDCT, "predict", *_scans(teammate), "--out", str(tmp_path / "teammate.csv")], teammate, env)
+    local = [*COVIDCT, "predict", *_scans(teammate), "--model", "models/pipeline", "--out", str(tmp_path / "dir.csv")]
+    run_ok(local, teammate, env)
+    scores = [pd.read_csv(tmp_path / f"{name}.csv") for name in ("first", "teammate", "dir")]
+    assert scores[0]["error"].isna().all() and len(scores[0]) == 4
+    for other in scores[1:]:
+        pd.testing.assert_frame_equal(scores[0], other)  # the champion through the server = the pulled model dir
+    verified = run_ok([*COVIDCT, "verify-model", "--split", "test"], teammate, env)
+    assert "reproduces the evaluate stage's test metrics exactly" in verified.stdout
+
+
+def test_the_pulled_model_directory_serves(first: tuple[Path, dict[str, str], Path], teammate: Path) -> None:
+    _, env, _ = first
+    port = free_port()
+    command = ["mlflow", "models", "serve", "-m", "models/pipeline", "-p", str(port), "--env-manager", "local"]
+    server = subprocess.Popen(
+        [*command, "-w", "1"], cwd=teammate, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL
+    )
+    try:
+        wait_until_serving(server, port)
+        scan = Path(_scans(teammate)[0]).read_bytes()
+        body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(scan).decode()]]}})
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", data=body.encode(), headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=120) as response:
+            answer = json.loads(response.read())["predictions"][0]
+        assert answer["error"] == "" and 0.0 <= answer["probability"] <= 1.0
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_a_remote_missing_an_object_or_missing_altogether_says_what_is_missing(
+    first: tuple[Path, dict[str, str], Path], tmp_path: Path
+) -> None:
+    repo, env, remote = first
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    [segmenter] = [o for o in lock["stages"]["train_segmenter"]["outs"] if o["path"] == "models/segmenter/model.pt"]
+    damaged = shutil.copytree(remote, tmp_path / "damaged")
+    md5 = segmenter["md5"]
+    (damaged / "files" / "md5" / md5[:2] / md5[2:]).unlink()
+    clone = _clone(repo, tmp_path / "clone", env)
+    run_ok(["dvc", "remote", "modify", "--local", "team", "url", str(damaged)], clone, env)
+    pulled = subprocess.run(["dvc", "pull"], cwd=clone, env=env, capture_output=True, text=True, timeout=600)
+    said = pulled.stdout + pulled.stderr
+    assert pulled.returncode != 0 and "models/segmenter/model.pt" in said, said
+    assert (clone / "models/pipeline/MLmodel").is_file()  # what the remote holds arrived whole
+    assert not (clone / "models/segmenter/model.pt").exists()  # nothing half-written in its place
+    run_ok(["dvc", "remote", "modify", "--local", "team", "url", str(tmp_path / "nowhere")], clone, env)
+    gone = subprocess.run(["dvc", "pull"], cwd=clone, env=env, capture_output=True, text=True, timeout=600)
+    assert gone.returncode != 0 and "models/segmenter/model.pt" in gone.stdout + gone.stderr
+    assert (clone / "models/pipeline/MLmodel").is_file()  # a failed pull deletes nothing
+
+
+def test_a_tracking_server_that_does_not_answer_stops_a_stage_in_seconds_writing_nothing(
+    first: tuple[Path, dict[str, str], Path], teammate: Path
+) -> None:
+    _, env, _ = first
+    dead = f"http://127.0.0.1:{free_port()}"
+    before = {p: p.stat().st_mtime_ns for p in teammate.rglob("*") if p.is_file() and ".git" not in p.parts}
+    for command in ([sys.executable, "pipelines/evaluate.py"], [*COVIDCT, "promote"]):
+        started = time.monotonic()
+        result = subprocess.run(
+            command, cwd=teammate, env=env | {"MLFLOW_TRACKING_URI": dead}, capture_output=True, text=True, timeout=120
+        )
+        assert time.monotonic() - started < 30, command  # seconds, not MLflow's minute of retries
+        assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
+        assert dead in result.stderr and "does not answer" in result.stderr
+    after = {p: p.stat().st_mtime_ns for p in teammate.rglob("*") if p.is_file() and ".git" not in p.parts}
+    assert after == before
