@@ -46,7 +46,7 @@ NETWORKS = tuple(f"efficientnet_b{i}" for i in range(8))
 #: Dry run on the CPU: the same stages and networks, a budget of minutes.
 DRY_RUN = {
     "segmenter": {"channels": [4, 8, 16, 32], "epochs": 1, "batch_size": 8},
-    "classifier": {"model": "efficientnet_b0", "image_size": 64, "epochs": 1, "batch_size": 8},
+    "classifier": {"model": "efficientnet_b0", "pretrained": "none", "image_size": 64, "epochs": 1, "batch_size": 8},
 }
 
 

