@@ -37,7 +37,7 @@ from covidct.images import read_grayscale
 from covidct.paths import CC_CCII_SPLIT, COVID_CT_SPLIT, LUNG_SPLIT, raw
 from covidct.profiles import apply_profile, set_params
 
-#: What the paper profile runs for in the check: ~7 minutes of an H200 for the whole of it.
+#: What the paper profile runs for in the check: estimated at ~7 minutes of an H200 (not yet measured).
 CHECK_BUDGET = {"segmenter.epochs": 30, "classifier.epochs": 20, "classifier.pretrained": "none"}
 COVID_CT_SIDE, JPEG_QUALITY = 384, 92
 CC_CCII_SCANS, CC_CCII_SLICES = 4, 8  # per split and class; evenly spaced slices per scan

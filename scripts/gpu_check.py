@@ -31,17 +31,20 @@ from typing import Any
 
 import torch
 
-#: Stages in `dvc repro` order; the classifier stage takes its variant.
-STAGES = (
-    "train_segmenter",
-    "evaluate_segmenter",
-    "crop_images",
-    "train_classifier@cropped",
-    "train_classifier@raw",
-    "evaluate",
-    "evaluate_sources",
-    "register_model",
-)
+#: Run before the check, on the machine that builds the bundle (the check starts from their outputs).
+PREPARED = ("prepare_data", "audit_data")
+
+
+def pipeline_stages(repo: Path) -> list[str]:
+    """dvc.yaml's stages in its order, ``foreach`` ones as ``name@key``, minus the prepared ones."""
+    import yaml
+
+    stages = []
+    for name, stage in yaml.safe_load((repo / "dvc.yaml").read_text())["stages"].items():
+        stages += [f"{name}@{key}" for key in stage["foreach"]] if "foreach" in stage else [name]
+    return [s for s in stages if s not in PREPARED]
+
+
 NETWORKS = tuple(f"efficientnet_b{i}" for i in range(8))
 #: Dry run on the CPU: the same stages and networks, a budget of minutes.
 DRY_RUN = {
@@ -156,7 +159,7 @@ def main() -> None:
         "stages": {},
     }
     started = time.perf_counter()
-    for stage in STAGES:
+    for stage in pipeline_stages(Path(__file__).resolve().parents[1]):
         print(f"== {stage}", flush=True)
         _, report["stages"][stage] = timed(device, lambda s=stage: stage_runner(s)(params, root))
         write_text_atomic(
