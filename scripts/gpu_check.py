@@ -99,7 +99,7 @@ def network_sweep(
         (history, _, _), timing = timed(
             device,
             lambda c=config, t=table, i=images, o=out: fit_and_predict(
-                i, t, c, device, o / "model.pt", checkpoint_meta(c, "cropped")
+                i, t, c, device, o / "model.safetensors", checkpoint_meta(c, "cropped")
             ),
         )
         row = history.iloc[-1]

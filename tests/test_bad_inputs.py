@@ -55,7 +55,7 @@ from PIL import Image
 
 from conftest import DATA, REPO
 from covidct.checkpoints import save_checkpoint
-from covidct.config import CropConfig, GateConfig, load_params
+from covidct.config import GateConfig, load_params
 from covidct.datasets import CLASS_DIRS, SPLITS, covid_ct_split
 from covidct.images import ImageReadError, decode_grayscale, read_grayscale
 from covidct.profiles import apply_profile, set_params
@@ -63,6 +63,7 @@ from covidct.registry.pipeline_model import OUTPUT
 from covidct.registry.register import build_and_register
 from covidct.segmentation.model import build_segmenter
 from covidct.stages import prepare_data
+from helpers.configs import make_config
 from helpers.images import png_header_only
 from helpers.tiny import save_tiny_networks
 
@@ -376,7 +377,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory, source: Path, stages: Warm
     prepare_data.run(load_params(root / "params.yaml"), root)
     torch.manual_seed(0)
     save_checkpoint(
-        root / "models/segmenter/model.pt",
+        root / "models/segmenter/model.safetensors",
         build_segmenter([4, 8, 16]),
         {"channels": [4, 8, 16], "size": 64, "clahe_clip": 7.0, "epoch": 1},
     )
@@ -576,7 +577,7 @@ def registered(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
                 root / "pipeline",
                 MODEL_NAME,
                 weights,
-                CropConfig(min_lung_fraction=0.0),
+                make_config("crop", min_lung_fraction=0.0),
                 PICTURE_GATE,
                 metrics,
                 params,

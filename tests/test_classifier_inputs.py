@@ -11,17 +11,18 @@ import pytest
 import torch
 
 from conftest import DATA
+from covidct.checkpoints import load_checkpoint, save_state_dict
 from covidct.classification.data import resize_for_classifier
 from covidct.classification.inputs import STANDARD_MEAN, STANDARD_SD, classifier_view
 from covidct.classification.table import checkpoint_meta, classifier_table, evenly_spaced
 from covidct.classification.train import balanced_sampler, fit_and_predict, predict_scores
-from covidct.config import ClassifierConfig, CropConfig, EvaluateConfig
 from covidct.cropping import crop_to_lung_bbox
 from covidct.images import read_grayscale
 from covidct.lung_crop import LungCrop, segment_and_crop
 from covidct.registry.pipeline_model import TwoStagePipeline
 from covidct.stages.evaluate import paper_split
 from covidct.thresholds import decision_threshold
+from helpers.configs import make_config
 from helpers.tiny import save_tiny_networks
 
 SLICE = DATA / "covid-ct" / "CT_COVID" / "2020.01.24.919183-p27-132.png"
@@ -132,17 +133,19 @@ def _split_files(root: Path) -> None:
 
 def test_classifier_table_marks_what_is_trained_on_and_never_takes_cc_ccii_test(tmp_path: Path) -> None:
     _split_files(tmp_path)
-    one = classifier_table(tmp_path, ClassifierConfig(cc_ccii_per_scan=3))
+    one = classifier_table(tmp_path, make_config("classifier", cc_ccii_per_scan=3))
     # CC-CCII is not trained on: only 3 slices of its validation scan, scored as held-out evidence
     assert one.groupby("source").size().to_dict() == {"covid-ct": 3, "cc-ccii": 3}
     assert set(one.loc[one["source"] == "cc-ccii", "split"]) == {"val"}
     assert one.loc[one["trained"], "source"].unique().tolist() == ["covid-ct"]
     assert one.loc[one["source"] == "cc-ccii", "patient"].unique().tolist() == ["P2"]  # what a bootstrap resamples
-    reverse = classifier_table(tmp_path, ClassifierConfig(sources=("cc-ccii",), cc_ccii_per_scan=3))
+    reverse = classifier_table(tmp_path, make_config("classifier", sources=("cc-ccii",), cc_ccii_per_scan=3))
     assert set(reverse.loc[reverse["source"] == "covid-ct", "split"]) == {"val", "test"}
-    both = classifier_table(tmp_path, ClassifierConfig(sources=("covid-ct", "cc-ccii"), cc_ccii_per_scan=0))
+    both = classifier_table(tmp_path, make_config("classifier", sources=("covid-ct", "cc-ccii"), cc_ccii_per_scan=0))
     assert both["trained"].all() and len(both) == 3 + 12
-    meta = checkpoint_meta(ClassifierConfig(sources=("covid-ct", "cc-ccii"), lung_mask=True, standardise=True), "raw")
+    meta = checkpoint_meta(
+        make_config("classifier", sources=("covid-ct", "cc-ccii"), lung_mask=True, standardise=True), "raw"
+    )
     assert (
         meta["sources"] == ["covid-ct", "cc-ccii"] and not meta["lung_mask"] and not meta["standardise"]
     )  # raw: no segmentation
@@ -162,12 +165,16 @@ def test_held_out_rows_are_scored_but_never_train_or_choose(tmp_path: Path) -> N
     )
     table["trained"] = table["source"] == "covid-ct"
     images = rng.integers(0, 255, size=(n, 32, 32), dtype=np.uint8)
-    config = ClassifierConfig(model="efficientnet_b0", image_size=32, epochs=2, batch_size=4)
+    config = make_config("classifier", model="efficientnet_b0", image_size=32, epochs=2, batch_size=4)
     device = torch.device("cpu")
-    first = fit_and_predict(images, table, config, device, tmp_path / "a.pt", {"model": config.model, "image_size": 32})
+    first = fit_and_predict(
+        images, table, config, device, tmp_path / "a.safetensors", {"model": config.model, "image_size": 32}
+    )
     other = images.copy()
     other[12:] = 255 - other[12:]  # the held-out source, redrawn
-    second = fit_and_predict(other, table, config, device, tmp_path / "b.pt", {"model": config.model, "image_size": 32})
+    second = fit_and_predict(
+        other, table, config, device, tmp_path / "b.safetensors", {"model": config.model, "image_size": 32}
+    )
     assert (
         first[1]["source"].tolist().count("cc-ccii") == 4
         and not first[1].loc[first[1]["source"] == "cc-ccii", "trained"].any()
@@ -188,7 +195,7 @@ def test_threshold_is_chosen_on_the_pooled_validation_of_trained_sources_and_tab
             "trained": [True] * 8,
         }
     )
-    config = EvaluateConfig(val_recall_floor=1.0)
+    config = make_config("evaluate", val_recall_floor=1.0)
     assert decision_threshold(predictions[predictions["split"] == "val"], config) == pytest.approx(
         0.3
     )  # the CC-CCII COVID slice counts
@@ -197,11 +204,10 @@ def test_threshold_is_chosen_on_the_pooled_validation_of_trained_sources_and_tab
 
 def test_registered_pipeline_shows_the_classifier_the_view_it_trained_on(tmp_path: Path) -> None:
     segmenter, classifier = save_tiny_networks(tmp_path)
-    state = torch.load(classifier, weights_only=True)
-    state["meta"] |= {"lung_mask": True, "standardise": True}
-    torch.save(state, classifier)
+    state_dict, meta = load_checkpoint(classifier, torch.device("cpu"), "test")
+    save_state_dict(classifier, state_dict, meta | {"lung_mask": True, "standardise": True})
     pipeline = TwoStagePipeline(
-        segmenter, classifier, CropConfig(min_lung_fraction=0.0), 0.5, device=torch.device("cpu")
+        segmenter, classifier, make_config("crop", min_lung_fraction=0.0), 0.5, device=torch.device("cpu")
     )
     image = read_grayscale(SLICE)
     (got,) = pipeline.predict_arrays(["slice"], [image])

@@ -159,6 +159,22 @@ def test_missing_section_names_it(params: dict[str, Any]) -> None:
         section(without, "crop")
 
 
+@pytest.mark.parametrize(
+    "dotted",
+    ["classifier.lr", "classifier.augment.rotate", "segmenter.tversky_gamma", "gate.min_std", "registry.alias"],
+)
+def test_missing_key_names_it_instead_of_taking_a_default(params: dict[str, Any], dotted: str) -> None:
+    """Configs have no defaults: params.yaml (or a profile) is the one recipe, never a stale second one."""
+    changed = copy.deepcopy(params)
+    *parents, leaf = dotted.split(".")
+    node = changed
+    for key in parents:
+        node = node[key]
+    del node[leaf]
+    with pytest.raises(ConfigError, match=rf"params.yaml: {re.escape(dotted)} is missing"):
+        validate_all(changed)
+
+
 def test_validate_all_rejects_missing_section(params: dict[str, Any]) -> None:
     without = {k: v for k, v in params.items() if k != "crop"}
     with pytest.raises(ConfigError, match="crop"):

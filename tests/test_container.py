@@ -1,7 +1,7 @@
 """The Docker image, tested without a Docker engine: hadolint passes, the Dockerfile reads as Docker reads it,
 its install steps are the README's (same torch/torchvision pins as the README, pyproject.toml and CI), its default
-command runs the pipeline, the README's mounts are the paths the image uses, and .dockerignore keeps every file
-git tracks."""
+command runs the pipeline, the mounts docs/docker.md shows are the paths the image uses, and .dockerignore keeps
+every file git tracks."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from conftest import REPO
 
 DOCKERFILE = REPO / "Dockerfile"
 README = REPO / "README.md"
+DOCKER_DOC = REPO / "docs" / "docker.md"
 
 KEYWORDS = set(
     "ADD ARG CMD COPY ENTRYPOINT ENV EXPOSE FROM HEALTHCHECK LABEL MAINTAINER ONBUILD RUN SHELL STOPSIGNAL USER VOLUME WORKDIR".split()
@@ -101,12 +102,6 @@ def env_vars(instructions) -> dict[str, str]:
     return env
 
 
-def readme_section(title: str) -> str:
-    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", README.read_text(), flags=re.M | re.S)
-    assert match, f"README.md has no '## {title}' section"
-    return match[1]
-
-
 def code_lines(markdown: str) -> list[str]:
     """The lines of the fenced code blocks, backslash continuations joined, comments dropped."""
     lines = []
@@ -119,9 +114,8 @@ def code_lines(markdown: str) -> list[str]:
 
 
 def readme_install_line() -> str:
-    """The README's install line: the first code line outside the Docker section that pip-installs torch."""
-    text = README.read_text().replace(readme_section("Docker"), "")
-    for line in code_lines(text):
+    """The README's install line: the first code line that pip-installs torch."""
+    for line in code_lines(README.read_text()):
         if any("torch" in install["pins"] for install in pip_installs(line)):
             return line
     pytest.fail("README.md has no install line with `pip install torch==...`")
@@ -300,11 +294,11 @@ def test_volumes_are_the_mlflow_store_and_the_dvc_cache(instructions):
     assert paths["workdir"] == "/opt/covidct" and paths["data"] == "/opt/shared/data"
 
 
-def test_readme_documents_the_mounts(instructions):
+def test_the_docker_page_documents_the_mounts(instructions):
     paths = image_paths(instructions)
-    section = readme_section("Docker")
+    section = DOCKER_DOC.read_text()
     build = next((shlex.split(line) for line in code_lines(section) if line.startswith("docker build")), None)
-    assert build, "the Docker section does not show `docker build`"
+    assert build, "docs/docker.md does not show `docker build`"
     tag = build[build.index("-t") + 1]
     runs = docker_runs(section)
     assert runs and all(run["image"] == tag for run in runs), f"`docker run` of another image than {tag}"
@@ -361,11 +355,11 @@ def left_out(path: str, rules) -> bool:
 
 def test_dockerignore_matcher():
     rules = dockerignore_rules(
-        "# comment\n**/__pycache__\n/models/*/model.pt\n!models/keep/model.pt\ndata\nre?orts/x.csv\n"
+        "# comment\n**/__pycache__\n/models/*/model.safetensors\n!models/keep/model.safetensors\ndata\nre?orts/x.csv\n"
     )
     assert left_out("src/a/__pycache__/x.pyc", rules) and left_out("__pycache__/x.pyc", rules)
-    assert left_out("models/segmenter/model.pt", rules) and not left_out("models/segmenter/history.csv", rules)
-    assert not left_out("models/a/b/model.pt", rules) and not left_out("models/keep/model.pt", rules)
+    assert left_out("models/segmenter/model.safetensors", rules) and not left_out("models/segmenter/history.csv", rules)
+    assert not left_out("models/a/b/model.safetensors", rules) and not left_out("models/keep/model.safetensors", rules)
     assert (
         left_out("data/raw/a.png", rules)
         and not left_out("src/data/a.py", rules)

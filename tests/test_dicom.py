@@ -29,11 +29,11 @@ from pydicom.encaps import encapsulate
 from pydicom.pixels import pixel_array
 
 from conftest import DATA
-from covidct.config import CropConfig
 from covidct.images import LUNG_WINDOW_HU, ImageReadError, decode_grayscale, read_grayscale
 from covidct.predict import collect_scans, group_studies, predict_files, studies_csv, write_predictions
 from covidct.registry.pipeline_model import PipelineModel, TwoStagePipeline
 from covidct.series import ORDER_KEYS, read_series
+from helpers.configs import make_config
 from helpers.tiny import save_tiny_networks
 
 SLICES = sorted((DATA / "lung-seg" / "images").glob("coronacases_001_*.png"))[:5]
@@ -301,7 +301,9 @@ def test_bad_header_names_the_file(tmp_path: Path, gray: np.ndarray) -> None:
 def pipeline(tmp_path_factory: pytest.TempPathFactory) -> TwoStagePipeline:
     """Small untrained networks, no gate: what matters is that equal pixels get equal scores."""
     weights = save_tiny_networks(tmp_path_factory.mktemp("weights"))
-    return TwoStagePipeline(*weights, CropConfig(min_lung_fraction=0.0), 0.5, device=torch.device("cpu"), study_top_k=2)
+    return TwoStagePipeline(
+        *weights, make_config("crop", min_lung_fraction=0.0), 0.5, device=torch.device("cpu"), study_top_k=2
+    )
 
 
 def test_jpeg_lossless_export_scores_exactly_like_the_uncompressed_file(

@@ -12,10 +12,11 @@ import torch
 import yaml
 
 from conftest import DATA, REPO
-from covidct.config import CropConfig, GateConfig
+from covidct.config import GateConfig
 from covidct.gate import REFUSED, LungEvidence, body_midline, image_problem, lung_evidence, lung_problem
 from covidct.images import read_grayscale, read_mask
 from covidct.registry.pipeline_model import TwoStagePipeline, predictions_table
+from helpers.configs import make_config
 from helpers.tiny import save_tiny_networks
 
 GATE = GateConfig(**yaml.safe_load((REPO / "params.yaml").read_text())["gate"])
@@ -90,8 +91,10 @@ def test_midline_follows_the_body_not_the_image() -> None:
 def test_pipeline_refuses_what_the_gate_refuses_and_scores_the_rest(tmp_path: Path) -> None:
     weights = save_tiny_networks(tmp_path)
     pictures_only = GateConfig(GATE.min_side, GATE.min_std, 0.0, 0.0)  # an untrained segmenter finds no lungs
-    gated = TwoStagePipeline(*weights, CropConfig(min_lung_fraction=0.0), 0.5, pictures_only, torch.device("cpu"))
-    open_ = TwoStagePipeline(*weights, CropConfig(min_lung_fraction=0.0), 0.5, None, torch.device("cpu"))
+    gated = TwoStagePipeline(
+        *weights, make_config("crop", min_lung_fraction=0.0), 0.5, pictures_only, torch.device("cpu")
+    )
+    open_ = TwoStagePipeline(*weights, make_config("crop", min_lung_fraction=0.0), 0.5, None, torch.device("cpu"))
     real = [read_grayscale(p) for p in _real_slices()[:2]]
     images = [NOT_CT["all black"], real[0], NOT_CT["one pixel"], real[1], NOT_CT["all white"]]
     names = [f"scan {i}" for i in range(len(images))]

@@ -50,10 +50,15 @@ def _one_step(config: ClassifierConfig, tmp_path: Path) -> None:
     images = np.stack([resize_for_classifier(read_grayscale(p), config.image_size) for p in TWO_SCANS])
     labels = np.array([1.0, 0.0], dtype=np.float32)
     history = train_classifier(
-        (images, labels), (images, labels), config, torch.device("cpu"), tmp_path / "model.pt", {"model": config.model}
+        (images, labels),
+        (images, labels),
+        config,
+        torch.device("cpu"),
+        tmp_path / "model.safetensors",
+        {"model": config.model},
     )
     assert len(history) == 1 and np.isfinite(history["train_loss"]).all() and np.isfinite(history["val_loss"]).all()
-    state, meta = load_checkpoint(tmp_path / "model.pt", torch.device("cpu"), "test")
+    state, meta = load_checkpoint(tmp_path / "model.safetensors", torch.device("cpu"), "test")
     assert meta["model"] == config.model and all(
         torch.isfinite(t).all() for t in state.values() if t.is_floating_point()
     )
@@ -91,7 +96,7 @@ def test_the_paper_size_segmenter_trains_a_step(tmp_path: Path) -> None:
         (images, masks),
         one,
         torch.device("cpu"),
-        tmp_path / "segmenter.pt",
+        tmp_path / "segmenter.safetensors",
         {"channels": list(one.channels)},
     )
     assert len(history) == 1 and np.isfinite(history["train_loss"]).all() and 0.0 <= history["val_dice"].iloc[0] <= 1.0

@@ -7,6 +7,7 @@ nothing, and that changing only the crop margin re-runs only the crop and what f
 from __future__ import annotations
 
 import base64
+import difflib
 import json
 import os
 import re
@@ -53,9 +54,9 @@ def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
 def test_every_output_is_written(tiny_repo: tuple[Path, dict[str, str]]) -> None:
     repo, _ = tiny_repo
     for path in [
-        "models/segmenter/model.pt",
-        "models/classifier_cropped/model.pt",
-        "models/classifier_raw/model.pt",
+        "models/segmenter/model.safetensors",
+        "models/classifier_cropped/model.safetensors",
+        "models/classifier_raw/model.safetensors",
         "reports/results.md",
         "reports/segmenter/overlays.png",
         "reports/crop/gallery.png",
@@ -161,7 +162,7 @@ def test_mlflow_has_one_parent_and_every_stage(tiny_repo: tuple[Path, dict[str, 
     assert [m.step for m in client.get_metric_history(classifier.info.run_id, "val_auc")] == [1, 2]
     assert classifier.data.params["classifier.model"] == "tf_efficientnet_lite0"
     artifacts = {a.path for a in client.list_artifacts(classifier.info.run_id)}
-    assert {"model.pt", "predictions.csv", "training_curves.png"} <= artifacts
+    assert {"model.safetensors", "predictions.csv", "training_curves.png"} <= artifacts
     assert "cropped.test.auc" in stages["evaluate"].data.metrics
 
 
@@ -253,6 +254,19 @@ def test_second_repro_does_nothing_and_margin_reruns_only_downstream(tiny_repo: 
         "evaluate_sources",
         "register_model",
     }
+
+
+def test_a_forced_rerun_writes_the_same_bytes(tiny_repo: tuple[Path, dict[str, str]]) -> None:
+    """Every stage again from scratch: weights, histories, reports and the saved pipeline hash as
+    before, so a reproduction that matches leaves ``dvc.lock`` (and ``git status``) unchanged."""
+    repo, env = tiny_repo
+    run_ok(["dvc", "repro"], repo, env)  # up to date with whatever params another test left
+    before = (repo / "dvc.lock").read_text()
+    forced = run_ok(["dvc", "repro", "--force"], repo, env)
+    assert ran_stages(forced.stdout) == STAGES
+    after = (repo / "dvc.lock").read_text()
+    changed = [line.strip() for line in difflib.unified_diff(before.splitlines(), after.splitlines(), n=0)]
+    assert before == after, "\n".join(changed[:20])
 
 
 def test_bad_parameter_stops_a_stage_with_one_clear_line(tmp_path: Path) -> None:

@@ -29,12 +29,13 @@ from conftest import DATA
 from covidct.checkpoints import load_checkpoint, save_state_dict
 from covidct.classification.data import load_resized
 from covidct.classification.train import predict_scores
-from covidct.config import CropConfig, GateConfig
+from covidct.config import GateConfig
 from covidct.images import read_grayscale
 from covidct.lung_crop import crop_dataset, crop_relpath
 from covidct.registry.pipeline_model import OUTPUT, TwoStagePipeline
 from covidct.registry.promote import PromotionError, promote_if_better
 from covidct.registry.register import build_and_register
+from helpers.configs import make_config
 from helpers.images import write_ct_dicom
 from helpers.serving import free_port, wait_until_serving
 from helpers.tiny import save_tiny_networks
@@ -47,7 +48,7 @@ SCANS = [
     NONCOVID / "0.jpg",
     NONCOVID / "1%0.jpg",
 ]
-CROP = CropConfig(min_lung_fraction=0.0, batch_size=16)  # random segmenter: crop whatever it finds
+CROP = make_config("crop", min_lung_fraction=0.0, batch_size=16)  # random segmenter: crop whatever it finds
 NAME = "covidct-test"
 OPEN_GATE = GateConfig(
     min_side=1, min_std=0.0, min_lung_fraction=0.0, min_lung_balance=0.0
@@ -126,8 +127,8 @@ def test_pipeline_applies_the_checkpoints_test_time_augmentation(
 ) -> None:
     # classifier.tta: true marks the checkpoint; the registered pipeline then scores as the stages did
     state, meta = load_checkpoint(weights[1], torch.device("cpu"), "train_classifier")
-    save_state_dict(tmp_path / "classifier.pt", state, meta | {"tta": True})
-    with_tta = TwoStagePipeline(weights[0], tmp_path / "classifier.pt", CROP, 0.5, device=torch.device("cpu"))
+    save_state_dict(tmp_path / "classifier.safetensors", state, meta | {"tta": True})
+    with_tta = TwoStagePipeline(weights[0], tmp_path / "classifier.safetensors", CROP, 0.5, device=torch.device("cpu"))
     table = pd.DataFrame(
         {"relpath": [str(p.relative_to(DATA / "covid-ct")) for p in SCANS], "split": "test", "label": [1, 1, 0, 0]}
     )

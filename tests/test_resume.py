@@ -23,23 +23,32 @@ import pytest
 import torch
 
 from conftest import DATA
-from covidct.checkpoints import RESUME_FILE, clear_stage_resume, load_resume_state, resume_dir, save_resume_state
+from covidct.checkpoints import (
+    RESUME_FILE,
+    clear_stage_resume,
+    load_checkpoint,
+    load_resume_state,
+    resume_dir,
+    save_resume_state,
+)
 from covidct.classification.data import load_resized
 from covidct.classification.train import train_classifier
-from covidct.config import ClassifierConfig, SegmenterConfig
 from covidct.datasets import covid_ct_split
 from covidct.images import read_grayscale, read_mask
 from covidct.preprocessing import segmenter_input
 from covidct.segmentation.train import train_segmenter
-from covidct.training import run_fingerprint
+from covidct.training import TIMING_COLUMNS, run_fingerprint
+from helpers.configs import make_config
 
 CPU = torch.device("cpu")
 SIZE = 64
 KINDS = ("segmenter", "classifier")
-SEG_CONFIG = SegmenterConfig(channels=(4, 8, 16), epochs=4, batch_size=4, lr=2e-3, augment=True, seed=0)
+SEG_CONFIG = make_config("segmenter", channels=(4, 8, 16), epochs=4, batch_size=4, lr=2e-3, augment=True, seed=0)
 # With a moving average of the weights: the resume state must carry it too.
-CLF_CONFIG = ClassifierConfig(model="efficientnet_b0", image_size=SIZE, epochs=3, batch_size=4, ema_decay=0.9, seed=0)
-TIMING = {"epoch_seconds", "train_images_per_s"}  # wall-clock figures, the only history columns allowed to differ
+CLF_CONFIG = make_config(
+    "classifier", model="efficientnet_b0", image_size=SIZE, epochs=3, batch_size=4, ema_decay=0.9, seed=0
+)
+TIMING = set(TIMING_COLUMNS)  # wall-clock figures, the only history columns allowed to differ
 
 
 # ---------------------------------------------------------------- the training process
@@ -83,15 +92,15 @@ def covid_sample() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.
 
 
 def train(kind: str, out: Path, resume: Path | None, on_epoch=lambda row: None) -> pd.DataFrame:
-    """One tiny real training run; the best checkpoint goes to ``out/model.pt``."""
+    """One tiny real training run; the best checkpoint goes to ``out/model.safetensors``."""
     if kind == "segmenter":
         meta = {"channels": list(SEG_CONFIG.channels), "size": SIZE, "clahe_clip": 7.0}
-        return train_segmenter(*lung_sample(), SEG_CONFIG, CPU, out / "model.pt", meta, on_epoch, resume)
+        return train_segmenter(*lung_sample(), SEG_CONFIG, CPU, out / "model.safetensors", meta, on_epoch, resume)
     return train_classifier(
         *covid_sample(),
         CLF_CONFIG,
         CPU,
-        out / "model.pt",
+        out / "model.safetensors",
         {"model": CLF_CONFIG.model, "image_size": SIZE},
         on_epoch,
         resume,
@@ -156,6 +165,9 @@ def _assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
 
 
 def _load(path: Path) -> dict:
+    if path.suffix == ".safetensors":
+        state_dict, meta = load_checkpoint(path, torch.device("cpu"), "test")
+        return {"state_dict": state_dict, "meta": meta}
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
@@ -219,7 +231,7 @@ def test_resumed_run_ends_where_an_uninterrupted_one_does(killed_and_resumed: di
     assert [row["epoch"] for row in resumed] == list(range(1, epochs + 1))
     assert _metrics(resumed) == _metrics(reference)  # bit-identical floats, not approximately equal
     _assert_same_weights(_load(base / "killed" / "final.pt"), _load(base / "reference" / "final.pt"))
-    best, best_reference = _load(base / "killed" / "model.pt"), _load(base / "reference" / "model.pt")
+    best, best_reference = _load(base / "killed" / "model.safetensors"), _load(base / "reference" / "model.safetensors")
     assert best["meta"] == best_reference["meta"]
     _assert_same_weights(best["state_dict"], best_reference["state_dict"])
     # the finished state is left for the caller (the stage removes it once its outputs exist)
@@ -233,8 +245,8 @@ def test_same_seed_same_run_and_saving_changes_nothing(killed_and_resumed: dict,
     kind, base = killed_and_resumed["kind"], killed_and_resumed["base"]
     history = train(kind, tmp_path, None)
     assert _metrics(history) == _metrics(json.loads((base / "reference" / "history.json").read_text()))
-    reference = _load(base / "reference" / "model.pt")
-    mine = _load(tmp_path / "model.pt")
+    reference = _load(base / "reference" / "model.safetensors")
+    mine = _load(tmp_path / "model.safetensors")
     assert mine["meta"] == reference["meta"]
     _assert_same_weights(mine["state_dict"], reference["state_dict"])
 
@@ -250,14 +262,15 @@ def test_finished_state_is_reused_and_restores_deleted_checkpoint(killed_and_res
     assert seen == list(range(1, killed_and_resumed["epochs"] + 1))  # the finished epochs, replayed to the callback
     assert history.to_dict("records") == json.loads((base / "reference" / "history.json").read_text())
     _assert_same_weights(
-        _load(tmp_path / "model.pt")["state_dict"], _load(base / "reference" / "model.pt")["state_dict"]
+        _load(tmp_path / "model.safetensors")["state_dict"],
+        _load(base / "reference" / "model.safetensors")["state_dict"],
     )
 
 
 def test_state_of_other_settings_is_never_picked_up(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A state saved for another learning rate is discarded: the run starts at epoch 1."""
     train_data, val_data = covid_sample()
-    config = ClassifierConfig(model="efficientnet_b0", image_size=SIZE, epochs=1, batch_size=4, seed=0)
+    config = make_config("classifier", model="efficientnet_b0", image_size=SIZE, epochs=1, batch_size=4, seed=0)
     meta = {"model": config.model, "image_size": SIZE}
     fingerprint = run_fingerprint(
         {"trainer": "classifier", "config": {"lr": 1.0}, "meta": meta, "device": "cpu"}, (*train_data, *val_data), ()
@@ -269,7 +282,7 @@ def test_state_of_other_settings_is_never_picked_up(tmp_path: Path, capsys: pyte
         val_data,
         config,
         CPU,
-        tmp_path / "model.pt",
+        tmp_path / "model.safetensors",
         meta,
         lambda row: seen.append(row["epoch"]),
         tmp_path / "resume",

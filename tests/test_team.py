@@ -85,7 +85,9 @@ def test_a_pulled_clone_is_up_to_date_and_reproduces_nothing(
     status = run_ok(["dvc", "status"], teammate, env)
     assert "Data and pipelines are up to date" in status.stdout, status.stdout
     assert ran_stages(run_ok(["dvc", "repro"], teammate, env).stdout) == set()
-    assert (teammate / "models/pipeline/MLmodel").is_file() and (teammate / "models/segmenter/model.pt").is_file()
+    assert (teammate / "models/pipeline/MLmodel").is_file() and (
+        teammate / "models/segmenter/model.safetensors"
+    ).is_file()
 
 
 def test_the_teammate_promotes_and_predicts_through_the_server_as_the_first_clone_does(
@@ -134,7 +136,9 @@ def test_a_remote_missing_an_object_or_missing_altogether_says_what_is_missing(
 ) -> None:
     repo, env, remote = first
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    [segmenter] = [o for o in lock["stages"]["train_segmenter"]["outs"] if o["path"] == "models/segmenter/model.pt"]
+    [segmenter] = [
+        o for o in lock["stages"]["train_segmenter"]["outs"] if o["path"] == "models/segmenter/model.safetensors"
+    ]
     damaged = shutil.copytree(remote, tmp_path / "damaged")
     md5 = segmenter["md5"]
     (damaged / "files" / "md5" / md5[:2] / md5[2:]).unlink()
@@ -143,14 +147,14 @@ def test_a_remote_missing_an_object_or_missing_altogether_says_what_is_missing(
     pulled = subprocess.run(["dvc", "pull"], cwd=clone, env=env, capture_output=True, text=True, timeout=600)
     said = pulled.stdout + pulled.stderr
     assert pulled.returncode != 0 and md5[2:] in said and "failed to download" in said, said  # DVC names the object
-    assert not (clone / "models/segmenter/model.pt").exists()  # nothing half-written in its place
+    assert not (clone / "models/segmenter/model.safetensors").exists()  # nothing half-written in its place
     status = subprocess.run(["dvc", "status", "--cloud"], cwd=clone, env=env, capture_output=True, text=True)
-    assert "models/segmenter/model.pt" in status.stdout, status.stdout  # and which output that is
+    assert "models/segmenter/model.safetensors" in status.stdout, status.stdout  # and which output that is
     assert (clone / "dvc.lock").is_file() and (clone / "params.yaml").is_file()  # the clone itself untouched
     run_ok(["dvc", "remote", "modify", "--local", "team", "url", str(tmp_path / "nowhere")], clone, env)
     gone = subprocess.run(["dvc", "pull"], cwd=clone, env=env, capture_output=True, text=True, timeout=600)
     assert gone.returncode != 0, gone.stdout + gone.stderr
-    assert (clone / "dvc.lock").is_file() and not (clone / "models/segmenter/model.pt").exists()
+    assert (clone / "dvc.lock").is_file() and not (clone / "models/segmenter/model.safetensors").exists()
 
 
 def test_a_tracking_server_that_does_not_answer_stops_a_stage_in_seconds_writing_nothing(

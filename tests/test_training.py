@@ -1,7 +1,7 @@
 """Smoke tests of the real training code on a handful of real images: one epoch, tiny nets, CPU.
 
 They check the wiring (data -> loss -> checkpoint -> reload -> scores), the checkpoint format
-(``torch.load(weights_only=True)``) and CPU determinism, not accuracy.
+(safetensors, metadata in its header) and CPU determinism, not accuracy.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from conftest import DATA
 from covidct.classification.data import load_resized
 from covidct.classification.model import load_classifier
 from covidct.classification.train import predict_scores, train_classifier
-from covidct.config import ClassifierConfig, SegmenterConfig
 from covidct.datasets import covid_ct_split
 from covidct.images import read_grayscale, read_mask
 from covidct.metrics import binary_metrics
@@ -27,6 +26,7 @@ from covidct.runtime import autocast_dtype, native_cpu_bf16
 from covidct.segmentation.inference import predict_probabilities, segmenter_dtype
 from covidct.segmentation.model import build_segmenter, load_segmenter
 from covidct.segmentation.train import mean_dice, train_segmenter
+from helpers.configs import augment, make_config
 
 CPU = torch.device("cpu")
 SIZE = 64
@@ -69,7 +69,7 @@ def lung_data() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.nda
     return train, val
 
 
-SEG_CONFIG = SegmenterConfig(channels=(4, 8, 16), epochs=1, batch_size=4, lr=2e-3, augment=True, seed=0)
+SEG_CONFIG = make_config("segmenter", channels=(4, 8, 16), epochs=1, batch_size=4, lr=2e-3, augment=True, seed=0)
 
 
 def _train_segmenter(lung_data, checkpoint: Path) -> pd.DataFrame:
@@ -80,7 +80,7 @@ def _train_segmenter(lung_data, checkpoint: Path) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def segmenter_run(lung_data, tmp_path_factory) -> tuple[pd.DataFrame, Path]:
-    checkpoint = tmp_path_factory.mktemp("seg") / "model.pt"
+    checkpoint = tmp_path_factory.mktemp("seg") / "model.safetensors"
     return _train_segmenter(lung_data, checkpoint), checkpoint
 
 
@@ -97,7 +97,7 @@ def test_segmenter_history(segmenter_run) -> None:
 def test_segmenter_checkpoint_loads(segmenter_run, lung_data) -> None:
     history, checkpoint = segmenter_run
     assert checkpoint.is_file()
-    assert [p.name for p in checkpoint.parent.iterdir()] == ["model.pt"]  # no temp file left
+    assert [p.name for p in checkpoint.parent.iterdir()] == ["model.safetensors"]  # no temp file left
     model, meta = load_segmenter(checkpoint, CPU)
     assert meta["channels"] == [4, 8, 16] and meta["size"] == SIZE
     assert meta["epoch"] == 1
@@ -114,7 +114,7 @@ def test_segmenter_checkpoint_loads(segmenter_run, lung_data) -> None:
 
 def test_segmenter_deterministic_on_cpu(segmenter_run, lung_data, tmp_path: Path) -> None:
     history, _ = segmenter_run
-    again = _train_segmenter(lung_data, tmp_path / "model.pt")
+    again = _train_segmenter(lung_data, tmp_path / "model.safetensors")
     assert again["train_loss"].tolist() == history["train_loss"].tolist()
     assert again["val_dice"].tolist() == history["val_dice"].tolist()
 
@@ -149,8 +149,8 @@ def test_bf16_segmenter_trains_deterministically_and_segments_like_fp32(
     bf16 = dataclasses.replace(SEG_CONFIG, precision="bf16")
     train, val = lung_data
     meta = {"channels": list(bf16.channels), "size": SIZE, "clahe_clip": 7.0, "precision": "bf16"}
-    first = train_segmenter(train, val, bf16, CPU, tmp_path / "a.pt", meta)
-    again = train_segmenter(train, val, bf16, CPU, tmp_path / "b.pt", meta)
+    first = train_segmenter(train, val, bf16, CPU, tmp_path / "a.safetensors", meta)
+    again = train_segmenter(train, val, bf16, CPU, tmp_path / "b.safetensors", meta)
     assert first["train_loss"].tolist() == again["train_loss"].tolist() and np.isfinite(first["train_loss"]).all()
     model, _ = load_segmenter(segmenter_run[1], CPU)
     full = predict_probabilities(model, val[0], CPU, batch_size=4, dtype=None)
@@ -161,14 +161,14 @@ def test_bf16_segmenter_trains_deterministically_and_segments_like_fp32(
 
 
 def test_segmenter_missing_checkpoint(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="model.pt"):
-        load_segmenter(tmp_path / "model.pt", CPU)
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        load_segmenter(tmp_path / "model.safetensors", CPU)
 
 
 # ---------------------------------------------------------------- classifier
 
 
-CLF_CONFIG = ClassifierConfig(model="efficientnet_b0", image_size=SIZE, epochs=1, batch_size=4, seed=0)
+CLF_CONFIG = make_config("classifier", model="efficientnet_b0", image_size=SIZE, epochs=1, batch_size=4, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +192,7 @@ def _train_classifier(covid_data, checkpoint: Path) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def classifier_run(covid_data, tmp_path_factory) -> tuple[pd.DataFrame, Path]:
-    checkpoint = tmp_path_factory.mktemp("clf") / "model.pt"
+    checkpoint = tmp_path_factory.mktemp("clf") / "model.safetensors"
     return _train_classifier(covid_data, checkpoint), checkpoint
 
 
@@ -234,14 +234,14 @@ def test_classifier_checkpoint_scores(classifier_run, covid_data) -> None:
 
 def test_classifier_deterministic_on_cpu(classifier_run, covid_data, tmp_path: Path) -> None:
     history, _ = classifier_run
-    again = _train_classifier(covid_data, tmp_path / "model.pt")
+    again = _train_classifier(covid_data, tmp_path / "model.safetensors")
     assert again["train_loss"].tolist() == history["train_loss"].tolist()
     assert again["val_loss"].tolist() == history["val_loss"].tolist()
 
 
 def test_classifier_missing_checkpoint(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="model.pt"):
-        load_classifier(tmp_path / "model.pt", CPU)
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        load_classifier(tmp_path / "model.safetensors", CPU)
 
 
 # ---------------------------------------------------------------- recipe levers
@@ -290,11 +290,11 @@ def test_levers_change_training_and_land_in_the_checkpoint(covid_data, tmp_path:
         CLF_CONFIG, epochs=2, schedule="cosine", class_weight="balanced", head_init="zero", tta=True
     )
     history = train_classifier(
-        train, val, config, CPU, tmp_path / "model.pt", {"model": config.model, "image_size": SIZE}
+        train, val, config, CPU, tmp_path / "model.safetensors", {"model": config.model, "image_size": SIZE}
     )
     assert list(history["epoch"]) == [1, 2]
     assert history.iloc[0]["train_loss"] < 1.0  # a zero head starts near ln 2 (timm's starts far above)
-    _, meta = load_classifier(tmp_path / "model.pt", CPU)
+    _, meta = load_classifier(tmp_path / "model.safetensors", CPU)
     assert meta["tta"] is True
 
 
@@ -315,17 +315,16 @@ def test_cosine_schedule_ends_at_zero(covid_data, tmp_path: Path) -> None:
     config = dataclasses.replace(CLF_CONFIG, epochs=2, schedule="cosine")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train_module, "classifier_epoch", spy)
-        train_classifier(train, val, config, CPU, tmp_path / "model.pt", {})
+        train_classifier(train, val, config, CPU, tmp_path / "model.safetensors", {})
     assert seen[0] == pytest.approx(config.lr / 2) and seen[1] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_extra_augmentation_only_when_asked() -> None:
     from covidct.classification.data import paper_augmentation
-    from covidct.config import AugmentConfig
 
-    paper = paper_augmentation(AugmentConfig(), seed=0)
+    paper = paper_augmentation(augment(), seed=0)
     assert [type(t).__name__ for t in paper.transforms] == ["Affine", "HorizontalFlip"]
-    stronger = paper_augmentation(AugmentConfig(translate=0.05, brightness_contrast=0.2), seed=0)
+    stronger = paper_augmentation(augment(translate=0.05, brightness_contrast=0.2), seed=0)
     assert [type(t).__name__ for t in stronger.transforms] == ["Affine", "HorizontalFlip", "RandomBrightnessContrast"]
     image = np.tile(np.arange(64, dtype=np.uint8) * 4, (64, 1))
     outputs = {stronger(image=image)["image"].mean().round(3) for _ in range(5)}
@@ -357,10 +356,10 @@ def test_moving_average_of_the_weights_is_what_gets_scored_and_kept(covid_data, 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train_module, "classifier_epoch", spy)
         history = train_classifier(
-            train, val, config, CPU, tmp_path / "model.pt", {"model": config.model, "image_size": SIZE}
+            train, val, config, CPU, tmp_path / "model.safetensors", {"model": config.model, "image_size": SIZE}
         )
     initial, first, second = snapshots
-    model, meta = load_classifier(tmp_path / "model.pt", CPU)
+    model, meta = load_classifier(tmp_path / "model.safetensors", CPU)
     kept = dict(model.named_parameters())
     for name in ("conv_stem.weight", "classifier.weight", "classifier.bias"):
         expected = 0.25 * initial[name] + 0.25 * first[name] + 0.5 * second[name]

@@ -1,5 +1,7 @@
-"""Weights on disk: a state dict plus plain metadata, loaded with ``weights_only=True`` so a
-checkpoint can never run code when it is opened.
+"""Weights on disk: safetensors, with the metadata as one JSON string in its header. The format
+holds tensors and strings only, so opening a checkpoint can never run code, and the same weights
+always give the same bytes (``torch.save`` writes a random id into every file), so a
+reproduction that matches leaves ``dvc.lock`` unchanged.
 
 The per-epoch resume state of a training run lives here too, outside the DVC outputs
 (``.covidct/resume/<stage>/``, git- and dvc-ignored): DVC deletes a stage's outputs before it
@@ -9,22 +11,35 @@ re-runs the stage, and a state that must survive that cannot be one of them.
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from covidct.atomic import atomic_path
 
 RESUME_ROOT = Path(".covidct/resume")
 RESUME_FILE = "state.pt"
+META_KEY = "covidct"  # the one header entry: safetensors keeps the others in an unordered map
+
+
+def _json_plain(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"checkpoint metadata holds a {type(value).__name__}, which JSON cannot hold")
 
 
 def save_state_dict(path: Path, state_dict: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in state_dict.items()}
+    header = {META_KEY: json.dumps(meta, sort_keys=True, default=_json_plain)}
     with atomic_path(path) as tmp:
-        torch.save({"state_dict": state_dict, "meta": meta}, tmp)
+        save_file(tensors, str(tmp), metadata=header)
 
 
 def save_checkpoint(path: Path, model: torch.nn.Module, meta: dict[str, Any]) -> None:
@@ -35,8 +50,15 @@ def load_checkpoint(path: Path, device: torch.device, what: str) -> tuple[dict[s
     """``what`` names the producing stage for the error message (e.g. "train_segmenter")."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found (run the {what} stage)")
-    checkpoint = torch.load(path, map_location=device, weights_only=True)
-    return checkpoint["state_dict"], checkpoint["meta"]
+    try:
+        with safe_open(str(path), framework="pt") as weights:
+            header = weights.metadata() or {}
+            state = {name: weights.get_tensor(name).to(device) for name in weights.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{path}: not a readable safetensors checkpoint ({exc}); run the {what} stage again") from exc
+    if META_KEY not in header:
+        raise ValueError(f"{path}: a safetensors file without covidct metadata; run the {what} stage again")
+    return state, json.loads(header[META_KEY])
 
 
 def resume_dir(root: Path, stage: str) -> Path:

@@ -37,13 +37,22 @@ def _sweep(args: argparse.Namespace, root: Path) -> None:
 
 
 def _registry(root: Path) -> RegistryConfig:
-    """Registry defaults from params.yaml; the store is the project's (or MLFLOW_TRACKING_URI)."""
+    """The registry settings of params.yaml; the store is the project's (or MLFLOW_TRACKING_URI)."""
     from covidct.tracking import connect
 
     connect(root)
-    return (
-        section(load_params(root / "params.yaml"), "registry") if (root / "params.yaml").is_file() else RegistryConfig()
-    )
+    return section(load_params(root / "params.yaml"), "registry")
+
+
+def _model_uri(args: argparse.Namespace, root: Path) -> str:
+    """``--model``, else the project's alias: params.yaml is only read when no model is named."""
+    if not args.model:
+        config = _registry(root)
+        return f"models:/{config.model_name}@{config.alias}"
+    from covidct.tracking import connect
+
+    connect(root)
+    return args.model
 
 
 def _promote(args: argparse.Namespace, root: Path) -> None:
@@ -92,8 +101,7 @@ def _predict(args: argparse.Namespace, root: Path) -> None:
         write_predictions,
     )
 
-    config = _registry(root)
-    model = args.model or f"models:/{config.model_name}@{config.alias}"
+    model = _model_uri(args, root)
     files, studies = group_studies(collect_scans(args.paths))
     if not files:
         raise FileNotFoundError(
@@ -118,8 +126,7 @@ def _predict(args: argparse.Namespace, root: Path) -> None:
 def _verify_model(args: argparse.Namespace, root: Path) -> None:
     from covidct.registry.verify import compare_with_evaluate, external_recall, max_score_difference, score_split
 
-    config = _registry(root)
-    model = args.model or f"models:/{config.model_name}@{config.alias}"
+    model = _model_uri(args, root)
     scored = score_split(model, root, args.split)
     comparison = compare_with_evaluate(scored, root, args.split)
     gap = max_score_difference(scored, root)

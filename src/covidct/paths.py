@@ -17,7 +17,7 @@ CROPS = Path(
     "data/crops"
 )  # images/, masks/ (whole image) and lung/ (the crop's), one PNG per image; CC-CCII under cc-ccii/
 
-SEGMENTER = Path("models/segmenter/model.pt")
+SEGMENTER = Path("models/segmenter/model.safetensors")
 PIPELINE = Path("models/pipeline")  # the registered MLflow model, saved locally
 
 REPORTS = Path("reports")

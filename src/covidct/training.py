@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -83,6 +84,16 @@ def run_fingerprint(settings: dict[str, Any], arrays: Sequence[np.ndarray], modu
         except importlib.metadata.PackageNotFoundError:
             digest.update(f"{library}=none".encode())
     return digest.hexdigest()
+
+
+#: History columns measured by the clock: logged to MLflow per epoch, never written to a tracked
+#: file, so two runs of the same training write the same bytes.
+TIMING_COLUMNS = ("epoch_seconds", "train_images_per_s")
+
+
+def tracked_history(history: pd.DataFrame) -> pd.DataFrame:
+    """The history as a DVC output holds it: every column but the wall-clock ones."""
+    return history.drop(columns=[c for c in TIMING_COLUMNS if c in history.columns])
 
 
 def _plain(value: Any) -> Any:

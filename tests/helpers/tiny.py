@@ -24,7 +24,7 @@ def save_tiny_networks(root: Path) -> tuple[Path, Path]:
 
     torch.manual_seed(0)
     save_checkpoint(
-        root / "segmenter.pt",
+        root / "segmenter.safetensors",
         build_segmenter([4, 8, 16]),
         {"channels": [4, 8, 16], "size": 64, "clahe_clip": 7.0, "epoch": 1},
     )
@@ -38,8 +38,8 @@ def save_tiny_networks(root: Path) -> tuple[Path, Path]:
         "mean": list(mean),
         "std": list(std),
     }
-    save_checkpoint(root / "classifier.pt", classifier, meta)
-    return root / "segmenter.pt", root / "classifier.pt"
+    save_checkpoint(root / "classifier.safetensors", classifier, meta)
+    return root / "segmenter.safetensors", root / "classifier.safetensors"
 
 
 def prepare_tiny_root(root: Path) -> Path:

@@ -70,15 +70,16 @@ def _label(value: Any) -> str:
 
 
 def report_markdown(
-    audits: Sequence[DatasetAudit], settings: Mapping[str, Any], verdict: str | None, seconds: float, image_name: str
+    audits: Sequence[DatasetAudit], settings: Mapping[str, Any], verdict: str | None, image_name: str
 ) -> str:
-    """A readable report: the verdict, per-dataset counts, every duplicate pair and the closest others."""
+    """A readable report: the verdict, per-dataset counts, every duplicate pair and the closest others.
+    No clock reading: the same data gives the same bytes (the audit's time goes to MLflow)."""
     lines = [
         "# Data audit: splits before training",
         "",
         f"**{'FAILED: ' + verdict if verdict else 'Passed'}**",
         "",
-        f"Audit time {seconds:.1f} s. Settings (params.yaml `audit`): "
+        "Settings (params.yaml `audit`): "
         + ", ".join(
             f"`{k}` = {v if not isinstance(v, (list, tuple)) else f'{len(v)} pair(s)'}" for k, v in settings.items()
         )

@@ -89,14 +89,14 @@ def run_lever(
             table,
             config,
             device,
-            out / "model.pt",
+            out / "model.safetensors",
             checkpoint_meta(config, study.variant),
             on_epoch=lambda row: mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"]),
             resume_dir=resume_dir(
                 root, f"levers/{study.study}/{run.name}"
             ),  # a killed lever carries on from its last epoch
         )
-        model, chosen = load_classifier(out / "model.pt", device)
+        model, chosen = load_classifier(out / "model.safetensors", device)
         keep = table["split"].isin(["val", "test"]).to_numpy()
         scored = {}
         for suffix, tta in SCORINGS.items():

@@ -4,9 +4,9 @@ threshold as one MLflow pyfunc model.
 Its input is the encoded scan (PNG, JPEG or DICOM bytes; base64 in a REST request), its output
 one row per scan: COVID probability, label, threshold, lung box, and an error for a scan that
 could not be read or that the input gate (:mod:`covidct.gate`) refuses as no usable chest CT
-slice; such a scan gets no label, and the other scans are still scored. Weights are state dicts loaded with
-``torch.load(weights_only=True)`` by this code, not pickled modules, so opening a model never
-runs code from its files.
+slice; such a scan gets no label, and the other scans are still scored. Weights are safetensors
+state dicts (:mod:`covidct.checkpoints`) loaded by this code, not pickled modules, so opening a
+model never runs code from its files.
 """
 
 from __future__ import annotations

@@ -4,9 +4,13 @@ the params, the dataset hashes from dvc.lock, the git commit, validation and tes
 
 from __future__ import annotations
 
+import datetime
+import hashlib
 import importlib.metadata
 import json
+import os
 import tempfile
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,11 +19,12 @@ import mlflow
 import pandas as pd
 import yaml
 from mlflow.entities.model_registry import ModelVersion
+from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 
 import covidct
 from covidct.atomic import atomic_dir
-from covidct.config import CropConfig, GateConfig
+from covidct.config import ConfigError, CropConfig, GateConfig
 from covidct.registry.pipeline_model import ARTIFACTS, IMAGE, NAME, SIGNATURE, settings
 from covidct.registry.promote import VARIANT_TAG
 from covidct.tracking import flatten, git_commit
@@ -105,10 +110,43 @@ def model_kwargs(
     }
 
 
-def save_pipeline(out: Path, kwargs: Mapping[str, Any]) -> None:
+def reproducible_model(kwargs: Mapping[str, Any]) -> Model:
+    """MLmodel fields that stay the same when the same weights are saved again, so a matching
+    reproduction leaves ``dvc.lock`` unchanged: the id is a hash of the artifacts, and the time is
+    ``SOURCE_DATE_EPOCH`` (the reproducible-builds convention; the Unix epoch when unset). When the
+    pipeline was made is recorded where it belongs: the registered version and its run."""
+    digest = hashlib.sha256()
+    for name in ARTIFACTS:
+        digest.update(Path(kwargs["artifacts"][name]).read_bytes())
+    epoch = os.environ.get("SOURCE_DATE_EPOCH", "0")
+    if not epoch.isdigit():
+        raise ConfigError(f"SOURCE_DATE_EPOCH must be whole seconds since 1970, got {epoch!r}")
+    created = datetime.datetime.fromtimestamp(int(epoch), datetime.UTC).replace(tzinfo=None)
+    return Model(utc_time_created=created, model_uuid=uuid.UUID(bytes=digest.digest()[:16]).hex)
+
+
+def _portable(path: str, root: Path) -> str:
+    """``path`` relative to the repository, or its bare name when it lies outside (a temp file)."""
+    return Path(path).relative_to(root).as_posix() if Path(path).is_relative_to(root) else Path(path).name
+
+
+def _portable_sources(model_dir: Path, root: Path) -> None:
+    """MLmodel records where its code and artifacts were copied from by absolute path (this
+    clone's, a temp dir's); MLflow reads only their copies inside the model, so the record is
+    made repo-relative and two clones save the same bytes."""
+    model = Model.load(str(model_dir))
+    flavor = model.flavors["python_function"]
+    flavor["model_code_path"] = _portable(flavor["model_code_path"], root)
+    for artifact in flavor["artifacts"].values():
+        artifact["uri"] = _portable(artifact["uri"], root)
+    model.save(str(model_dir / "MLmodel"))
+
+
+def save_pipeline(out: Path, kwargs: Mapping[str, Any], root: Path) -> None:
     """The model directory at ``out`` (``mlflow models serve -m out`` serves it), replaced whole."""
     with atomic_dir(out) as tmp:
-        mlflow.pyfunc.save_model(path=str(tmp), **kwargs)
+        mlflow.pyfunc.save_model(path=str(tmp), mlflow_model=reproducible_model(kwargs), **kwargs)
+        _portable_sources(tmp, root.resolve())
 
 
 def register_pipeline(model_name: str, kwargs: Mapping[str, Any], tags: Mapping[str, str]) -> ModelVersion:
@@ -149,6 +187,6 @@ def build_and_register(
         kwargs = model_kwargs(
             *files, crop, float(metrics["threshold"]), gate, example, Path(workdir), top_k, study_threshold
         )
-        save_pipeline(out, kwargs)
+        save_pipeline(out, kwargs, root)
         variant = str(params["classifier"]["model"])
         return register_pipeline(model_name, kwargs, version_tags(root, params, metrics, variant, sources or {}))

@@ -134,9 +134,7 @@ def run(params: dict[str, Any], root: Path) -> None:
         seconds = time.perf_counter() - start
         report = report_json(audits, verdict is None)
         write_text_atomic(root / REPORTS / "report.json", json.dumps(report, indent=2) + "\n")
-        write_text_atomic(
-            root / REPORTS / "report.md", report_markdown(audits, settings, verdict, seconds, PAIRS_IMAGE)
-        )
+        write_text_atomic(root / REPORTS / "report.md", report_markdown(audits, settings, verdict, PAIRS_IMAGE))
         mlflow.log_metrics(
             {f"{a.name}.{k}": float(v) for a in audits for k, v in a.summary().items() if not isinstance(v, dict)}
             | {"audit_seconds": seconds}

@@ -145,7 +145,7 @@ def run(params: dict[str, Any], root: Path) -> None:
     config, crop, gate = section(params, "evaluate"), section(params, "crop"), section(params, "gate")
     threshold = float(json.loads((root / METRICS).read_text())["cropped"]["threshold"])
     configure_threads()
-    pipeline = TwoStagePipeline(root / MODEL, root / model_dir("cropped") / "model.pt", crop, threshold, gate)
+    pipeline = TwoStagePipeline(root / MODEL, root / model_dir("cropped") / "model.safetensors", crop, threshold, gate)
     trained_on = tuple(
         pipeline.classifier_meta.get("sources", [COVID_CT])
     )  # checkpoints from before the option: COVID-CT's

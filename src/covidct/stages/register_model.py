@@ -34,7 +34,7 @@ def run(params: dict[str, Any], root: Path) -> None:
             root,
             root / OUT,
             registry.model_name,
-            (root / MODEL, root / model_dir("cropped") / "model.pt"),
+            (root / MODEL, root / model_dir("cropped") / "model.safetensors"),
             crop,
             gate,
             metrics,

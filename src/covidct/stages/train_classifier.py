@@ -19,6 +19,7 @@ from covidct.paths import classifier_dir as model_dir
 from covidct.plots import plot_training_curves
 from covidct.runtime import configure_threads, select_device
 from covidct.tracking import stage_run
+from covidct.training import tracked_history
 
 
 def run(params: dict[str, Any], root: Path, variant: str) -> None:
@@ -42,13 +43,13 @@ def run(params: dict[str, Any], root: Path, variant: str) -> None:
             table,
             config,
             device,
-            out / "model.pt",
+            out / "model.safetensors",
             checkpoint_meta(config, variant),
             on_epoch=lambda row: mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"]),
             resume_dir=resume_dir(root, stage),  # a killed run carries on from its last finished epoch
         )
         write_text_atomic(out / "predictions.csv", predictions.to_csv(index=False))
-        write_text_atomic(out / "history.csv", history.to_csv(index=False))
+        write_text_atomic(out / "history.csv", tracked_history(history).to_csv(index=False))
         plot_training_curves(
             history[["epoch", "train_loss", "val_loss", "val_auc", "val_accuracy"]],
             out / "training_curves.png",
@@ -61,7 +62,7 @@ def run(params: dict[str, Any], root: Path, variant: str) -> None:
                 **{f"best_{k}": float(v) for k, v in best.items() if k.startswith("val_")},
             }
         )
-        for name in ("model.pt", "predictions.csv", "history.csv", "training_curves.png"):
+        for name in ("model.safetensors", "predictions.csv", "history.csv", "training_curves.png"):
             mlflow.log_artifact(str(out / name))
     clear_stage_resume(root, stage)  # every output is written: nothing left to resume
     print(

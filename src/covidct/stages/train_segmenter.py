@@ -17,6 +17,7 @@ from covidct.runtime import configure_threads, select_device
 from covidct.segmentation.data import load_lung_split
 from covidct.segmentation.train import train_segmenter
 from covidct.tracking import stage_run
+from covidct.training import tracked_history
 
 STAGE = "train_segmenter"
 MODEL, REPORTS = SEGMENTER, SEGMENTER_REPORTS
@@ -48,10 +49,8 @@ def run(params: dict[str, Any], root: Path) -> None:
             on_epoch=lambda row: mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"]),
             resume_dir=resume_dir(root, STAGE),  # a killed run carries on from its last finished epoch
         )
-        write_text_atomic(root / REPORTS / "train_history.csv", history.to_csv(index=False))
-        plot_training_curves(
-            history.drop(columns=["epoch_seconds"]), root / REPORTS / "training_curves.png", "Lung segmenter"
-        )
+        write_text_atomic(root / REPORTS / "train_history.csv", tracked_history(history).to_csv(index=False))
+        plot_training_curves(tracked_history(history), root / REPORTS / "training_curves.png", "Lung segmenter")
         best = history.loc[history["val_dice"].idxmax()]
         mlflow.log_metrics({"best_val_dice": float(best["val_dice"]), "best_epoch": int(best["epoch"])})
         for path in (MODEL, REPORTS / "train_history.csv", REPORTS / "training_curves.png"):

@@ -69,7 +69,7 @@ class TrialObjective:
                 )
                 sets.append((images[keep], masks[keep]))
             meta = {"channels": list(seg.channels), "size": pre.size, "clahe_clip": pre.clahe_clip}
-            train_segmenter(sets[0], sets[1], seg, self.device, out / "model.pt", meta)
+            train_segmenter(sets[0], sets[1], seg, self.device, out / "model.safetensors", meta)
 
         entry, reused, seconds = get_or_build(self.cache, "segmenter", key, build)
         return entry, key, reused, seconds
@@ -79,7 +79,7 @@ class TrialObjective:
         key = cache_key({"segmenter": segmenter_key, "crop": dataclasses.asdict(crop), "subset": subset})
 
         def build(out: Path) -> None:
-            model, meta = load_segmenter(segmenter / "model.pt", self.device)
+            model, meta = load_segmenter(segmenter / "model.safetensors", self.device)
             table = covid_ct_split(self.root / RAW / COVID_CT, subset)
             boxes = crop_dataset(table, self.root / RAW / COVID_CT, out, model, meta, crop, self.device)
             boxes.to_csv(out / "boxes.csv", index=False)
@@ -153,7 +153,7 @@ class TrialObjective:
 
         out = self.root / "optuna" / "trials" / self.config.study / str(trial.number)
         history, predictions, meta = fit_and_predict(
-            images, boxes, config, self.device, out / "model.pt", checkpoint_meta(config, "cropped"), on_epoch
+            images, boxes, config, self.device, out / "model.safetensors", checkpoint_meta(config, "cropped"), on_epoch
         )
         chosen = history.loc[history["epoch"] == meta["epoch"]].iloc[0]
         test = predictions[predictions["split"] == "test"]
