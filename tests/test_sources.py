@@ -7,7 +7,14 @@ import pandas as pd
 import pytest
 
 from conftest import DATA
-from covidct.metrics import metrics_with_ci, paired_auc_difference, patient_metrics_with_ci
+from covidct.metrics import (
+    METRIC_NAMES,
+    _patient_resamples,
+    binary_metrics,
+    metrics_with_ci,
+    paired_auc_difference,
+    patient_metrics_with_ci,
+)
 from covidct.sources import choose_top_k, figure_rows, rows_to_score, source_figures, study_scores
 from covidct.study import study_probabilities, top_k_mean
 
@@ -40,6 +47,18 @@ def test_patient_bootstrap_is_wider_than_the_slice_bootstrap_on_clustered_slices
     slices = metrics_with_ci(y, s, 0.5, 400, 0)["auc"]
     assert patients["value"] == slices["value"]
     assert patients["ci_high"] - patients["ci_low"] > 2 * (slices["ci_high"] - slices["ci_low"])
+
+
+def test_patient_bootstrap_intervals_are_sklearns_on_each_resample() -> None:
+    """The patient bootstrap scores each resample from counts; sklearn on the same resamples agrees."""
+    table = _clustered()
+    y, s, groups = table["label"].to_numpy(), table["probability"].to_numpy(), table["patient"].to_numpy()
+    fast = patient_metrics_with_ci(y, s, groups, 0.5, 200, 3)
+    boot = [binary_metrics(y[i], s[i], 0.5) for i in _patient_resamples(y, groups, 200, 3)]
+    for name in METRIC_NAMES:
+        values = [m[name] for m in boot]
+        assert fast[name]["ci_low"] == pytest.approx(np.percentile(values, 2.5), abs=1e-12), name
+        assert fast[name]["ci_high"] == pytest.approx(np.percentile(values, 97.5), abs=1e-12), name
 
 
 def test_paired_difference_over_patients_is_wider_than_over_slices() -> None:

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from conftest import DATA
+from covidct.checkpoints import load_checkpoint, save_checkpoint
 from covidct.classification.data import load_resized
 from covidct.classification.model import load_classifier
 from covidct.classification.train import predict_scores, train_classifier
@@ -163,6 +164,29 @@ def test_bf16_segmenter_trains_deterministically_and_segments_like_fp32(
 def test_segmenter_missing_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         load_segmenter(tmp_path / "model.safetensors", CPU)
+
+
+def test_the_same_weights_save_to_the_same_bytes(tmp_path: Path) -> None:
+    """What keeps dvc.lock unchanged when a reproduction matches (torch.save writes a random id)."""
+    torch.manual_seed(0)
+    model = build_segmenter((4, 8, 16))
+    meta = {"channels": [4, 8, 16], "epoch": np.int64(3), "val_dice": np.float32(0.5)}
+    save_checkpoint(tmp_path / "a.safetensors", model, meta)
+    save_checkpoint(tmp_path / "b.safetensors", model, dict(reversed(meta.items())))
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    state, loaded = load_checkpoint(tmp_path / "a.safetensors", CPU, "train_segmenter")
+    assert loaded == {"channels": [4, 8, 16], "epoch": 3, "val_dice": 0.5}
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    "content", [b"", b"\x80\x02}q\x00.", b"\x10\x00\x00\x00\x00\x00\x00\x00{}"], ids=["empty", "pickle", "bad-header"]
+)
+def test_an_unreadable_checkpoint_names_the_file_and_the_stage(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=r"model\.safetensors: .*run the train_segmenter stage again"):
+        load_segmenter(path, CPU)
 
 
 # ---------------------------------------------------------------- classifier

@@ -44,15 +44,19 @@ def _registry(root: Path) -> RegistryConfig:
     return section(load_params(root / "params.yaml"), "registry")
 
 
-def _model_uri(args: argparse.Namespace, root: Path) -> str:
-    """``--model``, else the project's alias: params.yaml is only read when no model is named."""
-    if not args.model:
-        config = _registry(root)
-        return f"models:/{config.model_name}@{config.alias}"
-    from covidct.tracking import connect
+DEFAULT_MODEL = "models:/covidct@champion"  # params.yaml's registry, for runs outside a checkout
 
-    connect(root)
-    return args.model
+
+def _model_uri(args: argparse.Namespace, root: Path) -> str:
+    """``--model``, else the project's alias; outside a checkout (no params.yaml, say a folder of
+    scans with MLFLOW_TRACKING_URI set) the alias every checkout ships with."""
+    if args.model or not (root / "params.yaml").is_file():
+        from covidct.tracking import connect
+
+        connect(root)
+        return args.model or DEFAULT_MODEL
+    config = _registry(root)
+    return f"models:/{config.model_name}@{config.alias}"
 
 
 def _promote(args: argparse.Namespace, root: Path) -> None:
@@ -144,15 +148,17 @@ def _verify_model(args: argparse.Namespace, root: Path) -> None:
 
 
 def _levers(args: argparse.Namespace, root: Path) -> None:
-    from covidct.levers.runner import run_levers
     from covidct.levers.study import load_levers
+
+    study, base = load_levers(args.config), load_params(root / "params.yaml")
+    only = args.only.split(",") if args.only else None
+    study.checked_runs(base, only)  # a bad study fails here, before the heavy imports below
+
+    from covidct.levers.runner import run_levers
     from covidct.runtime import configure_threads, select_device
 
-    study = load_levers(args.config)
     configure_threads()
-    report = run_levers(
-        root, load_params(root / "params.yaml"), study, args.only.split(",") if args.only else None, select_device()
-    )
+    report = run_levers(root, base, study, only, select_device())
     print(f"lever table: {report} (and .csv, .png beside it)")
 
 
@@ -204,7 +210,10 @@ def main(argv: list[str] | None = None) -> None:
         "predict", help="score CT scans (PNG, JPEG, DICOM; files or folders) with a registered pipeline"
     )
     predict.add_argument("paths", nargs="+", type=Path)
-    predict.add_argument("--model", help="MLflow model URI (default: models:/<registry.model_name>@<registry.alias>)")
+    predict.add_argument(
+        "--model",
+        help=f"MLflow model URI (default: models:/<registry.model_name>@<registry.alias>; {DEFAULT_MODEL} outside a checkout)",
+    )
     predict.add_argument(
         "--out", type=Path, default=Path("predictions.csv"), help="CSV to write (default: predictions.csv)"
     )
@@ -213,7 +222,10 @@ def main(argv: list[str] | None = None) -> None:
     verify = sub.add_parser(
         "verify-model", help="run a registered pipeline on a split's raw scans and compare with the evaluate stage"
     )
-    verify.add_argument("--model", help="MLflow model URI (default: models:/<registry.model_name>@<registry.alias>)")
+    verify.add_argument(
+        "--model",
+        help=f"MLflow model URI (default: models:/<registry.model_name>@<registry.alias>; {DEFAULT_MODEL} outside a checkout)",
+    )
     verify.add_argument("--split", choices=("val", "test"), default="test")
     verify.add_argument(
         "--external",

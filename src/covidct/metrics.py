@@ -237,9 +237,10 @@ def patient_metrics_with_ci(
     t, s = _as_arrays(y_true, y_score)
     boot = {name: np.empty(n_boot) for name in METRIC_NAMES}
     for b, idx in enumerate(_patient_resamples(t, groups, n_boot, seed)):
-        resampled = binary_metrics(t[idx], s[idx], threshold)
+        # counts, not sklearn: its input checks cost ~25 ms a call, this ~0.1 ms
+        resampled = _resample_metrics(t, s, threshold, idx[None, :])
         for name in METRIC_NAMES:
-            boot[name][b] = resampled[name]
+            boot[name][b] = resampled[name][0]
     point = binary_metrics(t, s, threshold)
     return {
         name: {

@@ -17,7 +17,7 @@ from covidct.checkpoints import clear_stage_resume, resume_dir
 from covidct.classification.model import load_classifier
 from covidct.classification.table import checkpoint_meta, classifier_table, load_classifier_inputs
 from covidct.classification.train import fit_and_predict, predict_scores
-from covidct.config import ConfigError, section
+from covidct.config import section
 from covidct.experiments.cache import cache_key
 from covidct.experiments.overrides import with_overrides
 from covidct.levers.report import summarise
@@ -138,12 +138,6 @@ def run_lever(
 def run_levers(
     root: Path, base: dict[str, Any], study: LeverStudy, only: list[str] | None, device: torch.device
 ) -> Path:
-    unknown = sorted(set(only or []) - set(study.levers))
-    if unknown:
-        raise ConfigError(f"--only: no lever named {unknown[0]!r} (levers: {', '.join(study.levers)})")
-    runs = study.runs(only)
-    for run in runs:  # every override checked before the first lever trains
-        with_overrides(base, study.base | run.overrides)
-    for run in runs:
+    for run in study.checked_runs(base, only):
         run_lever(root, base, study, run, device)
     return summarise(root, study, base)

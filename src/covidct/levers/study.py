@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from covidct.config import ConfigError, read_yaml_mapping
+from covidct.experiments.overrides import with_overrides
 from covidct.paths import VARIANTS
 
 BASELINE = "baseline"
@@ -33,11 +34,22 @@ class LeverStudy:
         return lever if seed is None else f"{lever}_seed{seed}"
 
     def runs(self, levers: list[str] | None = None) -> list[LeverRun]:
+        unknown = sorted(set(levers or []) - set(self.levers))
+        if unknown:
+            raise ConfigError(f"--only: no lever named {unknown[0]!r} (levers: {', '.join(self.levers)})")
         runs = []
         for lever in levers or list(self.levers):
             for seed in self.seeds or (None,):
                 overrides = self.levers[lever] if seed is None else self.levers[lever] | {"classifier.seed": seed}
                 runs.append(LeverRun(self.run_name(lever, seed), lever, seed, overrides))
+        return runs
+
+    def checked_runs(self, base: dict[str, Any], levers: list[str] | None = None) -> list[LeverRun]:
+        """Every run, each override applied to ``base`` and validated: a bad study fails in a
+        second, before torch is imported or the first lever trains."""
+        runs = self.runs(levers)
+        for run in runs:
+            with_overrides(base, self.base | run.overrides)
         return runs
 
 

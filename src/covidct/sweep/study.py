@@ -130,7 +130,8 @@ def summarise(root: Path, config: SweepConfig, study: optuna.Study) -> Path:
         {"covidct.role": "study_summary", "covidct.study": config.study},
     ):
         mlflow.log_metrics({**best, "finished_trials": finished_trials(study)})
-        mlflow.log_artifacts(str(out))
+        for name in ["trials.csv", *plots]:  # by name: another worker's temp files come and go in `out`
+            mlflow.log_artifact(str(out / name))
     return out
 
 
