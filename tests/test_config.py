@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from conftest import REPO
+from covidct.cli import DEFAULT_MODEL
 from covidct.config import (
     ClassifierConfig,
     ConfigError,
@@ -64,6 +65,13 @@ def test_repo_params_validate(params: dict[str, Any]) -> None:
         "none",
     )
     assert section(params, "crop") == CropConfig(margin=5, min_lung_fraction=0.02, keep_components=2, batch_size=16)
+
+
+def test_the_cli_default_outside_a_checkout_is_the_registry_params_name(params: dict[str, Any]) -> None:
+    """`covidct predict` run where there is no params.yaml falls back to a constant; it must name
+    the model and alias every checkout registers, or it loads nothing."""
+    registry = section(params, "registry")
+    assert f"models:/{registry.model_name}@{registry.alias}" == DEFAULT_MODEL
 
 
 def test_int_given_for_float_is_converted(params: dict[str, Any]) -> None:

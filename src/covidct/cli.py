@@ -151,14 +151,13 @@ def _levers(args: argparse.Namespace, root: Path) -> None:
     from covidct.levers.study import load_levers
 
     study, base = load_levers(args.config), load_params(root / "params.yaml")
-    only = args.only.split(",") if args.only else None
-    study.checked_runs(base, only)  # a bad study fails here, before the heavy imports below
+    runs = study.checked_runs(base, args.only.split(",") if args.only else None)  # before the heavy imports
 
     from covidct.levers.runner import run_levers
     from covidct.runtime import configure_threads, select_device
 
     configure_threads()
-    report = run_levers(root, base, study, only, select_device())
+    report = run_levers(root, base, study, runs, select_device())
     print(f"lever table: {report} (and .csv, .png beside it)")
 
 

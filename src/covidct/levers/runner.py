@@ -135,9 +135,8 @@ def run_lever(
     return record
 
 
-def run_levers(
-    root: Path, base: dict[str, Any], study: LeverStudy, only: list[str] | None, device: torch.device
-) -> Path:
-    for run in study.checked_runs(base, only):
+def run_levers(root: Path, base: dict[str, Any], study: LeverStudy, runs: list[LeverRun], device: torch.device) -> Path:
+    """``runs``: ``study.checked_runs(base, ...)``, validated before anything trains."""
+    for run in runs:
         run_lever(root, base, study, run, device)
     return summarise(root, study, base)
