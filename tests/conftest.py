@@ -5,19 +5,49 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-from helpers.servers import Postgres, running_postgres
+from helpers.servers import Postgres, running_mlflow_server, running_postgres
+
+if TYPE_CHECKING:
+    from helpers.tiny import TrackedRepro
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("COVIDCT_TEST_DATA", REPO.parent / "shared" / "data")).resolve()
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # xdist workers share the cores: intra-op threads split between them
+    workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
 
 
+# The modules that take longest (measured: docs/testing.md), run first: the two xdist workers
+# (pyproject's addopts) then take the long ones at once and end together on the short ones.
+# Modules that share a session fixture share a worker, so it is built once.
+SHARED_GROUPS = {"test_pipeline.py": "tracked_repro", "test_team.py": "tracked_repro"}
+SLOWEST_FIRST = (
+    "test_pipeline.py",
+    "test_team.py",
+    "test_sweep.py",
+    "test_levers.py",
+    "test_bad_inputs.py",
+    "test_resume.py",
+    "test_gpu_networks.py",
+    "test_registry.py",
+    "test_gpu_check.py",
+)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items) -> None:  # noqa: ANN001 (pytest's hook signature)
-    """Without the real data, the tests that read it skip with the reason, and the rest still run."""
+    """The slowest modules first; without the real data, the tests that read it skip with the
+    reason, and the rest still run."""
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+    for item in items:  # --dist loadgroup: a module's tests stay on one worker, with its module fixtures
+        item.add_marker(pytest.mark.xdist_group(SHARED_GROUPS.get(item.path.name, item.path.name)))
     if DATA.is_dir():
         return
     skip = pytest.mark.skip(reason=f"real data not found at {DATA} (set COVIDCT_TEST_DATA to ../shared/data's copy)")
@@ -32,3 +62,15 @@ def postgres() -> Iterator[Postgres]:
     """One real PostgreSQL server for the session; each module makes its own databases on it."""
     with running_postgres() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def tracked_repro(postgres: Postgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrackedRepro]:
+    """The tiny `dvc repro` through a real MLflow server (PostgreSQL, proxied artifacts), pushed
+    to a directory remote: the slowest thing the suite builds, so built once for test_pipeline
+    and test_team (one xdist group: SHARED_GROUPS)."""
+    from helpers.tiny import tracked_tiny_repro  # it reads REPO and DATA from here
+
+    artifacts = tmp_path_factory.mktemp("artifacts")
+    with running_mlflow_server(postgres.create_database("mlflow_team"), artifacts) as url:
+        yield tracked_tiny_repro(tmp_path_factory.mktemp("team"), url)

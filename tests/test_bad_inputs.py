@@ -554,6 +554,22 @@ def test_stage_with_a_parameter_out_of_range(stages: WarmPython, workdir: Path, 
     _assert_one_clear_line(result, f"error: params.yaml: {key} ", reason)
 
 
+def test_bad_parameter_stops_a_stage_started_cold_with_one_clear_line(tmp_path: Path) -> None:
+    """As DVC starts a stage: a fresh interpreter, in a directory holding only params.yaml."""
+    params = (REPO / "params.yaml").read_text().replace("model: tf_efficientnet_lite0", "model: efficientnet_b9")
+    (tmp_path / "params.yaml").write_text(params)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "pipelines/train_classifier.py"), "--variant", "raw"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # one line, no traceback
+    assert "classifier.model" in result.stderr and "efficientnet_b9" in result.stderr
+
+
 # ---------------------------------------------------------------- 3. covidct predict, 4. the served model
 
 MODEL_NAME = "covidct"  # the default of `covidct predict` (registry.model_name @ registry.alias)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -14,6 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from sklearn.metrics import roc_auc_score
 
+from covidct.cli import main
 from covidct.config import load_params
 from covidct.profiles import set_params
 from helpers.tiny import prepare_tiny_root
@@ -46,13 +48,29 @@ def _levers(root: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([COVIDCT, "levers", *args], cwd=root, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.fixture()
+def levers_here(root: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Callable[..., str]:
+    """`covidct levers` in this process, as the CLI runs it in ``root``: for the calls after the
+    first, which a fresh interpreter would only slow down (its imports take ~15 s here)."""
+    monkeypatch.chdir(root)
+    for key in [k for k in os.environ if k.startswith(("MLFLOW_", "DVC_", "COVIDCT_"))]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("COVIDCT_DEVICE", "cpu")
+
+    def levers(*args: str) -> str:
+        main(["levers", *args])
+        return capsys.readouterr().out
+
+    return levers
+
+
 def _lever_runs(root: Path) -> list:
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlruns' / 'mlflow.db'}")
     experiments = [e.experiment_id for e in client.search_experiments()]
     return client.search_runs(experiments, "tags.`covidct.role` = 'lever'")
 
 
-def test_levers_table_mlflow_runs_and_reuse(root: Path) -> None:
+def test_levers_table_mlflow_runs_and_reuse(root: Path, levers_here: Callable[..., str]) -> None:
     done = _levers(root, "t.yaml")
     assert done.returncode == 0, done.stderr
     table = pd.read_csv(root / "reports" / "levers" / "t.csv").set_index("lever")
@@ -91,20 +109,17 @@ def test_levers_table_mlflow_runs_and_reuse(root: Path) -> None:
     assert timm.data.metrics["test_auc"] == pytest.approx(table.loc["timm_head", "test_auc"])
     assert timm.data.metrics["tta_test_auc"] == pytest.approx(table.loc["timm_head+tta", "test_auc"])
 
-    again = _levers(root, "t.yaml")
-    assert again.returncode == 0, again.stderr
-    assert "lever baseline: reused" in again.stdout and "lever timm_head: reused" in again.stdout
+    again = levers_here("t.yaml")
+    assert "lever baseline: reused" in again and "lever timm_head: reused" in again
     assert len(_lever_runs(root)) == 2
 
     set_params(root, {"classifier.epochs": 3})  # pinned by base: still the same lever
-    assert "lever baseline: reused" in _levers(root, "t.yaml", "--only", "baseline").stdout
+    assert "lever baseline: reused" in levers_here("t.yaml", "--only", "baseline")
     set_params(root, {"classifier.lr": 0.0002})  # other settings: a finished lever is not reused
-    retrained = _levers(root, "t.yaml", "--only", "baseline")
-    assert retrained.returncode == 0, retrained.stderr
-    assert "reused" not in retrained.stdout and len(_lever_runs(root)) == 3
+    assert "reused" not in levers_here("t.yaml", "--only", "baseline") and len(_lever_runs(root)) == 3
 
 
-def test_levers_over_seeds_reuse_other_studies_and_ensemble(root: Path) -> None:
+def test_levers_over_seeds_reuse_other_studies_and_ensemble(root: Path, levers_here: Callable[..., str]) -> None:
     """seeds: every lever once per seed, paired seed by seed; a finished run of another study
     with the same settings and pixels is reused; the seeds' averaged scores are scored too."""
     lr = load_params(root / "params.yaml")["classifier"][
@@ -114,10 +129,9 @@ def test_levers_over_seeds_reuse_other_studies_and_ensemble(root: Path) -> None:
         f"study: s\nvariant: raw\nbase: {{classifier.epochs: 1, classifier.sources: [covid-ct], classifier.lr: {lr}}}\n"
         "seeds: [0, 1]\n" + LEVERS.split("\n", 3)[3]
     )
-    done = _levers(root, "s.yaml")
-    assert done.returncode == 0, done.stderr
-    assert f"lever baseline_seed0: reused ({root / 'levers' / 't' / 'baseline'})" in done.stdout
-    assert done.stdout.count("reused") == 1
+    done = levers_here("s.yaml")
+    assert f"lever baseline_seed0: reused ({root / 'levers' / 't' / 'baseline'})" in done
+    assert done.count("reused") == 1
     table = pd.read_csv(root / "reports" / "levers" / "s.csv").set_index("lever")
     runs = [
         f"{lever}_seed{seed}{suffix}"

@@ -1,7 +1,10 @@
 """The real ``dvc repro`` on the tiny profile, in a temporary copy of the repository.
 
-Checks every stage's outputs, metric ranges, the MLflow runs, that a second repro does
-nothing, and that changing only the crop margin re-runs only the crop and what follows.
+Checks every stage's outputs, metric ranges and MLflow runs (the repro shared with
+test_team.py, logged through the team's server), then, in a pulled clone logging to its own
+SQLite store as one researcher's checkout does: the crop and what follows run again to the
+same bytes, a second repro does nothing, a changed crop margin re-runs only the crop and
+what follows, and the registered pipeline is promoted, verified and served.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from PIL import Image
 from conftest import REPO
 from covidct.profiles import set_params
 from helpers.serving import free_port, wait_until_serving
-from helpers.tiny import clean_env, make_tiny_repo, ran_stages, run_ok
+from helpers.tiny import TrackedRepro, clean_env, pulled_clone, ran_stages, run_ok
 
 pytestmark = pytest.mark.slow
 
@@ -44,12 +47,23 @@ STAGES = {
 
 
 @pytest.fixture(scope="module")
-def tiny_repo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+def tiny_repo(tracked_repro: TrackedRepro) -> tuple[Path, dict[str, str]]:
+    assert ran_stages(tracked_repro.output) == STAGES
+    return tracked_repro.repo, tracked_repro.env
+
+
+DOWNSTREAM = {"crop_images", "train_classifier@cropped", "evaluate", "evaluate_sources", "register_model"}
+
+
+@pytest.fixture(scope="module")
+def local_clone(tracked_repro: TrackedRepro, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """A pulled clone with no tracking server: the crop and what follows run again (forced, and
+    without the run cache, which would restore, not re-run, them), logging to its own SQLite store."""
     env = clean_env()
-    repo = make_tiny_repo(tmp_path_factory.mktemp("covidct") / "repo", env)
-    result = run_ok(["dvc", "repro"], repo, env)
-    assert ran_stages(result.stdout) == STAGES
-    return repo, env
+    clone = pulled_clone(tracked_repro.repo, tmp_path_factory.mktemp("local") / "clone", env)
+    rerun = run_ok(["dvc", "repro", "--force", "--downstream", "crop_images", "--no-run-cache"], clone, env)
+    assert ran_stages(rerun.stdout) == DOWNSTREAM
+    return clone, env
 
 
 def test_every_output_is_written(tiny_repo: tuple[Path, dict[str, str]]) -> None:
@@ -138,9 +152,8 @@ def test_every_source_is_scored_and_held_out_sources_say_so(tiny_repo: tuple[Pat
     )
 
 
-def test_mlflow_has_one_parent_and_every_stage(tiny_repo: tuple[Path, dict[str, str]]) -> None:
-    repo, _ = tiny_repo
-    client = MlflowClient(f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}")
+def test_mlflow_has_one_parent_and_every_stage(tracked_repro: TrackedRepro) -> None:
+    client = MlflowClient(tracked_repro.server)
     experiment = client.get_experiment_by_name("covidct")
     runs = client.search_runs([experiment.experiment_id])
     [parent] = [r for r in runs if r.data.tags.get("covidct.role") == "pipeline"]
@@ -168,9 +181,9 @@ def test_mlflow_has_one_parent_and_every_stage(tiny_repo: tuple[Path, dict[str, 
 
 
 def test_registered_pipeline_is_promoted_and_reproduces_the_evaluate_stage(
-    tiny_repo: tuple[Path, dict[str, str]],
+    local_clone: tuple[Path, dict[str, str]],
 ) -> None:
-    repo, env = tiny_repo
+    repo, env = local_clone
     version = MlflowClient(f"sqlite:///{repo / 'mlruns' / 'mlflow.db'}").get_model_version("covidct", "1")
     metrics = json.loads((repo / "reports/metrics.json").read_text())["cropped"]
     assert (
@@ -202,11 +215,11 @@ def _readme_line(start: str) -> str:
     return line.split(" #")[0].strip()
 
 
-def test_readmes_serve_command_works_as_written(tiny_repo: tuple[Path, dict[str, str]]) -> None:
+def test_readmes_serve_command_works_as_written(local_clone: tuple[Path, dict[str, str]]) -> None:
     """A newcomer pastes the README's lines into a fresh shell at the repo root: the export that
     points the plain ``mlflow`` CLI at the project's store, then the serve command (its port
     swapped for a free one), and the champion answers; no stray ./mlflow.db is left behind."""
-    repo, env = tiny_repo
+    repo, env = local_clone
     run_ok(
         [sys.executable, "-m", "covidct", "promote", "--min-val-recall", "0"], repo, env
     )  # a champion, if no test made one yet
@@ -242,38 +255,26 @@ def test_readmes_serve_command_works_as_written(tiny_repo: tuple[Path, dict[str,
     assert not (repo / "mlflow.db").exists()
 
 
-def test_second_repro_does_nothing_and_margin_reruns_only_downstream_to_the_same_bytes(
-    tiny_repo: tuple[Path, dict[str, str]],
+def test_rerun_writes_the_same_bytes_and_margin_reruns_only_downstream(
+    local_clone: tuple[Path, dict[str, str]],
 ) -> None:
-    """A changed margin re-runs the crop and what follows; set back, those stages retrain and write
-    the same bytes (crops, weights, reports, the saved pipeline), so a reproduction that matches
-    leaves ``dvc.lock`` (and ``git status``) unchanged. Training and weight files repeat bit for
-    bit upstream too: tests/test_resume.py and tests/test_training.py."""
-    repo, env = tiny_repo
-    again = run_ok(["dvc", "repro"], repo, env)
-    assert ran_stages(again.stdout) == set()
-    before = (repo / "dvc.lock").read_text()
-    margin = yaml.safe_load((repo / "params.yaml").read_text())["crop"]["margin"]
-    downstream = {"crop_images", "train_classifier@cropped", "evaluate", "evaluate_sources", "register_model"}
-    set_params(repo, {"crop.margin": margin + 2})
-    assert ran_stages(run_ok(["dvc", "repro"], repo, env).stdout) == downstream
-    set_params(repo, {"crop.margin": margin})  # without the run cache, which would restore, not re-run, them
-    assert ran_stages(run_ok(["dvc", "repro", "--no-run-cache"], repo, env).stdout) == downstream
+    """The crop and what follows, run again in another checkout, wrote the same bytes (crops,
+    weights, reports, the saved pipeline), so a reproduction that matches leaves ``dvc.lock``
+    (and ``git status``) unchanged; training and weight files repeat bit for bit upstream too
+    (tests/test_resume.py, tests/test_training.py). A second repro does nothing, and a changed
+    margin re-runs only the crop and what follows (DVC's dry run: nothing upstream of the crop)."""
+    repo, env = local_clone
+    before = run_ok(["git", "show", "HEAD:dvc.lock"], repo, env).stdout
     after = (repo / "dvc.lock").read_text()
     changed = [line.strip() for line in difflib.unified_diff(before.splitlines(), after.splitlines(), n=0)]
     assert before == after, "\n".join(changed[:20])
-
-
-def test_bad_parameter_stops_a_stage_with_one_clear_line(tmp_path: Path) -> None:
-    params = (REPO / "params.yaml").read_text().replace("model: tf_efficientnet_lite0", "model: efficientnet_b9")
-    (tmp_path / "params.yaml").write_text(params)
-    result = subprocess.run(
-        [sys.executable, str(REPO / "pipelines/train_classifier.py"), "--variant", "raw"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # one line, no traceback
-    assert "classifier.model" in result.stderr and "efficientnet_b9" in result.stderr
+    assert ran_stages(run_ok(["dvc", "repro"], repo, env).stdout) == set()
+    margin = yaml.safe_load((repo / "params.yaml").read_text())["crop"]["margin"]
+    set_params(repo, {"crop.margin": margin + 2})
+    # the stages that read crop.margin (the registered pipeline crops too); the rest follow the new crops
+    assert ran_stages(run_ok(["dvc", "repro", "--dry"], repo, env).stdout) == {
+        "crop_images",
+        "evaluate_sources",
+        "register_model",
+    }
+    set_params(repo, {"crop.margin": margin})

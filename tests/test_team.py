@@ -13,7 +13,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -21,33 +20,22 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from helpers.servers import Postgres, running_mlflow_server
 from helpers.serving import free_port, wait_until_serving
-from helpers.tiny import clean_env, make_tiny_repo, ran_stages, run_ok
+from helpers.tiny import TrackedRepro, pulled_clone, ran_stages, run_ok
 
 pytestmark = pytest.mark.slow
 COVIDCT = [sys.executable, "-m", "covidct"]
 
 
 @pytest.fixture(scope="module")
-def server(postgres: Postgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with running_mlflow_server(postgres.create_database("mlflow_team"), tmp_path_factory.mktemp("artifacts")) as url:
-        yield url
+def server(tracked_repro: TrackedRepro) -> str:
+    return tracked_repro.server
 
 
 @pytest.fixture(scope="module")
-def first(server: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str], Path]:
+def first(tracked_repro: TrackedRepro) -> tuple[Path, dict[str, str], Path]:
     """The clone that trains: `dvc repro` logging to the server, `dvc push` to a directory remote."""
-    base = tmp_path_factory.mktemp("team")
-    env = clean_env(MLFLOW_TRACKING_URI=server)
-    repo = make_tiny_repo(base / "first", env)
-    remote = base / "remote"
-    run_ok(["dvc", "remote", "add", "-d", "team", str(remote)], repo, env)
-    run_ok(["dvc", "repro"], repo, env)
-    run_ok(["dvc", "push"], repo, env)
-    run_ok(["git", "add", "-A"], repo, env)
-    run_ok(["git", "commit", "-qm", "repro"], repo, env)
-    return repo, env, remote
+    return tracked_repro.repo, tracked_repro.env, tracked_repro.remote
 
 
 def _clone(first: Path, to: Path, env: dict[str, str]) -> Path:
@@ -59,9 +47,7 @@ def _clone(first: Path, to: Path, env: dict[str, str]) -> Path:
 def teammate(first: tuple[Path, dict[str, str], Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh clone that never trained: `dvc pull` is all it runs."""
     repo, env, _ = first
-    clone = _clone(repo, tmp_path_factory.mktemp("teammate") / "clone", env)
-    run_ok(["dvc", "pull"], clone, env)
-    return clone
+    return pulled_clone(repo, tmp_path_factory.mktemp("teammate") / "clone", env)
 
 
 def _scans(repo: Path) -> list[str]:
@@ -96,15 +82,16 @@ def test_the_teammate_promotes_and_predicts_through_the_server_as_the_first_clon
     repo, env, _ = first
     promoted = run_ok([*COVIDCT, "promote", "--min-val-recall", "0"], teammate, env)
     assert "promoted" in promoted.stdout
-    run_ok([*COVIDCT, "predict", *_scans(repo), "--out", str(tmp_path / "first.csv")], repo, env)
+    # the first clone scores with the model directory it trained; the teammate with the champion, through the server
+    mine = [*COVIDCT, "predict", *_scans(repo), "--model", "models/pipeline", "--out", str(tmp_path / "first.csv")]
+    run_ok(mine, repo, env)
     run_ok([*COVIDCT, "predict", *_scans(teammate), "--out", str(tmp_path / "teammate.csv")], teammate, env)
-    local = [*COVIDCT, "predict", *_scans(teammate), "--model", "models/pipeline", "--out", str(tmp_path / "dir.csv")]
-    run_ok(local, teammate, env)
-    scores = [pd.read_csv(tmp_path / f"{name}.csv") for name in ("first", "teammate", "dir")]
-    scores = [s.assign(file=s["file"].map(lambda f: Path(f).name)) for s in scores]  # each clone's own path
-    assert scores[0]["error"].isna().all() and len(scores[0]) == 4
-    for other in scores[1:]:
-        pd.testing.assert_frame_equal(scores[0], other)  # the champion through the server = the pulled model dir
+    first_scores, teammate_scores = (
+        pd.read_csv(tmp_path / f"{name}.csv").assign(file=lambda s: s["file"].map(lambda f: Path(f).name))
+        for name in ("first", "teammate")  # each clone's own path
+    )
+    assert first_scores["error"].isna().all() and len(first_scores) == 4
+    pd.testing.assert_frame_equal(first_scores, teammate_scores)
     verified = run_ok([*COVIDCT, "verify-model", "--split", "test"], teammate, env)
     assert "reproduces the evaluate stage's test metrics exactly" in verified.stdout
 

@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from conftest import DATA, REPO
@@ -102,3 +103,35 @@ def make_tiny_repo(repo: Path, env: dict[str, str]) -> Path:
     run_ok(["git", "add", "-A"], repo, env)
     run_ok(["git", "commit", "-qm", "tiny"], repo, env)
     return repo
+
+
+@dataclass(frozen=True)
+class TrackedRepro:
+    """The tiny ``dvc repro`` as a team runs it (see ``tracked_tiny_repro``)."""
+
+    repo: Path
+    env: dict[str, str]
+    remote: Path
+    server: str
+    output: str  # what `dvc repro` printed
+
+
+def tracked_tiny_repro(base: Path, server: str) -> TrackedRepro:
+    """A tiny repository under ``base`` whose `dvc repro` logged every stage through the MLflow
+    ``server``, then `dvc push` to a directory remote and committed: what a teammate clones."""
+    env = clean_env(MLFLOW_TRACKING_URI=server)
+    repo = make_tiny_repo(base / "first", env)
+    remote = base / "remote"
+    run_ok(["dvc", "remote", "add", "-d", "team", str(remote)], repo, env)
+    repro = run_ok(["dvc", "repro"], repo, env)
+    run_ok(["dvc", "push"], repo, env)
+    run_ok(["git", "add", "-A"], repo, env)
+    run_ok(["git", "commit", "-qm", "repro"], repo, env)
+    return TrackedRepro(repo, env, remote, server, repro.stdout)
+
+
+def pulled_clone(first: Path, to: Path, env: dict[str, str]) -> Path:
+    """A fresh clone of ``first`` at ``to`` with its DVC outputs pulled from the remote: no training."""
+    run_ok(["git", "clone", "-q", "--no-hardlinks", str(first), str(to)], to.parent, env)
+    run_ok(["dvc", "pull"], to, env)
+    return to
