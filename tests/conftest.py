@@ -23,7 +23,7 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # xdist workers share the cores
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
 
 
-# The modules that take longest (measured: docs/testing.md), run first: the two xdist workers
+# The modules that take longest (`python -m pytest --durations=60`), run first: the two xdist workers
 # (pyproject's addopts) then take the long ones at once and end together on the short ones.
 # Modules that share a session fixture share a worker, so it is built once.
 SHARED_GROUPS = {"test_pipeline.py": "tracked_repro", "test_team.py": "tracked_repro"}

@@ -7,11 +7,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 from sklearn.metrics import roc_auc_score
 
@@ -49,9 +50,12 @@ def _levers(root: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture()
-def levers_here(root: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Callable[..., str]:
+def levers_here(
+    root: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> Iterator[Callable[..., str]]:
     """`covidct levers` in this process, as the CLI runs it in ``root``: for the calls after the
-    first, which a fresh interpreter would only slow down (its imports take ~15 s here)."""
+    first, which a fresh interpreter would only slow down (its imports take ~16 s here). The CLI
+    sets torch's thread count; the other tests on this worker get theirs back."""
     monkeypatch.chdir(root)
     for key in [k for k in os.environ if k.startswith(("MLFLOW_", "DVC_", "COVIDCT_"))]:
         monkeypatch.delenv(key)
@@ -61,7 +65,9 @@ def levers_here(root: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.Capt
         main(["levers", *args])
         return capsys.readouterr().out
 
-    return levers
+    threads = torch.get_num_threads()
+    yield levers
+    torch.set_num_threads(threads)
 
 
 def _lever_runs(root: Path) -> list:

@@ -21,7 +21,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from helpers.serving import free_port, wait_until_serving
-from helpers.tiny import TrackedRepro, pulled_clone, ran_stages, run_ok
+from helpers.tiny import TrackedRepro, git_clone, pulled_clone, ran_stages, run_ok
 
 pytestmark = pytest.mark.slow
 COVIDCT = [sys.executable, "-m", "covidct"]
@@ -36,11 +36,6 @@ def server(tracked_repro: TrackedRepro) -> str:
 def first(tracked_repro: TrackedRepro) -> tuple[Path, dict[str, str], Path]:
     """The clone that trains: `dvc repro` logging to the server, `dvc push` to a directory remote."""
     return tracked_repro.repo, tracked_repro.env, tracked_repro.remote
-
-
-def _clone(first: Path, to: Path, env: dict[str, str]) -> Path:
-    run_ok(["git", "clone", "-q", "--no-hardlinks", str(first), str(to)], to.parent, env)
-    return to
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +124,7 @@ def test_a_remote_missing_an_object_or_missing_altogether_says_what_is_missing(
     damaged = shutil.copytree(remote, tmp_path / "damaged")
     md5 = segmenter["md5"]
     (damaged / "files" / "md5" / md5[:2] / md5[2:]).unlink()
-    clone = _clone(repo, tmp_path / "clone", env)
+    clone = git_clone(repo, tmp_path / "clone", env)
     run_ok(["dvc", "remote", "modify", "--local", "team", "url", str(damaged)], clone, env)
     pulled = subprocess.run(["dvc", "pull"], cwd=clone, env=env, capture_output=True, text=True, timeout=600)
     said = pulled.stdout + pulled.stderr

@@ -130,8 +130,13 @@ def tracked_tiny_repro(base: Path, server: str) -> TrackedRepro:
     return TrackedRepro(repo, env, remote, server, repro.stdout)
 
 
+def git_clone(first: Path, to: Path, env: dict[str, str]) -> Path:
+    """A fresh clone of ``first`` at ``to``: its git files only, no DVC outputs."""
+    run_ok(["git", "clone", "-q", "--no-hardlinks", str(first), str(to)], to.parent, env)
+    return to
+
+
 def pulled_clone(first: Path, to: Path, env: dict[str, str]) -> Path:
     """A fresh clone of ``first`` at ``to`` with its DVC outputs pulled from the remote: no training."""
-    run_ok(["git", "clone", "-q", "--no-hardlinks", str(first), str(to)], to.parent, env)
-    run_ok(["dvc", "pull"], to, env)
+    run_ok(["dvc", "pull"], git_clone(first, to, env), env)
     return to
