@@ -171,7 +171,8 @@ def main() -> None:
     report["networks"] = network_sweep(root, params, device, networks, args.dry_run)
     report["total_seconds"] = time.perf_counter() - started
     write_text_atomic(args.out / "check.json", json.dumps(report, indent=2) + "\n")
-    modules = sorted({m.split(".")[0] for m in sys.modules} - set(sys.stdlib_module_names) - {"__main__"})
+    loaded = {name.split(".")[0] for name, module in list(sys.modules.items()) if module is not None}  # None: blocked
+    modules = sorted(loaded - set(sys.stdlib_module_names) - {"__main__"})
     write_text_atomic(args.out / "modules.json", json.dumps(modules) + "\n")  # what gpu_bundle.py carries wheels for
     print(json.dumps(report, indent=2))
 

@@ -2,8 +2,8 @@
 
 Checks every stage's outputs, metric ranges and MLflow runs (the repro shared with
 test_team.py, logged through the team's server), then, in a pulled clone logging to its own
-SQLite store as one researcher's checkout does: the crop and what follows run again to the
-same bytes, a second repro does nothing, a changed crop margin re-runs only the crop and
+SQLite store as one researcher's checkout does: the crop and the registration run again to
+the same bytes, a second repro does nothing, a changed crop margin re-runs only the crop and
 what follows, and the registered pipeline is promoted, verified and served.
 """
 
@@ -52,17 +52,20 @@ def tiny_repo(tracked_repro: TrackedRepro) -> tuple[Path, dict[str, str]]:
     return tracked_repro.repo, tracked_repro.env
 
 
-DOWNSTREAM = {"crop_images", "train_classifier@cropped", "evaluate", "evaluate_sources", "register_model"}
+# Run again in the pulled clone: the crop (the stage that reads image files by path) and the
+# registration (it bundles code and weights into the pipeline, and logs to this clone's store).
+RERUN = ("crop_images", "register_model")
 
 
 @pytest.fixture(scope="module")
 def local_clone(tracked_repro: TrackedRepro, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
-    """A pulled clone with no tracking server: the crop and what follows run again (forced, and
-    without the run cache, which would restore, not re-run, them), logging to its own SQLite store."""
+    """A pulled clone with no tracking server: the crop and the registration run again (forced,
+    and without the run cache, which would restore, not re-run, them), logging to its own SQLite
+    store. Training repeats bit for bit in tests/test_resume.py and tests/test_training.py."""
     env = clean_env()
     clone = pulled_clone(tracked_repro.repo, tmp_path_factory.mktemp("local") / "clone", env)
-    rerun = run_ok(["dvc", "repro", "--force", "--downstream", "crop_images", "--no-run-cache"], clone, env)
-    assert ran_stages(rerun.stdout) == DOWNSTREAM
+    rerun = run_ok(["dvc", "repro", "--force", "--single-item", "--no-run-cache", *RERUN], clone, env)
+    assert ran_stages(rerun.stdout) == set(RERUN)
     return clone, env
 
 
@@ -258,9 +261,9 @@ def test_readmes_serve_command_works_as_written(local_clone: tuple[Path, dict[st
 def test_rerun_writes_the_same_bytes_and_margin_reruns_only_downstream(
     local_clone: tuple[Path, dict[str, str]],
 ) -> None:
-    """The crop and what follows, run again in another checkout, wrote the same bytes (crops,
-    weights, reports, the saved pipeline), so a reproduction that matches leaves ``dvc.lock``
-    (and ``git status``) unchanged; training and weight files repeat bit for bit upstream too
+    """The crop and the registration, run again in another checkout, wrote the same bytes (the
+    crops, their report, the saved pipeline), so a reproduction that matches leaves ``dvc.lock``
+    (and ``git status``) unchanged; training and weight files repeat bit for bit too
     (tests/test_resume.py, tests/test_training.py). A second repro does nothing, and a changed
     margin re-runs only the crop and what follows (DVC's dry run: nothing upstream of the crop)."""
     repo, env = local_clone

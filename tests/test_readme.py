@@ -54,3 +54,14 @@ def test_each_quoted_number_is_in_its_file(row: re.Match[str]) -> None:
                 continue
             expected += [f"{100 * edge:.1f}", f"{edge:.3f}"]
     assert quoted and all(q in expected for q in quoted), (row["measure"], quoted, expected)
+
+
+def test_the_suite_times_quoted_are_the_benchmarks() -> None:
+    """The test paragraph's times are those `benchmarks/suite_time.py` wrote, with the test counts."""
+    text = " ".join((REPO / "README.md").read_text().split())
+    runs = json.loads((REPO / "reports/benchmarks/suite_time.json").read_text())
+    for label in ("full", "quick"):
+        minutes, seconds = divmod(round(runs[label]["wall_seconds"]), 60)
+        tests = runs[label]["summary"].split()[0]
+        took = f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
+        assert f"{tests} tests in {took}" in text, label
