@@ -1,7 +1,7 @@
 """Builds ``.gpu/`` for the device check (``scripts/gpu_check.py``) and dry-runs the check on the
 CPU here, in one command, so a session lent a GPU only has to carry ``.gpu`` and run it:
 
-    python scripts/gpu_bundle.py          # after `dvc repro prepare_data`; about 10 minutes
+    python scripts/gpu_bundle.py          # after `dvc repro prepare_data`; a few minutes
 
 A device call carries at most 64 MiB, and ``../shared`` does not travel, so ``.gpu/`` holds:
 - ``root/``: a prepared repository root, as `dvc repro prepare_data` leaves one, compacted:
