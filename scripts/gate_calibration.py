@@ -18,14 +18,15 @@ import pandas as pd
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from covidct.config import load_params, section
+from covidct.config import load_params, section, sources_section
+from covidct.datasets import LUNG_SEG
 from covidct.gate import lung_evidence
 from covidct.images import read_grayscale, read_mask
 from covidct.lung_crop import segment_and_crop
 from covidct.paths import REPORTS, SEGMENTER
 from covidct.runtime import configure_threads, select_device
 from covidct.segmentation.model import load_segmenter
-from covidct.sources import SOURCES, source_table
+from covidct.sources import source_table
 
 OUT = REPORTS / "gate"
 QUANTILES = (0.0, 0.001, 0.01, 0.05, 0.5)
@@ -35,9 +36,10 @@ def evidence(root: Path, split: str) -> pd.DataFrame:
     device = select_device()
     configure_threads()
     model, meta = load_segmenter(root / SEGMENTER, device)
-    crop = section(load_params(root / "params.yaml"), "crop")
+    params = load_params(root / "params.yaml")
+    crop = section(params, "crop")
     rows = []
-    for name in SOURCES:
+    for name in [*sources_section(params), LUNG_SEG]:
         table = source_table(root, name)
         table = table[table["split"] == split]
         for start in tqdm(range(0, len(table), crop.batch_size), desc=f"{name} {split}", unit="batch"):

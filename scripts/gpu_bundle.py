@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 from packaging.requirements import Requirement
 
+from covidct.catalog import split_path
 from covidct.images import read_grayscale
 from covidct.paths import CC_CCII_SPLIT, COVID_CT_SPLIT, LUNG_SPLIT, raw
 from covidct.profiles import apply_profile, set_params
@@ -46,6 +47,7 @@ CHECK_BUDGET = {"segmenter.epochs": 30, "classifier.epochs": 20, "classifier.pre
 COVID_CT_SIDE, JPEG_QUALITY, LUNG_STRIDE = 320, 75, 3
 CARRY_LIMIT_MIB = 64  # what one device call carries: the checkout and .gpu together
 CC_CCII_SCANS, CC_CCII_SLICES = 4, 8  # per split and class; evenly spaced slices per scan
+SARS_SPLIT, SARS_STRIDE = split_path("sars-cov-2-ct"), 3  # every third slice of each scan, as JPEG
 #: Distributions the device image already has (the device tool's package list, read 2026-11-17);
 #: timm is left out of it on purpose, so it travels: the code needs the API of the version pinned here.
 DEVICE_PACKAGES = set(
@@ -102,17 +104,22 @@ def build_root(repo: Path, out: Path) -> None:
         _jpeg(out / raw("lung-seg") / row.image, read_grayscale(repo / raw("lung-seg") / row.image))
         _copy(repo / raw("lung-seg") / row.mask, out / raw("lung-seg") / row.mask)
     cc = pd.read_csv(repo / CC_CCII_SPLIT)
-    scans = cc.drop_duplicates("scan_id").sort_values("scan_id").groupby(["split", "cc_ccii_class"]).head(CC_CCII_SCANS)
+    scans = cc.drop_duplicates("scan").sort_values("scan").groupby(["split", "subclass"]).head(CC_CCII_SCANS)
     kept = []
-    for _, scan in cc[cc["scan_id"].isin(scans["scan_id"])].sort_values(["scan_id", "slice"]).groupby("scan_id"):
+    for _, scan in cc[cc["scan"].isin(scans["scan"])].sort_values(["scan", "relpath"]).groupby("scan"):
         kept.append(scan.iloc[np.unique(np.linspace(0, len(scan) - 1, min(CC_CCII_SLICES, len(scan))).astype(int))])
     cc = pd.concat(kept)
     for relpath in cc["relpath"]:
         _copy(repo / raw("cc-ccii") / relpath, out / raw("cc-ccii") / relpath)
+    sars = pd.read_csv(repo / SARS_SPLIT)
+    sars = sars[sars.groupby("scan").cumcount() % SARS_STRIDE == 0]
+    for relpath in sars["relpath"]:
+        _jpeg(out / raw("sars-cov-2-ct") / relpath, read_grayscale(repo / raw("sars-cov-2-ct") / relpath))
     (out / CC_CCII_SPLIT).parent.mkdir(parents=True, exist_ok=True)
     shutil.copy2(repo / COVID_CT_SPLIT, out / COVID_CT_SPLIT)
     lung.to_csv(out / LUNG_SPLIT, index=False)
     cc.to_csv(out / CC_CCII_SPLIT, index=False)
+    sars.to_csv(out / SARS_SPLIT, index=False)
     shutil.copy2(repo / "params.yaml", out / "params.yaml")
     shutil.copytree(repo / "pipelines" / "profiles", out / "pipelines" / "profiles")
     apply_profile(out, "paper")

@@ -87,13 +87,13 @@ def network_sweep(
 
     from covidct.classification.table import checkpoint_meta, classifier_table, load_classifier_inputs
     from covidct.classification.train import fit_and_predict
-    from covidct.config import section
+    from covidct.config import section, sources_section
 
     results = {}
     for name in networks:
         size = 64 if dry_run else int(timm.get_pretrained_cfg(name).input_size[-1])
         config = dataclasses.replace(section(params, "classifier"), model=name, image_size=size, epochs=1)
-        table = classifier_table(root, config)
+        table = classifier_table(root, config, sources_section(params))
         images = load_classifier_inputs(root, table, "cropped", config, progress=None)
         out = root / "sweep" / name
         (history, _, _), timing = timed(

@@ -72,6 +72,7 @@ pytestmark = pytest.mark.slow
 COVID = DATA / "covid-ct"
 LUNG = DATA / "lung-seg"
 CC_CCII = DATA / "cc-ccii"
+SARS = DATA / "sars-cov-2-ct"
 REAL_PNG = COVID / "CT_COVID" / "kjr-21-e25-p1-6.png"
 REAL_JPEG = COVID / "CT_NonCOVID" / "1%0.jpg"  # 12 KB of EXIF before its pixels
 JPEG_AS_PNG = COVID / "CT_COVID" / "2020.03.16.20035105-p6-64-1.png"  # JPEG bytes behind a .png name
@@ -323,7 +324,8 @@ def tiny_rows() -> tuple[pd.DataFrame, dict[str, str], str]:
 @pytest.fixture(scope="module")
 def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A source directory like ../shared/data, small: the tiny COVID-CT images (five turned into
-    the odd-but-valid kinds) with their own split lists, 6 lung patients x 3 slices, checksums."""
+    the odd-but-valid kinds) with their own split lists, 6 lung patients x 3 slices, a few
+    CC-CCII patients and SARS-CoV-2 CT slices, checksums."""
     tiny, valid_rows, _ = tiny_rows()
     src = tmp_path_factory.mktemp("source")
     covid, lung = src / "covid-ct", src / "lung-seg"
@@ -358,7 +360,13 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (cc / relpath).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(CC_CCII / relpath, cc / relpath)
     manifest.to_csv(cc / "manifest.csv", index=False)
-    for root in (covid, lung, cc):
+    sars = src / "sars-cov-2-ct"  # its first 4 slices of each class and split
+    manifest = pd.read_csv(SARS / "manifest.csv").groupby(["split", "label"]).head(4)
+    for relpath in manifest["file"]:
+        (sars / relpath).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(SARS / relpath, sars / relpath)
+    manifest.to_csv(sars / "manifest.csv", index=False)
+    for root in (covid, lung, cc, sars):
         _write_sums(root)
     return src
 
@@ -526,6 +534,16 @@ def test_prepare_data_with_a_split_list_naming_a_missing_image(stages: WarmPytho
     _assert_one_clear_line(
         result, f"error: {listing}: names 'ghost.png', but {source / 'covid-ct/CT_NonCOVID/ghost.png'} does not exist"
     )
+
+
+def test_prepare_data_with_a_manifest_split_it_does_not_know(stages: WarmPython, workdir: Path, source: Path) -> None:
+    manifest = source / "sars-cov-2-ct/manifest.csv"
+    sums = source / "sars-cov-2-ct/SHA256SUMS"
+    edited = manifest.read_text().replace(",val,", ",validation,", 1).encode()
+    with _replaced(manifest, edited), _replaced(sums, sums.read_bytes()):
+        _write_sums(source / "sars-cov-2-ct")  # checksums agree: the split name itself is wrong
+        result = _run_and_check_nothing_changed(stages, workdir, "prepare_data")
+    _assert_one_clear_line(result, f"error: {manifest}: split 'validation' is not one of")
 
 
 PARAM_CASES = {

@@ -16,6 +16,7 @@ from covidct.classification.data import resize_for_classifier
 from covidct.classification.inputs import STANDARD_MEAN, STANDARD_SD, classifier_view
 from covidct.classification.table import checkpoint_meta, classifier_table, evenly_spaced
 from covidct.classification.train import balanced_sampler, fit_and_predict, predict_scores
+from covidct.config import ConfigError, SourceConfig
 from covidct.cropping import crop_to_lung_bbox
 from covidct.images import read_grayscale
 from covidct.lung_crop import LungCrop, segment_and_crop
@@ -39,13 +40,13 @@ def _lungs(shape: tuple[int, int]) -> np.ndarray:
 
 def test_plain_view_is_the_resized_crop_as_before() -> None:
     image = read_grayscale(SLICE)
-    assert np.array_equal(classifier_view(image, None, 96, False, False), resize_for_classifier(image, 96))
+    assert np.array_equal(classifier_view(image, None, 96, False, False, False), resize_for_classifier(image, 96))
 
 
 def test_lung_mask_blanks_everything_outside_the_lung_and_keeps_the_lung() -> None:
     image = read_grayscale(SLICE)
     mask = _lungs(image.shape)
-    view = classifier_view(image, mask, 128, lung_mask=True, standardise=False)
+    view = classifier_view(image, mask, 128, lung_mask=True, standardise=False, equalise=False)
     lung = resize_for_classifier(mask.astype(np.uint8) * 255, 128) > 127
 
     def away(m: np.ndarray) -> np.ndarray:  # two pixels from the mask's edge, where resizing cannot blur it
@@ -61,25 +62,27 @@ def test_standardised_view_does_not_see_the_ct_window() -> None:
     image = read_grayscale(SLICE)
     mask = _lungs(image.shape)
     other_window = np.clip(0.6 * image.astype(float) + 60, 0, 255).round().astype(np.uint8)
-    a = classifier_view(image, mask, 128, lung_mask=True, standardise=True)
-    b = classifier_view(other_window, mask, 128, lung_mask=True, standardise=True)
+    a = classifier_view(image, mask, 128, lung_mask=True, standardise=True, equalise=False)
+    b = classifier_view(other_window, mask, 128, lung_mask=True, standardise=True, equalise=False)
     lung = a > 0
     assert np.abs(a.astype(int) - b.astype(int))[lung].mean() < 2.0
     assert not np.array_equal(resize_for_classifier(image, 128), resize_for_classifier(other_window, 128))
     small_lung = resize_for_classifier(mask.astype(np.uint8) * 255, 128) == 255
-    values = classifier_view(image, mask, 128, lung_mask=False, standardise=True)[small_lung].astype(float)
+    values = classifier_view(image, mask, 128, lung_mask=False, standardise=True, equalise=False)[small_lung].astype(
+        float
+    )
     assert values.mean() == pytest.approx(STANDARD_MEAN, abs=3) and values.std() == pytest.approx(STANDARD_SD, rel=0.15)
 
 
 def test_an_empty_mask_shows_the_whole_image_and_a_wrong_mask_is_an_error() -> None:
     image = read_grayscale(SLICE)
     empty = np.zeros(image.shape, dtype=bool)
-    view = classifier_view(image, empty, 64, lung_mask=True, standardise=False)
+    view = classifier_view(image, empty, 64, lung_mask=True, standardise=False, equalise=False)
     assert np.array_equal(view, resize_for_classifier(image, 64))  # as the crop stage keeps the whole image
     with pytest.raises(ValueError, match="mask shape"):
-        classifier_view(image, empty[:10], 64, lung_mask=True, standardise=False)
+        classifier_view(image, empty[:10], 64, lung_mask=True, standardise=False, equalise=False)
     with pytest.raises(ValueError, match="needs the crop's lung mask"):
-        classifier_view(image, None, 64, lung_mask=False, standardise=True)
+        classifier_view(image, None, 64, lung_mask=False, standardise=True, equalise=False)
 
 
 def test_the_crops_lung_mask_is_aligned_with_the_crop() -> None:
@@ -92,11 +95,21 @@ def test_the_crops_lung_mask_is_aligned_with_the_crop() -> None:
 
 
 def test_evenly_spaced_slices_per_scan() -> None:
-    table = pd.DataFrame({"scan_id": [1] * 10 + [2] * 2, "slice": [*range(10), 0, 1]})
-    picked = evenly_spaced(table, 4)
-    assert picked.loc[picked["scan_id"] == 1, "slice"].tolist() == [0, 3, 6, 9]  # first to last
-    assert picked.loc[picked["scan_id"] == 2, "slice"].tolist() == [0, 1]  # a short scan gives what it has
+    table = pd.DataFrame({"scan": ["1"] * 10 + ["2"] * 2, "relpath": [f"s_{k:04d}.png" for k in [*range(10), 0, 1]]})
+    picked = evenly_spaced(table.sample(frac=1, random_state=0), 4)  # any row order: relpaths sort in slice order
+    assert picked.loc[picked["scan"] == "1", "relpath"].str[2:6].astype(int).tolist() == [0, 3, 6, 9]  # first to last
+    assert len(picked[picked["scan"] == "2"]) == 2  # a short scan gives what it has
     assert len(evenly_spaced(table, 0)) == 12
+
+
+def test_equalised_view_does_not_see_the_ct_window() -> None:
+    """Two windows of one slice (a monotone grey-level map) look alike once equalised, and not before."""
+    image = read_grayscale(SLICE)
+    other_window = np.clip(image.astype(float) * 0.6 + 60, 0, 255).astype(np.uint8)
+    plain = [classifier_view(x, None, 128, False, False, False).astype(float) for x in (image, other_window)]
+    equal = [classifier_view(x, None, 128, False, False, True).astype(float) for x in (image, other_window)]
+    assert np.abs(plain[0] - plain[1]).mean() > 20
+    assert np.abs(equal[0] - equal[1]).mean() < 5
 
 
 def test_balanced_sampler_draws_every_source_and_class_alike() -> None:
@@ -111,19 +124,32 @@ def test_balanced_sampler_draws_every_source_and_class_alike() -> None:
     assert balanced_sampler(sources[:100], labels[:100], seed=0) is None  # one source: plain shuffling
 
 
+DECLARED = {
+    "covid-ct": SourceConfig("COVID-CT", "lists", "folder", ("CT_COVID",), "meta", "meta", False),
+    "cc-ccii": SourceConfig("CC-CCII", "patients", "cc_ccii_class", ("NCP",), "patient_id", "scan_id", True),
+}
+
+
 def _split_files(root: Path) -> None:
     (root / "data" / "splits").mkdir(parents=True)
     pd.DataFrame(
-        {"relpath": ["a.png", "b.png", "c.png"], "label": [1, 0, 1], "split": ["train", "val", "test"]}
+        {
+            "relpath": ["a.png", "b.png", "c.png"],
+            "label": [1, 0, 1],
+            "split": ["train", "val", "test"],
+            "patient": ["a", "b", "c"],
+            "scan": ["a", "b", "c"],
+            "subclass": ["CT_COVID", "CT_NonCOVID", "CT_COVID"],
+        }
     ).to_csv(root / "data" / "splits" / "covid_ct.csv", index=False)
     rows = [
         {
-            "relpath": f"s{scan}_{k}.png",
+            "relpath": f"s{scan}_{k:04d}.png",
             "label": scan % 2,
             "split": split,
-            "patient_group": f"P{scan}",
-            "scan_id": scan,
-            "slice": k,
+            "patient": f"P{scan}",
+            "scan": str(scan),
+            "subclass": "NCP" if scan % 2 else "CP",
         }
         for scan, split in ((1, "train"), (2, "val"), (3, "test"))
         for k in range(6)
@@ -131,18 +157,20 @@ def _split_files(root: Path) -> None:
     pd.DataFrame(rows).to_csv(root / "data" / "splits" / "cc_ccii.csv", index=False)
 
 
-def test_classifier_table_marks_what_is_trained_on_and_never_takes_cc_ccii_test(tmp_path: Path) -> None:
+def test_classifier_table_marks_what_is_trained_on_and_takes_the_rest_whole(tmp_path: Path) -> None:
     _split_files(tmp_path)
-    one = classifier_table(tmp_path, make_config("classifier", cc_ccii_per_scan=3))
-    # CC-CCII is not trained on: only 3 slices of its validation scan, scored as held-out evidence
-    assert one.groupby("source").size().to_dict() == {"covid-ct": 3, "cc-ccii": 3}
-    assert set(one.loc[one["source"] == "cc-ccii", "split"]) == {"val"}
+    one = classifier_table(tmp_path, make_config("classifier", cc_ccii_per_scan=3), DECLARED)
+    # CC-CCII is not trained on: every split of it (3 slices a scan) is scored as held-out evidence
+    assert one.groupby("source").size().to_dict() == {"covid-ct": 3, "cc-ccii": 9}
+    assert set(one.loc[one["source"] == "cc-ccii", "split"]) == {"train", "val", "test"}
     assert one.loc[one["trained"], "source"].unique().tolist() == ["covid-ct"]
-    assert one.loc[one["source"] == "cc-ccii", "patient"].unique().tolist() == ["P2"]  # what a bootstrap resamples
-    reverse = classifier_table(tmp_path, make_config("classifier", sources=("cc-ccii",), cc_ccii_per_scan=3))
-    assert set(reverse.loc[reverse["source"] == "covid-ct", "split"]) == {"val", "test"}
-    both = classifier_table(tmp_path, make_config("classifier", sources=("covid-ct", "cc-ccii"), cc_ccii_per_scan=0))
-    assert both["trained"].all() and len(both) == 3 + 12
+    assert sorted(one.loc[one["source"] == "cc-ccii", "patient"].unique()) == ["P1", "P2", "P3"]
+    both = classifier_table(
+        tmp_path, make_config("classifier", sources=("covid-ct", "cc-ccii"), cc_ccii_per_scan=0), DECLARED
+    )
+    assert both["trained"].all() and len(both) == 3 + 18
+    with pytest.raises(ConfigError, match="classifier.sources names 'sars-cov-2-ct', which is not declared"):
+        classifier_table(tmp_path, make_config("classifier", sources=("sars-cov-2-ct",)), DECLARED)
     meta = checkpoint_meta(
         make_config("classifier", sources=("covid-ct", "cc-ccii"), lung_mask=True, standardise=True), "raw"
     )
@@ -176,7 +204,7 @@ def test_held_out_rows_are_scored_but_never_train_or_choose(tmp_path: Path) -> N
         other, table, config, device, tmp_path / "b.safetensors", {"model": config.model, "image_size": 32}
     )
     assert (
-        first[1]["source"].tolist().count("cc-ccii") == 4
+        first[1]["source"].tolist().count("cc-ccii") == 12  # held out: every split of it
         and not first[1].loc[first[1]["source"] == "cc-ccii", "trained"].any()
     )
     assert first[2]["epoch"] == second[2]["epoch"]
@@ -212,7 +240,7 @@ def test_registered_pipeline_shows_the_classifier_the_view_it_trained_on(tmp_pat
     image = read_grayscale(SLICE)
     (got,) = pipeline.predict_arrays(["slice"], [image])
     (crop,) = segment_and_crop([image], pipeline.segmenter, pipeline.segmenter_meta, pipeline.crop, pipeline.device)
-    view = classifier_view(crop.crop.image, crop.lung, 64, True, True)
+    view = classifier_view(crop.crop.image, crop.lung, 64, True, True, False)
     meta = pipeline.classifier_meta
     expected = predict_scores(pipeline.classifier, view[None], pipeline.device, meta["mean"], meta["std"])[0]
     plain = predict_scores(

@@ -121,6 +121,37 @@ def test_bad_value_names_key(params: dict[str, Any], dotted: str, value: Any, ke
         section(bad, dotted.split(".")[0])
 
 
+@pytest.mark.parametrize(
+    ("dotted", "value", "message"),
+    [
+        (
+            "sources.sars-cov-2-ct.split",
+            "random",
+            "sources.sars-cov-2-ct.split must be one of lists, patients, manifest",
+        ),
+        ("sources.cc-ccii.covid", [], "sources.cc-ccii.covid must name at least one class"),
+        ("sources.cc-ccii.patient", " ", "sources.cc-ccii.patient must not be empty"),
+        ("sources.covid-ct.thin", "no", "sources.covid-ct.thin must be true or false"),
+        ("classifier.sources", ["covid-ct", "mosmed"], "classifier.sources names 'mosmed', which is not declared"),
+    ],
+)
+def test_bad_source_declaration_names_the_source_and_key(
+    params: dict[str, Any], dotted: str, value: Any, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate_all(_with(params, dotted, value))
+
+
+def test_a_source_declaration_has_no_defaults(params: dict[str, Any]) -> None:
+    bad = copy.deepcopy(params)
+    del bad["sources"]["sars-cov-2-ct"]["scan"]
+    with pytest.raises(ConfigError, match=re.escape("sources.sars-cov-2-ct.scan is missing")):
+        validate_all(bad)
+    bad["sources"] = {}
+    with pytest.raises(ConfigError, match="sources must map each labelled dataset"):
+        validate_all(bad)
+
+
 def test_value_named_in_message(params: dict[str, Any]) -> None:
     with pytest.raises(ConfigError, match=r"segmenter\.tversky_alpha.*1\.5"):
         validate_all(_with(params, "segmenter.tversky_alpha", 1.5))

@@ -32,6 +32,7 @@ from covidct.stages import audit_data
 COVID = DATA / "covid-ct"
 LUNG = DATA / "lung-seg"
 CC = DATA / "cc-ccii"
+SARS = DATA / "sars-cov-2-ct"
 JPEG_IN_PNG = "CT_COVID/2020.03.16.20035105-p6-64-1.png"  # JPEG bytes behind a .png name
 OTHERS = [
     "CT_COVID/kjr-21-e25-p1-6.png",
@@ -322,6 +323,11 @@ def test_bad_audit_value_names_key(params: dict[str, Any], key: str, value: Any,
 
 #: CC-CCII files one scan under two ids: CP_1775's slice 39 and CP_3636's slice 199 are 2 pHash bits apart.
 CC_SAME_SCAN = ("images/CP/CP_1775_3530_0039.png", "images/CP/CP_3636_5595_0199.png")
+CLEAN_SARS = [
+    ("images/covid_0002.png", "train"),
+    ("images/noncovid_0400.png", "val"),
+    ("images/covid_0520.png", "test"),
+]
 CLEAN_CC = [
     ("images/NCP/NCP_1001_2559_0046.png", "train"),
     ("images/Normal/Normal_1703_960_0027.png", "val"),
@@ -329,49 +335,50 @@ CLEAN_CC = [
 ]
 
 
+def _link_source(raw: Path, splits: Path, name: str, data: Path, rows: list[tuple[str, str]], table: dict) -> None:
+    """A declared source's files (links to real ones) and its split table, as prepare_data writes it."""
+    for relpath, _ in rows:
+        (raw / name / relpath).parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(data / relpath, raw / name / relpath)
+    frame = pd.DataFrame({"relpath": [r for r, _ in rows], "split": [s for _, s in rows]} | table)
+    frame.to_csv(splits / f"{name.replace('-', '_')}.csv", index=False)
+
+
 def _stage_root(
     tmp: Path,
     covid_rows: list[tuple[str, str]],
     lung_rows: list[tuple[str, str]],
     cc_rows: list[tuple[str, str]] = CLEAN_CC,
+    sars_rows: list[tuple[str, str]] = CLEAN_SARS,
 ) -> Path:
     """A repository root with data/raw (links to real files, real meta) and data/splits for a few images."""
-    raw = tmp / "data" / "raw"
+    raw, splits = tmp / "data" / "raw", tmp / "data" / "splits"
+    splits.mkdir(parents=True)
     shutil.copytree(COVID / "meta", raw / "covid-ct" / "meta")
-    for relpath, _ in covid_rows:
-        (raw / "covid-ct" / relpath).parent.mkdir(parents=True, exist_ok=True)
-        os.symlink(COVID / relpath, raw / "covid-ct" / relpath)
+    ids = covid_ct_patients(COVID).drop_duplicates("relpath").set_index("relpath")["patient_id"]
+    covid = [r for r, _ in covid_rows]
+    patients = [ids.get(r, r) for r in covid]
+    subclass = [r.split("/")[0] for r in covid]
+    labels = [int(c == "CT_COVID") for c in subclass]
+    table = {"label": labels, "patient": patients, "scan": patients, "subclass": subclass}
+    _link_source(raw, splits, "covid-ct", COVID, covid_rows, table)
     (raw / "lung-seg" / "images").mkdir(parents=True)
     shutil.copy2(LUNG / "manifest.csv", raw / "lung-seg" / "manifest.csv")
     for relpath, _ in lung_rows:
         os.symlink(LUNG / relpath, raw / "lung-seg" / relpath)
-    splits = tmp / "data" / "splits"
-    splits.mkdir(parents=True)
-    covid = pd.DataFrame([{"relpath": r, "label": int(r.startswith("CT_COVID")), "split": s} for r, s in covid_rows])
-    covid.to_csv(splits / "covid_ct.csv", index=False)
-    ids = [Path(r).stem for r, _ in lung_rows]
+    lung_ids = [Path(r).stem for r, _ in lung_rows]
     lung = pd.DataFrame(
-        {
-            "id": ids,
-            "patient_id": "x",
-            "split": [s for _, s in lung_rows],
-            "image": [r for r, _ in lung_rows],
-            "mask": "",
-        }
+        {"id": lung_ids, "patient_id": "x", "split": [s for _, s in lung_rows], "image": [r for r, _ in lung_rows]}
     )
-    lung.to_csv(splits / "lung_seg.csv", index=False)
-    for relpath, _ in cc_rows:
-        (raw / "cc-ccii" / relpath).parent.mkdir(parents=True, exist_ok=True)
-        os.symlink(CC / relpath, raw / "cc-ccii" / relpath)
+    lung.assign(mask="").to_csv(splits / "lung_seg.csv", index=False)
     patients = ["_".join(Path(r).stem.split("_")[:2]) for r, _ in cc_rows]
-    cc = pd.DataFrame(
-        {
-            "relpath": [r for r, _ in cc_rows],
-            "label": [int("/NCP/" in r) for r, _ in cc_rows],
-            "split": [s for _, s in cc_rows],
-        }
-    )
-    cc.assign(patient_id=patients, patient_group=patients).to_csv(splits / "cc_ccii.csv", index=False)
+    subclass = [Path(r).parent.name for r, _ in cc_rows]
+    table = {"label": [int(c == "NCP") for c in subclass], "patient": patients, "scan": patients, "subclass": subclass}
+    _link_source(raw, splits, "cc-ccii", CC, cc_rows, table)
+    scans = [f"S{i}" for i in range(len(sars_rows))]
+    subclass = ["COVID" if "/covid_" in r else "non-COVID" for r, _ in sars_rows]
+    table = {"label": [int(c == "COVID") for c in subclass], "patient": scans, "scan": scans, "subclass": subclass}
+    _link_source(raw, splits, "sars-cov-2-ct", SARS, sars_rows, table)
     return tmp
 
 
@@ -464,6 +471,22 @@ def test_stage_fails_on_one_cc_ccii_scan_under_two_ids_in_two_splits(
     report = json.loads((root / "reports/audit/report.json").read_text())
     assert report["cc-ccii"]["near_duplicate_pairs"] == 1 and report["cc-ccii"]["patient_overlap"] == 0
     assert {report["details"]["cc-ccii"]["duplicates"][0][k] for k in ("relpath_a", "relpath_b")} == set(CC_SAME_SCAN)
+
+
+def test_stage_fails_on_one_picture_in_two_sources(tmp_path: Path, params: dict[str, Any], mlflow_store: None) -> None:
+    """A slice that two sources both hold would sit on both sides of a leave-one-source-out fold."""
+    root = _stage_root(tmp_path / "repo", CLEAN_COVID, CLEAN_LUNG)
+    shared = root / "data" / "raw" / "sars-cov-2-ct" / "images" / "noncovid_0400.png"
+    shared.unlink()
+    shutil.copy2(CC / CLEAN_CC[0][0], shared)  # SARS-CoV-2 CT's val slice is CC-CCII's train slice
+    with pytest.raises(LeakageError, match="across sources: 1 duplicate image pair"):
+        audit_data.run(params, root)
+    report = json.loads((root / "reports/audit/report.json").read_text())
+    pair = report["details"]["across sources"]["duplicates"][0]
+    assert {pair["relpath_a"], pair["relpath_b"]} == {
+        f"cc-ccii/{CLEAN_CC[0][0]}",
+        "sars-cov-2-ct/images/noncovid_0400.png",
+    }
 
 
 def test_linked_patients_join_ids_that_hold_one_scan_and_nothing_else() -> None:

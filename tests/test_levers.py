@@ -4,12 +4,14 @@ and clear errors."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -197,6 +199,13 @@ def test_levers_over_seeds_reuse_other_studies_and_ensemble(root: Path, levers_h
         ("levers:\n  baseline: {}\n  bad: {classifier.lr: -1}\n", (), "classifier.lr"),
         ("seeds: [0, 0]\nlevers:\n  baseline: {}\n", (), "seeds:"),
         ("seeds: [0, 1]\nlevers:\n  baseline: {}\n  bad: {classifier.seed: 3}\n", (), "classifier.seed"),
+        ("holdout: [covid-ct, nowhere]\nlevers:\n  baseline: {}\n", (), "holdout: must list two or more declared"),
+        ("holdout: [covid-ct]\nlevers:\n  baseline: {}\n", (), "holdout: must list two or more declared"),
+        (
+            "holdout: [covid-ct, cc-ccii]\nlevers:\n  baseline: {}\n  bad: {classifier.sources: [covid-ct]}\n",
+            (),
+            "classifier.sources: set by holdout:",
+        ),
     ],
 )
 def test_levers_bad_study(root: Path, study: str, args: tuple[str, ...], message: str) -> None:
@@ -204,3 +213,67 @@ def test_levers_bad_study(root: Path, study: str, args: tuple[str, ...], message
     done = _levers(root, "bad.yaml", *args)
     assert done.returncode == 2 and message in done.stderr, done.stderr
     assert done.stderr.count("\n") == 1
+
+
+HOLDOUT = """\
+study: h
+variant: raw
+seeds: [0, 1]
+holdout: [covid-ct, cc-ccii, sars-cov-2-ct]
+base: {classifier.epochs: 1}
+levers:
+  baseline: {}
+  equalise: {classifier.equalise: true}
+"""
+
+
+def test_leave_one_source_out_folds_score_the_held_out_source_whole(
+    root: Path, levers_here: Callable[..., str]
+) -> None:
+    """Each fold trains on the other sources alone and scores every slice of the one held out,
+    at a threshold from the trained sources' validation rows; the study's metrics name the worst
+    fold, and a registered recipe finds its own figures there (and only its own)."""
+    from covidct.catalog import load_source
+    from covidct.config import section
+    from covidct.experiments.overrides import with_overrides
+    from covidct.registry.register import holdout_tags
+    from covidct.thresholds import decision_threshold
+
+    (root / "h.yaml").write_text(HOLDOUT)
+    levers_here("h.yaml")
+    base = load_params(root / "params.yaml")
+    for fold in ("covid-ct", "cc-ccii", "sars-cov-2-ct"):
+        for seed in (0, 1):
+            run = root / "levers" / "h" / f"equalise_without_{fold}_seed{seed}"
+            predictions = pd.read_csv(run / "predictions.csv")
+            held = predictions[predictions["source"] == fold]
+            assert sorted(held["relpath"]) == sorted(load_source(root, fold)["relpath"])  # all of it, every split
+            assert not held["trained"].any() and predictions.loc[predictions["source"] != fold, "trained"].all()
+            val = predictions[(predictions["split"] == "val") & predictions["trained"]]
+            record = json.loads((run / "metrics.json").read_text())["holdout"]
+            assert record["threshold"] == pytest.approx(decision_threshold(val, section(base, "evaluate")), abs=1e-6)
+            assert record["auc"] == pytest.approx(roc_auc_score(held["label"], held["score"]))
+    metrics = json.loads((root / "reports" / "levers" / "h.json").read_text())
+    for lever in ("baseline", "equalise"):
+        folds = metrics["levers"][lever]["folds"]
+        worst = min(folds, key=lambda f: folds[f]["auc_mean"])
+        assert metrics["levers"][lever]["worst_fold"] == worst
+        assert metrics["levers"][lever]["worst_auc"] == folds[worst]["auc_mean"]
+        assert metrics["levers"][lever]["mean_auc"] == pytest.approx(np.mean([f["auc_mean"] for f in folds.values()]))
+    delta = metrics["levers"]["equalise"]["folds"]["cc-ccii"]
+    assert delta["auc_delta_ci_low"] <= delta["auc_delta"] <= delta["auc_delta_ci_high"]
+    assert "auc_delta" not in metrics["levers"]["baseline"]["folds"]["cc-ccii"]
+    markdown = (root / "reports" / "levers" / "h.md").read_text()
+    assert "| equalise | SARS-CoV-2 CT | 2 |" in markdown and "worst fold" in markdown
+    assert (root / "reports" / "levers" / "h.png").read_bytes()[:4] == b"\x89PNG"
+    # the registry tags a recipe with its own folds: the baseline's for params.yaml's settings (any sources or seed)
+    recipe = with_overrides(base, {"classifier.epochs": 1, "classifier.sources": ["covid-ct"], "classifier.seed": 5})
+    tags = holdout_tags(metrics, recipe["classifier"])
+    assert (
+        tags["holdout.lever"] == "baseline"
+        and tags["holdout.worst_fold"] == metrics["levers"]["baseline"]["worst_fold"]
+    )
+    baseline = metrics["levers"]["baseline"]["folds"]["cc-ccii"]["auc_mean"]
+    assert float(tags["holdout.cc-ccii.auc_mean"]) == pytest.approx(baseline, abs=1e-5)
+    assert holdout_tags(metrics, with_overrides(base, {"classifier.epochs": 2})["classifier"]) == {}
+    assert "reused" in levers_here("h.yaml", "--only", "baseline")

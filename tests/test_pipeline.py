@@ -28,9 +28,11 @@ from PIL import Image
 from conftest import REPO
 from covidct.profiles import set_params
 from helpers.serving import free_port, wait_until_serving
-from helpers.tiny import TrackedRepro, clean_env, pulled_clone, ran_stages, run_ok
+from helpers.tiny import TOY, TrackedRepro, clean_env, pulled_clone, ran_stages, run_ok
 
 pytestmark = pytest.mark.slow
+#: The declared sources of the tiny repro: the three real ones, and a toy fourth one the test made.
+SOURCES = ("covid-ct", "cc-ccii", "sars-cov-2-ct", TOY)
 
 STAGES = {
     "prepare_data",
@@ -92,10 +94,8 @@ def test_every_output_is_written(tiny_repo: tuple[Path, dict[str, str]]) -> None
     split = pd.read_csv(repo / "data/splits/covid_ct.csv")
     assert len(split) == 3 * 2 * 3  # tiny profile: 3 per class and split
     boxes = pd.read_csv(repo / "reports/crop/boxes.csv")
-    cc_ccii = pd.read_csv(repo / "data/splits/cc_ccii.csv").query(
-        "split != 'test'"
-    )  # its test split meets only the pipeline
-    assert boxes.groupby("source").size().to_dict() == {"covid-ct": len(split), "cc-ccii": len(cc_ccii)}
+    sources = {name: len(pd.read_csv(repo / "data/splits" / f"{name.replace('-', '_')}.csv")) for name in SOURCES}
+    assert boxes.groupby("source").size().to_dict() == sources  # every slice of every declared source, the toy one too
     assert (
         (boxes["x_min"] >= 0)
         & (boxes["x_max"] < boxes["width"])
@@ -127,32 +127,32 @@ def test_metrics_are_in_range(tiny_repo: tuple[Path, dict[str, str]]) -> None:
     dice = json.loads((repo / "reports/segmenter/metrics.json").read_text())
     assert 0.0 <= dice["dice_mean"] <= 1.0 and 0.0 <= dice["dice_pooled"] <= 1.0 and dice["n_patients"] == 3
     crop = json.loads((repo / "reports/crop/metrics.json").read_text())
-    assert crop["n_images"] == 18
+    assert crop["n_images"] == sum(crop[f"{name}.n_images"] for name in SOURCES) and crop[f"{TOY}.n_images"] == 18
 
 
 def test_every_source_is_scored_and_held_out_sources_say_so(tiny_repo: tuple[Path, dict[str, str]]) -> None:
     repo, _ = tiny_repo
     sources = json.loads((repo / "reports/sources/metrics.json").read_text())
-    # trained on both: figures from each one's test split (COVID-CT 6, CC-CCII 3 per class); the lung set's 3 held-out patients
-    assert [sources[s]["slices"] for s in ("covid-ct", "cc-ccii", "lung-seg")] == [6, 9, 9]
-    assert [sources[s]["held_out"] for s in ("covid-ct", "cc-ccii", "lung-seg")] == [0, 0, 1]
+    # trained on the three real sources: figures from each one's test split (3 per class, CC-CCII's 3 classes);
+    # the toy source declared beside them, never trained on: all of it; the lung set's 3 held-out patients
+    names = [*SOURCES, "lung-seg"]
+    assert [sources[s]["slices"] for s in names] == [6, 9, 6, 18, 9]
+    assert [sources[s]["held_out"] for s in names] == [0, 0, 0, 1, 1]
     cc = sources["cc-ccii"]
     assert cc["patients"] >= 3 and cc["auc_ci_low"] <= cc["auc"] <= cc["auc_ci_high"]
     assert {"ncp_vs_normal.auc", "ncp_vs_cp.auc", "ncp_vs_normal.specificity"} <= set(cc)
-    assert sources["cc-ccii.studies"]["studies"] >= 3 and sources["cc-ccii.studies"]["top_k"] in (0, 1, 3, 5, 10)
+    assert "covid-19_vs_healthy.auc" not in sources[TOY]  # one non-COVID class: no contrast of its own
+    assert sources["cc-ccii.studies"]["studies"] >= 3 and sources["studies"]["top_k"] in (0, 1, 3, 5, 10)
     assert 0.0 <= sources["lung-seg"]["recall"] <= 1.0 and sources["gate"]["refused"] == 0
     scores = pd.read_csv(repo / "reports/sources/scores.csv")
-    assert (
-        len(scores) == 12 + 18 + 9 and scores["probability"].between(0, 1).all()
-    )  # validation splits too: for choices
+    # validation splits too (for choices), the held-out toy source whole, the lung set's held-out patients
+    assert len(scores) == 12 + 18 + 12 + 18 + 9 and scores["probability"].between(0, 1).all()
     assert set(scores.loc[scores["source"] == "cc-ccii", "split"]) == {"val", "test"}
+    assert set(scores.loc[scores["source"] == TOY, "split"]) == {"train", "val", "test"}
     report = (repo / "reports/sources/report.md").read_text()
-    assert (
-        "Source-held-out table" in report
-        and "CC-CCII, its test split" in report
-        and "COVID-CT, its test split" in report
-        and "lung set, held-out patients (held out)" in report
-    )
+    for line in ("CC-CCII, its test split", "SARS-CoV-2 CT, its test split", "Toy hospital, all (held out)"):
+        assert line in report
+    assert "Source-held-out table" in report and "lung set, held-out patients (held out)" in report
 
 
 def test_mlflow_has_one_parent_and_every_stage(tracked_repro: TrackedRepro) -> None:

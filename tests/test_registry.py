@@ -191,7 +191,7 @@ def test_promotion_holds_back_a_pipeline_below_the_source_held_out_floor(store: 
     )  # its own model: other tests' versions stay as they are
     client.create_registered_model(name)
 
-    def version(**sources: float) -> str:
+    def version(folds: dict[str, float] | None = None, **sources: float) -> str:
         tags = {
             "covidct.variant": "efficientnet_b0",
             "val.auc": "0.9",
@@ -201,14 +201,23 @@ def test_promotion_holds_back_a_pipeline_below_the_source_held_out_floor(store: 
         }
         tags |= {f"source.{src.replace('_', '-')}.held_out": "1" for src in sources}
         tags |= {f"source.{src.replace('_', '-')}.auc": str(auc) for src, auc in sources.items() if auc >= 0}
+        if folds:  # as register_model tags the recipe's leave-one-source-out figures
+            worst = min(folds, key=folds.__getitem__)
+            tags |= {"holdout.study": "holdout", "holdout.worst_fold": worst, "holdout.worst_auc": str(folds[worst])}
         return str(client.create_model_version(name, source, tags=tags).version)
 
     weak = version(cc_ccii=0.70, lung_seg=-1)  # the lung set has no AUC (all COVID): it does not count
     held = promote_if_better(client, name, version=weak, min_heldout_auc=0.8)
-    assert not held.promoted and held.reason == "source-held-out AUC on cc-ccii 0.7000 is below the floor 0.8"
+    assert not held.promoted
+    assert held.reason == "source-held-out AUC on cc-ccii (held out by this version) 0.7000 is below the floor 0.8"
     assert client.get_model_version(name, weak).tags["promotion.min_heldout_auc"] == "0.8"
     untested = version()
     assert "has no source-held-out AUC" in promote_if_better(client, name, version=untested, min_heldout_auc=0.8).reason
+    # trained on every source: the floor reads its recipe's worst fold, and the reason names that fold
+    all_sources = version(folds={"covid-ct": 0.86, "cc-ccii": 0.91, "sars-cov-2-ct": 0.62})
+    held = promote_if_better(client, name, version=all_sources, min_heldout_auc=0.8)
+    assert not held.promoted and held.reason.startswith("source-held-out AUC on sars-cov-2-ct (its recipe's worst")
+    assert "0.6200 is below the floor 0.8" in held.reason
     strong = version(cc_ccii=0.85)
     assert promote_if_better(client, name, version=strong, min_heldout_auc=0.8).promoted
     assert promote_if_better(

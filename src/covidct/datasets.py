@@ -15,12 +15,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from covidct.config import SourceConfig
+
 COVID_CT = "covid-ct"
 LUNG_SEG = "lung-seg"
 CC_CCII = "cc-ccii"
-CC_CCII_COLUMNS = ("file", "cc_ccii_class", "covid", "patient_id", "scan_id", "slice")
 CLASS_DIRS = {"CT_COVID": 1, "CT_NonCOVID": 0}  # COVID is the positive class
 SPLITS = ("train", "val", "test")
+#: Every labelled source's split table holds these (covidct.catalog reads them); label 1 = COVID-19.
+SPLIT_COLUMNS = ("relpath", "label", "split", "patient", "scan", "subclass")
 
 
 class DatasetError(ValueError):
@@ -159,39 +162,78 @@ def lung_split(
     return take_per_group(table, ["patient_id"], subset_per_patient)
 
 
-def cc_ccii_split(
+def _require(manifest: pd.DataFrame, columns: list[str], where: Path | str) -> None:
+    missing = [c for c in columns if c not in manifest.columns]
+    if missing:
+        raise DatasetError(f"{where}: column {missing[0]!r} is missing (has: {', '.join(map(str, manifest.columns))})")
+
+
+def _labels(classes: pd.Series, covid: tuple[str, ...]) -> pd.Series:
+    return classes.astype(str).isin(covid).astype(int)
+
+
+def patient_split(
     manifest: pd.DataFrame,
+    source: SourceConfig,
     val_fraction: float,
     test_fraction: float,
     seed: int,
     subset_per_class: int = 0,
     groups: dict[str, str] | None = None,
+    where: Path | str = "manifest.csv",
 ) -> pd.DataFrame:
-    """CC-CCII by patient, never by slice (a patient gives up to ~230 neighbouring slices),
-    stratified by CC-CCII class so each split holds NCP, CP and Normal patients. ``groups``
-    maps a patient_id to a group of ids that are one patient (``covidct.hygiene.linked_patients``);
-    a group goes to one split whole.
-
-    Columns: relpath, label (1 = COVID-19, i.e. NCP), split, cc_ccii_class, patient_id, patient_group, scan_id, slice.
+    """A split made here, by patient, never by slice (a CC-CCII patient gives up to ~230
+    neighbouring slices), stratified by class so each split holds every class's patients.
+    ``groups`` maps a patient id to a group of ids that are one patient
+    (``covidct.hygiene.linked_patients``); a group goes to one split whole and is the ``patient``.
     """
-    missing = [c for c in CC_CCII_COLUMNS if c not in manifest.columns]
-    if missing:
-        raise DatasetError(f"manifest.csv: column {missing[0]!r} is missing")
+    _require(manifest, ["file", source.classes, source.patient, source.scan], where)
     rng = np.random.default_rng(seed)
-    manifest = manifest.assign(patient_group=manifest["patient_id"].map(groups or {}).fillna(manifest["patient_id"]))
+    ids = manifest[source.patient].astype(str)
+    table = pd.DataFrame(
+        {
+            "relpath": manifest["file"],
+            "label": _labels(manifest[source.classes], source.covid),
+            "patient": ids.map(groups or {}).fillna(ids),
+            "scan": manifest[source.scan].astype(str),
+            "subclass": manifest[source.classes].astype(str),
+        }
+    )
     split_of: dict[str, str] = {}
-    for cc_class, rows in manifest.groupby("cc_ccii_class", sort=True):
-        patients = sorted(set(rows["patient_group"]) - set(split_of))
+    for subclass, rows in table.groupby("subclass", sort=True):
+        patients = sorted(set(rows["patient"]) - set(split_of))
         if len(patients) < 3:
             raise DatasetError(
-                f"manifest.csv: class {cc_class} needs >= 3 patients for train/val/test, found {len(patients)}"
+                f"{where}: class {subclass} needs >= 3 patients for train/val/test, found {len(patients)}"
             )
         order = [patients[i] for i in rng.permutation(len(patients))]
         n_test = max(1, round(test_fraction * len(order)))
         n_val = max(1, round(val_fraction * len(order)))
         split_of |= {p: "test" for p in order[:n_test]} | {p: "val" for p in order[n_test : n_test + n_val]}
         split_of |= {p: "train" for p in order[n_test + n_val :]}
-    table = manifest.rename(columns={"file": "relpath", "covid": "label"})
-    table = table.assign(split=table["patient_group"].map(split_of))
-    table = table[["relpath", "label", "split", "cc_ccii_class", "patient_id", "patient_group", "scan_id", "slice"]]
-    return take_per_group(table, ["split", "cc_ccii_class"], subset_per_class)
+    table = table.assign(split=table["patient"].map(split_of))[list(SPLIT_COLUMNS)]
+    return take_per_group(table, ["split", "subclass"], subset_per_class)
+
+
+def manifest_split(
+    manifest: pd.DataFrame, source: SourceConfig, subset_per_class: int = 0, where: Path | str = "manifest.csv"
+) -> pd.DataFrame:
+    """A split the dataset ships in its manifest (``split`` column), used as given: re-splitting by
+    slice would put neighbouring slices of one scan on both sides."""
+    _require(manifest, ["file", "split", source.classes, source.patient, source.scan], where)
+    unknown = sorted(set(manifest["split"].astype(str)) - set(SPLITS))
+    if unknown:
+        raise DatasetError(f"{where}: split {unknown[0]!r} is not one of {', '.join(SPLITS)}")
+    table = pd.DataFrame(
+        {
+            "relpath": manifest["file"],
+            "label": _labels(manifest[source.classes], source.covid),
+            "split": manifest["split"].astype(str),
+            "patient": manifest[source.patient].astype(str),
+            "scan": manifest[source.scan].astype(str),
+            "subclass": manifest[source.classes].astype(str),
+        }
+    )
+    if table["label"].nunique() < 2:
+        raise DatasetError(f"{where}: needs COVID ({', '.join(source.covid)}) and non-COVID classes, found one")
+    return take_per_group(table, ["split", "label"], subset_per_class)

@@ -136,3 +136,26 @@ def plot_lever_forest(table: pd.DataFrame, path: str | os.PathLike[str], title: 
     ax.set(xlabel="AUC (95 % bootstrap CI)", title=title)
     ax.legend(loc="lower right")
     _save(fig, path, dpi)
+
+
+def plot_holdout(
+    runs: pd.DataFrame, titles: list[str], folds: list[str], path: str | os.PathLike[str], dpi: int = 150
+) -> None:
+    """Held-out AUC per fold: one dot per seed, a bar at the seeds' mean, one colour per lever."""
+    levers = list(dict.fromkeys(runs["lever"]))
+    fig = Figure(figsize=(2.2 * len(folds) + 2, 4))
+    ax = fig.add_subplot()
+    width = 0.8 / len(levers)
+    for i, lever in enumerate(levers):
+        for j, fold in enumerate(folds):
+            part = runs[(runs["lever"] == lever) & (runs["fold"] == fold)]["auc"].to_numpy()
+            if len(part) == 0:
+                continue
+            x = j - 0.4 + width * (i + 0.5)
+            ax.bar(x, part.mean(), width * 0.9, color=f"C{i}", alpha=0.35, label=lever if j == 0 else None)
+            ax.plot(np.full(len(part), x), part, "o", color=f"C{i}", markersize=4)
+    ax.axhline(0.5, color="grey", linestyle=":", linewidth=1)
+    ax.set_xticks(range(len(folds)), [f"{t}\nheld out" for t in titles])
+    ax.set(ylabel="AUC on the held-out source", ylim=(0.0, 1.0), title="Leave-one-source-out (dots: seeds)")
+    ax.legend(loc="lower right")
+    _save(fig, path, dpi)

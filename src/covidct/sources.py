@@ -2,9 +2,10 @@
 
 COVID-CT's classes come from different places (paper figures against other collections), so a
 classifier can score well on its own test split by telling sources apart. The honest check is
-a source it never trained on: CC-CCII (another consortium's hospitals, COVID-19 / common
-pneumonia / normal) and the lung set's held-out patients (all COVID-19). Slices of one patient
-are not independent, so every interval here resamples patients, not slices.
+a source it never trained on: any declared source left out of ``classifier.sources`` (scored
+whole; the leave-one-source-out folds of covidct.levers.holdout) and the lung set's held-out
+patients (all COVID-19). Slices of one patient are not independent, so every interval here
+resamples patients (or the source's stand-in for them), not slices.
 """
 
 from __future__ import annotations
@@ -15,36 +16,25 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from covidct.datasets import CC_CCII, COVID_CT, LUNG_SEG
-from covidct.hygiene.patients import covid_ct_patients
+from covidct.catalog import load_source
+from covidct.datasets import LUNG_SEG
 from covidct.metrics import binary_metrics, flatten_metrics, patient_metrics_with_ci
-from covidct.paths import CC_CCII_SPLIT, COVID_CT_SPLIT, LUNG_SPLIT, raw
+from covidct.paths import LUNG_SPLIT, raw
 from covidct.study import top_k_mean
 
-SOURCES = (COVID_CT, CC_CCII, LUNG_SEG)
-#: CC-CCII's own question beside COVID vs the rest: COVID against each non-COVID class.
-CC_CCII_CONTRASTS = {"ncp_vs_normal": ("NCP", "Normal"), "ncp_vs_cp": ("NCP", "CP")}
 #: Slices averaged into a study's score (0: all of them), the candidates the validation scans choose from.
 TOP_K_CANDIDATES = (1, 3, 5, 10, 0)
 
 
 def source_table(root: Path, name: str) -> pd.DataFrame:
-    """One labelled source as path, relpath, label, split, patient and study (a scan; the
-    patient where the source has no scan ids), plus cc_ccii_class for CC-CCII."""
-    if name == COVID_CT:
-        table = pd.read_csv(root / COVID_CT_SPLIT)
-        patients = covid_ct_patients(root / raw(COVID_CT)).drop_duplicates("relpath").set_index("relpath")["patient_id"]
-        table = table.assign(patient=table["relpath"].map(patients).fillna(table["relpath"]).astype(str))
-        table = table.assign(study=table["patient"])
-    elif name == CC_CCII:
-        table = pd.read_csv(root / CC_CCII_SPLIT)
-        table = table.assign(patient=table["patient_group"].astype(str), study=table["scan_id"].astype(str))
-    elif name == LUNG_SEG:
+    """One source as path, relpath, label, split, patient, study (its scan) and subclass: a
+    declared source through covidct.catalog, or the lung set's slices (all COVID-19)."""
+    if name == LUNG_SEG:
         table = pd.read_csv(root / LUNG_SPLIT).rename(columns={"image": "relpath"})
-        table = table.assign(label=1, patient=table["patient_id"].astype(str), study=table["patient_id"].astype(str))
-    else:
-        raise ValueError(f"unknown source {name!r} (known: {', '.join(SOURCES)})")
-    return table.assign(path=[str(root / raw(name) / p) for p in table["relpath"]]).reset_index(drop=True)
+        patient = table["patient_id"].astype(str)
+        table = table.assign(label=1, patient=patient, study=patient, subclass="COVID-19", source=name)
+        return table.assign(path=[str(root / raw(name) / p) for p in table["relpath"]]).reset_index(drop=True)
+    return load_source(root, name).assign(study=lambda t: t["scan"])
 
 
 def rows_to_score(table: pd.DataFrame, name: str, trained_on: Sequence[str]) -> pd.DataFrame:
@@ -73,20 +63,29 @@ def _figures(part: pd.DataFrame, threshold: float, n_boot: int, seed: int) -> di
     return flatten_metrics(patient_metrics_with_ci(y, s, part["patient"].to_numpy(), threshold, n_boot, seed))
 
 
+def contrasts(scored: pd.DataFrame) -> dict[str, tuple[str, str]]:
+    """A source's own question beside COVID vs the rest, where it has several non-COVID classes
+    (CC-CCII: NCP vs CP, NCP vs Normal): its COVID class against each, keyed ``<covid>_vs_<other>``."""
+    positives = sorted(set(scored.loc[scored["label"] == 1, "subclass"].astype(str)))
+    negatives = sorted(set(scored.loc[scored["label"] == 0, "subclass"].astype(str)))
+    if len(positives) != 1 or len(negatives) < 2:
+        return {}
+    return {f"{positives[0]}_vs_{n}".lower(): (positives[0], n) for n in negatives}
+
+
 def source_figures(scored: pd.DataFrame, name: str, threshold: float, n_boot: int, seed: int) -> dict[str, float]:
     """Metrics of one source's scored slices (``probability`` NaN where the gate refused),
-    CC-CCII's contrasts, and how many slices and patients the figures rest on."""
+    its subclass contrasts, and how many slices and patients the figures rest on."""
     kept = scored[scored["probability"].notna()]
     out = {"slices": len(scored), "patients": int(scored["patient"].nunique()), "refused": int(len(scored) - len(kept))}
     out |= _figures(kept, threshold, n_boot, seed)
-    if name == CC_CCII:
-        for contrast, (positive, negative) in CC_CCII_CONTRASTS.items():
-            part = kept[kept["cc_ccii_class"].isin((positive, negative))]
-            out |= {
-                f"{contrast}.{k}": v
-                for k, v in _figures(part, threshold, n_boot, seed).items()
-                if k.split("_ci")[0] in ("auc", "specificity")
-            }
+    for contrast, (positive, negative) in contrasts(kept).items():
+        part = kept[kept["subclass"].isin((positive, negative))]
+        out |= {
+            f"{contrast}.{k}": v
+            for k, v in _figures(part, threshold, n_boot, seed).items()
+            if k.split("_ci")[0] in ("auc", "specificity")
+        }
     if name == LUNG_SEG:
         out |= {f"recall.{p}": float(np.mean(part["probability"] >= threshold)) for p, part in kept.groupby("patient")}
     return out

@@ -42,6 +42,7 @@ BASE: dict[str, dict[str, Any]] = {
         "cc_ccii_per_scan": 0,
         "lung_mask": False,
         "standardise": False,
+        "equalise": False,
         "precision": "auto",
         "seed": 0,
     },

@@ -11,6 +11,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from ruamel.yaml import YAML
+
 from conftest import DATA, REPO
 
 
@@ -82,9 +84,74 @@ def clean_env(**extra: str) -> dict[str, str]:
     }
 
 
-def make_tiny_repo(repo: Path, env: dict[str, str]) -> Path:
+#: A fourth source, declared in params.yaml like the real three: what a new hospital's data takes.
+TOY = "toy-hospital"
+TOY_DECLARATION = {
+    "title": "Toy hospital",
+    "split": "manifest",
+    "classes": "diagnosis",
+    "covid": ["covid-19"],
+    "patient": "patient_id",
+    "scan": "patient_id",
+    "thin": False,
+}
+
+
+def write_toy_source(folder: Path, per_cell: int = 3) -> Path:
+    """A labelled source the tests make: CT-like slices (a bright body, two dark lungs, COVID ones
+    with brighter patches in the lungs), ``per_cell`` patients per class and split, a manifest with
+    the split, and the SHA256SUMS prepare_data verifies."""
+    import hashlib
+
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    rng = np.random.default_rng(7)
+    (folder / "slices").mkdir(parents=True)
+    rows = []
+    yy, xx = np.mgrid[:96, :96]
+    for split in ("train", "val", "test"):
+        for diagnosis in ("covid-19", "healthy"):
+            for k in range(per_cell):
+                patient = f"{split[:2]}-{diagnosis[:1]}{k}"
+                # each patient its own body and lungs (no two slices alike, as the audit requires), textured
+                ay, ax, cy = rng.uniform(30, 46), rng.uniform(30, 46), rng.uniform(40, 56)
+                image = np.where(((yy - cy) / ay) ** 2 + ((xx - 48) / ax) ** 2 < 1, 170, 10).astype(float)
+                for side in (-1, 1):
+                    lx, ly = 48 + side * rng.uniform(12, 20), cy + rng.uniform(-6, 6)
+                    image[((yy - ly) / rng.uniform(14, 28)) ** 2 + ((xx - lx) / rng.uniform(7, 13)) ** 2 < 1] = 40
+                if diagnosis == "covid-19":
+                    py, px = cy + rng.uniform(-10, 10), 48 + rng.choice([-1, 1]) * rng.uniform(12, 18)
+                    image[(yy - py) ** 2 + (xx - px) ** 2 < rng.uniform(20, 60)] = 110
+                image += rng.normal(0, 8, image.shape) + 25 * np.sin(xx / rng.uniform(3, 9) + rng.uniform(0, 6))
+                name = f"slices/{patient}.png"
+                Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(folder / name)
+                rows.append({"file": name, "diagnosis": diagnosis, "split": split, "patient_id": patient})
+    pd.DataFrame(rows).to_csv(folder / "manifest.csv", index=False)
+    names = [r["file"] for r in rows] + ["manifest.csv"]
+    sums = [f"{hashlib.sha256((folder / n).read_bytes()).hexdigest()}  {n}" for n in names]
+    (folder / "SHA256SUMS").write_text("\n".join(sums) + "\n")
+    return folder
+
+
+def data_with_toy_source(to: Path) -> Path:
+    """The real datasets (hard links where the file system allows, else copies) and the toy source, in one folder."""
+    for dataset in DATA.iterdir():
+        if dataset.is_dir():
+            try:
+                shutil.copytree(dataset, to / dataset.name, copy_function=os.link)
+            except OSError:
+                shutil.rmtree(to / dataset.name, ignore_errors=True)
+                shutil.copytree(dataset, to / dataset.name)
+    write_toy_source(to / TOY)
+    return to
+
+
+def make_tiny_repo(repo: Path, env: dict[str, str], data: Path = DATA) -> Path:
     """A git + DVC repository at ``repo`` with this checkout's files (no outputs) on the tiny
-    profile, reading the real data, committed and ready for `dvc repro`."""
+    profile, reading the datasets in ``data``, committed and ready for `dvc repro`; a toy source
+    there (:data:`TOY`) is declared beside the real ones and held out."""
     from covidct.profiles import apply_profile, set_params
 
     files = subprocess.run(
@@ -95,7 +162,12 @@ def make_tiny_repo(repo: Path, env: dict[str, str]) -> Path:
             (repo / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, repo / name)
     apply_profile(repo, "tiny")
-    set_params(repo, {"data.source_dir": str(DATA)})
+    set_params(repo, {"data.source_dir": str(data)})
+    if (data / TOY).is_dir():  # declared by hand, as a user adds a source: one more entry under sources:
+        params = YAML()
+        tree = params.load(repo / "params.yaml")
+        tree["sources"][TOY] = TOY_DECLARATION
+        params.dump(tree, repo / "params.yaml")
     run_ok(["git", "init", "-q"], repo, env)
     if not (repo / ".dvc").is_dir():
         run_ok(["dvc", "init", "-q"], repo, env)
@@ -120,7 +192,7 @@ def tracked_tiny_repro(base: Path, server: str) -> TrackedRepro:
     """A tiny repository under ``base`` whose `dvc repro` logged every stage through the MLflow
     ``server``, then `dvc push` to a directory remote and committed: what a teammate clones."""
     env = clean_env(MLFLOW_TRACKING_URI=server)
-    repo = make_tiny_repo(base / "first", env)
+    repo = make_tiny_repo(base / "first", env, data_with_toy_source(base / "data"))
     remote = base / "remote"
     run_ok(["dvc", "remote", "add", "-d", "team", str(remote)], repo, env)
     repro = run_ok(["dvc", "repro"], repo, env)

@@ -25,10 +25,13 @@ MIN_LUNG_PIXELS = 64
 
 
 def classifier_view(
-    image: np.ndarray, mask: np.ndarray | None, size: int, lung_mask: bool, standardise: bool
+    image: np.ndarray, mask: np.ndarray | None, size: int, lung_mask: bool, standardise: bool, equalise: bool
 ) -> np.ndarray:
-    """uint8 HxW crop and its bool lung mask (same shape) -> uint8 ``size`` x ``size``."""
+    """uint8 HxW crop and its bool lung mask (same shape) -> uint8 ``size`` x ``size``.
+    ``equalise``: the grey levels histogram-equalised, whatever window the source used."""
     small = resize_for_classifier(image, size)
+    if equalise:
+        small = cv2.equalizeHist(small)
     if not (lung_mask or standardise):
         return small
     if mask is None:
@@ -53,6 +56,7 @@ def load_views(
     size: int,
     lung_mask: bool,
     standardise: bool,
+    equalise: bool,
     progress: str | None = "decode",
 ) -> np.ndarray:
     """uint8 (N, size, size) classifier inputs, decoded once; ``masks`` only when a view needs them."""
@@ -60,5 +64,5 @@ def load_views(
     for i, path in enumerate(tqdm(paths, desc=progress, unit="img", disable=progress is None)):
         image = read_grayscale(path)
         mask = read_mask(masks[i], image.shape) if masks is not None else None
-        out[i] = classifier_view(image, mask, size, lung_mask, standardise)
+        out[i] = classifier_view(image, mask, size, lung_mask, standardise, equalise)
     return out

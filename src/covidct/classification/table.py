@@ -1,9 +1,9 @@
-"""The images a classifier trains, chooses and is scored on, over every labelled source.
+"""The images a classifier trains, chooses and is scored on, over every declared source.
 
-Rows of the sources in ``classifier.sources`` are trained on (train split) and choose the
-checkpoint and threshold (validation split, pooled over those sources); the other sources'
-validation rows are scored too, as held-out evidence no choice was made on. CC-CCII's test
-split never enters: only the registered pipeline meets it (the evaluate_sources stage).
+Rows of the sources in ``classifier.sources`` are trained on (train split), choose the checkpoint
+and threshold (validation split, pooled over those sources) and are scored on their test split;
+every other declared source is scored whole, held out: no choice was made on it (the
+leave-one-source-out folds of covidct.levers.holdout read those rows).
 """
 
 from __future__ import annotations
@@ -14,38 +14,35 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from covidct.catalog import load_source
 from covidct.classification.inputs import load_views
-from covidct.config import CLASSIFIER_SOURCES, ClassifierConfig
-from covidct.datasets import CC_CCII, COVID_CT
-from covidct.paths import CC_CCII_SPLIT, COVID_CT_SPLIT, classifier_inputs, lung_masks
+from covidct.config import ClassifierConfig, SourceConfig, check_declared
+from covidct.paths import classifier_inputs, lung_masks
 
-COLUMNS = ["source", "relpath", "label", "split", "patient", "trained"]
+COLUMNS = ["source", "relpath", "label", "split", "patient", "scan", "subclass", "trained"]
 
 
 def evenly_spaced(table: pd.DataFrame, per_scan: int) -> pd.DataFrame:
     """``per_scan`` slices of each scan, spread over it (neighbouring slices are near-copies, so
-    they add time more than evidence); 0 keeps every slice."""
+    they add time more than evidence); 0 keeps every slice. Relpaths sort in slice order."""
     if per_scan == 0:
         return table
     picks = []
-    for _, scan in table.sort_values(["scan_id", "slice"]).groupby("scan_id", sort=True):
+    for _, scan in table.sort_values(["scan", "relpath"]).groupby("scan", sort=True):
         picks.append(scan.iloc[np.unique(np.linspace(0, len(scan) - 1, min(per_scan, len(scan))).round().astype(int))])
     return pd.concat(picks)
 
 
-def classifier_table(root: Path, config: ClassifierConfig) -> pd.DataFrame:
-    """COVID-CT's official split and CC-CCII's train and validation slices, with ``trained``
-    marking the sources the classifier learns from and ``patient`` what a bootstrap resamples."""
-    covid = pd.read_csv(root / COVID_CT_SPLIT)
-    covid = covid.assign(source=COVID_CT, patient=covid["relpath"])  # the official split lists images, not patients
-    cc = pd.read_csv(root / CC_CCII_SPLIT).query("split != 'test'")
-    cc = evenly_spaced(cc, config.cc_ccii_per_scan).assign(
-        source=CC_CCII, patient=lambda t: t["patient_group"].astype(str)
-    )
-    table = pd.concat([covid, cc], ignore_index=True)
-    table = table.assign(trained=table["source"].isin(config.sources))
-    # A source's training rows only matter where it is trained on: the rest are never decoded.
-    return table[table["trained"] | (table["split"] != "train")].reset_index(drop=True)[COLUMNS]
+def classifier_table(root: Path, config: ClassifierConfig, declared: dict[str, SourceConfig]) -> pd.DataFrame:
+    """Every declared source's slices (thinned per scan where declared), with ``trained`` marking
+    the sources the classifier learns from; ``patient`` is what a bootstrap resamples."""
+    check_declared(declared, config.sources)
+    parts = []
+    for name, source in declared.items():
+        table = load_source(root, name)
+        parts.append(evenly_spaced(table, config.cc_ccii_per_scan) if source.thin else table)
+    table = pd.concat(parts, ignore_index=True)
+    return table.assign(trained=table["source"].isin(config.sources))[COLUMNS]
 
 
 def load_classifier_inputs(
@@ -55,10 +52,8 @@ def load_classifier_inputs(
     segmentation": no lung mask reaches it, so ``lung_mask`` and ``standardise`` apply to crops only."""
     views = variant == "cropped" and (config.lung_mask or config.standardise)
     parts = []
-    for source in CLASSIFIER_SOURCES:
+    for source in table["source"].unique():
         relpaths = table.loc[table["source"] == source, "relpath"]
-        if relpaths.empty:
-            continue
         masks = lung_masks(root, relpaths, source) if views else None
         parts.append(
             (
@@ -69,6 +64,7 @@ def load_classifier_inputs(
                     config.image_size,
                     config.lung_mask and views,
                     config.standardise and views,
+                    config.equalise,
                     progress,
                 ),
             )
@@ -89,4 +85,5 @@ def checkpoint_meta(config: ClassifierConfig, variant: str) -> dict[str, Any]:
         "sources": list(config.sources),
         "lung_mask": config.lung_mask and views,
         "standardise": config.standardise and views,
+        "equalise": config.equalise,
     }

@@ -243,10 +243,10 @@ def fit_and_predict(
     resume_dir: Path | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Train on ``table.split == "train"``, choose on "val", then score val and test with the
-    chosen checkpoint. Returns the history, the val/test predictions and the checkpoint meta.
+    chosen checkpoint. Returns the history, the predictions and the checkpoint meta.
     With ``source`` and ``trained`` columns (:mod:`covidct.classification.table`), only trained
     rows train and choose (validation pooled over their sources, which are balanced in
-    training); the others' rows are scored as held out. ``resume_dir``: see :func:`train_classifier`."""
+    training); the others' rows are all scored, held out. ``resume_dir``: see :func:`train_classifier`."""
     labels = table["label"].to_numpy()
     trained = table["trained"].to_numpy(dtype=bool) if "trained" in table else np.ones(len(table), dtype=bool)
     part = {split: (table["split"] == split).to_numpy() for split in ("train", "val", "test")}
@@ -263,7 +263,7 @@ def fit_and_predict(
         table["source"].to_numpy()[fit] if "source" in table else None,
     )
     model, chosen = load_classifier(checkpoint, device)
-    keep = part["val"] | part["test"]
+    keep = part["val"] | part["test"] | ~trained
     dtype = autocast_dtype(device, chosen.get("precision", "auto"))
     scores = predict_scores(
         model,
@@ -271,10 +271,12 @@ def fit_and_predict(
         device,
         chosen["mean"],
         chosen["std"],
-        progress="score val + test",
+        progress="score val, test and held out",
         tta=chosen.get("tta", False),
         dtype=dtype,
     )
-    columns = [c for c in ("source", "relpath", "split", "label", "patient", "trained") if c in table]
+    columns = [
+        c for c in ("source", "relpath", "split", "label", "patient", "scan", "subclass", "trained") if c in table
+    ]
     predictions = table[keep].assign(score=scores)[[*columns, "score"]]
     return history, predictions, chosen

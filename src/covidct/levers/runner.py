@@ -17,9 +17,10 @@ from covidct.checkpoints import clear_stage_resume, resume_dir
 from covidct.classification.model import load_classifier
 from covidct.classification.table import checkpoint_meta, classifier_table, load_classifier_inputs
 from covidct.classification.train import fit_and_predict, predict_scores
-from covidct.config import section
+from covidct.config import section, sources_section
 from covidct.experiments.cache import cache_key
 from covidct.experiments.overrides import with_overrides
+from covidct.levers.holdout import score_fold, summarise_holdout
 from covidct.levers.report import summarise
 from covidct.levers.statistics import PARTS, SCORINGS, score_lever
 from covidct.levers.study import LeverRun, LeverStudy, lever_dir
@@ -51,6 +52,8 @@ def _reuse(root: Path, out: Path, key: str, run: LeverRun) -> dict[str, Any] | N
         if not path.is_file() or json.loads(path.read_text()).get("fingerprint") != key:
             continue
         record = json.loads(path.read_text())
+        if ("holdout" in record) != (run.fold is not None):  # a fold is scored on its held-out source
+            continue
         if path != mine:
             shutil.copytree(path.parent, out, ignore=shutil.ignore_patterns("metrics.json"), dirs_exist_ok=True)
             record |= {"lever": run.lever, "run": run.name, "seed": run.seed, "overrides": run.overrides}
@@ -66,7 +69,7 @@ def run_lever(
     """Train (or reuse) one lever run; returns its record, also written to ``<lever_dir>/metrics.json``."""
     params = with_overrides(base, study.base | run.overrides)
     config, evaluate = section(params, "classifier"), section(params, "evaluate")
-    table = classifier_table(root, config)
+    table = classifier_table(root, config, sources_section(params))
     images = load_classifier_inputs(root, table, study.variant, config, progress=f"decode {study.variant} images")
     out, key = lever_dir(root, study.study, run.name), _fingerprint(params, images)
     record = _reuse(root, out, key, run)
@@ -96,17 +99,6 @@ def run_lever(
                 root, f"levers/{study.study}/{run.name}"
             ),  # a killed lever carries on from its last epoch
         )
-        model, chosen = load_classifier(out / "model.safetensors", device)
-        keep = table["split"].isin(["val", "test"]).to_numpy()
-        scored = {}
-        for suffix, tta in SCORINGS.items():
-            scores = (
-                predictions["score"].to_numpy()
-                if tta == chosen.get("tta", False)
-                else predict_scores(model, images[keep], device, chosen["mean"], chosen["std"], tta=tta)
-            )
-            scored[suffix] = predictions.assign(score=scores)
-            write_text_atomic(out / f"predictions{suffix}.csv", scored[suffix].to_csv(index=False))
         record = {
             "lever": run.lever,
             "run": run.name,
@@ -115,19 +107,13 @@ def run_lever(
             "fingerprint": key,
             "best_epoch": int(meta["epoch"]),
             "train_seconds": float(history["epoch_seconds"].sum()),
-            "scorings": {suffix: score_lever(part, evaluate) for suffix, part in scored.items()},
         }
-        for suffix, result in record["scorings"].items():
-            prefix = "tta_" if suffix else ""
-            mlflow.log_metrics(
-                {f"{prefix}threshold": result["threshold"]}
-                | {
-                    f"{prefix}{split}_{k}": v
-                    for split in PARTS
-                    if split in result
-                    for k, v in flatten_metrics(result[split]).items()
-                }
-            )
+        if run.fold is not None:  # a leave-one-source-out fold: the held-out source is what counts
+            write_text_atomic(out / "predictions.csv", predictions.to_csv(index=False))
+            record["holdout"] = score_fold(predictions, run.fold, evaluate)
+            mlflow.log_metrics({f"held_out_{k}": v for k, v in record["holdout"].items() if k != "fold"})
+        else:
+            record["scorings"] = _scorings(out, table, images, predictions, evaluate, device)
         write_text_atomic(out / "history.csv", history.to_csv(index=False))
         write_text_atomic(out / "metrics.json", json.dumps(record, indent=2))
         mlflow.log_artifacts(str(out), artifact_path="lever")
@@ -135,8 +121,37 @@ def run_lever(
     return record
 
 
+def _scorings(
+    out: Path, table: Any, images: np.ndarray, predictions: Any, evaluate: Any, device: torch.device
+) -> dict[str, Any]:
+    """The chosen weights scored without and with test-time augmentation, each part with CIs."""
+    model, chosen = load_classifier(out / "model.safetensors", device)
+    keep = table["split"].isin(["val", "test"]).to_numpy()
+    scored, results = {}, {}
+    for suffix, tta in SCORINGS.items():
+        scores = (
+            predictions["score"].to_numpy()
+            if tta == chosen.get("tta", False)
+            else predict_scores(model, images[keep], device, chosen["mean"], chosen["std"], tta=tta)
+        )
+        scored[suffix] = predictions[predictions["split"].isin(["val", "test"])].assign(score=scores)
+        write_text_atomic(out / f"predictions{suffix}.csv", scored[suffix].to_csv(index=False))
+        results[suffix] = score_lever(scored[suffix], evaluate)
+        prefix = "tta_" if suffix else ""
+        mlflow.log_metrics(
+            {f"{prefix}threshold": results[suffix]["threshold"]}
+            | {
+                f"{prefix}{split}_{k}": v
+                for split in PARTS
+                if split in results[suffix]
+                for k, v in flatten_metrics(results[suffix][split]).items()
+            }
+        )
+    return results
+
+
 def run_levers(root: Path, base: dict[str, Any], study: LeverStudy, runs: list[LeverRun], device: torch.device) -> Path:
     """``runs``: ``study.checked_runs(base, ...)``, validated before anything trains."""
     for run in runs:
         run_lever(root, base, study, run, device)
-    return summarise(root, study, base)
+    return summarise_holdout(root, study, base) if study.folds else summarise(root, study, base)

@@ -13,7 +13,6 @@ from covidct.datasets import CC_CCII, COVID_CT
 from covidct.experiments.overrides import as_overrides
 from covidct.levers.study import BASELINE, LeverStudy, lever_dir
 from covidct.metrics import flatten_metrics, metrics_with_ci, paired_auc_difference
-from covidct.paths import CC_CCII_SPLIT
 from covidct.thresholds import decision_threshold
 
 SCORINGS = {"": False, "+tta": True}  # row suffix -> test-time augmentation
@@ -46,11 +45,7 @@ def score_lever(predictions: pd.DataFrame, evaluate: Any) -> dict[str, Any]:
 
 
 def _predictions(root: Path, study: LeverStudy, run_name: str, suffix: str) -> pd.DataFrame:
-    frame = pd.read_csv(lever_dir(root, study.study, run_name) / f"predictions{suffix}.csv")
-    if "source" in frame and "patient" not in frame:  # runs from before the column: CC-CCII's patients from its split
-        groups = pd.read_csv(root / CC_CCII_SPLIT).set_index("relpath")["patient_group"].astype(str)
-        frame["patient"] = frame["relpath"].map(groups).where(frame["source"] == CC_CCII, frame["relpath"])
-    return frame
+    return pd.read_csv(lever_dir(root, study.study, run_name) / f"predictions{suffix}.csv", dtype={"patient": str})
 
 
 def _reference(lever: str, suffix: str) -> tuple[str, str] | None:

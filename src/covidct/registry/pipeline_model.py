@@ -189,8 +189,11 @@ class TwoStagePipeline:
             meta.get("lung_mask", False),
             meta.get("standardise", False),
         )  # absent in checkpoints from before the options
+        equalise = meta.get("equalise", False)
         inputs = (
-            np.stack([classifier_view(c.crop.image, c.lung if any(views) else None, size, *views) for c in crops])
+            np.stack(
+                [classifier_view(c.crop.image, c.lung if any(views) else None, size, *views, equalise) for c in crops]
+            )
             if crops
             else np.empty((0, size, size), np.uint8)
         )

@@ -36,8 +36,10 @@ def val_metric(version: ModelVersion, metric: str) -> float:
 
 
 def heldout_shortfall(version: ModelVersion, floor: float) -> str | None:
-    """Why ``version`` fails the source-held-out floor (its AUC on a source its classifier
-    never trained on, from the evaluate_sources stage's tags), or None when it holds."""
+    """Why ``version`` fails the source-held-out floor, or None when it holds. Its figures: the
+    worst leave-one-source-out fold of its recipe (``holdout.*`` tags, from the study of the same
+    classifier settings) and its AUC on any source its own classifier never trained on
+    (``source.*`` tags, from the evaluate_sources stage)."""
     if floor <= 0:
         return None
     held_out = [
@@ -46,10 +48,21 @@ def heldout_shortfall(version: ModelVersion, floor: float) -> str | None:
         if k.startswith("source.") and k.endswith(".held_out") and v == "1"
     ]
     aucs = {
-        name: float(version.tags[f"source.{name}.auc"]) for name in held_out if f"source.{name}.auc" in version.tags
+        f"{name} (held out by this version)": float(version.tags[f"source.{name}.auc"])
+        for name in held_out
+        if f"source.{name}.auc" in version.tags
     }
+    if "holdout.worst_auc" in version.tags:
+        fold = version.tags["holdout.worst_fold"]
+        aucs[f"{fold} (its recipe's worst leave-one-source-out fold, study {version.tags['holdout.study']})"] = float(
+            version.tags["holdout.worst_auc"]
+        )
     if not aucs:
-        return f"version {version.version} has no source-held-out AUC (source.<name>.auc tags from the evaluate_sources stage)"
+        return (
+            f"version {version.version} has no source-held-out AUC: no leave-one-source-out study of its recipe "
+            "(holdout.* tags; `covidct levers pipelines/levers/holdout.yaml`, then `dvc repro register_model`) "
+            "and no source its classifier never trained on (source.<name>.auc tags)"
+        )
     name, auc = min(aucs.items(), key=lambda item: item[1])
     return f"source-held-out AUC on {name} {auc:.4f} is below the floor {floor:g}" if auc < floor else None
 

@@ -66,12 +66,32 @@ def dataset_hashes(root: Path) -> dict[str, str]:
     return {Path(dep["path"]).name: dep["md5"] for dep in stage.get("deps", []) if dep.get("md5", "").endswith(".dir")}
 
 
+def holdout_tags(holdout: Mapping[str, Any], classifier: Mapping[str, Any]) -> dict[str, str]:
+    """The leave-one-source-out figures of the lever whose recipe is ``classifier`` (params.yaml's
+    section; the folds vary only its sources and seed), or none when the study never ran it."""
+    mine = {k: v for k, v in classifier.items() if k not in ("sources", "seed")}
+    for lever, figures in holdout.get("levers", {}).items():
+        if figures.get("classifier") == mine:
+            tags = {"holdout.study": str(holdout["study"]), "holdout.lever": lever}
+            tags |= {"holdout.worst_fold": figures["worst_fold"]}
+            tags |= {f"holdout.{k}": f"{figures[k]:.6g}" for k in ("worst_auc", "mean_auc")}
+            for fold, values in figures["folds"].items():
+                tags |= {f"holdout.{fold}.{k}": f"{v:.6g}" for k, v in values.items()}
+            return tags
+    return {}
+
+
 def version_tags(
-    root: Path, params: Mapping[str, Any], metrics: Mapping[str, Any], variant: str, sources: Mapping[str, Any]
+    root: Path,
+    params: Mapping[str, Any],
+    metrics: Mapping[str, Any],
+    variant: str,
+    sources: Mapping[str, Any],
+    holdout: Mapping[str, Any] | None = None,
 ) -> dict[str, str]:
     """Flat string tags: MLflow's registry UI shows and searches them. ``sources``: the
     evaluate_sources stage's figures per source (``source.<name>.held_out`` is 1 for a source
-    the classifier never trained on)."""
+    the classifier never trained on); ``holdout``: the leave-one-source-out study's metrics."""
     tags = {
         VARIANT_TAG: variant,
         "covidct.git_commit": git_commit(root),
@@ -82,7 +102,7 @@ def version_tags(
     tags |= {f"test.{k}": f"{v:.6g}" for k, v in metrics["test"].items()}
     tags |= {f"source.{name}.{k}": f"{v:.6g}" for name, figures in sources.items() for k, v in figures.items()}
     tags |= {f"param.{k}": str(v) for k, v in flatten(params).items()}
-    return tags
+    return tags | holdout_tags(holdout or {}, params.get("classifier", {}))
 
 
 def model_kwargs(
@@ -175,18 +195,19 @@ def build_and_register(
     params: Mapping[str, Any],
     example: tuple[str, bytes],
     sources: Mapping[str, Any] | None = None,
+    holdout: Mapping[str, Any] | None = None,
 ) -> ModelVersion:
     """Save the pipeline to ``out`` and register the same model; ``metrics`` is the evaluate
     stage's entry for the cropped variant (threshold, val and test metrics), ``sources`` the
     evaluate_sources stage's figures."""
     with tempfile.TemporaryDirectory() as workdir:
-        studies = (sources or {}).get(
-            "cc-ccii.studies", {}
-        )  # aggregation and threshold chosen on CC-CCII's validation scans
+        # aggregation and threshold chosen on the validation scans of the sources trained on
+        studies = (sources or {}).get("studies", {})
         top_k, study_threshold = int(studies.get("top_k", 0)), studies.get("threshold")
         kwargs = model_kwargs(
             *files, crop, float(metrics["threshold"]), gate, example, Path(workdir), top_k, study_threshold
         )
         save_pipeline(out, kwargs, root)
         variant = str(params["classifier"]["model"])
-        return register_pipeline(model_name, kwargs, version_tags(root, params, metrics, variant, sources or {}))
+        tags = version_tags(root, params, metrics, variant, sources or {}, holdout)
+        return register_pipeline(model_name, kwargs, tags)

@@ -9,21 +9,21 @@ from pathlib import Path
 
 import pandas as pd
 
+from covidct.catalog import load_source
 from covidct.datasets import COVID_CT, LUNG_SEG
 from covidct.metrics import binary_metrics
-from covidct.paths import COVID_CT_SPLIT as SPLIT
-from covidct.paths import LUNG_SPLIT, METRICS, classifier_dir, raw
+from covidct.paths import METRICS, classifier_dir
 from covidct.predict import load_pipeline, predict_files
+from covidct.sources import source_table
 
-RAW, LUNG_ROOT = raw(COVID_CT), raw(LUNG_SEG)
 #: Metrics compared; the evaluate stage's CIs come from its bootstrap, not from the model.
 COMPARED = ("accuracy", "precision", "recall", "specificity", "f1", "auc")
 
 
 def score_split(model_uri: str, root: Path, split: str) -> pd.DataFrame:
     """The split's rows with the model's ``probability`` and ``threshold`` for each scan."""
-    table = pd.read_csv(root / SPLIT).query("split == @split").reset_index(drop=True)
-    predictions = predict_files(load_pipeline(model_uri), [root / RAW / p for p in table["relpath"]])
+    table = load_source(root, COVID_CT).query("split == @split").reset_index(drop=True)
+    predictions = predict_files(load_pipeline(model_uri), [Path(p) for p in table["path"]])
     failed = [p for p in predictions if p.error]
     if failed:
         raise ValueError(
@@ -47,7 +47,7 @@ def compare_with_evaluate(scored: pd.DataFrame, root: Path, split: str) -> pd.Da
 
 def max_score_difference(scored: pd.DataFrame, root: Path) -> float:
     """Largest |probability - score| against the classifier stage's own predictions.csv."""
-    stage = pd.read_csv(root / classifier_dir("cropped") / "predictions.csv")
+    stage = pd.read_csv(root / classifier_dir("cropped") / "predictions.csv").query("source == @COVID_CT")
     merged = scored.merge(stage[["relpath", "score"]], on="relpath", validate="one_to_one")
     if len(merged) != len(scored):
         raise ValueError(
@@ -60,12 +60,12 @@ def external_recall(model_uri: str, root: Path) -> pd.DataFrame:
     """Sensitivity on scans no stage of this pipeline has trained or chosen on: the held-out
     patients of the lung set (another source, real CT volumes; every slice shows COVID-19
     infection, see its PROVENANCE.md). One row per patient, then ``all``."""
-    table = pd.read_csv(root / LUNG_SPLIT).query("split == 'test'").reset_index(drop=True)
-    predictions = predict_files(load_pipeline(model_uri), [root / LUNG_ROOT / p for p in table["image"]])
+    table = source_table(root, LUNG_SEG).query("split == 'test'").reset_index(drop=True)
+    predictions = predict_files(load_pipeline(model_uri), [Path(p) for p in table["path"]])
     table = table.assign(covid=[p.probability is not None and p.probability >= p.threshold for p in predictions])
     rows = [
         {"patient": patient, "slices": len(part), "recall": float(part["covid"].mean())}
-        for patient, part in table.groupby("patient_id")
+        for patient, part in table.groupby("patient")
     ]
     rows.append({"patient": "all", "slices": len(table), "recall": float(table["covid"].mean())})
     return pd.DataFrame(rows)

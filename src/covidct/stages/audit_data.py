@@ -17,28 +17,23 @@ import mlflow
 import pandas as pd
 
 from covidct.atomic import write_text_atomic
-from covidct.config import AuditConfig, section
-from covidct.datasets import CC_CCII, COVID_CT, LUNG_SEG, DatasetError
+from covidct.catalog import load_source
+from covidct.config import AuditConfig, section, sources_section
+from covidct.datasets import LUNG_SEG, DatasetError
 from covidct.hygiene.audit import DatasetAudit, LeakageError, audit_dataset, leak_message
-from covidct.hygiene.patients import covid_ct_patients, lung_patients, noncovid_split_lists, patient_overlap
+from covidct.hygiene.patients import lung_patients, noncovid_split_lists, patient_overlap
 from covidct.hygiene.report import report_json, report_markdown, save_pair_gallery
-from covidct.paths import AUDIT_REPORTS, RAW, SPLITS
+from covidct.paths import AUDIT_REPORTS, LUNG_SPLIT, RAW
 from covidct.tracking import stage_run
 
 REPORTS = AUDIT_REPORTS
 PAIRS_IMAGE = "pairs.png"
 CLOSEST_IN_IMAGE = 3  # per dataset, after every duplicate
+ACROSS = "across sources"  # the audit of every source against the others
 
 
-def covid_ct_images(root: Path) -> tuple[pd.DataFrame, list[str]]:
-    """The COVID-CT split with each image's patient id from the shipped meta files, and notes on
-    where the official NonCOVID patient lists disagree with them."""
-    data_root = root / RAW / COVID_CT
-    table = pd.read_csv(root / SPLITS / "covid_ct.csv")
-    patients = covid_ct_patients(data_root).drop_duplicates("relpath").set_index("relpath")["patient_id"]
-    images = table.assign(
-        path=[str(data_root / p) for p in table["relpath"]], patient_id=table["relpath"].map(patients)
-    )
+def covid_ct_notes(data_root: Path, images: pd.DataFrame) -> list[str]:
+    """Where COVID-CT's official NonCOVID patient lists disagree with the patient ids of its meta files."""
     notes = []
     lists = noncovid_split_lists(data_root)
     shared = patient_overlap(lists)
@@ -46,7 +41,7 @@ def covid_ct_images(root: Path) -> tuple[pd.DataFrame, list[str]]:
         notes.append(
             f"meta/CT_NonCOVID_*_id.csv list {len(shared)} patient(s) in more than one split: {', '.join(shared['patient_id'][:5])}"
         )
-    noncovid = images[images["relpath"].str.startswith("CT_NonCOVID/") & images["patient_id"].notna()]
+    noncovid = images[images["relpath"].str.startswith("CT_NonCOVID/") & (images["patient_id"] != images["relpath"])]
     listed = set(zip(lists["patient_id"], lists["split"], strict=True))
     off_list = noncovid[[(p, s) not in listed for p, s in zip(noncovid["patient_id"], noncovid["split"], strict=True)]]
     if len(off_list):
@@ -57,7 +52,13 @@ def covid_ct_images(root: Path) -> tuple[pd.DataFrame, list[str]]:
         notes.append(
             f"every NonCOVID image's patient is in its split's meta/CT_NonCOVID_<split>_id.csv ({len(noncovid)} images)"
         )
-    return images[["relpath", "path", "split", "label", "patient_id"]], notes
+    return notes
+
+
+def source_images(root: Path, name: str) -> pd.DataFrame:
+    """A declared source's split (covidct.catalog) as the audit reads it: its patients are the split's unit."""
+    table = load_source(root, name)
+    return table.assign(patient_id=table["patient"])[["relpath", "path", "split", "label", "patient_id"]]
 
 
 def lung_images(root: Path) -> pd.DataFrame:
@@ -67,24 +68,29 @@ def lung_images(root: Path) -> pd.DataFrame:
     for column in ("id", "patient_id"):
         if column not in manifest.columns:
             raise DatasetError(f"{data_root / 'manifest.csv'}: column {column!r} is missing")
-    images = lung_patients(pd.read_csv(root / SPLITS / "lung_seg.csv"), manifest)
+    images = lung_patients(pd.read_csv(root / LUNG_SPLIT), manifest)
     return images.assign(path=[str(data_root / p) for p in images["relpath"]], label=None)[
         ["relpath", "path", "split", "label", "patient_id"]
     ]
 
 
-def cc_ccii_images(root: Path) -> pd.DataFrame:
-    """The CC-CCII split; its patients are the linked groups the split was made by."""
-    table = pd.read_csv(root / SPLITS / "cc_ccii.csv")
-    return table.assign(
-        path=[str(root / RAW / CC_CCII / p) for p in table["relpath"]], patient_id=table["patient_group"]
-    )[["relpath", "path", "split", "label", "patient_id"]]
+def across_sources(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """Every source's images as one table whose "split" is the source: a picture found in two
+    sources would sit on both sides of a leave-one-source-out fold."""
+    return pd.concat(
+        [
+            t.assign(relpath=name + "/" + t["relpath"], split=name, patient_id=name + "/" + t["patient_id"])
+            for name, t in tables.items()
+        ],
+        ignore_index=True,
+    )
 
 
 def gallery_pairs(root: Path, audits: list[DatasetAudit]) -> list[tuple[Path, Path, str, str]]:
     """Every duplicate pair, then the closest other pairs of each dataset, with captions."""
     pairs = []
-    for audit, folder in zip(audits, (COVID_CT, LUNG_SEG, CC_CCII), strict=True):
+    for audit in audits:
+        folder = "" if audit.name == ACROSS else audit.name  # across sources, relpaths start with the source
         shown = pd.concat(
             [audit.duplicates.assign(note="DUPLICATE"), audit.closest.head(CLOSEST_IN_IMAGE).assign(note="not flagged")]
         )
@@ -105,30 +111,43 @@ def gallery_pairs(root: Path, audits: list[DatasetAudit]) -> list[tuple[Path, Pa
 def run(params: dict[str, Any], root: Path) -> None:
     config: AuditConfig = section(params, "audit")
     link_distance = section(params, "cc_ccii_split").link_distance
+    declared = sources_section(params)
     settings = dataclasses.asdict(config) | {"cc_ccii_link_distance": link_distance}
     logged = {k: v for k, v in settings.items() if k != "allowed_pairs"} | {
         "n_allowed_pairs": len(config.allowed_pairs)
     }
     with stage_run("audit_data", {"audit": logged}):
         start = time.perf_counter()
-        covid, covid_notes = covid_ct_images(root)
         thresholds = (config.near_duplicate_distance, config.verify_distance, config.min_keypoint_inliers)
+        tables = {name: source_images(root, name) for name in declared}
         audits = [
-            audit_dataset(COVID_CT, covid, *thresholds, allowed_pairs=config.allowed_pairs, progress=True),
-            audit_dataset(LUNG_SEG, lung_images(root), *thresholds, allowed_pairs=config.allowed_pairs, progress=True),
-            # CC-CCII slices are all body-cropped and resized alike, so a re-cropped copy (what the
-            # keypoints are for) is not the risk; the same scan under two ids is, at <= link_distance.
-            audit_dataset(
-                CC_CCII,
-                cc_ccii_images(root),
-                link_distance,
-                link_distance,
-                config.min_keypoint_inliers,
-                config.allowed_pairs,
-                progress=True,
-            ),
+            audit_dataset(LUNG_SEG, lung_images(root), *thresholds, allowed_pairs=config.allowed_pairs, progress=True)
         ]
-        audits[0].notes[:0] = covid_notes
+        for name, source in declared.items():
+            # Slices split here by patient (CC-CCII) are all body-cropped and resized alike, so a re-cropped copy
+            # (what the keypoints are for) is not the risk; the same scan under two ids is, at <= link_distance.
+            near = (
+                (link_distance, link_distance, config.min_keypoint_inliers)
+                if source.split == "patients"
+                else thresholds
+            )
+            audit = audit_dataset(name, tables[name], *near, allowed_pairs=config.allowed_pairs, progress=True)
+            if source.split == "lists":
+                audit.notes[:0] = covid_ct_notes(root / RAW / name, tables[name])
+            audits.append(audit)
+        if len(tables) > 1:  # pHash alone: keypoints over every pair of sources would take hours
+            pooled = across_sources(tables)
+            audits.append(
+                audit_dataset(
+                    ACROSS,
+                    pooled,
+                    config.near_duplicate_distance,
+                    config.near_duplicate_distance,
+                    config.min_keypoint_inliers,
+                    config.allowed_pairs,
+                    progress=True,
+                )
+            )
         verdict = leak_message(audits, config.allow_patient_overlap, config.allow_duplicates)
         save_pair_gallery(gallery_pairs(root, audits), root / REPORTS / PAIRS_IMAGE)
         seconds = time.perf_counter() - start

@@ -1,6 +1,6 @@
-"""Stage crop_images: segment every COVID-CT image, and CC-CCII's train and validation slices
-(a classifier may train on them; its test split only ever meets the registered pipeline), crop
-to the lung box, save crops, masks, a CSV of boxes and a gallery like the paper's Fig. 6.
+"""Stage crop_images: segment every slice of every declared source (a classifier trains on some
+and is scored on the others, held out), crop to the lung box, save crops, masks, a CSV of boxes
+and a gallery like the paper's Fig. 6.
 
 The crops are written to a fresh folder that replaces ``data/crops`` only once every image is
 done, so an unreadable image met half-way leaves the previous crops as they were.
@@ -17,25 +17,24 @@ import mlflow
 import pandas as pd
 
 from covidct.atomic import atomic_dir, write_text_atomic
-from covidct.config import section
+from covidct.catalog import load_source
+from covidct.config import section, sources_section
 from covidct.cropping import draw_overlay, save_gallery
-from covidct.datasets import CC_CCII, COVID_CT
 from covidct.images import read_grayscale, read_mask
 from covidct.lung_crop import crop_dataset, crop_summary
-from covidct.paths import CC_CCII_SPLIT, COVID_CT_SPLIT, CROP_REPORTS, CROPS, SEGMENTER, raw
+from covidct.paths import CROP_REPORTS, CROPS, SEGMENTER, raw
 from covidct.runtime import configure_threads, select_device
 from covidct.segmentation.model import load_segmenter
 from covidct.tracking import stage_run
 
-SPLIT, REPORTS, MODEL = COVID_CT_SPLIT, CROP_REPORTS, SEGMENTER
+REPORTS, MODEL = CROP_REPORTS, SEGMENTER
 GALLERY_ROWS = 8
 
 
 def gallery(root: Path, boxes: pd.DataFrame) -> list[list]:
-    """One image per split and class, then every whole-image fallback, as Fig. 6 rows."""
-    ours = boxes[boxes["source"] == COVID_CT]
+    """One image per source and class, then every whole-image fallback, as Fig. 6 rows."""
     picks = pd.concat(
-        [ours.groupby(["split", "label"]).head(1).head(GALLERY_ROWS // 2), boxes[boxes["fallback"] != ""]]
+        [boxes.groupby(["source", "label"]).head(1).head(GALLERY_ROWS // 2), boxes[boxes["fallback"] != ""]]
     ).head(GALLERY_ROWS)
     rows = []
     for row in picks.itertuples():
@@ -51,7 +50,7 @@ def run(params: dict[str, Any], root: Path) -> None:
     device = select_device()
     configure_threads()
     model, meta = load_segmenter(root / MODEL, device)
-    tables = {COVID_CT: pd.read_csv(root / SPLIT), CC_CCII: pd.read_csv(root / CC_CCII_SPLIT).query("split != 'test'")}
+    tables = {name: load_source(root, name) for name in sources_section(params)}
     with stage_run("crop_images", {"crop": dataclasses.asdict(config)}):
         with atomic_dir(root / CROPS) as crops:
             crops.mkdir()
@@ -68,8 +67,9 @@ def run(params: dict[str, Any], root: Path) -> None:
             ["input", "lung mask and crop box", "cropped, resized back"],
             root / REPORTS / "gallery.png",
         )
-        metrics = crop_summary(boxes[boxes["source"] == COVID_CT])
-        metrics |= {f"{CC_CCII}.{k}": v for k, v in crop_summary(boxes[boxes["source"] == CC_CCII]).items()}
+        metrics = crop_summary(boxes)  # over every source, then each on its own
+        for name in tables:
+            metrics |= {f"{name}.{k}": v for k, v in crop_summary(boxes[boxes["source"] == name]).items()}
         write_text_atomic(root / REPORTS / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
         for name in ("boxes.csv", "gallery.png", "metrics.json"):

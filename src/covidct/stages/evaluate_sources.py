@@ -1,7 +1,7 @@
 """Stage evaluate_sources: the two-stage pipeline, exactly as register_model will register it
-(segmenter, cropped classifier, validation threshold, input gate), on every labelled source:
-the test split of each source the classifier trained on, every slice of each it never saw,
-and the lung set's held-out patients. Per source, per CC-CCII class and per CC-CCII scan.
+(segmenter, cropped classifier, validation threshold, input gate), on every declared source and
+the lung set: the test split of each source the classifier trained on, every slice of each it
+never saw, and the lung set's held-out patients. Per source, per subclass and per scan.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import mlflow
 import pandas as pd
 
 from covidct.atomic import write_text_atomic
-from covidct.config import section
-from covidct.datasets import CC_CCII, COVID_CT, LUNG_SEG
+from covidct.config import SourceConfig, section, sources_section
+from covidct.datasets import COVID_CT, LUNG_SEG
 from covidct.metrics import flatten_metrics, patient_metrics_with_ci, roc_points
 from covidct.paths import METRICS, SEGMENTER, SOURCE_REPORTS
 from covidct.paths import classifier_dir as model_dir
@@ -26,9 +26,8 @@ from covidct.registry.pipeline_model import TwoStagePipeline
 from covidct.reports import format_cell, markdown_table
 from covidct.runtime import configure_threads
 from covidct.sources import (
-    CC_CCII_CONTRASTS,
-    SOURCES,
     choose_top_k,
+    contrasts,
     figure_rows,
     rows_to_score,
     source_figures,
@@ -39,14 +38,13 @@ from covidct.thresholds import decision_threshold
 from covidct.tracking import log_pipeline_metrics, stage_run
 
 REPORTS, MODEL = SOURCE_REPORTS, SEGMENTER
-NAMES = {COVID_CT: "COVID-CT", CC_CCII: "CC-CCII", LUNG_SEG: "lung set"}
-CLASS_NAMES = {"Normal": "Normal", "CP": "common pneumonia (CP)"}
+LUNG_TITLE = "lung set"
 
 
-def score(pipeline: TwoStagePipeline, root: Path, trained_on: tuple[str, ...]) -> pd.DataFrame:
+def score(pipeline: TwoStagePipeline, root: Path, names: list[str], trained_on: tuple[str, ...]) -> pd.DataFrame:
     """Every slice to score, with its probability (NaN where the gate refused it) and error."""
     parts = []
-    for name in SOURCES:
+    for name in names:
         rows = rows_to_score(source_table(root, name), name, trained_on)
         predictions = predict_files(pipeline, [Path(p) for p in rows["path"]])
         parts.append(
@@ -71,25 +69,33 @@ def _within(figures: dict[str, float], prefix: str) -> dict[str, float]:
     return {k.split(".", 1)[1]: v for k, v in figures.items() if k.startswith(f"{prefix}.")}
 
 
-def report(figures: dict[str, dict[str, float]], threshold: float, top_k: int, trained_on: tuple[str, ...]) -> str:
-    trained = " + ".join(NAMES[s] for s in trained_on)
+def report(
+    figures: dict[str, dict[str, float]],
+    titles: dict[str, str],
+    threshold: float,
+    trained_on: tuple[str, ...],
+    subclasses: dict[str, dict[str, tuple[str, str]]],
+) -> str:
+    trained = " + ".join(titles[s] for s in trained_on)
     rows = []
-    for name in SOURCES:
+    for name, title in titles.items():
         f = figures[name]
         if name in trained_on:
-            scored_on = f"{NAMES[name]}, its test split"
+            scored_on = f"{title}, its test split"
         else:
-            scored_on = f"{NAMES[name]}, {'held-out patients' if name == LUNG_SEG else 'all'} (held out)"
+            scored_on = f"{title}, {'held-out patients' if name == LUNG_SEG else 'all'} (held out)"
         rows.append(
             [trained, scored_on, f"{f['slices']} ({f['patients']})", str(f["refused"])]
             + [_cell(f, m) for m in ("auc", "recall", "specificity")]
         )
+    studies = figures["studies"]
+    aggregate = f"its {studies['top_k']:.0f} highest slice scores" if studies["top_k"] else "all its slice scores"
     lines = [
         "# Results by source",
         "",
         f"The registered pipeline (segmenter, lung crop, classifier, threshold {threshold:.4f} chosen on the validation split of {trained}, "
-        "input gate) on every labelled source. 95 % intervals resample **patients** (slices of one patient are not independent). "
-        "`refused`: slices the input gate turned away (no score).",
+        "input gate) on every labelled source. 95 % intervals resample **patients** (slices of one patient are not independent; "
+        "SARS-CoV-2 CT has no patient ids: its scans stand in). `refused`: slices the input gate turned away (no score).",
         "",
         "## Source-held-out table",
         "",
@@ -97,34 +103,35 @@ def report(figures: dict[str, dict[str, float]], threshold: float, top_k: int, t
             ["trained on", "scored on", "slices (patients)", "refused", "AUC", "sensitivity", "specificity"], rows
         ),
         "",
-        "## CC-CCII by class",
+        "Whether the recipe carries to a source it never saw is measured by the leave-one-source-out folds "
+        "(`reports/holdout/`), where each source in turn is held out.",
+        "",
+        "## By class",
         "",
         markdown_table(
-            ["contrast", "AUC", "specificity (at the threshold)"],
+            ["source", "contrast", "AUC", "specificity (at the threshold)"],
             [
-                [
-                    f"NCP (COVID-19) vs {CLASS_NAMES[negative]}",
-                    _cell(_within(figures[CC_CCII], contrast), "auc"),
-                    _cell(_within(figures[CC_CCII], contrast), "specificity"),
-                ]
-                for contrast, (_, negative) in CC_CCII_CONTRASTS.items()
+                [titles[name], f"{positive} (COVID-19) vs {negative}"]
+                + [_cell(_within(figures[name], contrast), m) for m in ("auc", "specificity")]
+                for name, pairs in subclasses.items()
+                for contrast, (positive, negative) in pairs.items()
             ],
         ),
         "",
-        "## CC-CCII studies (scans)",
+        "## Studies (scans)",
         "",
-        f"A scan's score is the mean of {f'its {top_k} highest slice scores' if top_k else 'all its slice scores'} (chosen on CC-CCII's "
-        f"validation scans among the top 1, 3, 5, 10 and all, by AUC); scored on the {figures['cc-ccii.studies']['studies']:.0f} test scans. "
-        f"Sensitivity and specificity are at the study threshold {figures['cc-ccii.studies']['threshold']:.4f}, chosen on the "
-        "validation scans by the slice threshold's rule (evaluate.val_recall_floor).",
+        f"A scan's score is the mean of {aggregate} "
+        "(chosen among the top 1, 3, 5, 10 and all by AUC on the validation scans of the sources trained on, pooled); "
+        f"sensitivity and specificity at the study threshold {studies['threshold']:.4f}, chosen on the same scans by the slice "
+        "threshold's rule (evaluate.val_recall_floor). Each source's test scans:",
         "",
         markdown_table(
-            ["studies", "AUC", "sensitivity", "specificity"],
+            ["source", "scans", "AUC", "sensitivity", "specificity"],
             [
-                [
-                    f"{figures['cc-ccii.studies']['studies']:.0f}",
-                    *(_cell(figures["cc-ccii.studies"], m) for m in ("auc", "recall", "specificity")),
-                ]
+                [titles[name], f"{figures[f'{name}.studies']['studies']:.0f}"]
+                + [_cell(figures[f"{name}.studies"], m) for m in ("auc", "recall", "specificity")]
+                for name in trained_on
+                if f"{name}.studies" in figures
             ],
         ),
         "",
@@ -141,8 +148,31 @@ def report(figures: dict[str, dict[str, float]], threshold: float, top_k: int, t
     return "\n".join(lines)
 
 
+def study_figures(scored: pd.DataFrame, trained_on: tuple[str, ...], config: Any) -> dict[str, dict[str, float]]:
+    """Per-scan verdicts: the aggregation and study threshold chosen on the validation scans of the
+    sources trained on (pooled), then each such source's test scans at them."""
+    val = scored[scored["source"].isin(trained_on) & (scored["split"] == "val")]
+    val = val.assign(study=val["source"] + "/" + val["study"].astype(str))
+    top_k = choose_top_k(val)
+    threshold = decision_threshold(study_scores(val, top_k).rename(columns={"probability": "score"}), config)
+    out: dict[str, dict[str, float]] = {"studies": {"top_k": top_k, "threshold": threshold}}
+    for name in trained_on:
+        test = scored[(scored["source"] == name) & (scored["split"] == "test")]
+        studies = study_scores(test, top_k)
+        if len(studies) == 0 or studies["label"].nunique() < 2:
+            continue
+        out[f"{name}.studies"] = {"studies": len(studies)} | flatten_metrics(
+            patient_metrics_with_ci(
+                studies["label"], studies["probability"], studies["patient"], threshold, config.n_bootstrap, config.seed
+            )
+        )
+    return out
+
+
 def run(params: dict[str, Any], root: Path) -> None:
     config, crop, gate = section(params, "evaluate"), section(params, "crop"), section(params, "gate")
+    declared: dict[str, SourceConfig] = sources_section(params)
+    titles = {name: source.title for name, source in declared.items()} | {LUNG_SEG: LUNG_TITLE}
     threshold = float(json.loads((root / METRICS).read_text())["cropped"]["threshold"])
     configure_threads()
     pipeline = TwoStagePipeline(root / MODEL, root / model_dir("cropped") / "model.safetensors", crop, threshold, gate)
@@ -153,56 +183,39 @@ def run(params: dict[str, Any], root: Path) -> None:
         "evaluate_sources",
         {"evaluate": dataclasses.asdict(config), "gate": dataclasses.asdict(gate), "trained_on": ",".join(trained_on)},
     ):
-        scored = score(pipeline, root, trained_on)
+        scored = score(pipeline, root, list(titles), trained_on)
         figures = {
             name: {"held_out": int(name not in trained_on)}
             | source_figures(figure_rows(scored, name, trained_on), name, threshold, config.n_bootstrap, config.seed)
-            for name in SOURCES
+            for name in titles
         }
-        cc = scored[scored["source"] == CC_CCII]
-        top_k = choose_top_k(cc[cc["split"] == "val"])
-        study_threshold = decision_threshold(
-            study_scores(cc[cc["split"] == "val"], top_k).rename(columns={"probability": "score"}), config
-        )
-        studies = study_scores(cc[cc["split"] == "test"], top_k)
-        figures["cc-ccii.studies"] = {
-            "studies": len(studies),
-            "top_k": top_k,
-            "threshold": study_threshold,
-        } | flatten_metrics(
-            patient_metrics_with_ci(
-                studies["label"],
-                studies["probability"],
-                studies["patient"],
-                study_threshold,
-                config.n_bootstrap,
-                config.seed,
-            )
-        )
+        figures |= study_figures(scored, trained_on, config)
         refusals = scored.loc[scored["error"] != "", ["source", "relpath", "error"]]
         figures["gate"] = {"refused": len(refusals), "scored": len(scored)}
         curves = {}
-        for name in (COVID_CT, CC_CCII):
+        for name in declared:
             part = figure_rows(scored, name, trained_on).dropna(subset=["probability"])
             roc = roc_points(part["label"], part["probability"])
-            curves[f"{NAMES[name]} ({'held out' if name not in trained_on else 'test split'})"] = (
+            curves[f"{titles[name]} ({'held out' if name not in trained_on else 'test split'})"] = (
                 roc["fpr"],
                 roc["tpr"],
                 figures[name]["auc"],
             )
+        subclasses = {name: contrasts(figure_rows(scored, name, trained_on)) for name in declared}
+        text = report(figures, titles, threshold, trained_on, subclasses)
         write_text_atomic(root / REPORTS / "metrics.json", json.dumps(figures, indent=2) + "\n")
-        write_text_atomic(root / REPORTS / "report.md", report(figures, threshold, top_k, trained_on))
+        write_text_atomic(root / REPORTS / "report.md", text)
         write_text_atomic(root / REPORTS / "scores.csv", scored.drop(columns=["path"]).to_csv(index=False))
         write_text_atomic(root / REPORTS / "refused.csv", refusals.to_csv(index=False))
         plot_roc_curves(curves, root / REPORTS / "roc.png")
         mlflow.log_metrics({f"{name}.{k}": float(v) for name, f in figures.items() for k, v in f.items()})
         headline = {
             f"{name}.{k}": figures[name][k]
-            for name in (CC_CCII, LUNG_SEG)
+            for name in titles
             for k in ("auc", "recall", "specificity")
             if k in figures[name]
         }
-        log_pipeline_metrics(headline | {"cc-ccii.studies.auc": figures["cc-ccii.studies"]["auc"]})
+        log_pipeline_metrics(headline | {k: v["auc"] for k, v in figures.items() if k.endswith(".studies")})
         for name in ("metrics.json", "report.md", "roc.png", "refused.csv"):
             mlflow.log_artifact(str(root / REPORTS / name))
-    print(report(figures, threshold, top_k, trained_on))
+    print(text)

@@ -1,4 +1,5 @@
-"""Stage prepare_data: verified copies of the three datasets and their split tables."""
+"""Stage prepare_data: verified copies of the lung set and of every declared source, and their
+split tables (one per source, the columns of covidct.catalog)."""
 
 from __future__ import annotations
 
@@ -8,56 +9,89 @@ from typing import Any
 import pandas as pd
 
 from covidct.atomic import write_text_atomic
-from covidct.config import section
+from covidct.catalog import split_path
+from covidct.config import CcCciiSplitConfig, DataConfig, SourceConfig, section, sources_section
 from covidct.datasets import (
-    CC_CCII,
-    COVID_CT,
     LUNG_SEG,
-    cc_ccii_split,
+    SPLIT_COLUMNS,
+    DatasetError,
     copy_verified,
     covid_ct_split,
     lung_split,
+    manifest_split,
+    patient_split,
+    verify_checksums,
 )
 from covidct.hygiene.fingerprints import fingerprint_images
-from covidct.hygiene.patients import linked_patients
-from covidct.paths import RAW, SPLITS
+from covidct.hygiene.patients import covid_ct_patients, linked_patients
+from covidct.paths import LUNG_SPLIT, RAW
+
+
+def _manifest(root: Path, name: str) -> pd.DataFrame:
+    path = root / "manifest.csv"
+    if not path.is_file():
+        raise DatasetError(f"{path}: manifest not found (sources.{name}.split is manifest or patients: it needs one)")
+    return pd.read_csv(path)
+
+
+def make_split(
+    root: Path, name: str, source: SourceConfig, data: DataConfig, patients: CcCciiSplitConfig
+) -> pd.DataFrame:
+    """The split table of the dataset at ``root``, made the way ``source.split`` says; its
+    relpaths hold for the verified copy too."""
+    if source.split == "lists":
+        table = covid_ct_split(root, data.subset_per_class)
+        ids = covid_ct_patients(root).drop_duplicates("relpath").set_index("relpath")["patient_id"]
+        patient = table["relpath"].map(ids).fillna(table["relpath"]).astype(str)  # no id: the image is its own patient
+        subclass = table["relpath"].str.split("/").str[0]
+        table = table.assign(label=subclass.isin(source.covid).astype(int), patient=patient, scan=patient)
+        return table.assign(subclass=subclass)[list(SPLIT_COLUMNS)]
+    manifest = _manifest(root, name)
+    if source.split == "manifest":
+        return manifest_split(manifest, source, data.subset_per_class, root / "manifest.csv")
+    _, hashes = fingerprint_images([root / f for f in manifest["file"]], f"fingerprint {name}")
+    groups = linked_patients(manifest[source.patient].astype(str).tolist(), hashes, patients.link_distance)
+    linked = sorted({g for g in groups.values() if "+" in g})
+    print(
+        f"{name}: {len(linked)} group(s) of patient ids holding one scan, kept in one split: {', '.join(linked) or 'none'}"
+    )
+    return patient_split(
+        manifest,
+        source,
+        patients.val_fraction,
+        patients.test_fraction,
+        patients.seed,
+        data.subset_per_class,
+        groups,
+        root / "manifest.csv",
+    )
 
 
 def run(params: dict[str, Any], root: Path) -> None:
-    data, split_config, cc_config = (
+    data, lung_config, patients = (
         section(params, "data"),
         section(params, "lung_split"),
         section(params, "cc_ccii_split"),
     )
-    source = (root / data.source_dir).resolve()
-    covid_ct_split(
-        source / COVID_CT
-    )  # a split list naming a missing image stops the stage before any output is replaced
-    for name in (COVID_CT, LUNG_SEG, CC_CCII):
-        count = copy_verified(source / name, root / RAW / name)
+    declared = sources_section(params)
+    source_dir = (root / data.source_dir).resolve()
+    for name in (LUNG_SEG, *declared):  # an altered or missing file stops the stage before any output is replaced
+        verify_checksums(source_dir / name)
+    # so does a split list or manifest that is wrong: every split is made from the verified source first
+    tables = {name: make_split(source_dir / name, name, source, data, patients) for name, source in declared.items()}
+    for name in (LUNG_SEG, *declared):
+        count = copy_verified(source_dir / name, root / RAW / name)
         print(f"{name}: {count} files verified against SHA256SUMS and copied to {RAW / name}")
-    covid = covid_ct_split(root / RAW / COVID_CT, data.subset_per_class)
     manifest = pd.read_csv(root / RAW / LUNG_SEG / "manifest.csv")
     lung = lung_split(
-        manifest, split_config.test_slices, split_config.val_slices, split_config.seed, data.lung_subset_per_patient
+        manifest, lung_config.test_slices, lung_config.val_slices, lung_config.seed, data.lung_subset_per_patient
     )
-    cc_manifest = pd.read_csv(root / RAW / CC_CCII / "manifest.csv")
-    _, hashes = fingerprint_images([root / RAW / CC_CCII / f for f in cc_manifest["file"]], "fingerprint cc-ccii")
-    groups = linked_patients(cc_manifest["patient_id"].astype(str).tolist(), hashes, cc_config.link_distance)
-    cc = cc_ccii_split(
-        cc_manifest, cc_config.val_fraction, cc_config.test_fraction, cc_config.seed, data.subset_per_class, groups
-    )
-    write_text_atomic(root / SPLITS / "covid_ct.csv", covid.to_csv(index=False))
-    write_text_atomic(root / SPLITS / "lung_seg.csv", lung.to_csv(index=False))
-    write_text_atomic(root / SPLITS / "cc_ccii.csv", cc.to_csv(index=False))
-    print("COVID-CT images per split and label:\n" + covid.groupby(["split", "label"]).size().to_string())
+    write_text_atomic(root / LUNG_SPLIT, lung.to_csv(index=False))
     summary = lung.groupby("split").agg(slices=("id", "size"), patients=("patient_id", "nunique"))
     print("lung-seg slices and patients per split:\n" + summary.to_string())
-    summary = cc.groupby(["split", "cc_ccii_class"]).agg(
-        slices=("relpath", "size"), patients=("patient_id", "nunique"), scans=("scan_id", "nunique")
-    )
-    linked = sorted({g for g in groups.values() if "+" in g})
-    print(
-        f"CC-CCII: {len(linked)} group(s) of patient ids holding one scan, kept in one split: {', '.join(linked) or 'none'}"
-    )
-    print("CC-CCII slices, patients and scans per split and class:\n" + summary.to_string())
+    for name, table in tables.items():
+        write_text_atomic(root / split_path(name), table.to_csv(index=False))
+        summary = table.groupby(["split", "subclass"]).agg(
+            slices=("relpath", "size"), patients=("patient", "nunique"), scans=("scan", "nunique")
+        )
+        print(f"{declared[name].title}: slices, patients and scans per split and class:\n" + summary.to_string())

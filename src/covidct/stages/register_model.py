@@ -9,25 +9,28 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import pandas as pd
 
+from covidct.catalog import load_source
 from covidct.config import section
 from covidct.datasets import COVID_CT
-from covidct.paths import COVID_CT_SPLIT, METRICS, PIPELINE, SEGMENTER, SOURCE_REPORTS, raw
+from covidct.paths import METRICS, PIPELINE, REPORTS, SEGMENTER, SOURCE_REPORTS, raw
 from covidct.paths import classifier_dir as model_dir
 from covidct.registry.register import build_and_register
 from covidct.tracking import stage_run
 
-RAW, SPLIT, MODEL, OUT = raw(COVID_CT), COVID_CT_SPLIT, SEGMENTER, PIPELINE
+RAW, MODEL, OUT = raw(COVID_CT), SEGMENTER, PIPELINE
+HOLDOUT = REPORTS / "levers" / "holdout.json"  # `covidct levers pipelines/levers/holdout.yaml` writes it
 #: The sections the registered model embodies; recorded as version tags.
-PARAM_SECTIONS = ("preprocess", "segmenter", "crop", "classifier", "evaluate", "gate")
+PARAM_SECTIONS = ("sources", "preprocess", "segmenter", "crop", "classifier", "evaluate", "gate")
 
 
 def run(params: dict[str, Any], root: Path) -> None:
     registry, crop, gate = section(params, "registry"), section(params, "crop"), section(params, "gate")
     metrics = json.loads((root / METRICS).read_text())["cropped"]
     sources = json.loads((root / SOURCE_REPORTS / "metrics.json").read_text())
-    example = pd.read_csv(root / SPLIT).query("split == 'val'").iloc[0]["relpath"]
+    # the recipe's leave-one-source-out figures, where the study ran it (pipelines/levers/holdout.yaml)
+    holdout = json.loads((root / HOLDOUT).read_text()) if (root / HOLDOUT).is_file() else {}
+    example = load_source(root, COVID_CT).query("split == 'val'").iloc[0]["relpath"]
     recorded = {name: params.get(name, {}) for name in PARAM_SECTIONS}
     with stage_run("register_model", {"registry": {"model_name": registry.model_name}}) as run:
         version = build_and_register(
@@ -41,6 +44,7 @@ def run(params: dict[str, Any], root: Path) -> None:
             recorded,
             (example, (root / RAW / example).read_bytes()),
             sources,
+            holdout,
         )
         mlflow.set_tag("covidct.registered_version", version.version)
     print(

@@ -1,6 +1,6 @@
 """Stage train_classifier: EfficientNet on the cropped images ("cropped", with segmentation)
 or on the original ones ("raw", without), the paper's Table 1 ablation; on the sources that
-``classifier.sources`` names, with the others' validation slices scored as held out."""
+``classifier.sources`` names, with every other declared source scored whole, held out."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from covidct.atomic import write_text_atomic
 from covidct.checkpoints import clear_stage_resume, resume_dir
 from covidct.classification.table import checkpoint_meta, classifier_table, load_classifier_inputs
 from covidct.classification.train import fit_and_predict
-from covidct.config import section
+from covidct.config import section, sources_section
 from covidct.paths import classifier_dir as model_dir
 from covidct.plots import plot_training_curves
 from covidct.runtime import configure_threads, select_device
@@ -25,7 +25,7 @@ from covidct.training import tracked_history
 def run(params: dict[str, Any], root: Path, variant: str) -> None:
     config = section(params, "classifier")
     device, threads = select_device(), configure_threads()
-    table = classifier_table(root, config)
+    table = classifier_table(root, config, sources_section(params))
     images = load_classifier_inputs(root, table, variant, config, progress=f"decode {variant} images")
     out = root / model_dir(variant)
     stage = f"train_classifier_{variant}"

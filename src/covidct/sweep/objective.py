@@ -16,11 +16,12 @@ import numpy as np
 import optuna
 import pandas as pd
 
+from covidct.catalog import load_source
 from covidct.classification.inputs import load_views
 from covidct.classification.table import checkpoint_meta
 from covidct.classification.train import fit_and_predict
 from covidct.config import section
-from covidct.datasets import COVID_CT, covid_ct_split
+from covidct.datasets import COVID_CT, take_per_group
 from covidct.experiments.cache import cache_key, get_or_build
 from covidct.experiments.overrides import with_overrides
 from covidct.lung_crop import crop_dataset
@@ -80,7 +81,7 @@ class TrialObjective:
 
         def build(out: Path) -> None:
             model, meta = load_segmenter(segmenter / "model.safetensors", self.device)
-            table = covid_ct_split(self.root / RAW / COVID_CT, subset)
+            table = take_per_group(load_source(self.root, COVID_CT), ["split", "label"], subset)
             boxes = crop_dataset(table, self.root / RAW / COVID_CT, out, model, meta, crop, self.device)
             boxes.to_csv(out / "boxes.csv", index=False)
 
@@ -139,6 +140,7 @@ class TrialObjective:
             config.image_size,
             config.lung_mask,
             config.standardise,
+            config.equalise,
             progress=None,
         )
         objective, started = self.config.objective, time.perf_counter()

@@ -1,0 +1,250 @@
+"""Leave-one-source-out folds: does a recipe carry to a hospital it never saw?
+
+A lever study with ``holdout:`` trains each lever, per seed, once per declared source held out:
+on every other source (balanced by source and class; checkpoint and threshold from their
+validation splits pooled), then scores every slice of the held-out source. Intervals resample
+that source's patients (its scans where it has no patient ids); a lever is compared with the
+baseline per fold, paired: both scored on the same resampled patients, every seed's model at once.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from covidct.atomic import write_text_atomic
+from covidct.config import section, sources_section
+from covidct.experiments.overrides import as_overrides, with_overrides
+from covidct.levers.study import BASELINE, LeverStudy, lever_dir
+from covidct.metrics import flatten_metrics, paired_auc_difference, patient_metrics_with_ci
+from covidct.plots import plot_holdout
+from covidct.reports import markdown_table
+from covidct.thresholds import decision_threshold
+
+#: Per-fold figures kept for each run (slices of the held-out source, at the validation threshold).
+FIGURES = ("auc", "recall", "specificity")
+
+
+def held_out_rows(predictions: pd.DataFrame, fold: str) -> pd.DataFrame:
+    return predictions[predictions["source"] == fold].sort_values("relpath").reset_index(drop=True)
+
+
+def score_fold(predictions: pd.DataFrame, fold: str, evaluate: Any) -> dict[str, Any]:
+    """The threshold chosen on the trained sources' validation rows (pooled), then the held-out
+    source's figures at it, with patient-level bootstrap intervals."""
+    val = predictions[(predictions["split"] == "val") & predictions["trained"].astype(bool)]
+    threshold = decision_threshold(val, evaluate)
+    held = held_out_rows(predictions, fold)
+    if held["label"].nunique() < 2:
+        raise ValueError(f"holdout: source {fold!r} holds one class only; a fold needs both to give an AUC")
+    figures = patient_metrics_with_ci(
+        held["label"], held["score"], held["patient"].astype(str), threshold, evaluate.n_bootstrap, evaluate.seed
+    )
+    return {
+        "fold": fold,
+        "threshold": threshold,
+        "slices": len(held),
+        "patients": int(held["patient"].nunique()),
+    } | {k: v for k, v in flatten_metrics(figures).items() if k.split("_ci")[0] in FIGURES}
+
+
+def _held_out(root: Path, study: LeverStudy, run_name: str, fold: str) -> pd.DataFrame:
+    return held_out_rows(pd.read_csv(lever_dir(root, study.study, run_name) / "predictions.csv"), fold)
+
+
+def holdout_runs(study: LeverStudy, records: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """One row per finished run: its fold's figures, epoch and training time."""
+    rows = []
+    for run in study.runs(sources=list(study.folds)):
+        if run.name in records:
+            record = records[run.name]
+            rows.append(
+                {"lever": run.lever, "fold": run.fold, "seed": run.seed, "run": run.name}
+                | {k: v for k, v in record["holdout"].items() if k != "fold"}
+                | {"best_epoch": record["best_epoch"], "train_minutes": record["train_seconds"] / 60}
+            )
+    return pd.DataFrame(rows)
+
+
+def holdout_summary(root: Path, study: LeverStudy, runs: pd.DataFrame, evaluate: Any) -> pd.DataFrame:
+    """One row per lever and fold whose seeds are all finished: seed mean and SD of each figure,
+    and the paired AUC difference from the baseline (every seed's model on the same resamples)."""
+    rows = []
+    seeds = list(study.seeds) or [None]
+    for lever in study.levers:
+        for fold in study.folds:
+            part = runs[(runs["lever"] == lever) & (runs["fold"] == fold)] if len(runs) else runs
+            if len(part) != len(seeds):
+                continue
+            row: dict[str, Any] = {"lever": lever, "fold": fold, "seeds": len(part)}
+            for key in FIGURES:
+                row |= {f"{key}_mean": part[key].mean(), f"{key}_sd": part[key].std(ddof=1) if len(part) > 1 else 0.0}
+            row["train_minutes"] = part["train_minutes"].sum()
+            base = runs[(runs["lever"] == BASELINE) & (runs["fold"] == fold)] if len(runs) else runs
+            if lever != BASELINE and len(base) == len(seeds):
+                mine = [_held_out(root, study, study.run_name(lever, s, fold), fold) for s in seeds]
+                before = [_held_out(root, study, study.run_name(BASELINE, s, fold), fold) for s in seeds]
+                if not all(np.array_equal(f["relpath"], before[0]["relpath"]) for f in mine + before):
+                    raise ValueError(
+                        f"holdout: lever {lever} scored other {fold} slices than the baseline; re-run both"
+                    )
+                delta = paired_auc_difference(
+                    before[0]["label"].to_numpy(),
+                    np.stack([f["score"].to_numpy() for f in before]),
+                    np.stack([f["score"].to_numpy() for f in mine]),
+                    evaluate.n_bootstrap,
+                    evaluate.seed,
+                    groups=before[0]["patient"].astype(str).to_numpy(),
+                )
+                row |= {
+                    "auc_delta": delta["value"],
+                    "auc_delta_ci_low": delta["ci_low"],
+                    "auc_delta_ci_high": delta["ci_high"],
+                }
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def holdout_metrics(study: LeverStudy, summary: pd.DataFrame, recipes: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """What ``dvc metrics`` and the registry read: per lever, each fold's seed-mean figures, the
+    mean over folds and the worst fold, with the classifier settings the lever trained with
+    (``recipes``; sources and seed left out) so a registered recipe can find its own figures."""
+    out: dict[str, Any] = {"study": study.study, "folds": list(study.folds), "levers": {}}
+    for lever in study.levers:
+        part = summary[summary["lever"] == lever] if len(summary) else summary
+        if len(part) != len(study.folds):
+            continue
+        folds = {
+            row.fold: {
+                k: float(getattr(row, k))
+                for k in summary.columns
+                if k.endswith(("_mean", "_sd", "_delta", "_ci_low", "_ci_high")) and pd.notna(getattr(row, k))
+            }
+            | {"seeds": int(row.seeds)}
+            for row in part.itertuples()
+        }
+        worst = part.loc[part["auc_mean"].idxmin()]
+        out["levers"][lever] = {
+            "folds": folds,
+            "mean_auc": float(part["auc_mean"].mean()),
+            "worst_auc": float(worst["auc_mean"]),
+            "worst_fold": str(worst["fold"]),
+            "classifier": recipes.get(lever, {}),
+        }
+    return out
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}"
+
+
+def _with_ci(row: Any, key: str) -> str:
+    return f"{_pct(row[key])} ({_pct(row[key + '_ci_low'])}–{_pct(row[key + '_ci_high'])})"
+
+
+def _delta_cell(row: Any) -> str:
+    if "auc_delta" not in row or pd.isna(row["auc_delta"]):
+        return "—"
+    low, high = row["auc_delta_ci_low"], row["auc_delta_ci_high"]
+    real = " **real**" if low > 0 or high < 0 else " (noise)"
+    return f"{100 * row['auc_delta']:+.1f} ({100 * low:+.1f} to {100 * high:+.1f}){real}"
+
+
+def holdout_markdown(
+    study: LeverStudy, runs: pd.DataFrame, summary: pd.DataFrame, metrics: dict[str, Any], titles: dict[str, str]
+) -> str:
+    seeds = ", ".join(map(str, study.seeds)) or "the recipe's"
+    lines = [
+        f"# Leave-one-source-out: study {study.study} ({study.variant} images)",
+        "",
+        f"Each lever, with seeds {seeds}, is trained once per source held out: on every other declared source (balanced "
+        "by source and class; checkpoint and threshold chosen on their validation splits pooled), then scored on **every "
+        "slice** of the source it never saw. Sensitivity and specificity are at that validation threshold. Intervals resample "
+        "the held-out source's patients (SARS-CoV-2 CT: its scans). Δ AUC: the lever against the baseline on the same fold, "
+        "every seed's model scored on the same resampled patients; **real** when the interval excludes 0. The interval holds "
+        "patient sampling, not training noise: read it beside the seed SD.",
+        "",
+        f"Base: params.yaml with `{as_overrides(study.base) or 'nothing changed'}`.",
+        "",
+        "## Per fold, over seeds",
+        "",
+    ]
+    cells = [
+        [
+            row.lever,
+            titles.get(row.fold, row.fold),
+            str(int(row.seeds)),
+            f"{_pct(row.auc_mean)} ± {_pct(row.auc_sd)}",
+            f"{_pct(row.recall_mean)} ± {_pct(row.recall_sd)}",
+            f"{_pct(row.specificity_mean)} ± {_pct(row.specificity_sd)}",
+            _delta_cell(row._asdict()),
+            f"{row.train_minutes:.0f}",
+        ]
+        for row in summary.itertuples()
+    ]
+    header = ["lever", "held out", "seeds", "AUC", "sensitivity", "specificity", "Δ AUC vs baseline", "train min"]
+    lines += [markdown_table(header, cells), "", "## Over folds", ""]
+    lines += [
+        markdown_table(
+            ["lever", "mean AUC over folds", "worst fold", "its AUC"] + [f"{titles.get(f, f)}" for f in study.folds],
+            [
+                [lever, _pct(m["mean_auc"]), titles.get(m["worst_fold"], m["worst_fold"]), _pct(m["worst_auc"])]
+                + [_pct(m["folds"][f]["auc_mean"]) for f in study.folds]
+                for lever, m in metrics["levers"].items()
+            ],
+        ),
+        "",
+        "## Every run",
+        "",
+        markdown_table(
+            ["run", "AUC", "sensitivity", "specificity", "threshold", "slices (patients)", "epoch", "min"],
+            [
+                [
+                    row["run"],
+                    *(_with_ci(row, k) for k in FIGURES),
+                    f"{row['threshold']:.3f}",
+                    f"{int(row['slices'])} ({int(row['patients'])})",
+                    str(int(row["best_epoch"])),
+                    f"{row['train_minutes']:.1f}",
+                ]
+                for _, row in runs.iterrows()
+            ],
+        ),
+        "",
+        f"Reproduce: `covidct levers pipelines/levers/{study.study}.yaml` (finished runs are reused); "
+        f"`dvc metrics show reports/levers/{study.study}.json`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def recipe(params: dict[str, Any]) -> dict[str, Any]:
+    """The classifier settings a fold trains with, less what the folds and seeds vary: the key a
+    registered pipeline's own settings are matched on."""
+    return {k: v for k, v in params["classifier"].items() if k not in ("sources", "seed")}
+
+
+def summarise_holdout(root: Path, study: LeverStudy, base: dict[str, Any]) -> Path:
+    """reports/levers/<study>.{md,csv,json,png} from every finished fold run."""
+    evaluate = section(base, "evaluate")
+    records = {}
+    for run in study.runs(sources=list(study.folds)):
+        path = lever_dir(root, study.study, run.name) / "metrics.json"
+        if path.is_file():
+            records[run.name] = json.loads(path.read_text())
+    runs = holdout_runs(study, records)
+    summary = holdout_summary(root, study, runs, evaluate)
+    recipes = {lever: recipe(with_overrides(base, study.base | overrides)) for lever, overrides in study.levers.items()}
+    metrics = holdout_metrics(study, summary, recipes)
+    titles = {name: source.title for name, source in sources_section(base).items()}
+    out = root / "reports" / "levers"
+    write_text_atomic(out / f"{study.study}.csv", runs.to_csv(index=False))
+    write_text_atomic(out / f"{study.study}.json", json.dumps(metrics, indent=2) + "\n")
+    write_text_atomic(out / f"{study.study}.md", holdout_markdown(study, runs, summary, metrics, titles))
+    if len(runs):
+        plot_holdout(runs, [titles.get(f, f) for f in study.folds], list(study.folds), out / f"{study.study}.png")
+    return out / f"{study.study}.md"
