@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import difflib
+import hashlib
 import json
 import os
 import re
@@ -193,7 +194,9 @@ def test_registered_pipeline_is_promoted_and_reproduces_the_evaluate_stage(
         version.tags["val.auc"] == f"{metrics['val']['auc']:.6g}"
         and version.tags["covidct.variant"] == "tf_efficientnet_lite0"
     )
-    assert version.tags["data.covid-ct.md5"].endswith(".dir") and version.tags["param.crop.margin"] == "5"
+    sums = hashlib.sha256((repo / "data/raw/sars-cov-2-ct/SHA256SUMS").read_bytes()).hexdigest()
+    assert version.tags["data.sars-cov-2-ct.sha256sums"] == sums and version.tags["param.crop.margin"] == "5"
+    assert version.tags[f"param.sources.{TOY}.split"] == "manifest"
     assert version.tags["source.cc-ccii.held_out"] == "0" and "source.cc-ccii.auc" in version.tags
     assert version.tags["source.lung-seg.held_out"] == "1"
     assert (repo / "models/pipeline/MLmodel").is_file()

@@ -33,8 +33,3 @@ def load_source(root: Path, name: str) -> pd.DataFrame:
     if missing:
         raise DatasetError(f"{path}: column {missing[0]!r} is missing (written by an older prepare_data? re-run it)")
     return table.assign(source=name, path=[str(root / raw(name) / p) for p in table["relpath"]])
-
-
-def load_sources(root: Path, names: list[str] | tuple[str, ...]) -> pd.DataFrame:
-    """Several sources' split tables, one after another in the order given."""
-    return pd.concat([load_source(root, name) for name in names], ignore_index=True)

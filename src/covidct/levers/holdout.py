@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from sklearn.metrics import roc_auc_score
 
 from covidct.atomic import write_text_atomic
 from covidct.config import section, sources_section
@@ -56,38 +57,50 @@ def _held_out(root: Path, study: LeverStudy, run_name: str, fold: str) -> pd.Dat
     return held_out_rows(pd.read_csv(lever_dir(root, study.study, run_name) / "predictions.csv"), fold)
 
 
-def holdout_runs(study: LeverStudy, records: dict[str, dict[str, Any]]) -> pd.DataFrame:
-    """One row per finished run: its fold's figures, epoch and training time."""
+def trained_test_aucs(predictions: pd.DataFrame) -> dict[str, float]:
+    """AUC on the test split of each source the fold trained on: what a source's own test split
+    says, beside what the held-out source says (and what adding a source costs the others)."""
+    test = predictions[(predictions["split"] == "test") & predictions["trained"].astype(bool)]
+    return {
+        f"test_auc.{name}": float(roc_auc_score(part["label"], part["score"])) for name, part in test.groupby("source")
+    }
+
+
+def holdout_runs(root: Path, study: LeverStudy, records: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """One row per finished run: its fold's figures, the trained sources' test AUCs, epoch and time."""
     rows = []
     for run in study.runs(sources=list(study.folds)):
         if run.name in records:
             record = records[run.name]
+            predictions = pd.read_csv(lever_dir(root, study.study, run.name) / "predictions.csv")
             rows.append(
                 {"lever": run.lever, "fold": run.fold, "seed": run.seed, "run": run.name}
                 | {k: v for k, v in record["holdout"].items() if k != "fold"}
+                | trained_test_aucs(predictions)
                 | {"best_epoch": record["best_epoch"], "train_minutes": record["train_seconds"] / 60}
             )
     return pd.DataFrame(rows)
 
 
 def holdout_summary(root: Path, study: LeverStudy, runs: pd.DataFrame, evaluate: Any) -> pd.DataFrame:
-    """One row per lever and fold whose seeds are all finished: seed mean and SD of each figure,
-    and the paired AUC difference from the baseline (every seed's model on the same resamples)."""
+    """One row per lever and fold with a finished run: seed mean and SD of each figure over the
+    seeds finished so far (``seeds``), and the paired AUC difference from the baseline on the seeds
+    both have finished (every seed's model scored on the same resamples)."""
     rows = []
-    seeds = list(study.seeds) or [None]
     for lever in study.levers:
         for fold in study.folds:
             part = runs[(runs["lever"] == lever) & (runs["fold"] == fold)] if len(runs) else runs
-            if len(part) != len(seeds):
+            if part.empty:
                 continue
             row: dict[str, Any] = {"lever": lever, "fold": fold, "seeds": len(part)}
             for key in FIGURES:
                 row |= {f"{key}_mean": part[key].mean(), f"{key}_sd": part[key].std(ddof=1) if len(part) > 1 else 0.0}
             row["train_minutes"] = part["train_minutes"].sum()
-            base = runs[(runs["lever"] == BASELINE) & (runs["fold"] == fold)] if len(runs) else runs
-            if lever != BASELINE and len(base) == len(seeds):
-                mine = [_held_out(root, study, study.run_name(lever, s, fold), fold) for s in seeds]
-                before = [_held_out(root, study, study.run_name(BASELINE, s, fold), fold) for s in seeds]
+            base = runs[(runs["lever"] == BASELINE) & (runs["fold"] == fold)]
+            common = [s for s in part["seed"] if s in set(base["seed"])]
+            if lever != BASELINE and common:
+                mine = [_held_out(root, study, study.run_name(lever, s, fold), fold) for s in common]
+                before = [_held_out(root, study, study.run_name(BASELINE, s, fold), fold) for s in common]
                 if not all(np.array_equal(f["relpath"], before[0]["relpath"]) for f in mine + before):
                     raise ValueError(
                         f"holdout: lever {lever} scored other {fold} slices than the baseline; re-run both"
@@ -104,19 +117,21 @@ def holdout_summary(root: Path, study: LeverStudy, runs: pd.DataFrame, evaluate:
                     "auc_delta": delta["value"],
                     "auc_delta_ci_low": delta["ci_low"],
                     "auc_delta_ci_high": delta["ci_high"],
+                    "delta_seeds": len(common),
                 }
             rows.append(row)
     return pd.DataFrame(rows)
 
 
 def holdout_metrics(study: LeverStudy, summary: pd.DataFrame, recipes: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """What ``dvc metrics`` and the registry read: per lever, each fold's seed-mean figures, the
-    mean over folds and the worst fold, with the classifier settings the lever trained with
+    """What ``dvc metrics`` and the registry read: per lever with every run finished, each fold's
+    seed-mean figures, the mean over folds and the worst fold, with the classifier settings the lever trained with
     (``recipes``; sources and seed left out) so a registered recipe can find its own figures."""
     out: dict[str, Any] = {"study": study.study, "folds": list(study.folds), "levers": {}}
-    for lever in study.levers:
+    seeds = len(study.seeds) or 1
+    for lever in study.levers:  # only a lever with every seed of every fold: no figure from part of a study
         part = summary[summary["lever"] == lever] if len(summary) else summary
-        if len(part) != len(study.folds):
+        if len(part) != len(study.folds) or (part["seeds"] != seeds).any():
             continue
         folds = {
             row.fold: {
@@ -144,6 +159,20 @@ def _pct(value: float) -> str:
 
 def _with_ci(row: Any, key: str) -> str:
     return f"{_pct(row[key])} ({_pct(row[key + '_ci_low'])}–{_pct(row[key + '_ci_high'])})"
+
+
+def _over_seeds(row: dict[str, Any], key: str) -> str:
+    """Mean ± SD over seeds; one seed has no SD to show."""
+    spread = f" ± {_pct(row[key + '_sd'])}" if row["seeds"] > 1 else ""
+    return _pct(row[key + "_mean"]) + spread
+
+
+def _mean_sd_cell(part: pd.DataFrame, key: str) -> str:
+    if key not in part or part[key].isna().all():
+        return "—"
+    values = part[key].dropna()
+    spread = f" ± {_pct(values.std(ddof=1))}" if len(values) > 1 else ""
+    return f"{_pct(values.mean())}{spread} ({len(values)})"
 
 
 def _delta_cell(row: Any) -> str:
@@ -178,9 +207,7 @@ def holdout_markdown(
             row.lever,
             titles.get(row.fold, row.fold),
             str(int(row.seeds)),
-            f"{_pct(row.auc_mean)} ± {_pct(row.auc_sd)}",
-            f"{_pct(row.recall_mean)} ± {_pct(row.recall_sd)}",
-            f"{_pct(row.specificity_mean)} ± {_pct(row.specificity_sd)}",
+            *(_over_seeds(row._asdict(), key) for key in FIGURES),
             _delta_cell(row._asdict()),
             f"{row.train_minutes:.0f}",
         ]
@@ -195,6 +222,20 @@ def holdout_markdown(
                 [lever, _pct(m["mean_auc"]), titles.get(m["worst_fold"], m["worst_fold"]), _pct(m["worst_auc"])]
                 + [_pct(m["folds"][f]["auc_mean"]) for f in study.folds]
                 for lever, m in metrics["levers"].items()
+            ],
+        ),
+        "",
+        "## The trained sources' own test splits",
+        "",
+        "What each fold's model scores on the test split of each source it trained on (mean ± SD over seeds, "
+        "slices): a source's own test split against the held-out figures above, and what adding a source costs "
+        "the others (the fold without SARS-CoV-2 CT is the two-source recipe).",
+        "",
+        markdown_table(
+            ["lever", "held out", *(f"{titles.get(f, f)} test AUC" for f in study.folds)],
+            [
+                [lever, titles.get(fold, fold)] + [_mean_sd_cell(part, f"test_auc.{name}") for name in study.folds]
+                for (lever, fold), part in (runs.groupby(["lever", "fold"], sort=False) if len(runs) else [])
             ],
         ),
         "",
@@ -236,7 +277,7 @@ def summarise_holdout(root: Path, study: LeverStudy, base: dict[str, Any]) -> Pa
         path = lever_dir(root, study.study, run.name) / "metrics.json"
         if path.is_file():
             records[run.name] = json.loads(path.read_text())
-    runs = holdout_runs(study, records)
+    runs = holdout_runs(root, study, records)
     summary = holdout_summary(root, study, runs, evaluate)
     recipes = {lever: recipe(with_overrides(base, study.base | overrides)) for lever, overrides in study.levers.items()}
     metrics = holdout_metrics(study, summary, recipes)

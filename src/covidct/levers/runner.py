@@ -152,6 +152,9 @@ def _scorings(
 
 def run_levers(root: Path, base: dict[str, Any], study: LeverStudy, runs: list[LeverRun], device: torch.device) -> Path:
     """``runs``: ``study.checked_runs(base, ...)``, validated before anything trains."""
+    summary = summarise_holdout if study.folds else summarise
+    report = None
     for run in runs:
         run_lever(root, base, study, run, device)
-    return summarise_holdout(root, study, base) if study.folds else summarise(root, study, base)
+        report = summary(root, study, base)  # after every run: a study stopped part-way has its table
+    return report if report is not None else summary(root, study, base)

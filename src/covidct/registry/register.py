@@ -17,7 +17,6 @@ from typing import Any
 
 import mlflow
 import pandas as pd
-import yaml
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.models import Model
 from mlflow.tracking import MlflowClient
@@ -25,6 +24,7 @@ from mlflow.tracking import MlflowClient
 import covidct
 from covidct.atomic import atomic_dir
 from covidct.config import ConfigError, CropConfig, GateConfig
+from covidct.paths import RAW
 from covidct.registry.pipeline_model import ARTIFACTS, IMAGE, NAME, SIGNATURE, settings
 from covidct.registry.promote import VARIANT_TAG
 from covidct.tracking import flatten, git_commit
@@ -58,12 +58,10 @@ def requirements() -> list[str]:
 
 
 def dataset_hashes(root: Path) -> dict[str, str]:
-    """The md5 DVC recorded for each source dataset of ``prepare_data`` (``{}`` outside DVC)."""
-    lock = root / "dvc.lock"
-    if not lock.is_file():
-        return {}
-    stage = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).get("prepare_data", {})
-    return {Path(dep["path"]).name: dep["md5"] for dep in stage.get("deps", []) if dep.get("md5", "").endswith(".dir")}
+    """Each verified dataset under data/raw by the sha256 of its SHA256SUMS, which lists every file's
+    own: the same value wherever the same data was verified, with or without DVC (``{}`` without data)."""
+    lists = sorted((root / RAW).glob("*/SHA256SUMS"))
+    return {path.parent.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in lists}
 
 
 def holdout_tags(holdout: Mapping[str, Any], classifier: Mapping[str, Any]) -> dict[str, str]:
@@ -97,7 +95,7 @@ def version_tags(
         "covidct.git_commit": git_commit(root),
         "covidct.threshold": f"{metrics['threshold']:.6g}",
     }
-    tags |= {f"data.{name}.md5": md5 for name, md5 in dataset_hashes(root).items()}
+    tags |= {f"data.{name}.sha256sums": digest for name, digest in dataset_hashes(root).items()}
     tags |= {f"val.{k}": f"{v:.6g}" for k, v in metrics["val"].items()}
     tags |= {f"test.{k}": f"{v:.6g}" for k, v in metrics["test"].items()}
     tags |= {f"source.{name}.{k}": f"{v:.6g}" for name, figures in sources.items() for k, v in figures.items()}

@@ -104,7 +104,7 @@ def report(
         ),
         "",
         "Whether the recipe carries to a source it never saw is measured by the leave-one-source-out folds "
-        "(`reports/holdout/`), where each source in turn is held out.",
+        "(`reports/levers/holdout.md`), where each source in turn is held out.",
         "",
         "## By class",
         "",
