@@ -127,14 +127,15 @@ def _scorings(
     """The chosen weights scored without and with test-time augmentation, each part with CIs."""
     model, chosen = load_classifier(out / "model.safetensors", device)
     keep = table["split"].isin(["val", "test"]).to_numpy()
+    part = predictions[predictions["split"].isin(["val", "test"])]  # the same rows as images[keep], in order
     scored, results = {}, {}
     for suffix, tta in SCORINGS.items():
         scores = (
-            predictions["score"].to_numpy()
+            part["score"].to_numpy()
             if tta == chosen.get("tta", False)
             else predict_scores(model, images[keep], device, chosen["mean"], chosen["std"], tta=tta)
         )
-        scored[suffix] = predictions[predictions["split"].isin(["val", "test"])].assign(score=scores)
+        scored[suffix] = part.assign(score=scores)
         write_text_atomic(out / f"predictions{suffix}.csv", scored[suffix].to_csv(index=False))
         results[suffix] = score_lever(scored[suffix], evaluate)
         prefix = "tta_" if suffix else ""
