@@ -194,7 +194,7 @@ def holdout_markdown(
         "by source and class; checkpoint and threshold chosen on their validation splits pooled), then scored on **every "
         "slice** of the source it never saw. Sensitivity and specificity are at that validation threshold. Intervals resample "
         "the held-out source's patients (SARS-CoV-2 CT: its scans). Δ AUC: the lever against the baseline on the same fold, "
-        "every seed's model scored on the same resampled patients; **real** when the interval excludes 0. The interval holds "
+        "on the seeds both have finished, every one's model scored on the same resampled patients; **real** when the interval excludes 0. The interval holds "
         "patient sampling, not training noise: read it beside the seed SD.",
         "",
         f"Base: params.yaml with `{as_overrides(study.base) or 'nothing changed'}`.",
