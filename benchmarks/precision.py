@@ -49,8 +49,8 @@ def main() -> None:
     pre, config = section(params, "preprocess"), section(params, "segmenter")
     device, threads = select_device(), configure_threads()
     model, _ = load_segmenter(root / SEGMENTER, device)
-    _, test_images, test_masks = load_lung_split(root, "test", pre)
-    _, train_images, train_masks = load_lung_split(root, "train", pre)
+    _, test_images, test_masks, _ = load_lung_split(root, "test", pre)
+    _, train_images, train_masks, _ = load_lung_split(root, "train", pre)
 
     def inference(name: str) -> Callable[[], float]:
         def run() -> float:

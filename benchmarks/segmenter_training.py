@@ -38,7 +38,7 @@ def main() -> None:
     params = load_params(root / "params.yaml")
     pre, config = section(params, "preprocess"), section(params, "segmenter")
     device, threads = select_device(), configure_threads()
-    _, images, masks = load_lung_split(root, "train", pre)
+    _, images, masks, _ = load_lung_split(root, "train", pre)
     n = args.batches * config.batch_size
     loader = DataLoader(
         SliceDataset(images[:n], masks[:n], segmentation_augmentation(config.seed)),

@@ -65,7 +65,7 @@ from covidct.segmentation.model import build_segmenter
 from covidct.stages import prepare_data
 from helpers.configs import make_config
 from helpers.images import png_header_only
-from helpers.tiny import save_tiny_networks
+from helpers.tiny import save_tiny_lesion, save_tiny_networks
 
 pytestmark = pytest.mark.slow
 
@@ -208,6 +208,7 @@ WARM = r"""
 import json, os, runpy, sys, traceback
 import covidct.stages.audit_data, covidct.stages.crop_images, covidct.stages.evaluate_segmenter
 import covidct.stages.prepare_data, covidct.stages.train_classifier, covidct.stages.train_segmenter
+import covidct.stages.evaluate_lesion
 print("ready", flush=True)
 for line in sys.stdin:
     job = json.loads(line)
@@ -342,10 +343,10 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (covid / relpath).write_bytes(VALID[kind](_gray(COVID / relpath)))
     manifest = pd.read_csv(LUNG / "manifest.csv")
     manifest = manifest[manifest["patient_id"].isin(manifest["patient_id"].unique()[:6])].groupby("patient_id").head(3)
-    (lung / "images").mkdir(parents=True)
-    (lung / "masks").mkdir()
+    for folder in ("images", "masks", "infection"):
+        (lung / folder).mkdir(parents=True)
     for slice_id in manifest["id"]:
-        for folder in ("images", "masks"):
+        for folder in ("images", "masks", "infection"):
             shutil.copy2(LUNG / folder / f"{slice_id}.png", lung / folder / f"{slice_id}.png")
     manifest.to_csv(lung / "manifest.csv", index=False)
     cc = src / "cc-ccii"  # 3 patients x 2 slices per class
@@ -518,6 +519,14 @@ def test_train_segmenter_with_a_bad_lung_file(stages: WarmPython, workdir: Path,
     _assert_one_clear_line(result, f"error: {path}: ", reason)
 
 
+def test_train_lesion_with_an_infection_mask_of_the_wrong_size(stages: WarmPython, workdir: Path) -> None:
+    lung = _lung_path(workdir, "train", "mask")
+    path = lung.parent.parent / "infection" / lung.name
+    with _replaced(path, _png(Image.fromarray(_real_mask(path)).resize((128, 128), Image.Resampling.NEAREST))):
+        result = _run_and_check_nothing_changed(stages, workdir, "train_lesion")
+    _assert_one_clear_line(result, f"error: {path}: ", "mask size 128x128")
+
+
 def test_evaluate_segmenter_with_an_empty_lung_mask(stages: WarmPython, workdir: Path) -> None:
     path = _lung_path(workdir, "test", "mask")
     with _replaced(path, _png(Image.fromarray(np.zeros((256, 256), np.uint8)))):
@@ -557,6 +566,7 @@ PARAM_CASES = {
     "tversky_alpha_above_1": ("train_segmenter", (), "segmenter.tversky_alpha", 1.5, "must be in [0, 1], got 1.5"),
     "tversky_beta_below_0": ("train_segmenter", (), "segmenter.tversky_beta", -0.2, "must be in [0, 1], got -0.2"),
     "tversky_gamma_0": ("train_segmenter", (), "segmenter.tversky_gamma", 0, "must be in (0, 5], got 0.0"),
+    "lesion_tversky_alpha_above_1": ("train_lesion", (), "lesion.tversky_alpha", 1.5, "must be in [0, 1], got 1.5"),
     "crop_margin_r_500": ("crop_images", (), "crop.margin", 500, "must be in [-200, 200] px, got 500"),
 }
 
@@ -610,7 +620,7 @@ def registered(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
                 root,
                 root / "pipeline",
                 MODEL_NAME,
-                weights,
+                (*weights, save_tiny_lesion(root)),
                 make_config("crop", min_lung_fraction=0.0),
                 PICTURE_GATE,
                 metrics,
@@ -741,7 +751,7 @@ def test_served_model(served: pd.DataFrame, predicted: pd.DataFrame, kind: str) 
 #: Cases per entry point (each one test id).
 CASES = {
     "image readers": len(READER_CASES),
-    "pipeline stages": len(BAD) + 1 + len(VALID) + 2 + len(LUNG_CASES) + 1 + 1 + len(PARAM_CASES),
+    "pipeline stages": len(BAD) + 1 + len(VALID) + 2 + len(LUNG_CASES) + 1 + 1 + 1 + len(PARAM_CASES),
     "covidct predict": len(SCAN_KINDS) + 1,
     "served model": len(SERVED_KINDS),
 }

@@ -23,6 +23,7 @@ import pandas as pd
 import pydicom
 import pytest
 import torch
+from PIL import Image
 from pydicom import uid
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
@@ -34,7 +35,7 @@ from covidct.predict import collect_scans, group_studies, predict_files, studies
 from covidct.registry.pipeline_model import PipelineModel, TwoStagePipeline
 from covidct.series import ORDER_KEYS, read_series
 from helpers.configs import make_config
-from helpers.tiny import save_tiny_networks
+from helpers.tiny import save_tiny_lesion, save_tiny_networks
 
 SLICES = sorted((DATA / "lung-seg" / "images").glob("coronacases_001_*.png"))[:5]
 AXIAL = [1, 0, 0, 0, 1, 0]
@@ -300,9 +301,14 @@ def test_bad_header_names_the_file(tmp_path: Path, gray: np.ndarray) -> None:
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory: pytest.TempPathFactory) -> TwoStagePipeline:
     """Small untrained networks, no gate: what matters is that equal pixels get equal scores."""
-    weights = save_tiny_networks(tmp_path_factory.mktemp("weights"))
+    root = tmp_path_factory.mktemp("weights")
     return TwoStagePipeline(
-        *weights, make_config("crop", min_lung_fraction=0.0), 0.5, device=torch.device("cpu"), study_top_k=2
+        *save_tiny_networks(root),
+        make_config("crop", min_lung_fraction=0.0),
+        0.5,
+        device=torch.device("cpu"),
+        study_top_k=2,
+        lesion_path=save_tiny_lesion(root),
     )
 
 
@@ -326,7 +332,7 @@ def test_a_folder_series_is_one_study_in_slice_order(pipeline: TwoStagePipeline,
     zs, names = [-30.0, 12.5, -155.0, 0.0], ["IM0003", "b.dcm", "IM0001", "a.dcm"]
     write_series(folder, zs, [2, 4, 3, 1], names)
     (folder / "lone.png").write_bytes(SLICES[4].read_bytes())
-    files, studies = group_studies(collect_scans([folder]))
+    files, studies = group_studies(collect_scans([folder])[0])
     dicom = [folder / names[i] for i in np.argsort(zs)]
     assert files[:4] == dicom and files[4] == folder / "lone.png"  # by position, not by name or number
     assert len(set(studies[:4])) == 1 and studies[:4][0] and studies[4] == ""
@@ -339,7 +345,9 @@ def test_a_folder_series_is_one_study_in_slice_order(pipeline: TwoStagePipeline,
         and table["study_probability"][4] is None
     )
     per_study = pd.read_csv(studies_csv(tmp_path / "p.csv"))
-    assert per_study[["slices", "slices_scored", "top_k"]].values.tolist() == [[4, 4, 2]]
+    assert per_study[["slices", "slices_scored", "slices_outside_lungs", "top_k"]].values.tolist() == [[4, 4, 0, 2]]
+    summed = sum((p.burden for p in predictions[1:4]), predictions[0].burden)  # the series' lung volume involved
+    assert per_study["study_lesion_burden"][0] == pytest.approx(summed.lesion / summed.lung)
     assert per_study["study_probability"][0] == pytest.approx(top_two)
     assert per_study["study_label"][0] == ("COVID" if top_two >= 0.5 else "non-COVID")
 
@@ -356,8 +364,20 @@ def test_a_folder_series_is_one_study_in_slice_order(pipeline: TwoStagePipeline,
 def test_an_unreadable_header_in_a_folder_leaves_the_series_grouped(tmp_path: Path) -> None:
     write_series(tmp_path, [5.0, -5.0, 0.0], [1, 2, 3], ["x1", "x2", "x3"])
     (tmp_path / "cut").write_bytes((tmp_path / "x1").read_bytes()[:200])  # DICM marker, header cut short
-    files, studies = group_studies(collect_scans([tmp_path]))
+    files, studies = group_studies(collect_scans([tmp_path])[0])
     assert files == [
         tmp_path / n for n in ("cut", "x2", "x3", "x1")
     ]  # the cut file keeps its place for its error row; the series by z
     assert studies[0] == "" and len(set(studies[1:])) == 1 and studies[1]
+
+
+def test_a_folder_gives_every_picture_by_content_and_names_what_it_skipped(tmp_path: Path) -> None:
+    gray = read_grayscale(SLICES[4])
+    Image.fromarray(gray).save(tmp_path / "a.tif")
+    Image.fromarray(gray).save(tmp_path / "b.gif")
+    (tmp_path / "c").write_bytes(SLICES[4].read_bytes())  # a PNG without a suffix
+    (tmp_path / "notes.txt").write_text("not a scan")
+    (tmp_path / "d.png").write_bytes(b"")  # empty: kept, to get its own error row
+    found, skipped = collect_scans([tmp_path, tmp_path / "missing.png"])
+    names = [p.name for p in found]
+    assert names == ["a.tif", "b.gif", "c", "d.png", "missing.png"] and [p.name for p in skipped] == ["notes.txt"]

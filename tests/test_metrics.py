@@ -13,6 +13,7 @@ from covidct.metrics import (
     confusion,
     dice_score,
     flatten_metrics,
+    mean_with_ci,
     metrics_with_ci,
     roc_points,
     threshold_for_recall,
@@ -226,3 +227,15 @@ def test_rank_auc_is_sklearns_auc_ties_included() -> None:
         y = rng.integers(0, 2, 150)
         s = np.round(rng.random(150), 1)  # many ties
         assert _rank_auc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+
+
+def test_mean_with_ci_resamples_patients_not_slices_when_told() -> None:
+    values = np.repeat([0.5, 0.7, 0.9], 30)  # three patients, each slice equal to its patient's
+    groups = np.repeat(["a", "b", "c"], 30)
+    slices, patients = mean_with_ci(values, n_boot=2000), mean_with_ci(values, groups, n_boot=2000)
+    assert slices["value"] == patients["value"] == pytest.approx(0.7)
+    assert slices["ci_low"] < 0.7 < slices["ci_high"] and slices["ci_high"] - slices["ci_low"] < 0.1
+    assert patients["ci_low"] <= 0.55 and patients["ci_high"] >= 0.85  # three patients say little more than that
+    assert mean_with_ci(values[:30], groups[:30]) == {"value": 0.5, "ci_low": 0.5, "ci_high": 0.5}
+    with pytest.raises(ValueError, match="differ in length"):
+        mean_with_ci(values, groups[:5])

@@ -40,6 +40,8 @@ STAGES = {
     "audit_data",
     "train_segmenter",
     "evaluate_segmenter",
+    "train_lesion",
+    "evaluate_lesion",
     "crop_images",
     "train_classifier@cropped",
     "train_classifier@raw",
@@ -76,9 +78,12 @@ def test_every_output_is_written(tiny_repo: tuple[Path, dict[str, str]]) -> None
     repo, _ = tiny_repo
     for path in [
         "models/segmenter/model.safetensors",
+        "models/lesion/model.safetensors",
         "models/classifier_cropped/model.safetensors",
         "models/classifier_raw/model.safetensors",
         "reports/results.md",
+        "reports/lesion/overlays.png",
+        "reports/lesion/training_curves.png",
         "reports/segmenter/overlays.png",
         "reports/crop/gallery.png",
         "reports/figures/roc.png",
@@ -127,6 +132,11 @@ def test_metrics_are_in_range(tiny_repo: tuple[Path, dict[str, str]]) -> None:
     assert "Is the segmentation gain real?" in (repo / "reports/results.md").read_text()
     dice = json.loads((repo / "reports/segmenter/metrics.json").read_text())
     assert 0.0 <= dice["dice_mean"] <= 1.0 and 0.0 <= dice["dice_pooled"] <= 1.0 and dice["n_patients"] == 3
+    lesion = json.loads((repo / "reports/lesion/metrics.json").read_text())
+    assert lesion["dice_mean_ci_low"] <= lesion["dice_mean"] <= lesion["dice_mean_ci_high"] <= 1.0
+    assert lesion["n_patients"] == 3 and 0.0 <= lesion["burden_error_slice_mae"] <= 1.0
+    per_patient = pd.read_csv(repo / "reports/lesion/per_patient.csv")
+    assert per_patient["burden_true"].between(0, 1).all() and len(per_patient) == 3
     crop = json.loads((repo / "reports/crop/metrics.json").read_text())
     assert crop["n_images"] == sum(crop[f"{name}.n_images"] for name in SOURCES) and crop[f"{TOY}.n_images"] == 18
 
@@ -144,11 +154,14 @@ def test_every_source_is_scored_and_held_out_sources_say_so(tiny_repo: tuple[Pat
     assert {"ncp_vs_normal.auc", "ncp_vs_cp.auc", "ncp_vs_normal.specificity"} <= set(cc)
     assert "covid-19_vs_healthy.auc" not in sources[TOY]  # one non-COVID class: no contrast of its own
     assert sources["cc-ccii.studies"]["studies"] >= 3 and sources["studies"]["top_k"] in (0, 1, 3, 5, 10)
+    assert sources["cc-ccii.diluted"]["studies"] == 3 * sources["cc-ccii.studies"]["studies"]  # each scan, three shares
     assert 0.0 <= sources["lung-seg"]["recall"] <= 1.0 and sources["gate"]["refused"] == 0
     scores = pd.read_csv(repo / "reports/sources/scores.csv")
     # validation splits too (for choices), the held-out toy source whole, the lung set's held-out patients
     assert len(scores) == 12 + 18 + 12 + 18 + 9 and scores["probability"].between(0, 1).all()
     assert set(scores.loc[scores["source"] == "cc-ccii", "split"]) == {"val", "test"}
+    scored = scores.dropna(subset=["probability"])
+    assert (scored["lesion_pixels"] <= scored["lung_pixels"]).all() and scored["lung_fraction"].between(0, 1).all()
     assert set(scores.loc[scores["source"] == TOY, "split"]) == {"train", "val", "test"}
     report = (repo / "reports/sources/report.md").read_text()
     for line in ("CC-CCII, its test split", "SARS-CoV-2 CT, its test split", "Toy hospital, all (held out)"):
@@ -166,6 +179,8 @@ def test_mlflow_has_one_parent_and_every_stage(tracked_repro: TrackedRepro) -> N
         "audit_data",
         "train_segmenter",
         "evaluate_segmenter",
+        "train_lesion",
+        "evaluate_lesion",
         "crop_images",
         "train_classifier_cropped",
         "train_classifier_raw",
@@ -199,6 +214,11 @@ def test_registered_pipeline_is_promoted_and_reproduces_the_evaluate_stage(
     assert version.tags[f"param.sources.{TOY}.split"] == "manifest"
     assert version.tags["source.cc-ccii.held_out"] == "0" and "source.cc-ccii.auc" in version.tags
     assert version.tags["source.lung-seg.held_out"] == "1"
+    lesion = json.loads((repo / "reports/lesion/metrics.json").read_text())
+    assert (
+        version.tags["lesion.dice_mean"] == f"{lesion['dice_mean']:.6g}"
+        and version.tags["param.study.outside_lungs"] == "0.05"
+    )
     assert (repo / "models/pipeline/MLmodel").is_file()
     covidct = [sys.executable, "-m", "covidct"]
     promoted = run_ok([*covidct, "promote", "--min-val-recall", "0"], repo, env)

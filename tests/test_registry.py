@@ -32,13 +32,13 @@ from covidct.classification.train import predict_scores
 from covidct.config import GateConfig
 from covidct.images import read_grayscale
 from covidct.lung_crop import crop_dataset, crop_relpath
-from covidct.registry.pipeline_model import OUTPUT, TwoStagePipeline
+from covidct.registry.pipeline_model import OUTPUT, TwoStagePipeline, predictions_table
 from covidct.registry.promote import PromotionError, promote_if_better
 from covidct.registry.register import build_and_register
 from helpers.configs import make_config
 from helpers.images import write_ct_dicom
 from helpers.serving import free_port, wait_until_serving
-from helpers.tiny import save_tiny_networks
+from helpers.tiny import save_tiny_lesion, save_tiny_networks
 
 COVID = DATA / "covid-ct" / "CT_COVID"
 NONCOVID = DATA / "covid-ct" / "CT_NonCOVID"
@@ -53,6 +53,7 @@ NAME = "covidct-test"
 OPEN_GATE = GateConfig(
     min_side=1, min_std=0.0, min_lung_fraction=0.0, min_lung_balance=0.0
 )  # untrained networks: let everything through
+LESION_METRICS = {"dice_mean": 0.71, "dice_mean_ci_low": 0.6, "dice_pooled": 0.75}
 SOURCES = {"covid-ct": {"held_out": 0, "auc": 0.9}, "cc-ccii": {"held_out": 1, "auc": 0.74, "slices": 5605}}
 METRICS = {
     "threshold": 0.5,
@@ -68,12 +69,19 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="module")
-def pipeline(weights: tuple[Path, Path]) -> TwoStagePipeline:
-    return TwoStagePipeline(*weights, CROP, 0.5, device=torch.device("cpu"))
+def lesion(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_lesion(tmp_path_factory.mktemp("lesion"))
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory, weights: tuple[Path, Path]) -> Iterator[tuple[str, Path]]:
+def pipeline(weights: tuple[Path, Path], lesion: Path) -> TwoStagePipeline:
+    return TwoStagePipeline(*weights, CROP, 0.5, device=torch.device("cpu"), lesion_path=lesion)
+
+
+@pytest.fixture(scope="module")
+def store(
+    tmp_path_factory: pytest.TempPathFactory, weights: tuple[Path, Path], lesion: Path
+) -> Iterator[tuple[str, Path]]:
     """A real SQLite tracking store with version 1 registered by the register_model code."""
     root = tmp_path_factory.mktemp("store")
     uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -86,13 +94,14 @@ def store(tmp_path_factory: pytest.TempPathFactory, weights: tuple[Path, Path]) 
             root,
             root / "pipeline",
             NAME,
-            weights,
+            (*weights, lesion),
             CROP,
             OPEN_GATE,
             METRICS,
             params,
             (SCANS[0].name, SCANS[0].read_bytes()),
             SOURCES,
+            lesion=LESION_METRICS,
         )
     yield uri, root
     mlflow.set_tracking_uri(previous)  # None unsets both the URI and the variable
@@ -163,6 +172,26 @@ def test_ct_dicom_scores_like_its_png(pipeline: TwoStagePipeline, tmp_path: Path
     assert dicom.probability == png.probability and dicom.box == png.box
 
 
+def test_pipeline_gives_the_lesion_burden_inside_the_lung_and_per_study(
+    pipeline: TwoStagePipeline, weights: tuple[Path, Path]
+) -> None:
+    scored = pipeline.predict_encoded([p.name for p in SCANS], [p.read_bytes() for p in SCANS])
+    for prediction in scored:
+        inside = prediction.lesion
+        assert inside is not None and not (inside & ~prediction.mask).any()  # no lesion outside the lung
+        assert prediction.burden.lung == prediction.mask.sum() and prediction.burden.lesion == inside.sum()
+        assert prediction.burden.lesion_left + prediction.burden.lesion_right == prediction.burden.lesion
+    assert any(p.burden.lesion for p in scored)  # the untrained net marks something: the sums are not vacuous
+    table = predictions_table(scored, ["a", "a", "b", ""])
+    a = scored[0].burden + scored[1].burden
+    assert table.loc[0, "study_lesion_burden"] == pytest.approx(a.lesion / a.lung)
+    assert table.loc[0, "lesion_burden"] == pytest.approx(scored[0].burden.lesion / scored[0].burden.lung)
+    assert table.loc[3, "study_lesion_burden"] is None
+    without = TwoStagePipeline(*weights, CROP, 0.5, device=torch.device("cpu"))
+    plain = predictions_table(without.predict_encoded(["x"], [SCANS[0].read_bytes()]))
+    assert plain.loc[0, "probability"] == scored[0].probability and plain.loc[0, "lesion_burden"] is None
+
+
 def test_registered_version_carries_its_tags(store: tuple[str, Path]) -> None:
     uri, root = store
     version = MlflowClient(uri).get_model_version(NAME, "1")
@@ -170,6 +199,7 @@ def test_registered_version_carries_its_tags(store: tuple[str, Path]) -> None:
     assert tags["covidct.variant"] == "efficientnet_b0" and tags["covidct.threshold"] == "0.5"
     assert tags["val.auc"] == "0.8" and tags["test.recall"] == "0.9"
     assert tags["param.crop.margin"] == "5" and "covidct.git_commit" in tags
+    assert tags["lesion.dice_mean"] == "0.71" and tags["lesion.dice_pooled"] == "0.75"
     local = root / "pipeline"
     assert (local / "MLmodel").is_file() and (local / "model_code.py").is_file()
     assert not list(local.rglob("*.pkl"))  # models from code: nothing to unpickle

@@ -15,7 +15,15 @@ from covidct.metrics import (
     paired_auc_difference,
     patient_metrics_with_ci,
 )
-from covidct.sources import choose_top_k, figure_rows, rows_to_score, source_figures, study_scores
+from covidct.sources import (
+    choose_top_k,
+    diluted_series,
+    figure_rows,
+    rows_to_score,
+    source_figures,
+    study_scores,
+    with_diluted,
+)
 from covidct.study import study_probabilities, top_k_mean
 
 
@@ -182,3 +190,52 @@ def test_study_label_uses_the_study_threshold_chosen_on_validation_scans() -> No
     at_study = predictions_table(scans, studies, top_k=0, study_threshold=0.3)
     assert at_study["study_label"].tolist() == ["COVID", "COVID", "COVID"]
     assert at_study["label"].tolist() == at_slice["label"].tolist()  # slice labels keep the slice threshold
+
+
+def _series_table() -> pd.DataFrame:
+    """One source's split: 2 COVID scans (4 slices at 0.9), 4 Normal scans (10 slices at 0.1), 1 CP scan."""
+    rows = [("c1", 1, "NCP", 0.9)] * 4 + [("c2", 1, "NCP", 0.9)] * 4
+    rows += [(f"n{i}", 0, "Normal", 0.1) for i in range(4) for _ in range(10)] + [("p1", 0, "CP", 0.6)] * 4
+    table = pd.DataFrame(rows, columns=["study", "label", "subclass", "probability"])
+    return table.assign(patient=table["study"], origin=table["study"], source="cc-ccii", split="test")
+
+
+def test_diluted_series_keep_the_share_and_fill_with_other_normal_scans() -> None:
+    table = _series_table()
+    diluted = diluted_series(table, 0.2, seed=0)
+    sizes = diluted.groupby("study").size()
+    assert sizes["c1@0.2"] == 20 and sizes["p1@0.2"] == 20 and sizes["n0@0.2"] == 50  # every scan diluted alike
+    c1 = diluted[diluted["study"] == "c1@0.2"]
+    assert (c1["probability"] == 0.9).sum() == 4 and (c1["subclass"] == "Normal").sum() == 16  # fill: Normal only
+    assert c1["label"].eq(1).all() and c1["patient"].eq("c1").all()  # a series is its scan's patient and label
+    n0 = diluted[diluted["study"] == "n0@0.2"]
+    assert (n0["origin"] == "n0").sum() == 10  # a Normal scan is filled from the other Normal scans
+    assert diluted_series(table, 0.2, seed=0).equals(diluted)  # seeded
+    with pytest.raises(ValueError, match="share"):
+        diluted_series(table, 0.0, seed=0)
+    pooled = with_diluted(table, (0.1, 0.3), seed=0)
+    assert set(pooled["study"]) >= {"c1", "c1@0.1", "c1@0.3"}
+
+
+def test_a_diluted_series_still_called_covid_by_its_top_slices_not_by_the_mean() -> None:
+    diluted = diluted_series(_series_table(), 0.1, seed=0)
+    mean_all, top_1 = study_scores(diluted, 0), study_scores(diluted, 1)
+    assert mean_all.loc[mean_all["label"] == 1, "probability"].max() < 0.2  # 90 % Normal slices: the mean sinks
+    assert top_1.loc[top_1["label"] == 1, "probability"].min() == pytest.approx(0.9)
+    assert top_1.loc[top_1["label"] == 0, "probability"].max() == pytest.approx(0.6)  # the CP scan
+
+
+def test_slices_outside_the_lungs_are_marked_left_out_of_the_verdict_and_not_errors() -> None:
+    from covidct.registry.pipeline_model import ScanPrediction, predictions_table
+
+    scans = [
+        ScanPrediction("mid", probability=0.2, threshold=0.5, box=(0, 0, 1, 1), lung_fraction=0.3),
+        ScanPrediction("base", probability=0.9, threshold=0.5, box=(0, 0, 1, 1), lung_fraction=0.03),
+        ScanPrediction("neck", lung_fraction=0.001, error="input gate: the lung mask covers 0.10 %", no_lung=True),
+    ]
+    table = predictions_table(scans, ["s", "s", "s"], top_k=0, study_threshold=0.5, outside_below=0.05)
+    assert table["outside_lungs"].tolist() == [False, True, True]
+    assert table["study_probability"].tolist() == [0.2, 0.2, 0.2]  # the base's 0.9 is not the series' evidence
+    assert table["error"].tolist() == ["", "", ""] and table.loc[1, "probability"] == 0.9  # its own score stays
+    alone = predictions_table(scans[2:], [""], outside_below=0.05)  # a lone picture without lung is still refused
+    assert alone.loc[0, "error"].startswith("input gate") and alone.loc[0, "outside_lungs"] is None

@@ -51,6 +51,9 @@ def test_stage_runs_of_one_pipeline_share_a_parent(store: Path, monkeypatch: pyt
         assert "covidct.git_commit" in run.data.tags
     segmenter = next(r for r in stages if r.info.run_name == "train_segmenter")
     assert segmenter.data.params["segmenter.epochs"] == "3"
+    first = parents["repro-1"].info
+    last_stage_end = max(r.info.end_time for r in stages if r.data.tags[GROUP_TAG] == "repro-1")
+    assert first.start_time <= segmenter.info.start_time and first.end_time >= last_stage_end  # spans its stages
     assert segmenter.data.metrics["val_dice"] == 0.5
 
 

@@ -95,7 +95,7 @@ def _promote(args: argparse.Namespace, root: Path) -> None:
 def _predict(args: argparse.Namespace, root: Path) -> None:
     from covidct.gate import REFUSED
     from covidct.predict import (
-        SCAN_SUFFIXES,
+        SCAN_KINDS,
         collect_scans,
         group_studies,
         load_pipeline,
@@ -106,14 +106,18 @@ def _predict(args: argparse.Namespace, root: Path) -> None:
     )
 
     model = _model_uri(args, root)
-    files, studies = group_studies(collect_scans(args.paths))
+    found, skipped = collect_scans(args.paths)
+    if skipped:
+        shown = ", ".join(str(p) for p in skipped[:3]) + (", ..." if len(skipped) > 3 else "")
+        print(f"{len(skipped)} files in the folders are not {SCAN_KINDS} and were skipped: {shown}")
+    files, studies = group_studies(found)
     if not files:
-        raise FileNotFoundError(
-            f"no scans ({', '.join(SCAN_SUFFIXES)}, or DICOM) under {', '.join(map(str, args.paths))}"
-        )
+        raise FileNotFoundError(f"no scans ({SCAN_KINDS}) under {', '.join(map(str, args.paths))}")
     pipeline = load_pipeline(model)
     predictions = predict_files(pipeline, files, args.batch_size)
-    table = write_predictions(predictions, args.out, studies, pipeline.study_top_k, pipeline.study_threshold)
+    table = write_predictions(
+        predictions, args.out, studies, pipeline.study_top_k, pipeline.study_threshold, pipeline.outside_lungs
+    )
     refused = int(table["error"].str.startswith(REFUSED).sum())
     failed = int((table["error"] != "").sum()) - refused
     print(
@@ -121,7 +125,8 @@ def _predict(args: argparse.Namespace, root: Path) -> None:
     )
     if any(studies):
         print(
-            f"{len(set(filter(None, studies)))} DICOM series scored as studies (top-{pipeline.study_top_k or 'all'} mean) -> {studies_csv(args.out)}"
+            f"{len(set(filter(None, studies)))} DICOM series scored as studies (top-{pipeline.study_top_k or 'all'} mean; "
+            f"{int(table['outside_lungs'].fillna(False).sum())} slices outside the lungs left out) -> {studies_csv(args.out)}"
         )
     if args.overlays:
         print(f"{write_overlays(predictions, args.overlays)} overlays in {args.overlays}")
@@ -216,7 +221,9 @@ def main(argv: list[str] | None = None) -> None:
     predict.add_argument(
         "--out", type=Path, default=Path("predictions.csv"), help="CSV to write (default: predictions.csv)"
     )
-    predict.add_argument("--overlays", type=Path, help="folder for lung mask + crop box overlays, one PNG per scan")
+    predict.add_argument(
+        "--overlays", type=Path, help="folder for overlays (lung mask, lesion, crop box), one PNG per scan"
+    )
     predict.add_argument("--batch-size", type=int, default=64, help="scans decoded and scored together")
     verify = sub.add_parser(
         "verify-model", help="run a registered pipeline on a split's raw scans and compare with the evaluate stage"

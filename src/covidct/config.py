@@ -151,6 +151,11 @@ class PreprocessConfig:
 
 @dataclass(frozen=True)
 class SegmenterConfig:
+    """An Attention U-Net trained with the Focal Tversky loss: the lung segmenter (``segmenter``)
+    and, on the same slices with the radiologists' infection masks, the lesion segmenter (``lesion``)."""
+
+    KEY: typing.ClassVar[str] = "segmenter"
+
     channels: tuple[int, ...]
     epochs: int
     batch_size: int
@@ -165,27 +170,36 @@ class SegmenterConfig:
     def validate(self) -> None:
         _check(
             self.precision in PRECISIONS,
-            "segmenter.precision",
+            f"{self.KEY}.precision",
             f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}",
         )
         _check(
             len(self.channels) >= 2
             and all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in self.channels),
-            "segmenter.channels",
+            f"{self.KEY}.channels",
             f"must list >= 2 positive widths, got {list(self.channels)}",
         )
-        _check(self.epochs >= 1, "segmenter.epochs", f"must be >= 1, got {self.epochs}")
-        _check(self.batch_size >= 1, "segmenter.batch_size", f"must be >= 1, got {self.batch_size}")
-        _check(self.lr > 0, "segmenter.lr", f"must be > 0, got {self.lr}")
+        _check(self.epochs >= 1, f"{self.KEY}.epochs", f"must be >= 1, got {self.epochs}")
+        _check(self.batch_size >= 1, f"{self.KEY}.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.lr > 0, f"{self.KEY}.lr", f"must be > 0, got {self.lr}")
         for key in ("tversky_alpha", "tversky_beta"):
             value = getattr(self, key)
-            _check(0.0 <= value <= 1.0, f"segmenter.{key}", f"must be in [0, 1], got {value}")
+            _check(0.0 <= value <= 1.0, f"{self.KEY}.{key}", f"must be in [0, 1], got {value}")
         _check(
-            self.tversky_alpha + self.tversky_beta > 0, "segmenter.tversky_alpha", "and tversky_beta must not both be 0"
+            self.tversky_alpha + self.tversky_beta > 0,
+            f"{self.KEY}.tversky_alpha",
+            "and tversky_beta must not both be 0",
         )
         _check(
-            0.0 < self.tversky_gamma <= 5.0, "segmenter.tversky_gamma", f"must be in (0, 5], got {self.tversky_gamma}"
+            0.0 < self.tversky_gamma <= 5.0, f"{self.KEY}.tversky_gamma", f"must be in (0, 5], got {self.tversky_gamma}"
         )
+
+
+@dataclass(frozen=True)
+class LesionConfig(SegmenterConfig):
+    """The lesion segmenter: the lung segmenter's network and loss, its own values."""
+
+    KEY: typing.ClassVar[str] = "lesion"
 
 
 @dataclass(frozen=True)
@@ -350,6 +364,27 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class StudyConfig:
+    """One verdict per CT series (a study): which slices count, and the series its aggregation is chosen on."""
+
+    outside_lungs: float  # a series' slice with less segmented lung (share of the image) is outside the lungs
+    dilution: tuple[float, ...]  # the aggregation is also chosen on series where a scan is only this share
+    seed: int
+
+    def validate(self) -> None:
+        _check(
+            0.0 <= self.outside_lungs < 0.5,
+            "study.outside_lungs",
+            f"must be in [0, 0.5) of the image, got {self.outside_lungs}",
+        )
+        _check(
+            all(isinstance(s, (int, float)) and not isinstance(s, bool) and 0.0 < s <= 1.0 for s in self.dilution),
+            "study.dilution",
+            f"must list shares in (0, 1], got {list(self.dilution)}",
+        )
+
+
+@dataclass(frozen=True)
 class RegistryConfig:
     model_name: str  # one registered model for the project
     alias: str  # the version `covidct predict` and serving use by default
@@ -412,10 +447,12 @@ SECTIONS: dict[str, type] = {
     "audit": AuditConfig,
     "preprocess": PreprocessConfig,
     "segmenter": SegmenterConfig,
+    "lesion": LesionConfig,
     "crop": CropConfig,
     "classifier": ClassifierConfig,
     "evaluate": EvaluateConfig,
     "gate": GateConfig,
+    "study": StudyConfig,
     "registry": RegistryConfig,
 }
 

@@ -41,6 +41,7 @@ __all__ = [
     "decode_dicom",
     "decode_grayscale",
     "is_dicom",
+    "is_image",
     "read_grayscale",
     "read_mask",
     "write_png",
@@ -77,6 +78,11 @@ def _sniff(head: bytes) -> str | None:
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "WEBP"
     return None
+
+
+def is_image(head: bytes) -> bool:
+    """Whether a file's first bytes start a picture format this module decodes (not DICOM: :func:`is_dicom`)."""
+    return _sniff(head) is not None
 
 
 def _looks_like_text(head: bytes) -> bool:

@@ -296,6 +296,30 @@ def paired_auc_difference(
     return {"value": auc_b - auc_a, "ci_low": float(lo), "ci_high": float(hi)}
 
 
+def mean_with_ci(
+    values: ArrayLike, groups: ArrayLike | None = None, n_boot: int = 1000, seed: int = 0
+) -> dict[str, float]:
+    """The mean of per-item values (a Dice per slice) with a 95 % percentile bootstrap interval;
+    with ``groups`` (a patient per item), whole groups are resampled, since one patient's slices
+    are not independent: with few patients the interval is coarse, which is what the data can say."""
+    v = np.asarray(values, dtype=float).ravel()
+    if v.size == 0:
+        raise ValueError("mean_with_ci needs at least one value")
+    rng = np.random.default_rng(seed)
+    if groups is None:
+        means = v[rng.integers(0, v.size, size=(n_boot, v.size))].mean(axis=1)
+    else:
+        g = np.asarray(groups).ravel()
+        if g.size != v.size:
+            raise ValueError(f"groups and values differ in length: {g.size} vs {v.size}")
+        _, index = np.unique(g, return_inverse=True)
+        sums, counts = np.bincount(index, weights=v), np.bincount(index)
+        picked = rng.integers(0, sums.size, size=(n_boot, sums.size))
+        means = sums[picked].sum(axis=1) / counts[picked].sum(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return {"value": float(v.mean()), "ci_low": float(low), "ci_high": float(high)}
+
+
 def flatten_metrics(nested: dict[str, dict[str, float]], prefix: str = "") -> dict[str, float]:
     """``{"auc": {"value": v, "ci_low": lo, ...}}`` -> ``{"auc": v, "auc_ci_low": lo, ...}``.
 

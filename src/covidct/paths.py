@@ -18,12 +18,14 @@ CROPS = Path(
 )  # images/, masks/ (whole image) and lung/ (the crop's), one PNG per image; CC-CCII under cc-ccii/
 
 SEGMENTER = Path("models/segmenter/model.safetensors")
+LESION = Path("models/lesion/model.safetensors")  # the lesion segmenter (issue 27)
 PIPELINE = Path("models/pipeline")  # the registered MLflow model, saved locally
 
 REPORTS = Path("reports")
 METRICS = REPORTS / "metrics.json"  # the evaluate stage's, thresholds included
 AUDIT_REPORTS = REPORTS / "audit"
 SEGMENTER_REPORTS = REPORTS / "segmenter"
+LESION_REPORTS = REPORTS / "lesion"
 CROP_REPORTS = REPORTS / "crop"
 SOURCE_REPORTS = REPORTS / "sources"
 

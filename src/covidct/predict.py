@@ -1,7 +1,7 @@
 """Run a registered pipeline on scans on disk: files or folders in, one CSV row per scan out
 (an unreadable file gets its error in the row and the others are still scored), a verdict
-per DICOM series (a study), and optionally overlays of the lung mask and crop box for a
-person to check."""
+per DICOM series (a study), and optionally overlays of the lung mask, the lesion and the crop
+box for a person to check."""
 
 from __future__ import annotations
 
@@ -14,28 +14,42 @@ from tqdm.auto import tqdm
 
 from covidct.atomic import write_text_atomic
 from covidct.cropping import draw_overlay
-from covidct.images import ImageReadError, decode_grayscale, is_dicom, write_png
+from covidct.images import ImageReadError, decode_grayscale, is_dicom, is_image, write_png
+from covidct.lesions import draw_lesion
 from covidct.registry.pipeline_model import OUTPUT, STUDY, ScanPrediction, TwoStagePipeline, predictions_table
-from covidct.series import find_dicom_files, read_series
+from covidct.series import read_series
 
-#: Files picked up inside folders (files named explicitly are read whatever their suffix).
-SCAN_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
+#: What folders are searched for: pictures and DICOM, recognised by content whatever the name.
+SCAN_KINDS = "PNG, JPEG, TIFF, GIF, BMP, WebP or DICOM"
+#: A file so named is a scan even when its content is not (a damaged one gets its error row).
+SCAN_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".gif", ".bmp", ".webp", ".dcm", ".dicom")
 
 
-def collect_scans(paths: Iterable[Path]) -> list[Path]:
-    """Files as given, folders walked for :data:`SCAN_SUFFIXES` and for DICOM files of any name
-    (exports often have none), in a stable order. A missing path is kept, so it gets its own
-    error row instead of stopping the batch."""
+def _is_scan(path: Path) -> bool:
+    if path.suffix.lower() in SCAN_SUFFIXES:
+        return True
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(132)
+    except OSError:
+        return True  # kept, so it gets its own error row
+    return is_image(head) or is_dicom(head)
+
+
+def collect_scans(paths: Iterable[Path]) -> tuple[list[Path], list[Path]]:
+    """Files as given (read whatever they are), and every picture or DICOM file inside folders,
+    recognised by content (exports often have no suffix, a .tif is a picture like a .png), in a
+    stable order; and the folders' other files, skipped, for the caller to say so. A missing path
+    is kept, so it gets its own error row instead of stopping the batch."""
     found: list[Path] = []
+    skipped: list[Path] = []
     for path in paths:
         if path.is_dir():
-            dicom = set(find_dicom_files(path))
-            found += sorted(
-                p for p in path.rglob("*") if p.is_file() and (p.suffix.lower() in SCAN_SUFFIXES or p in dicom)
-            )
+            for p in sorted(p for p in path.rglob("*") if p.is_file()):
+                (found if _is_scan(p) else skipped).append(p)
         else:
             found.append(path)
-    return found
+    return found, skipped
 
 
 def group_studies(files: Sequence[Path]) -> tuple[list[Path], list[str]]:
@@ -105,9 +119,10 @@ def write_predictions(
     studies: Sequence[str] | None = None,
     top_k: int = 0,
     study_threshold: float | None = None,
+    outside_lungs: float = 0.0,
 ) -> pd.DataFrame:
     """One row per scan in ``out_csv``; with studies, one row per study beside it (``<name>_studies.csv``)."""
-    table = predictions_table(predictions, studies, top_k, study_threshold)
+    table = predictions_table(predictions, studies, top_k, study_threshold, outside_lungs)
     table.insert(0, "file", [p.name for p in predictions])
     write_text_atomic(out_csv, table[["file", *OUTPUT]].to_csv(index=False))
     if table[STUDY].notna().any():
@@ -115,8 +130,10 @@ def write_predictions(
         studies_table = grouped.agg(
             slices=("file", "size"),
             slices_scored=("probability", "count"),
+            slices_outside_lungs=("outside_lungs", "sum"),
             study_probability=("study_probability", "first"),
             study_label=("study_label", "first"),
+            study_lesion_burden=("study_lesion_burden", "first"),
         ).reset_index()
         write_text_atomic(studies_csv(out_csv), studies_table.assign(top_k=top_k).to_csv(index=False))
     return table
@@ -138,6 +155,9 @@ def write_overlays(predictions: Sequence[ScanPrediction], out_dir: Path) -> int:
             n += 1
         used.add(name)
         image = decode_grayscale(Path(prediction.name).read_bytes(), prediction.name)
-        write_png(out_dir / f"{name}.png", draw_overlay(image, prediction.mask, prediction.box))
+        overlay = draw_overlay(image, prediction.mask, prediction.box)
+        if prediction.lesion is not None:
+            overlay = draw_lesion(overlay, prediction.lesion)
+        write_png(out_dir / f"{name}.png", overlay)
         written += 1
     return written

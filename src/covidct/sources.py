@@ -22,6 +22,7 @@ from covidct.metrics import binary_metrics, flatten_metrics, patient_metrics_wit
 from covidct.paths import LUNG_SPLIT, raw
 from covidct.study import top_k_mean
 
+NORMAL = "Normal"  # the subclass of lesion-free scans (CC-CCII's), which diluted series are filled with
 #: Slices averaged into a study's score (0: all of them), the candidates the validation scans choose from.
 TOP_K_CANDIDATES = (1, 3, 5, 10, 0)
 
@@ -93,8 +94,11 @@ def source_figures(scored: pd.DataFrame, name: str, threshold: float, n_boot: in
 
 def study_scores(scored: pd.DataFrame, top_k: int) -> pd.DataFrame:
     """One row per study: the mean of its ``top_k`` highest slice scores (0: all), over the
-    slices the gate let through; COVID when any slice's label is."""
+    slices the gate let through and that are not outside the lungs (``outside_lungs``, where the
+    table has it); COVID when any slice's label is."""
     kept = scored[scored["probability"].notna()]
+    if "outside_lungs" in kept:
+        kept = kept[~kept["outside_lungs"].astype(bool)]
     rows = []
     for study, part in kept.groupby("study", sort=True):
         probability = top_k_mean(part["probability"].tolist(), top_k)
@@ -108,6 +112,41 @@ def study_scores(scored: pd.DataFrame, top_k: int) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(rows)
+
+
+def diluted_series(scored: pd.DataFrame, share: float, seed: int) -> pd.DataFrame:
+    """Series as a whole chest CT shows a patient: each scan's own slices make up only ``share``
+    of a series, filled with slices of other scans of the source's ``Normal`` class (lesion-free
+    lungs) from the same split. Every scan is diluted alike, COVID or not, so series lengths say
+    nothing of the label (a top-1 score over a long series would otherwise favour whichever class
+    got the long ones). A source without a Normal class gives none: its non-COVID slices may hold
+    other disease (SARS-CoV-2 CT) or are paper figures, not series (COVID-CT). Study ids:
+    ``<scan>@<share>``."""
+    if not 0.0 < share <= 1.0:
+        raise ValueError(f"share must be in (0, 1], got {share}")
+    rng = np.random.default_rng(seed)
+    parts = []
+    for _, group in scored.groupby(["source", "split"], sort=True):
+        normal = group[(group["label"] == 0) & (group["subclass"].astype(str) == NORMAL)]
+        if normal.empty:
+            continue
+        for study, own in group.groupby("study", sort=True):
+            fill = normal[normal["study"] != study]
+            n_fill = int(np.ceil(len(own) / share)) - len(own)
+            if n_fill and fill.empty:
+                continue
+            picked = (
+                fill.iloc[rng.choice(len(fill), size=n_fill, replace=n_fill > len(fill))] if n_fill else fill.iloc[:0]
+            )
+            label, patient = int(own["label"].max()), own["patient"].iat[0]
+            series = pd.concat([own, picked.assign(label=label, patient=patient)], ignore_index=True)
+            parts.append(series.assign(study=f"{study}@{share:g}"))
+    return pd.concat(parts, ignore_index=True) if parts else scored.iloc[:0]
+
+
+def with_diluted(scored: pd.DataFrame, shares: Sequence[float], seed: int) -> pd.DataFrame:
+    """``scored``'s own scans and, for each share, every scan diluted (:func:`diluted_series`)."""
+    return pd.concat([scored, *(diluted_series(scored, s, seed + i) for i, s in enumerate(shares))], ignore_index=True)
 
 
 def choose_top_k(val: pd.DataFrame) -> int:

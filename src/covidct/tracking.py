@@ -184,14 +184,18 @@ def child_run(
     experiment_id = _experiment_id(client, os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT), root)
     commit = git_commit(root)
     parent = _parent_run(client, experiment_id, parent_key, parent_name, {"covidct.git_commit": commit})
-    with mlflow.start_run(
-        experiment_id=experiment_id,
-        run_name=run_name,
-        parent_run_id=parent,
-        tags={**tags, "covidct.git_commit": commit},
-    ) as run:
-        mlflow.log_params(flatten(params))
-        yield run
+    try:
+        with mlflow.start_run(
+            experiment_id=experiment_id,
+            run_name=run_name,
+            parent_run_id=parent,
+            tags={**tags, "covidct.git_commit": commit},
+        ) as run:
+            mlflow.log_params(flatten(params))
+            yield run
+    finally:
+        # the parent spans its children: the runs table shows a pipeline's (a study's) duration
+        client.set_terminated(parent, end_time=int(time.time() * 1000))
 
 
 @contextlib.contextmanager

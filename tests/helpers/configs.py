@@ -11,6 +11,7 @@ from typing import Any
 from covidct.config import section
 
 BASE: dict[str, dict[str, Any]] = {
+    "preprocess": {"size": 256, "clahe_clip": 7.0},
     "crop": {"margin": 5, "min_lung_fraction": 0.02, "keep_components": 2, "batch_size": 16},
     "segmenter": {
         "channels": [8, 16, 32, 64, 128],

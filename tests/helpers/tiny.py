@@ -45,6 +45,20 @@ def save_tiny_networks(root: Path) -> tuple[Path, Path]:
     return root / "segmenter.safetensors", root / "classifier.safetensors"
 
 
+def save_tiny_lesion(root: Path) -> Path:
+    """A small seeded, untrained lesion segmenter saved as the train_lesion stage saves its own:
+    it marks blobs at random, which is all a test of the burden's plumbing needs."""
+    import torch
+
+    from covidct.checkpoints import save_checkpoint
+    from covidct.segmentation.model import build_segmenter
+
+    torch.manual_seed(1)
+    meta = {"channels": [4, 8, 16], "size": 64, "clahe_clip": 7.0, "epoch": 1}
+    save_checkpoint(root / "lesion.safetensors", build_segmenter([4, 8, 16]), meta)
+    return root / "lesion.safetensors"
+
+
 def prepare_tiny_root(root: Path) -> Path:
     """``root`` as `dvc repro prepare_data` leaves it on the tiny profile: params, profiles, data and splits."""
     from covidct.config import load_params

@@ -2,7 +2,8 @@
 threshold as one MLflow pyfunc model.
 
 Its input is the encoded scan (PNG, JPEG or DICOM bytes; base64 in a REST request), its output
-one row per scan: COVID probability, label, threshold, lung box, and an error for a scan that
+one row per scan: COVID probability, label, threshold, lung box, the lesion burden (the share of
+the lung the lesion segmenter marks, :mod:`covidct.lesions`), and an error for a scan that
 could not be read or that the input gate (:mod:`covidct.gate`) refuses as no usable chest CT
 slice; such a scan gets no label, and the other scans are still scored. Weights are safetensors
 state dicts (:mod:`covidct.checkpoints`) loaded by this code, not pickled modules, so opening a
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +29,9 @@ from covidct.classification.inputs import classifier_view
 from covidct.classification.model import load_classifier
 from covidct.classification.train import predict_scores
 from covidct.config import CropConfig, GateConfig
-from covidct.gate import image_problem, lung_evidence, lung_problem
+from covidct.gate import body_midline, image_problem, lung_evidence, lung_problem
 from covidct.images import ImageReadError, decode_grayscale
+from covidct.lesions import LesionBurden, lesion_burden, segment_lesions, study_burden
 from covidct.lung_crop import segment_and_crop
 from covidct.runtime import autocast_dtype, select_device
 from covidct.segmentation.model import load_segmenter
@@ -38,9 +40,10 @@ from covidct.study import study_probabilities
 IMAGE, NAME, STUDY = "image", "name", "study"
 LABELS = ("non-COVID", "COVID")
 BOX = ("x_min", "y_min", "x_max", "y_max")
-STUDY_OUTPUT = (STUDY, "study_probability", "study_label")
-OUTPUT = ("probability", "label", "threshold", *BOX, "lung_fraction", "crop_fallback", "error", *STUDY_OUTPUT)
-ARTIFACTS = ("segmenter", "classifier", "settings")
+BURDEN = ("lesion_burden", "lesion_burden_image_left", "lesion_burden_image_right")
+STUDY_OUTPUT = (STUDY, "outside_lungs", "study_probability", "study_label", "study_lesion_burden")
+OUTPUT = ("probability", "label", "threshold", *BOX, "lung_fraction", *BURDEN, "crop_fallback", "error", *STUDY_OUTPUT)
+ARTIFACTS = ("segmenter", "classifier", "settings", "lesion")  # versions registered before issue 27 have no lesion
 CLASSIFIER_BATCH = 32  # as the train_classifier stage scores val and test, so scores match it bit for bit
 
 SIGNATURE = ModelSignature(
@@ -54,11 +57,14 @@ SIGNATURE = ModelSignature(
             ColSpec("double", "threshold"),
             *(ColSpec("long", name) for name in BOX),
             ColSpec("double", "lung_fraction"),
+            *(ColSpec("double", name) for name in BURDEN),
             ColSpec("string", "crop_fallback"),
             ColSpec("string", "error"),
             ColSpec("string", STUDY),
+            ColSpec("boolean", "outside_lungs"),
             ColSpec("double", "study_probability"),
             ColSpec("string", "study_label"),
+            ColSpec("double", "study_lesion_burden"),
         ]
     ),
 )
@@ -66,7 +72,8 @@ SIGNATURE = ModelSignature(
 
 @dataclass(frozen=True)
 class ScanPrediction:
-    """One scan's answer; ``mask`` (the cleaned lung mask at the scan's size) is for overlays."""
+    """One scan's answer; ``mask`` (the cleaned lung mask at the scan's size) and ``lesion`` (the
+    lesion mask inside it) are for overlays; ``burden`` is None where the pipeline has no lesion net."""
 
     name: str
     probability: float | None = None
@@ -76,6 +83,13 @@ class ScanPrediction:
     crop_fallback: str = ""
     error: str = ""
     mask: np.ndarray | None = None
+    burden: LesionBurden | None = None
+    lesion: np.ndarray | None = None
+    no_lung: bool = False  # refused by the gate for too little lung: in a series, a slice outside the lungs
+
+    def outside_lungs(self, below: float) -> bool:
+        """A slice of a series that shows (almost) no lung: the apex, the bases, the neck or the abdomen."""
+        return self.no_lung or (self.lung_fraction is not None and self.lung_fraction < below)
 
     def row(self) -> dict[str, Any]:
         ok = self.probability is not None
@@ -85,9 +99,14 @@ class ScanPrediction:
             "threshold": self.threshold,
             **dict(zip(BOX, self.box if ok else (None,) * 4, strict=True)),
             "lung_fraction": self.lung_fraction,
+            **dict(zip(BURDEN, self._burden(), strict=True)),
             "crop_fallback": self.crop_fallback,
             "error": self.error,
         }
+
+    def _burden(self) -> tuple[float | None, float | None, float | None]:
+        b = self.burden
+        return (b.fraction, b.left, b.right) if b is not None and self.probability is not None else (None, None, None)
 
 
 def predictions_table(
@@ -95,22 +114,44 @@ def predictions_table(
     studies: Sequence[str] | None = None,
     top_k: int = 0,
     study_threshold: float | None = None,
+    outside_below: float = 0.0,
 ) -> pd.DataFrame:
     """One row per scan; ``studies`` (an id per scan, empty for none) adds each study's verdict
     (:mod:`covidct.study`; labelled at ``study_threshold``, else at the slice threshold) to its
-    scans' rows. Object columns keep ``None`` for failed scans, so the JSON answer says null, not NaN."""
+    scans' rows. A slice of a study with lung under ``outside_below`` of the image, or none the
+    gate would take, is outside the lungs: marked, left out of the verdict and the study's burden,
+    and not an error. Object columns keep ``None`` for failed scans, so the JSON answer says null, not NaN."""
     studies = list(studies) if studies is not None else [""] * len(predictions)
-    verdicts = study_probabilities(studies, [p.probability for p in predictions], top_k)
+    outside = [bool(s) and p.outside_lungs(outside_below) for p, s in zip(predictions, studies, strict=True)]
+    inside = [p if not out else replace(p, probability=None) for p, out in zip(predictions, outside, strict=True)]
+    verdicts = study_probabilities(studies, [p.probability for p in inside], top_k)
+    burdens = {
+        study: study_burden(
+            p.burden for p, s in zip(inside, studies, strict=True) if s == study and p.probability is not None
+        )
+        for study in verdicts
+    }
     threshold = (
         study_threshold
         if study_threshold is not None
         else next((p.threshold for p in predictions if p.threshold is not None), None)
     )
     rows = []
-    for prediction, study in zip(predictions, studies, strict=True):
+    for prediction, study, out in zip(predictions, studies, outside, strict=True):
         score = verdicts.get(study)
         label = LABELS[score >= threshold] if score is not None and threshold is not None else None
-        rows.append(prediction.row() | {STUDY: study or None, "study_probability": score, "study_label": label})
+        burden = burdens.get(study)
+        row = prediction.row() | ({"error": ""} if out and prediction.no_lung else {})  # counted, not an error
+        rows.append(
+            row
+            | {
+                STUDY: study or None,
+                "outside_lungs": out if study else None,
+                "study_probability": score,
+                "study_label": label,
+                "study_lesion_burden": burden.fraction if burden is not None else None,
+            }
+        )
     return pd.DataFrame(rows, columns=list(OUTPUT), dtype=object)
 
 
@@ -128,9 +169,13 @@ class TwoStagePipeline:
         device: torch.device | None = None,
         study_top_k: int = 0,
         study_threshold: float | None = None,
+        lesion_path: Path | None = None,
+        outside_lungs: float = 0.0,
     ) -> None:
         self.device = device or select_device()
         self.segmenter, self.segmenter_meta = load_segmenter(segmenter_path, self.device)
+        self.lesion, self.lesion_meta = load_segmenter(lesion_path, self.device) if lesion_path else (None, {})
+        self.outside_lungs = outside_lungs  # a series' slice with less lung is outside the lungs
         self.classifier, self.classifier_meta = load_classifier(classifier_path, self.device)
         self.crop, self.threshold, self.gate, self.study_top_k, self.study_threshold = (
             crop,
@@ -156,6 +201,8 @@ class TwoStagePipeline:
             device,
             int(settings.get("study_top_k", 0)),
             study_threshold,
+            Path(artifacts["lesion"]) if "lesion" in artifacts else None,
+            float(settings.get("outside_lungs", 0.0)),  # absent in versions registered before issue 27
         )
 
     def predict_arrays(self, names: Sequence[str], images: Sequence[np.ndarray]) -> list[ScanPrediction]:
@@ -173,13 +220,18 @@ class TwoStagePipeline:
             crops += segment_and_crop(batch, self.segmenter, self.segmenter_meta, self.crop, self.device)
         if self.gate:
             for i, c in zip(list(kept), list(crops), strict=True):
-                if why := lung_problem(lung_evidence(c.mask, images[i]), self.gate):
+                evidence = lung_evidence(c.mask, images[i])
+                if why := lung_problem(evidence, self.gate):
                     refused[i] = ScanPrediction(
-                        names[i], lung_fraction=float(c.crop.lung_fraction), error=why, mask=c.mask
+                        names[i],
+                        lung_fraction=float(c.crop.lung_fraction),
+                        error=why,
+                        mask=c.mask,
+                        no_lung=evidence.fraction < self.gate.min_lung_fraction,
                     )
             crops = [c for i, c in zip(kept, crops, strict=True) if i not in refused]
             kept = [i for i in kept if i not in refused]
-        scored = self._classify([names[i] for i in kept], crops)
+        scored = self._with_burden(self._classify([names[i] for i in kept], crops), [images[i] for i in kept])
         by_index = dict(zip(kept, scored, strict=True)) | refused
         return [by_index[i] for i in range(len(images))]
 
@@ -224,6 +276,20 @@ class TwoStagePipeline:
             for name, c, score in zip(names, crops, scores, strict=True)
         ]
 
+    def _with_burden(self, scored: list[ScanPrediction], images: Sequence[np.ndarray]) -> list[ScanPrediction]:
+        """Each scored scan with its lesion mask (inside its lung) and burden, in segmenter-sized batches."""
+        if self.lesion is None:
+            return scored
+        out = []
+        for start in range(0, len(scored), self.crop.batch_size):
+            batch = images[start : start + self.crop.batch_size]
+            lesions = segment_lesions(batch, self.lesion, self.lesion_meta, self.device)
+            for prediction, image, lesion in zip(scored[start : start + len(batch)], batch, lesions, strict=True):
+                inside = lesion & prediction.mask
+                burden = lesion_burden(inside, prediction.mask, body_midline(image))
+                out.append(replace(prediction, burden=burden, lesion=inside))
+        return out
+
     def predict_encoded(self, names: Sequence[str], blobs: Sequence[bytes]) -> list[ScanPrediction]:
         """Encoded scans -> predictions in input order; an unreadable scan gets its error."""
         decoded, failed = {}, {}
@@ -261,17 +327,24 @@ class PipelineModel(mlflow.pyfunc.PythonModel):
             studies,
             self.pipeline.study_top_k,
             self.pipeline.study_threshold,
+            self.pipeline.outside_lungs,
         )
 
 
 def settings(
-    crop: CropConfig, threshold: float, gate: GateConfig, study_top_k: int = 0, study_threshold: float | None = None
+    crop: CropConfig,
+    threshold: float,
+    gate: GateConfig,
+    study_top_k: int = 0,
+    study_threshold: float | None = None,
+    outside_lungs: float = 0.0,
 ) -> dict[str, Any]:
-    """What the pipeline needs besides the two weight files (the preprocessing is in their meta)."""
+    """What the pipeline needs besides the weight files (the preprocessing is in their meta)."""
     return {
         "crop": asdict(crop),
         "threshold": threshold,
         "gate": asdict(gate),
         "study_top_k": study_top_k,
         "study_threshold": study_threshold,
+        "outside_lungs": outside_lungs,
     }

@@ -86,10 +86,12 @@ def version_tags(
     variant: str,
     sources: Mapping[str, Any],
     holdout: Mapping[str, Any] | None = None,
+    lesion: Mapping[str, Any] | None = None,
 ) -> dict[str, str]:
     """Flat string tags: MLflow's registry UI shows and searches them. ``sources``: the
     evaluate_sources stage's figures per source (``source.<name>.held_out`` is 1 for a source
-    the classifier never trained on); ``holdout``: the leave-one-source-out study's metrics."""
+    the classifier never trained on); ``holdout``: the leave-one-source-out study's metrics;
+    ``lesion``: the evaluate_lesion stage's figures."""
     tags = {
         VARIANT_TAG: variant,
         "covidct.git_commit": git_commit(root),
@@ -100,12 +102,14 @@ def version_tags(
     tags |= {f"test.{k}": f"{v:.6g}" for k, v in metrics["test"].items()}
     tags |= {f"source.{name}.{k}": f"{v:.6g}" for name, figures in sources.items() for k, v in figures.items()}
     tags |= {f"param.{k}": str(v) for k, v in flatten(params).items()}
+    tags |= {f"lesion.{k}": f"{v:.6g}" for k, v in (lesion or {}).items()}
     return tags | holdout_tags(holdout or {}, params.get("classifier", {}))
 
 
 def model_kwargs(
     segmenter: Path,
     classifier: Path,
+    lesion: Path,
     crop: CropConfig,
     threshold: float,
     gate: GateConfig,
@@ -113,14 +117,17 @@ def model_kwargs(
     workdir: Path,
     study_top_k: int = 0,
     study_threshold: float | None = None,
+    outside_lungs: float = 0.0,
 ) -> dict[str, Any]:
     """Arguments shared by ``save_model`` and ``log_model``, so the local copy and the
     registered one are built the same way."""
     settings_file = workdir / "settings.json"
-    settings_file.write_text(json.dumps(settings(crop, threshold, gate, study_top_k, study_threshold), indent=2))
+    settings_file.write_text(
+        json.dumps(settings(crop, threshold, gate, study_top_k, study_threshold, outside_lungs), indent=2)
+    )
     return {
         "python_model": str(Path(__file__).with_name("model_code.py")),  # no pickle in the model
-        "artifacts": dict(zip(ARTIFACTS, (str(segmenter), str(classifier), str(settings_file)), strict=True)),
+        "artifacts": dict(zip(ARTIFACTS, map(str, (segmenter, classifier, settings_file, lesion)), strict=True)),
         "code_paths": [str(Path(covidct.__file__).parent)],  # the model runs with the code that trained it
         "signature": SIGNATURE,
         "input_example": pd.DataFrame({IMAGE: [example[1]], NAME: [example[0]]}),
@@ -186,7 +193,7 @@ def build_and_register(
     root: Path,
     out: Path,
     model_name: str,
-    files: tuple[Path, Path],
+    files: tuple[Path, Path, Path],
     crop: CropConfig,
     gate: GateConfig,
     metrics: Mapping[str, Any],
@@ -194,18 +201,21 @@ def build_and_register(
     example: tuple[str, bytes],
     sources: Mapping[str, Any] | None = None,
     holdout: Mapping[str, Any] | None = None,
+    lesion: Mapping[str, Any] | None = None,
 ) -> ModelVersion:
     """Save the pipeline to ``out`` and register the same model; ``metrics`` is the evaluate
     stage's entry for the cropped variant (threshold, val and test metrics), ``sources`` the
-    evaluate_sources stage's figures."""
+    evaluate_sources stage's figures; ``files``: the lung segmenter's, the classifier's and the
+    lesion segmenter's weights."""
     with tempfile.TemporaryDirectory() as workdir:
         # aggregation and threshold chosen on the validation scans of the sources trained on
         studies = (sources or {}).get("studies", {})
         top_k, study_threshold = int(studies.get("top_k", 0)), studies.get("threshold")
+        outside = float(studies.get("outside_lungs", 0.0))
         kwargs = model_kwargs(
-            *files, crop, float(metrics["threshold"]), gate, example, Path(workdir), top_k, study_threshold
+            *files, crop, float(metrics["threshold"]), gate, example, Path(workdir), top_k, study_threshold, outside
         )
         save_pipeline(out, kwargs, root)
         variant = str(params["classifier"]["model"])
-        tags = version_tags(root, params, metrics, variant, sources or {}, holdout)
+        tags = version_tags(root, params, metrics, variant, sources or {}, holdout, lesion)
         return register_pipeline(model_name, kwargs, tags)

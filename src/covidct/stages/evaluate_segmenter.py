@@ -34,7 +34,7 @@ def run(params: dict[str, Any], root: Path) -> None:
     device = select_device()
     configure_threads()
     model, meta = load_segmenter(root / MODEL, device)
-    table, images, masks = load_lung_split(root, "test", pre)
+    table, images, masks, _ = load_lung_split(root, "test", pre)
     with stage_run(
         "evaluate_segmenter",
         {

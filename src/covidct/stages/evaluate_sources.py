@@ -18,7 +18,7 @@ from covidct.atomic import write_text_atomic
 from covidct.config import SourceConfig, section, sources_section
 from covidct.datasets import COVID_CT, LUNG_SEG
 from covidct.metrics import flatten_metrics, patient_metrics_with_ci, roc_points
-from covidct.paths import METRICS, SEGMENTER, SOURCE_REPORTS
+from covidct.paths import LESION, METRICS, SEGMENTER, SOURCE_REPORTS
 from covidct.paths import classifier_dir as model_dir
 from covidct.plots import plot_roc_curves
 from covidct.predict import predict_files
@@ -28,11 +28,13 @@ from covidct.runtime import configure_threads
 from covidct.sources import (
     choose_top_k,
     contrasts,
+    diluted_series,
     figure_rows,
     rows_to_score,
     source_figures,
     source_table,
     study_scores,
+    with_diluted,
 )
 from covidct.thresholds import decision_threshold
 from covidct.tracking import log_pipeline_metrics, stage_run
@@ -42,14 +44,22 @@ LUNG_TITLE = "lung set"
 
 
 def score(pipeline: TwoStagePipeline, root: Path, names: list[str], trained_on: tuple[str, ...]) -> pd.DataFrame:
-    """Every slice to score, with its probability (NaN where the gate refused it) and error."""
+    """Every slice to score, with its probability (NaN where the gate refused it), error, segmented
+    lung, whether a series would count it outside the lungs, and its lesion and lung pixels."""
     parts = []
     for name in names:
         rows = rows_to_score(source_table(root, name), name, trained_on)
         predictions = predict_files(pipeline, [Path(p) for p in rows["path"]])
+        burdens = [p.burden for p in predictions]
         parts.append(
             rows.assign(
-                source=name, probability=[p.probability for p in predictions], error=[p.error for p in predictions]
+                source=name,
+                probability=[p.probability for p in predictions],
+                error=[p.error for p in predictions],
+                lung_fraction=[p.lung_fraction for p in predictions],
+                outside_lungs=[p.outside_lungs(pipeline.outside_lungs) for p in predictions],
+                lung_pixels=[b.lung if b else None for b in burdens],
+                lesion_pixels=[b.lesion if b else None for b in burdens],
             )
         )
     scored = pd.concat(parts, ignore_index=True)
@@ -75,6 +85,7 @@ def report(
     threshold: float,
     trained_on: tuple[str, ...],
     subclasses: dict[str, dict[str, tuple[str, str]]],
+    dilution: tuple[float, ...],
 ) -> str:
     trained = " + ".join(titles[s] for s in trained_on)
     rows = []
@@ -120,18 +131,21 @@ def report(
         "",
         "## Studies (scans)",
         "",
-        f"A scan's score is the mean of {aggregate} "
-        "(chosen among the top 1, 3, 5, 10 and all by AUC on the validation scans of the sources trained on, pooled); "
-        f"sensitivity and specificity at the study threshold {studies['threshold']:.4f}, chosen on the same scans by the slice "
-        "threshold's rule (evaluate.val_recall_floor). Each source's test scans:",
+        f"A scan's score is the mean of {aggregate}, over its slices with lung (under {100 * studies['outside_lungs']:g} % of "
+        "the image is outside the lungs: left out). The aggregation was chosen among the top 1, 3, 5, 10 and all by AUC on the "
+        "validation scans of the sources trained on and on series diluted from them (each scan only "
+        f"{', '.join(f'{100 * s:g}' for s in dilution)} % of a series, the rest other scans' Normal slices, as in a whole chest CT), "
+        f"pooled; sensitivity and specificity at the study threshold {studies['threshold']:.4f}, chosen on the same series by "
+        "the slice threshold's rule (evaluate.val_recall_floor). Each source's test scans, as they are and diluted alike:",
         "",
         markdown_table(
-            ["source", "scans", "AUC", "sensitivity", "specificity"],
+            ["source", "series", "count", "AUC", "sensitivity", "specificity"],
             [
-                [titles[name], f"{figures[f'{name}.studies']['studies']:.0f}"]
-                + [_cell(figures[f"{name}.studies"], m) for m in ("auc", "recall", "specificity")]
+                [titles[name], kind, f"{figures[f'{name}.{key}']['studies']:.0f}"]
+                + [_cell(figures[f"{name}.{key}"], m) for m in ("auc", "recall", "specificity")]
                 for name in trained_on
-                if f"{name}.studies" in figures
+                for key, kind in (("studies", "its scans"), ("diluted", "diluted"))
+                if f"{name}.{key}" in figures
             ],
         ),
         "",
@@ -148,40 +162,71 @@ def report(
     return "\n".join(lines)
 
 
-def study_figures(scored: pd.DataFrame, trained_on: tuple[str, ...], config: Any) -> dict[str, dict[str, float]]:
+def _study_metrics(studies: pd.DataFrame, threshold: float, config: Any) -> dict[str, float]:
+    return {"studies": len(studies)} | flatten_metrics(
+        patient_metrics_with_ci(
+            studies["label"], studies["probability"], studies["patient"], threshold, config.n_bootstrap, config.seed
+        )
+    )
+
+
+def study_figures(
+    scored: pd.DataFrame, trained_on: tuple[str, ...], config: Any, study: Any
+) -> dict[str, dict[str, float]]:
     """Per-scan verdicts: the aggregation and study threshold chosen on the validation scans of the
-    sources trained on (pooled), then each such source's test scans at them."""
+    sources trained on and on series diluted from them (``study.dilution``: a whole chest CT is
+    mostly slices without disease), pooled; then each such source's test scans, and its test
+    series diluted alike (``<name>.diluted``), at them. Slices outside the lungs count in neither."""
     val = scored[scored["source"].isin(trained_on) & (scored["split"] == "val")]
-    val = val.assign(study=val["source"] + "/" + val["study"].astype(str))
+    val = with_diluted(val.assign(study=val["source"] + "/" + val["study"].astype(str)), study.dilution, study.seed)
     top_k = choose_top_k(val)
     threshold = decision_threshold(study_scores(val, top_k).rename(columns={"probability": "score"}), config)
-    out: dict[str, dict[str, float]] = {"studies": {"top_k": top_k, "threshold": threshold}}
+    out: dict[str, dict[str, float]] = {
+        "studies": {"top_k": top_k, "threshold": threshold, "outside_lungs": study.outside_lungs}
+    }
     for name in trained_on:
         test = scored[(scored["source"] == name) & (scored["split"] == "test")]
         studies = study_scores(test, top_k)
         if len(studies) == 0 or studies["label"].nunique() < 2:
             continue
-        out[f"{name}.studies"] = {"studies": len(studies)} | flatten_metrics(
-            patient_metrics_with_ci(
-                studies["label"], studies["probability"], studies["patient"], threshold, config.n_bootstrap, config.seed
-            )
+        out[f"{name}.studies"] = _study_metrics(studies, threshold, config)
+        diluted = pd.concat(
+            [diluted_series(test, share, study.seed + 100 + i) for i, share in enumerate(study.dilution)],
+            ignore_index=True,
         )
+        diluted = study_scores(diluted, top_k)
+        if len(diluted) and diluted["label"].nunique() == 2:  # only a source with a Normal class is diluted
+            out[f"{name}.diluted"] = _study_metrics(diluted, threshold, config)
     return out
 
 
 def run(params: dict[str, Any], root: Path) -> None:
     config, crop, gate = section(params, "evaluate"), section(params, "crop"), section(params, "gate")
+    study = section(params, "study")
     declared: dict[str, SourceConfig] = sources_section(params)
     titles = {name: source.title for name, source in declared.items()} | {LUNG_SEG: LUNG_TITLE}
     threshold = float(json.loads((root / METRICS).read_text())["cropped"]["threshold"])
     configure_threads()
-    pipeline = TwoStagePipeline(root / MODEL, root / model_dir("cropped") / "model.safetensors", crop, threshold, gate)
+    pipeline = TwoStagePipeline(
+        root / MODEL,
+        root / model_dir("cropped") / "model.safetensors",
+        crop,
+        threshold,
+        gate,
+        lesion_path=root / LESION,
+        outside_lungs=study.outside_lungs,
+    )
     trained_on = tuple(
         pipeline.classifier_meta.get("sources", [COVID_CT])
     )  # checkpoints from before the option: COVID-CT's
     with stage_run(
         "evaluate_sources",
-        {"evaluate": dataclasses.asdict(config), "gate": dataclasses.asdict(gate), "trained_on": ",".join(trained_on)},
+        {
+            "evaluate": dataclasses.asdict(config),
+            "gate": dataclasses.asdict(gate),
+            "study": dataclasses.asdict(study),
+            "trained_on": ",".join(trained_on),
+        },
     ):
         scored = score(pipeline, root, list(titles), trained_on)
         figures = {
@@ -189,7 +234,7 @@ def run(params: dict[str, Any], root: Path) -> None:
             | source_figures(figure_rows(scored, name, trained_on), name, threshold, config.n_bootstrap, config.seed)
             for name in titles
         }
-        figures |= study_figures(scored, trained_on, config)
+        figures |= study_figures(scored, trained_on, config, study)
         refusals = scored.loc[scored["error"] != "", ["source", "relpath", "error"]]
         figures["gate"] = {"refused": len(refusals), "scored": len(scored)}
         curves = {}
@@ -202,7 +247,7 @@ def run(params: dict[str, Any], root: Path) -> None:
                 figures[name]["auc"],
             )
         subclasses = {name: contrasts(figure_rows(scored, name, trained_on)) for name in declared}
-        text = report(figures, titles, threshold, trained_on, subclasses)
+        text = report(figures, titles, threshold, trained_on, subclasses, study.dilution)
         write_text_atomic(root / REPORTS / "metrics.json", json.dumps(figures, indent=2) + "\n")
         write_text_atomic(root / REPORTS / "report.md", text)
         write_text_atomic(root / REPORTS / "scores.csv", scored.drop(columns=["path"]).to_csv(index=False))

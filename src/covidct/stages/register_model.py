@@ -13,7 +13,7 @@ import mlflow
 from covidct.catalog import load_source
 from covidct.config import section
 from covidct.datasets import COVID_CT
-from covidct.paths import METRICS, PIPELINE, REPORTS, SEGMENTER, SOURCE_REPORTS, raw
+from covidct.paths import LESION, LESION_REPORTS, METRICS, PIPELINE, REPORTS, SEGMENTER, SOURCE_REPORTS, raw
 from covidct.paths import classifier_dir as model_dir
 from covidct.registry.register import build_and_register
 from covidct.tracking import stage_run
@@ -21,7 +21,7 @@ from covidct.tracking import stage_run
 RAW, MODEL, OUT = raw(COVID_CT), SEGMENTER, PIPELINE
 HOLDOUT = REPORTS / "levers" / "holdout.json"  # `covidct levers pipelines/levers/holdout.yaml` writes it
 #: The sections the registered model embodies; recorded as version tags.
-PARAM_SECTIONS = ("sources", "preprocess", "segmenter", "crop", "classifier", "evaluate", "gate")
+PARAM_SECTIONS = ("sources", "preprocess", "segmenter", "lesion", "crop", "classifier", "evaluate", "gate", "study")
 
 
 def run(params: dict[str, Any], root: Path) -> None:
@@ -29,6 +29,7 @@ def run(params: dict[str, Any], root: Path) -> None:
     metrics = json.loads((root / METRICS).read_text())["cropped"]
     sources = json.loads((root / SOURCE_REPORTS / "metrics.json").read_text())
     # the recipe's leave-one-source-out figures, where the study ran it (pipelines/levers/holdout.yaml)
+    lesion = json.loads((root / LESION_REPORTS / "metrics.json").read_text())
     holdout = json.loads((root / HOLDOUT).read_text()) if (root / HOLDOUT).is_file() else {}
     example = load_source(root, COVID_CT).query("split == 'val'").iloc[0]["relpath"]
     recorded = {name: params.get(name, {}) for name in PARAM_SECTIONS}
@@ -37,7 +38,7 @@ def run(params: dict[str, Any], root: Path) -> None:
             root,
             root / OUT,
             registry.model_name,
-            (root / MODEL, root / model_dir("cropped") / "model.safetensors"),
+            (root / MODEL, root / model_dir("cropped") / "model.safetensors", root / LESION),
             crop,
             gate,
             metrics,
@@ -45,6 +46,7 @@ def run(params: dict[str, Any], root: Path) -> None:
             (example, (root / RAW / example).read_bytes()),
             sources,
             holdout,
+            lesion,
         )
         mlflow.set_tag("covidct.registered_version", version.version)
     print(

@@ -62,7 +62,7 @@ class TrialObjective:
         def build(out: Path) -> None:
             sets = []
             for split in ("train", "val"):
-                table, images, masks = load_lung_split(self.root, split, pre)
+                table, images, masks, _ = load_lung_split(self.root, split, pre)
                 keep = (
                     (table.groupby("patient_id").cumcount() < per_patient).to_numpy()
                     if per_patient

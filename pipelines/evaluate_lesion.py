@@ -1,0 +1,7 @@
+"""DVC stage entry point; the work is in covidct.stages.evaluate_lesion."""
+
+from covidct.stages import main
+from covidct.stages.evaluate_lesion import run
+
+if __name__ == "__main__":
+    main(run)
