@@ -527,6 +527,16 @@ def test_train_lesion_with_an_infection_mask_of_the_wrong_size(stages: WarmPytho
     _assert_one_clear_line(result, f"error: {path}: ", "mask size 128x128")
 
 
+def test_train_lesion_starting_from_a_segmenter_of_other_widths(stages: WarmPython, workdir: Path) -> None:
+    params = load_params(workdir / "params.yaml")
+    params["lesion"] |= {"init": "segmenter", "channels": [8, 16, 32]}  # the workdir's segmenter: [4, 8, 16]
+    with _replaced(workdir / "params.yaml", yaml.safe_dump(params).encode()):
+        result = _run_and_check_nothing_changed(stages, workdir, "train_lesion")
+    _assert_one_clear_line(
+        result, "error: params.yaml: lesion.channels must equal the lung segmenter's [4, 8, 16] when lesion.init"
+    )
+
+
 def test_evaluate_segmenter_with_an_empty_lung_mask(stages: WarmPython, workdir: Path) -> None:
     path = _lung_path(workdir, "test", "mask")
     with _replaced(path, _png(Image.fromarray(np.zeros((256, 256), np.uint8)))):
@@ -751,7 +761,7 @@ def test_served_model(served: pd.DataFrame, predicted: pd.DataFrame, kind: str) 
 #: Cases per entry point (each one test id).
 CASES = {
     "image readers": len(READER_CASES),
-    "pipeline stages": len(BAD) + 1 + len(VALID) + 2 + len(LUNG_CASES) + 1 + 1 + 1 + len(PARAM_CASES),
+    "pipeline stages": len(BAD) + 1 + len(VALID) + 2 + len(LUNG_CASES) + 1 + 1 + 1 + 1 + len(PARAM_CASES),
     "covidct predict": len(SCAN_KINDS) + 1,
     "served model": len(SERVED_KINDS),
 }

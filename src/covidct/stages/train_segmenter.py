@@ -10,8 +10,8 @@ from typing import Any, Literal
 import mlflow
 
 from covidct.atomic import write_text_atomic
-from covidct.checkpoints import clear_stage_resume, resume_dir
-from covidct.config import section
+from covidct.checkpoints import clear_stage_resume, load_checkpoint, resume_dir
+from covidct.config import ConfigError, section
 from covidct.paths import LESION, LESION_REPORTS, SEGMENTER, SEGMENTER_REPORTS
 from covidct.plots import plot_training_curves
 from covidct.runtime import configure_threads, select_device
@@ -32,6 +32,14 @@ def run(params: dict[str, Any], root: Path, net: Literal["segmenter", "lesion"] 
     pre, config = section(params, "preprocess"), section(params, net)
     device, threads = select_device(), configure_threads()
     lesions = net == "lesion"
+    initial = None
+    if lesions and config.init == "segmenter":
+        initial, lung_meta = load_checkpoint(root / SEGMENTER, device, "train_segmenter")
+        if list(lung_meta["channels"]) != list(config.channels):
+            raise ConfigError(
+                f"params.yaml: lesion.channels must equal the lung segmenter's {lung_meta['channels']} "
+                f"when lesion.init is segmenter, got {list(config.channels)}"
+            )
     _, train_images, train_lung, train_lesion = load_lung_split(root, "train", pre, lesions)
     _, val_images, val_lung, val_lesion = load_lung_split(root, "val", pre, lesions)
     train_masks, val_masks = (train_lesion, val_lesion) if lesions else (train_lung, val_lung)
@@ -55,6 +63,7 @@ def run(params: dict[str, Any], root: Path, net: Literal["segmenter", "lesion"] 
             meta,
             on_epoch=lambda row: mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"]),
             resume_dir=resume_dir(root, stage),  # a killed run carries on from its last finished epoch
+            initial=initial,
         )
         write_text_atomic(root / reports / "train_history.csv", tracked_history(history).to_csv(index=False))
         plot_training_curves(tracked_history(history), root / reports / "training_curves.png", title)
