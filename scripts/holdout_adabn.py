@@ -49,7 +49,7 @@ def adapt_batchnorm(model: torch.nn.Module, images: np.ndarray, mean, std, devic
         norm.momentum = None  # cumulative: every batch weighs the same
     model.train()
     for start in range(0, len(images), BATCH):
-        model(to_model_input(torch.from_numpy(images[start : start + BATCH]), mean, std, device))
+        model(to_model_input(torch.from_numpy(images[start : start + BATCH])[:, None], mean, std, device))
     return model.eval()
 
 

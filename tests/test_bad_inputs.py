@@ -54,7 +54,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from conftest import DATA, REPO
-from covidct.checkpoints import save_checkpoint
+from covidct.checkpoints import save_state_dict
 from covidct.config import GateConfig, load_params
 from covidct.datasets import CLASS_DIRS, SPLITS, covid_ct_split
 from covidct.images import ImageReadError, decode_grayscale, read_grayscale
@@ -385,9 +385,9 @@ def workdir(tmp_path_factory: pytest.TempPathFactory, source: Path, stages: Warm
     )  # an untrained segmenter: crop what it finds
     prepare_data.run(load_params(root / "params.yaml"), root)
     torch.manual_seed(0)
-    save_checkpoint(
+    save_state_dict(
         root / "models/segmenter/model.safetensors",
-        build_segmenter([4, 8, 16]),
+        build_segmenter([4, 8, 16]).state_dict(),
         {"channels": [4, 8, 16], "size": 64, "clahe_clip": 7.0, "epoch": 1},
     )
     result = stages.run("crop_images", cwd=root)

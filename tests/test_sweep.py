@@ -68,6 +68,7 @@ def test_sweep_reuses_stages_resumes_and_exports_best(
     config = load_sweep(_config(root, "micro", 4))
     study = run_sweep(root, config)
     assert finished_trials(study) == 4
+    assert study.metric_names == ["val_auc"]  # the dashboard names the objective, not "Objective 0"
     trials = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
     # 2 segmenter settings over 4 trials: at least two trials reuse a trained segmenter.
     assert sum(t.user_attrs["segmenter_reused"] for t in trials) >= 2

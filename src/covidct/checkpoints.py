@@ -42,10 +42,6 @@ def save_state_dict(path: Path, state_dict: dict[str, torch.Tensor], meta: dict[
         save_file(tensors, str(tmp), metadata=header)
 
 
-def save_checkpoint(path: Path, model: torch.nn.Module, meta: dict[str, Any]) -> None:
-    save_state_dict(path, model.state_dict(), meta)
-
-
 def load_checkpoint(path: Path, device: torch.device, what: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """``what`` names the producing stage for the error message (e.g. "train_segmenter")."""
     if not Path(path).is_file():

@@ -51,17 +51,17 @@ BASE: dict[str, dict[str, Any]] = {
 }
 
 
-def _yaml_like(value: Any) -> Any:
+def yaml_like(value: Any) -> Any:
     """Tuples as the lists YAML would give."""
     if isinstance(value, dict):
-        return {k: _yaml_like(v) for k, v in value.items()}
-    return [_yaml_like(v) for v in value] if isinstance(value, tuple) else value
+        return {k: yaml_like(v) for k, v in value.items()}
+    return [yaml_like(v) for v in value] if isinstance(value, tuple) else value
 
 
 def make_config(name: str, **changes: Any) -> Any:
     """The validated config of section ``name`` with ``changes``; ``augment`` may be a partial mapping."""
     raw = copy.deepcopy(BASE[name])
-    for key, value in _yaml_like(changes).items():
+    for key, value in yaml_like(changes).items():
         raw[key] = raw[key] | value if isinstance(value, dict) else value
     return section({name: raw}, name)
 

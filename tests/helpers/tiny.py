@@ -21,14 +21,14 @@ def save_tiny_networks(root: Path) -> tuple[Path, Path]:
     theirs, for tests of what runs the networks (the registered pipeline, predict, serving)."""
     import torch
 
-    from covidct.checkpoints import save_checkpoint
+    from covidct.checkpoints import save_state_dict
     from covidct.classification.model import build_classifier, normalisation
     from covidct.segmentation.model import build_segmenter
 
     torch.manual_seed(0)
-    save_checkpoint(
+    save_state_dict(
         root / "segmenter.safetensors",
-        build_segmenter([4, 8, 16]),
+        build_segmenter([4, 8, 16]).state_dict(),
         {"channels": [4, 8, 16], "size": 64, "clahe_clip": 7.0, "epoch": 1},
     )
     classifier = build_classifier("efficientnet_b0")
@@ -41,7 +41,7 @@ def save_tiny_networks(root: Path) -> tuple[Path, Path]:
         "mean": list(mean),
         "std": list(std),
     }
-    save_checkpoint(root / "classifier.safetensors", classifier, meta)
+    save_state_dict(root / "classifier.safetensors", classifier.state_dict(), meta)
     return root / "segmenter.safetensors", root / "classifier.safetensors"
 
 
@@ -50,12 +50,12 @@ def save_tiny_lesion(root: Path) -> Path:
     it marks blobs at random, which is all a test of the burden's plumbing needs."""
     import torch
 
-    from covidct.checkpoints import save_checkpoint
+    from covidct.checkpoints import save_state_dict
     from covidct.segmentation.model import build_segmenter
 
     torch.manual_seed(1)
     meta = {"channels": [4, 8, 16], "size": 64, "clahe_clip": 7.0, "epoch": 1}
-    save_checkpoint(root / "lesion.safetensors", build_segmenter([4, 8, 16]), meta)
+    save_state_dict(root / "lesion.safetensors", build_segmenter([4, 8, 16]).state_dict(), meta)
     return root / "lesion.safetensors"
 
 

@@ -22,17 +22,16 @@ PARTS = {"val": (COVID_CT, "val"), "test": (COVID_CT, "test"), "cc_val": (CC_CCI
 
 
 def part_rows(predictions: pd.DataFrame, part: str) -> pd.DataFrame:
-    """One scored part; predictions from before multi-source runs hold COVID-CT rows only."""
+    """One scored part: a source's split."""
     source, split = PARTS[part]
-    rows = predictions[predictions["split"] == split]
-    return rows[rows["source"] == source] if "source" in rows else (rows if source == COVID_CT else rows.iloc[:0])
+    return predictions[(predictions["split"] == split) & (predictions["source"] == source)]
 
 
 def score_lever(predictions: pd.DataFrame, evaluate: Any) -> dict[str, Any]:
     """Threshold chosen on the validation rows of the trained sources (pooled), then each
     part's metrics with CIs at it."""
     val = predictions[predictions["split"] == "val"]
-    val = val[val["trained"].astype(bool)] if "trained" in val else val
+    val = val[val["trained"].astype(bool)]
     threshold = decision_threshold(val, evaluate)
     out: dict[str, Any] = {"threshold": threshold}
     for name in PARTS:

@@ -33,10 +33,8 @@ def threshold_rule(config: EvaluateConfig) -> str:
 
 
 def read_predictions(root: Path, variant: str) -> pd.DataFrame:
-    """A classifier's val and test scores; files from before multi-source training are COVID-CT's, all trained on."""
+    """A classifier's val and test scores, every source's, with whether it trained on the source."""
     predictions = pd.read_csv(root / model_dir(variant) / "predictions.csv")
-    if "source" not in predictions:
-        predictions = predictions.assign(source=COVID_CT, trained=True)
     return predictions.assign(trained=predictions["trained"].astype(bool))
 
 

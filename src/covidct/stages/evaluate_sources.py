@@ -16,7 +16,7 @@ import pandas as pd
 
 from covidct.atomic import write_text_atomic
 from covidct.config import SourceConfig, section, sources_section
-from covidct.datasets import COVID_CT, LUNG_SEG
+from covidct.datasets import LUNG_SEG
 from covidct.metrics import flatten_metrics, patient_metrics_with_ci, roc_points
 from covidct.paths import LESION, METRICS, SEGMENTER, SOURCE_REPORTS
 from covidct.paths import classifier_dir as model_dir
@@ -216,9 +216,7 @@ def run(params: dict[str, Any], root: Path) -> None:
         lesion_path=root / LESION,
         outside_lungs=study.outside_lungs,
     )
-    trained_on = tuple(
-        pipeline.classifier_meta.get("sources", [COVID_CT])
-    )  # checkpoints from before the option: COVID-CT's
+    trained_on = tuple(pipeline.classifier_meta["sources"])
     with stage_run(
         "evaluate_sources",
         {

@@ -68,9 +68,12 @@ def open_study(root: Path, config: SweepConfig, storage: str | None = None, work
         if config.pruning
         else optuna.pruners.NopPruner()
     )
-    return optuna.create_study(
+    study = optuna.create_study(
         study_name=config.study, storage=rdb, direction="maximize", sampler=sampler, pruner=pruner, load_if_exists=True
     )
+    if study.metric_names != [config.objective]:  # optuna-dashboard and the trials table show it by name
+        study.set_metric_names([config.objective])
+    return study
 
 
 def finished_trials(study: optuna.Study) -> int:
