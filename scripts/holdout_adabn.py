@@ -33,7 +33,7 @@ from covidct.config import load_params, section
 from covidct.experiments.overrides import with_overrides
 from covidct.levers.holdout import held_out_rows
 from covidct.metrics import paired_auc_difference
-from covidct.reports import markdown_table
+from covidct.reports import format_delta, markdown_table
 from covidct.runtime import configure_threads
 
 BATCH = 32
@@ -140,8 +140,7 @@ def main() -> None:
                     str(f["seeds"]),
                     f"{100 * f['auc_mean']:.1f}",
                     f"{100 * f['auc_adapted_mean']:.1f} ± {100 * f['auc_adapted_sd']:.1f}",
-                    f"{100 * f['delta_value']:+.1f} ({100 * f['delta_ci_low']:+.1f} to {100 * f['delta_ci_high']:+.1f})"
-                    + (" **real**" if f["delta_ci_low"] > 0 or f["delta_ci_high"] < 0 else " (noise)"),
+                    format_delta({k: f[f"delta_{k}"] for k in ("value", "ci_low", "ci_high")}),
                 ]
                 for fold, f in sorted(folds.items())
             ],

@@ -1,5 +1,6 @@
-"""The README's results table quotes files the pipeline writes; each number must be what the file
-says, so a `dvc repro` that changes them cannot leave the front door stale."""
+"""The README's results table and every figures table in docs/ quote files the pipeline or a
+benchmark writes; each number must be what the file says, so a `dvc repro` or a benchmark run
+that changes them cannot leave the front door or a docs page stale."""
 
 from __future__ import annotations
 
@@ -11,12 +12,18 @@ import pytest
 from conftest import REPO
 
 ROW = re.compile(r"^\| (?P<measure>[^|]+) \| (?P<value>[^|]+) \| `(?P<file>reports/[^`]+\.json)`: (?P<keys>.+) \|$")
+DOCS = sorted((REPO / "docs").glob("*.md"))
 
 
 def _rows() -> list[re.Match[str]]:
     text = (REPO / "README.md").read_text()
     results = text.split("## Results", 1)[1].split("\n## ", 1)[0]
     return [m for line in results.splitlines() if (m := ROW.match(line.strip()))]
+
+
+def _doc_rows() -> list[tuple[str, re.Match[str]]]:
+    """Every row of a docs page's figures table (same form as the README's)."""
+    return [(page.name, m) for page in DOCS for line in page.read_text().splitlines() if (m := ROW.match(line.strip()))]
 
 
 def _lookup(data: dict, dotted: str) -> float:
@@ -38,22 +45,39 @@ def test_the_results_table_has_its_rows() -> None:
     assert len(_rows()) >= 4
 
 
+def _expected(data: dict, keys: str, forms: tuple[str, ...]) -> list[str]:
+    expected = []
+    for key in re.findall(r"`([^`]+)`", keys):
+        values = [_lookup(data, key)]
+        for bound in ("_ci_low", "_ci_high"):
+            leaf = key.rsplit(".", 1)
+            try:
+                values.append(_lookup(data, f"{leaf[0]}.{leaf[1]}{bound}" if len(leaf) == 2 else f"{key}{bound}"))
+            except KeyError:
+                continue
+        expected += [form.format(v=v, pct=100 * v) for v in values for form in forms]
+    return expected
+
+
 @pytest.mark.parametrize("row", _rows(), ids=lambda m: m["measure"])
 def test_each_quoted_number_is_in_its_file(row: re.Match[str]) -> None:
     data = json.loads((REPO / row["file"]).read_text())
     quoted = re.findall(r"\d+\.\d+", row["value"])
-    expected = []
-    for key in re.findall(r"`([^`]+)`", row["keys"]):
-        value = _lookup(data, key)
-        expected += [f"{100 * value:.1f}", f"{value:.3f}"]  # percent with one decimal, or a fraction with three
-        for bound in ("_ci_low", "_ci_high"):
-            leaf = key.rsplit(".", 1)
-            try:
-                edge = _lookup(data, f"{leaf[0]}.{leaf[1]}{bound}" if len(leaf) == 2 else f"{key}{bound}")
-            except KeyError:
-                continue
-            expected += [f"{100 * edge:.1f}", f"{edge:.3f}"]
+    expected = _expected(data, row["keys"], ("{pct:.1f}", "{v:.3f}"))  # percent, one decimal; or a fraction, three
     assert quoted and all(q in expected for q in quoted), (row["measure"], quoted, expected)
+
+
+@pytest.mark.parametrize(("page", "row"), _doc_rows(), ids=lambda x: x if isinstance(x, str) else x["measure"][:40])
+def test_each_figure_in_a_docs_table_is_in_its_file(page: str, row: re.Match[str]) -> None:
+    """Docs tables may quote a file's own unit (images/s, seconds) at one to three decimals."""
+    data = json.loads((REPO / row["file"]).read_text())
+    quoted = re.findall(r"\d+\.\d+", row["value"])
+    expected = _expected(data, row["keys"], ("{pct:.1f}", "{v:.1f}", "{v:.2f}", "{v:.3f}"))
+    assert quoted and all(q in expected for q in quoted), (page, row["measure"], quoted, expected)
+
+
+def test_docs_have_figures_tables() -> None:
+    assert {page for page, _ in _doc_rows()} >= {"benchmarks.md"}
 
 
 def test_the_suite_times_quoted_are_the_benchmarks() -> None:

@@ -5,6 +5,7 @@ from covidct.reports import (
     PUBLISHED,
     confusion_markdown,
     format_cell,
+    format_delta,
     results_report,
     table1_markdown,
     table2_markdown,
@@ -36,6 +37,12 @@ def test_published_constants_match_paper():
     assert dict(PUBLISHED["zhao"]) == {"accuracy": 84.7, "recall": 76.2, "f1": 85.3, "auc": 82.4}
     with pytest.raises(TypeError):
         PUBLISHED["zhao"]["auc"] = 1.0  # type: ignore[index]
+
+
+def test_format_delta_says_real_only_when_the_interval_excludes_zero():
+    assert format_delta(_stats(0.031, 0.004, 0.059)) == "+3.1 (+0.4 to +5.9) **real**"
+    assert format_delta(_stats(-0.02, -0.05, -0.001)).endswith("**real**")
+    assert format_delta(_stats(0.01, -0.01, 0.03)) == "+1.0 (-1.0 to +3.0) (noise)"
 
 
 def test_format_cell():

@@ -60,6 +60,13 @@ def format_cell(stats: Mapping[str, float] | None) -> str:
     return f"{_pct(stats['value'])} ({_pct(stats['ci_low'])}–{_pct(stats['ci_high'])})"
 
 
+def format_delta(stats: Mapping[str, float]) -> str:
+    """A paired difference: ``+3.1 (+0.4 to +5.9) **real**``, or ``(noise)`` when its interval holds 0."""
+    low, high = stats["ci_low"], stats["ci_high"]
+    real = " **real**" if low > 0 or high < 0 else " (noise)"
+    return f"{100 * stats['value']:+.1f} ({100 * low:+.1f} to {100 * high:+.1f}){real}"
+
+
 def _stat(value: float) -> str:
     return str(int(value)) if isinstance(value, numbers.Integral) else f"{value:.4f}"
 

@@ -23,7 +23,7 @@ from covidct.experiments.overrides import as_overrides, with_overrides
 from covidct.levers.study import BASELINE, LeverStudy, lever_dir
 from covidct.metrics import flatten_metrics, paired_auc_difference, patient_metrics_with_ci
 from covidct.plots import plot_holdout
-from covidct.reports import markdown_table
+from covidct.reports import format_delta, markdown_table
 from covidct.thresholds import decision_threshold
 
 #: Per-fold figures kept for each run (slices of the held-out source, at the validation threshold).
@@ -178,9 +178,9 @@ def _mean_sd_cell(part: pd.DataFrame, key: str) -> str:
 def _delta_cell(row: Any) -> str:
     if "auc_delta" not in row or pd.isna(row["auc_delta"]):
         return "—"
-    low, high = row["auc_delta_ci_low"], row["auc_delta_ci_high"]
-    real = " **real**" if low > 0 or high < 0 else " (noise)"
-    return f"{100 * row['auc_delta']:+.1f} ({100 * low:+.1f} to {100 * high:+.1f}){real}"
+    return format_delta(
+        {"value": row["auc_delta"], "ci_low": row["auc_delta_ci_low"], "ci_high": row["auc_delta_ci_high"]}
+    )
 
 
 def holdout_markdown(
