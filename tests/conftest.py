@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,29 +24,31 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # xdist workers share the cores
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
 
 
-# The modules that take longest (`python -m pytest --durations=60`), run first: the two xdist workers
-# (pyproject's addopts) then take the long ones at once and end together on the short ones.
 # Modules that share a session fixture share a worker, so it is built once.
 SHARED_GROUPS = {"test_pipeline.py": "tracked_repro", "test_team.py": "tracked_repro"}
-SLOWEST_FIRST = (
-    "test_pipeline.py",
-    "test_team.py",
-    "test_sweep.py",
-    "test_levers.py",
-    "test_bad_inputs.py",
-    "test_resume.py",
-    "test_gpu_networks.py",
-    "test_registry.py",
-    "test_gpu_check.py",
-)
+SUITE_TIME = REPO / "reports" / "benchmarks" / "suite_time.json"  # written by benchmarks/suite_time.py
+
+
+def module_seconds() -> dict[str, float]:
+    """What each module cost its worker in the last recorded full run, a shared group's summed, so
+    the slowest start first and the two xdist workers (pyproject's addopts) end together on the
+    short ones. A module the record does not know yet counts as quick."""
+    try:
+        seconds = json.loads(SUITE_TIME.read_text())["full"]["worker_seconds_per_module"]
+    except (OSError, KeyError, ValueError):
+        return {}
+    groups: dict[str, float] = {}
+    for name, value in seconds.items():
+        groups[SHARED_GROUPS.get(name, name)] = groups.get(SHARED_GROUPS.get(name, name), 0.0) + float(value)
+    return {name: groups[SHARED_GROUPS.get(name, name)] for name in seconds}
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items) -> None:  # noqa: ANN001 (pytest's hook signature)
     """The slowest modules first; without the real data, the tests that read it skip with the
     reason, and the rest still run."""
-    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+    seconds = module_seconds()
+    items.sort(key=lambda item: -seconds.get(item.path.name, 0.0))  # stable: a module's tests keep their order
     for item in items:  # --dist loadgroup: a module's tests stay on one worker, with its module fixtures
         item.add_marker(pytest.mark.xdist_group(SHARED_GROUPS.get(item.path.name, item.path.name)))
     if DATA.is_dir():
