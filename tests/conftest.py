@@ -1,22 +1,20 @@
-"""Shared test fixtures: where the real data lives (``../shared/data`` beside the repo, or COVIDCT_TEST_DATA)."""
+"""Shared test fixtures, the order modules run in, and skipping what needs the real data when it is absent."""
 
 from __future__ import annotations
 
 import json
 import os
 from collections.abc import Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 
+from helpers.paths import DATA, REPO
 from helpers.servers import Postgres, running_mlflow_server, running_postgres
 
 if TYPE_CHECKING:
     from helpers.tiny import TrackedRepro
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("COVIDCT_TEST_DATA", REPO.parent / "shared" / "data")).resolve()
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # xdist workers share the cores: intra-op threads split between them
@@ -55,8 +53,7 @@ def pytest_collection_modifyitems(config, items) -> None:  # noqa: ANN001 (pytes
         return
     skip = pytest.mark.skip(reason=f"real data not found at {DATA} (set COVIDCT_TEST_DATA to ../shared/data's copy)")
     for item in items:
-        module = vars(item.module)
-        if module.get("DATA") is DATA or "prepare_tiny_root" in module:
+        if item.get_closest_marker("data"):
             item.add_marker(skip)
 
 

@@ -53,7 +53,6 @@ import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from conftest import DATA, REPO
 from covidct.checkpoints import save_state_dict
 from covidct.config import GateConfig, load_params
 from covidct.datasets import CLASS_DIRS, SPLITS, covid_ct_split
@@ -65,9 +64,10 @@ from covidct.segmentation.model import build_segmenter
 from covidct.stages import prepare_data
 from helpers.configs import make_config
 from helpers.images import png_header_only
+from helpers.paths import DATA, REPO
 from helpers.tiny import save_tiny_lesion, save_tiny_networks
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.data]
 
 COVID = DATA / "covid-ct"
 LUNG = DATA / "lung-seg"

@@ -10,7 +10,6 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import DATA
 from covidct.checkpoints import load_checkpoint, save_state_dict
 from covidct.classification.data import resize_for_classifier
 from covidct.classification.inputs import STANDARD_MEAN, STANDARD_SD, classifier_view
@@ -24,7 +23,10 @@ from covidct.registry.pipeline_model import TwoStagePipeline
 from covidct.stages.evaluate import paper_split
 from covidct.thresholds import decision_threshold
 from helpers.configs import make_config
+from helpers.paths import DATA
 from helpers.tiny import save_tiny_networks
+
+pytestmark = pytest.mark.data  # reads the real data (skipped without it)
 
 SLICE = DATA / "covid-ct" / "CT_COVID" / "2020.01.24.919183-p27-132.png"
 

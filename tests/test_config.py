@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import REPO
 from covidct.cli import DEFAULT_MODEL
 from covidct.config import (
     SECTIONS,
@@ -23,6 +22,7 @@ from covidct.config import (
 )
 from covidct.profiles import PROFILES, apply_profile, available
 from helpers.configs import yaml_like
+from helpers.paths import REPO
 
 PARAMS = REPO / "params.yaml"
 PROFILE_FILES = sorted((REPO / PROFILES).glob("*.yaml"))

@@ -21,7 +21,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
-from conftest import REPO
+from helpers.paths import REPO
 
 DOCKERFILE = REPO / "Dockerfile"
 README = REPO / "README.md"

@@ -8,7 +8,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import DATA
 from covidct.datasets import (
     DatasetError,
     copy_verified,
@@ -17,6 +16,9 @@ from covidct.datasets import (
     read_checksums,
     verify_checksums,
 )
+from helpers.paths import DATA
+
+pytestmark = pytest.mark.data  # reads the real data (skipped without it)
 
 COVID_CT = DATA / "covid-ct"
 LUNG_SEG = DATA / "lung-seg"

@@ -9,7 +9,7 @@ import re
 import sys
 import tomllib
 
-from conftest import REPO
+from helpers.paths import REPO
 
 
 def _norm(name: str) -> str:

@@ -29,13 +29,15 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.pixels import pixel_array
 
-from conftest import DATA
 from covidct.images import LUNG_WINDOW_HU, ImageReadError, decode_grayscale, read_grayscale
 from covidct.predict import collect_scans, group_studies, predict_files, studies_csv, write_predictions
 from covidct.registry.pipeline_model import PipelineModel, TwoStagePipeline
 from covidct.series import ORDER_KEYS, read_series
 from helpers.configs import make_config
+from helpers.paths import DATA
 from helpers.tiny import save_tiny_lesion, save_tiny_networks
+
+pytestmark = pytest.mark.data  # reads the real data (skipped without it)
 
 SLICES = sorted((DATA / "lung-seg" / "images").glob("coronacases_001_*.png"))[:5]
 AXIAL = [1, 0, 0, 0, 1, 0]

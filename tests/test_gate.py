@@ -11,13 +11,15 @@ import pytest
 import torch
 import yaml
 
-from conftest import DATA, REPO
 from covidct.config import GateConfig
 from covidct.gate import REFUSED, LungEvidence, body_midline, image_problem, lung_evidence, lung_problem
 from covidct.images import read_grayscale, read_mask
 from covidct.registry.pipeline_model import TwoStagePipeline, predictions_table
 from helpers.configs import make_config
+from helpers.paths import DATA, REPO
 from helpers.tiny import save_tiny_networks
+
+pytestmark = pytest.mark.data  # reads the real data (skipped without it)
 
 GATE = GateConfig(**yaml.safe_load((REPO / "params.yaml").read_text())["gate"])
 LUNG = DATA / "lung-seg"

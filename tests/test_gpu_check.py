@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
+from helpers.paths import REPO
 from helpers.tiny import clean_env, prepare_tiny_root
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.data]
 
 
 def test_the_device_check_dry_runs_every_stage_and_network(tmp_path: Path) -> None:

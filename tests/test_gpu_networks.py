@@ -13,7 +13,6 @@ import timm
 import torch
 import yaml
 
-from conftest import DATA, REPO
 from covidct.checkpoints import load_checkpoint
 from covidct.classification.data import resize_for_classifier
 from covidct.classification.train import train_classifier
@@ -22,8 +21,9 @@ from covidct.images import read_grayscale, read_mask
 from covidct.preprocessing import segmenter_input
 from covidct.profiles import apply_profile
 from covidct.segmentation.train import train_segmenter
+from helpers.paths import DATA, REPO
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.data]
 
 SWEEP = yaml.safe_load((REPO / "pipelines/sweeps/gpu-full.yaml").read_text())
 SWEPT = SWEEP["space"]["classifier.model"]["choices"]

@@ -19,7 +19,6 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import DATA, REPO
 from covidct.config import ConfigError, load_params, section
 from covidct.datasets import DatasetError
 from covidct.hygiene.audit import LeakageError, audit_dataset, leak_message
@@ -28,6 +27,9 @@ from covidct.hygiene.pairs import IDENTICAL_FILE, IDENTICAL_PIXELS, NEAR_DUPLICA
 from covidct.hygiene.patients import covid_ct_patients, linked_patients, lung_patients
 from covidct.images import read_grayscale
 from covidct.stages import audit_data
+from helpers.paths import DATA, REPO
+
+pytestmark = pytest.mark.data  # reads the real data (skipped without it)
 
 COVID = DATA / "covid-ct"
 LUNG = DATA / "lung-seg"

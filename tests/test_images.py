@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from conftest import DATA
 from covidct.images import (
     DEFAULT_MAX_PIXELS,
     ImageReadError,
@@ -19,6 +18,9 @@ from covidct.images import (
     write_png,
 )
 from helpers.images import png_header_only, write_ct_dicom
+from helpers.paths import DATA
+
+pytestmark = pytest.mark.data  # reads the real data (skipped without it)
 
 COVID_DIR = DATA / "covid-ct" / "CT_COVID"
 LUNG_DIR = DATA / "lung-seg"

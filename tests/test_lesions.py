@@ -11,13 +11,15 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import DATA
 from covidct.images import ImageReadError
 from covidct.lesions import LESION_COLOR, LesionBurden, draw_lesion, lesion_burden, segment_lesions, study_burden
 from covidct.segmentation.data import load_lung_split
 from covidct.segmentation.model import load_segmenter
 from helpers.configs import make_config
+from helpers.paths import DATA
 from helpers.tiny import save_tiny_lesion
+
+pytestmark = pytest.mark.data  # reads the real data (skipped without it)
 
 LUNG = DATA / "lung-seg"
 

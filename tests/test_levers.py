@@ -23,7 +23,7 @@ from covidct.config import load_params
 from covidct.profiles import set_params
 from helpers.tiny import prepare_tiny_root
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.data]
 COVIDCT = str(Path(sys.executable).parent / "covidct")
 
 LEVERS = """\

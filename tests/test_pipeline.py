@@ -26,12 +26,12 @@ import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from conftest import REPO
 from covidct.profiles import set_params
+from helpers.paths import REPO
 from helpers.serving import free_port, wait_until_serving
 from helpers.tiny import TOY, TrackedRepro, clean_env, pulled_clone, ran_stages, run_ok
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.data]
 #: The declared sources of the tiny repro: the three real ones, and a toy fourth one the test made.
 SOURCES = ("covid-ct", "cc-ccii", "sars-cov-2-ct", TOY)
 

@@ -36,7 +36,9 @@ def test_plot_roc_curves(tmp_path):
     plot_roc_curves(curves, tmp_path / "figures" / "roc.png")
     _assert_only_png(tmp_path / "figures", "roc.png")
     # without segmentation red and dotted, with segmentation blue: both curves are drawn
-    assert _pixels(tmp_path / "figures" / "roc.png", RED) > 200 and _pixels(tmp_path / "figures" / "roc.png", BLUE) > 200
+    assert (
+        _pixels(tmp_path / "figures" / "roc.png", RED) > 200 and _pixels(tmp_path / "figures" / "roc.png", BLUE) > 200
+    )
     plot_roc_curves({"cropped": curves["cropped"]}, tmp_path / "one.png")
     assert _pixels(tmp_path / "one.png", RED) == 0 and _pixels(tmp_path / "one.png", BLUE) > 200
 

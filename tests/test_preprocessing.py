@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import DATA
 from covidct.images import read_grayscale
 from covidct.preprocessing import segmenter_input
+from helpers.paths import DATA
+
+pytestmark = pytest.mark.data  # reads the real data (skipped without it)
 
 
 @pytest.mark.parametrize("shape", [(100, 70), (70, 100), (20, 48), (48, 20), (24, 100)])

@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from conftest import REPO
+from helpers.paths import REPO
 
 ROW = re.compile(r"^\| (?P<measure>[^|]+) \| (?P<value>[^|]+) \| `(?P<file>reports/[^`]+\.json)`: (?P<keys>.+) \|$")
 DOCS = sorted((REPO / "docs").glob("*.md"))

@@ -25,7 +25,6 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from conftest import DATA
 from covidct.checkpoints import load_checkpoint, save_state_dict
 from covidct.classification.data import load_resized
 from covidct.classification.train import predict_scores
@@ -37,8 +36,11 @@ from covidct.registry.promote import PromotionError, promote_if_better
 from covidct.registry.register import build_and_register
 from helpers.configs import make_config
 from helpers.images import write_ct_dicom
+from helpers.paths import DATA
 from helpers.serving import free_port, wait_until_serving
 from helpers.tiny import save_tiny_lesion, save_tiny_networks
+
+pytestmark = pytest.mark.data  # reads the real data (skipped without it)
 
 COVID = DATA / "covid-ct" / "CT_COVID"
 NONCOVID = DATA / "covid-ct" / "CT_NonCOVID"

@@ -22,7 +22,6 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import DATA
 from covidct.checkpoints import (
     RESUME_FILE,
     clear_stage_resume,
@@ -39,6 +38,9 @@ from covidct.preprocessing import segmenter_input
 from covidct.segmentation.train import train_segmenter
 from covidct.training import TIMING_COLUMNS, run_fingerprint
 from helpers.configs import make_config
+from helpers.paths import DATA
+
+pytestmark = pytest.mark.data  # reads the real data (skipped without it)
 
 CPU = torch.device("cpu")
 SIZE = 64

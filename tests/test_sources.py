@@ -6,7 +6,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import DATA
 from covidct.metrics import (
     METRIC_NAMES,
     _patient_resamples,
@@ -25,6 +24,9 @@ from covidct.sources import (
     with_diluted,
 )
 from covidct.study import study_probabilities, top_k_mean
+from helpers.paths import DATA
+
+pytestmark = pytest.mark.data  # reads the real data (skipped without it)
 
 
 def _clustered(n_patients: int = 40, slices: int = 20, seed: int = 0) -> pd.DataFrame:

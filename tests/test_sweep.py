@@ -24,7 +24,7 @@ from covidct.sweep.study import apply_best, finished_trials, run_sweep, summaris
 from helpers.servers import Postgres, running_mlflow_server
 from helpers.tiny import prepare_tiny_root
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.data]
 COVIDCT = str(Path(sys.executable).parent / "covidct")
 
 MICRO = """\

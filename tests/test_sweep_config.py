@@ -7,11 +7,11 @@ from pathlib import Path
 import optuna
 import pytest
 
-from conftest import REPO
 from covidct.config import ConfigError, load_params, section
 from covidct.experiments.overrides import with_overrides
 from covidct.sweep.config import load_sweep
 from covidct.sweep.space import suggest
+from helpers.paths import REPO
 
 SHIPPED = sorted((REPO / "pipelines" / "sweeps").glob("*.yaml"))
 

@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 from helpers.serving import free_port, wait_until_serving
 from helpers.tiny import TrackedRepro, git_clone, pulled_clone, ran_stages, run_ok
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.data]
 COVIDCT = [sys.executable, "-m", "covidct"]
 
 

@@ -14,7 +14,6 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import DATA
 from covidct.checkpoints import load_checkpoint, save_state_dict
 from covidct.classification.data import load_resized
 from covidct.classification.model import load_classifier
@@ -28,6 +27,9 @@ from covidct.segmentation.inference import predict_probabilities, segmenter_dtyp
 from covidct.segmentation.model import build_segmenter, load_segmenter
 from covidct.segmentation.train import mean_dice, train_segmenter
 from helpers.configs import augment, make_config
+from helpers.paths import DATA
+
+pytestmark = pytest.mark.data  # reads the real data (skipped without it)
 
 CPU = torch.device("cpu")
 SIZE = 64

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ruamel.yaml import YAML
 
-from conftest import DATA, REPO
+from helpers.paths import DATA, REPO
 
 
 def save_tiny_networks(root: Path) -> tuple[Path, Path]:
