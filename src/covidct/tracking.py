@@ -211,6 +211,11 @@ def stage_run(stage: str, params: Mapping[str, Any]) -> Iterator[mlflow.ActiveRu
         yield run
 
 
+def log_epoch(row: Mapping[str, float]) -> None:
+    """One epoch's row of a training history as metrics of the active run, at its epoch as the step."""
+    mlflow.log_metrics({k: float(v) for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+
+
 def log_pipeline_metrics(metrics: Mapping[str, float]) -> None:
     """Headline figures on the parent run of the active stage run too, so ``dvc repro`` runs
     compare in the MLflow runs table without opening their children."""

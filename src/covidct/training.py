@@ -105,7 +105,7 @@ def _plain(value: Any) -> Any:
     return value.item() if isinstance(value, np.generic) else value
 
 
-@dataclass
+@dataclass(kw_only=True)  # eleven settings: each named where a run is made
 class TrainingRun:
     """The bookkeeping around the epochs of one training run.
 

@@ -168,17 +168,17 @@ def train_classifier(
     ema = ModelEmaV3(model, decay=config.ema_decay) if config.ema_decay > 0 else None
     dtype = autocast_dtype(device, config.precision)
     run = TrainingRun(
-        model,
-        optimiser,
-        grad_scaler(device, dtype),
-        loader,
-        device,
-        checkpoint,
-        -np.inf,
-        on_epoch,
-        schedule,
-        resume_dir,
-        fingerprint,
+        model=model,
+        optimiser=optimiser,
+        scaler=grad_scaler(device, dtype),
+        loader=loader,
+        device=device,
+        checkpoint=checkpoint,
+        best=-np.inf,
+        on_epoch=on_epoch,
+        schedule=schedule,
+        resume_dir=resume_dir,
+        fingerprint=fingerprint,
     )
     run.averaged = ema.module if ema is not None else None
     after_step = (lambda: ema.update(model)) if ema is not None else None

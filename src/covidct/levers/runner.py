@@ -25,7 +25,7 @@ from covidct.levers.report import summarise
 from covidct.levers.statistics import PARTS, SCORINGS, score_lever
 from covidct.levers.study import LeverRun, LeverStudy, lever_dir
 from covidct.metrics import flatten_metrics
-from covidct.tracking import child_run
+from covidct.tracking import child_run, log_epoch
 
 
 def _fingerprint(params: dict[str, Any], images: np.ndarray) -> str:
@@ -94,7 +94,7 @@ def run_lever(
             device,
             out / "model.safetensors",
             checkpoint_meta(config, study.variant),
-            on_epoch=lambda row: mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"]),
+            on_epoch=log_epoch,
             resume_dir=resume_dir(
                 root, f"levers/{study.study}/{run.name}"
             ),  # a killed lever carries on from its last epoch

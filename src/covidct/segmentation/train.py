@@ -129,17 +129,17 @@ def train_segmenter(
         fingerprint = run_fingerprint(settings, (*train, *val), TRAINING_CODE)
     dtype = segmenter_dtype(device, config.precision)
     run = TrainingRun(
-        model,
-        optimiser,
-        grad_scaler(device, dtype),
-        loader,
-        device,
-        checkpoint,
-        -1.0,
-        on_epoch,
-        schedule,
-        resume_dir,
-        fingerprint,
+        model=model,
+        optimiser=optimiser,
+        scaler=grad_scaler(device, dtype),
+        loader=loader,
+        device=device,
+        checkpoint=checkpoint,
+        best=-1.0,
+        on_epoch=on_epoch,
+        schedule=schedule,
+        resume_dir=resume_dir,
+        fingerprint=fingerprint,
     )
     for epoch in range(run.start(), config.epochs + 1):
         started = time.perf_counter()

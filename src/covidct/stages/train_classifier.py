@@ -18,7 +18,7 @@ from covidct.config import section, sources_section
 from covidct.paths import classifier_dir as model_dir
 from covidct.plots import plot_training_curves
 from covidct.runtime import configure_threads, select_device
-from covidct.tracking import stage_run
+from covidct.tracking import log_epoch, stage_run
 from covidct.training import tracked_history
 
 
@@ -45,7 +45,7 @@ def run(params: dict[str, Any], root: Path, variant: str) -> None:
             device,
             out / "model.safetensors",
             checkpoint_meta(config, variant),
-            on_epoch=lambda row: mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"]),
+            on_epoch=log_epoch,
             resume_dir=resume_dir(root, stage),  # a killed run carries on from its last finished epoch
         )
         write_text_atomic(out / "predictions.csv", predictions.to_csv(index=False))

@@ -17,7 +17,7 @@ from covidct.plots import plot_training_curves
 from covidct.runtime import configure_threads, select_device
 from covidct.segmentation.data import load_lung_split
 from covidct.segmentation.train import train_segmenter
-from covidct.tracking import stage_run
+from covidct.tracking import log_epoch, stage_run
 from covidct.training import tracked_history
 
 #: params.yaml section -> (stage, weights, reports, figure title)
@@ -61,7 +61,7 @@ def run(params: dict[str, Any], root: Path, net: Literal["segmenter", "lesion"] 
             device,
             root / model,
             meta,
-            on_epoch=lambda row: mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"]),
+            on_epoch=log_epoch,
             resume_dir=resume_dir(root, stage),  # a killed run carries on from its last finished epoch
             initial=initial,
         )

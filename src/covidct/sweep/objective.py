@@ -33,7 +33,7 @@ from covidct.segmentation.model import load_segmenter
 from covidct.segmentation.train import train_segmenter
 from covidct.sweep.config import SweepConfig
 from covidct.sweep.space import suggest
-from covidct.tracking import child_run
+from covidct.tracking import child_run, log_epoch
 
 
 def study_parent(config: SweepConfig) -> tuple[dict[str, str], str]:
@@ -146,7 +146,7 @@ class TrialObjective:
         objective, started = self.config.objective, time.perf_counter()
 
         def on_epoch(row: dict) -> None:
-            mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+            log_epoch(row)
             trial.report(row[objective], row["epoch"])
             trial.set_user_attr("epochs_run", row["epoch"])
             trial.set_user_attr("classifier_seconds", time.perf_counter() - started)
