@@ -166,18 +166,33 @@ def _levers(args: argparse.Namespace, root: Path) -> None:
     print(f"lever table: {report} (and .csv, .png beside it)")
 
 
-def main(argv: list[str] | None = None) -> None:
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+def _profile(args: argparse.Namespace, root: Path) -> None:
+    if not args.name:
+        print("\n".join(available(root)))
+        return
+    apply_profile(root, args.name)
+    print(f"params.yaml now uses profile {args.name!r}; run `dvc repro` (or `dvc status` to see what changes)")
+
+
+def _check_params(args: argparse.Namespace, root: Path) -> None:
+    validate_all(load_params(root / "params.yaml"))
+    print("params.yaml is valid")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Each subcommand names the function that runs it (``run``)."""
     parser = argparse.ArgumentParser(prog="covidct", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     profile = sub.add_parser("profile", help="merge a profile from pipelines/profiles/ into params.yaml")
     profile.add_argument("name", nargs="?", help="profile name; omit to list them")
-    sub.add_parser("check-params", help="validate every section of params.yaml")
+    profile.set_defaults(run=_profile)
+    sub.add_parser("check-params", help="validate every section of params.yaml").set_defaults(run=_check_params)
     for name, help_text in (
         ("sweep", "run (or resume) an Optuna study over the pipeline"),
         ("sweep-best", "print the best trial's parameters"),
     ):
         command = sub.add_parser(name, help=help_text)
+        command.set_defaults(run=_sweep)
         command.add_argument("config", help="sweep definition, e.g. pipelines/sweeps/cpu-smoke.yaml")
         command.add_argument(
             "--storage", help="Optuna storage URL (overrides the config's), e.g. postgresql+psycopg://host/db"
@@ -194,6 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     promote = sub.add_parser(
         "promote", help="move the champion alias to a better registered pipeline (validation metric, recall floor)"
     )
+    promote.set_defaults(run=_promote)
     promote.add_argument("--version", help="the candidate version (default: the best registered one)")
     promote.add_argument(
         "--variant",
@@ -213,6 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     predict = sub.add_parser(
         "predict", help="score CT scans (PNG, JPEG, DICOM; files or folders) with a registered pipeline"
     )
+    predict.set_defaults(run=_predict)
     predict.add_argument("paths", nargs="+", type=Path)
     predict.add_argument(
         "--model",
@@ -232,6 +249,7 @@ def main(argv: list[str] | None = None) -> None:
         "--model",
         help=f"MLflow model URI (default: models:/<registry.model_name>@<registry.alias>; {DEFAULT_MODEL} outside a checkout)",
     )
+    verify.set_defaults(run=_verify_model)
     verify.add_argument("--split", choices=("val", "test"), default="test")
     verify.add_argument(
         "--external",
@@ -241,30 +259,17 @@ def main(argv: list[str] | None = None) -> None:
     levers = sub.add_parser(
         "levers", help="train one classifier per recipe change on the last dvc repro's images; val/test table with CIs"
     )
+    levers.set_defaults(run=_levers)
     levers.add_argument("config", help="lever study, e.g. pipelines/levers/cpu.yaml")
     levers.add_argument("--only", help="comma-separated lever names (default: all; finished ones are reused)")
-    args = parser.parse_args(argv)
-    root = Path.cwd()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    args = build_parser().parse_args(argv)
     try:
-        if args.command == "profile":
-            if not args.name:
-                print("\n".join(available(root)))
-                return
-            apply_profile(root, args.name)
-            print(f"params.yaml now uses profile {args.name!r}; run `dvc repro` (or `dvc status` to see what changes)")
-        elif args.command == "check-params":
-            validate_all(load_params(root / "params.yaml"))
-            print("params.yaml is valid")
-        elif args.command == "promote":
-            _promote(args, root)
-        elif args.command == "predict":
-            _predict(args, root)
-        elif args.command == "verify-model":
-            _verify_model(args, root)
-        elif args.command == "levers":
-            _levers(args, root)
-        else:
-            _sweep(args, root)
+        args.run(args, Path.cwd())
     except (ConfigError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
