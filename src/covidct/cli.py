@@ -133,7 +133,7 @@ def _predict(args: argparse.Namespace, root: Path) -> None:
 
 
 def _verify_model(args: argparse.Namespace, root: Path) -> None:
-    from covidct.registry.verify import compare_with_evaluate, external_recall, max_score_difference, score_split
+    from covidct.verify import compare_with_evaluate, external_recall, max_score_difference, score_split
 
     model = _model_uri(args, root)
     scored = score_split(model, root, args.split)
