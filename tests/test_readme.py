@@ -55,7 +55,7 @@ def _expected(data: dict, keys: str, forms: tuple[str, ...]) -> list[str]:
                 values.append(_lookup(data, f"{leaf[0]}.{leaf[1]}{bound}" if len(leaf) == 2 else f"{key}{bound}"))
             except KeyError:
                 continue
-        expected += [form.format(v=v, pct=100 * v) for v in values for form in forms]
+        expected += [form.format(v=abs(v), pct=abs(100 * v)) for v in values for form in forms]  # signs quoted apart
     return expected
 
 
