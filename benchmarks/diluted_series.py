@@ -1,7 +1,7 @@
 """Study verdicts on series as a whole chest CT shows them: every candidate aggregation (the top
 1, 3, 5, 10 or all slice scores) on the trained sources' test scans as they are and diluted, each
 scan made only a share of a series and the rest other scans' Normal slices
-(``covidct.sources.diluted_series``, what evaluate_sources chooses k on, with the validation scans).
+(``covidct.source_figures.diluted_series``, what evaluate_sources chooses k on, with the validation scans).
 
     python benchmarks/diluted_series.py
 
@@ -23,7 +23,7 @@ from covidct.atomic import write_text_atomic
 from covidct.config import load_params, section
 from covidct.metrics import binary_metrics
 from covidct.paths import SOURCE_REPORTS
-from covidct.sources import TOP_K_CANDIDATES, diluted_series, study_scores, with_diluted
+from covidct.source_figures import TOP_K_CANDIDATES, diluted_series, study_scores, with_diluted
 from covidct.thresholds import decision_threshold
 
 OUT = Path("reports/benchmarks/diluted_series.json")

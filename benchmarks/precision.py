@@ -34,7 +34,7 @@ from covidct.segmentation.inference import predict_probabilities
 from covidct.segmentation.losses import FocalTverskyLoss
 from covidct.segmentation.model import build_segmenter, load_segmenter
 from covidct.segmentation.train import SliceDataset, segmentation_augmentation
-from covidct.training import train_one_epoch
+from covidct.training_loop import train_one_epoch
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 

@@ -26,7 +26,7 @@ from covidct.segmentation.data import load_lung_split
 from covidct.segmentation.losses import FocalTverskyLoss
 from covidct.segmentation.model import build_segmenter
 from covidct.segmentation.train import SliceDataset, segmentation_augmentation
-from covidct.training import train_one_epoch
+from covidct.training_loop import train_one_epoch
 
 
 def main() -> None:

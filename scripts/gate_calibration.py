@@ -26,7 +26,7 @@ from covidct.lung_crop import segment_and_crop
 from covidct.paths import REPORTS, SEGMENTER
 from covidct.runtime import configure_threads, select_device
 from covidct.segmentation.model import load_segmenter
-from covidct.sources import source_table
+from covidct.source_figures import source_table
 
 OUT = REPORTS / "gate"
 QUANTILES = (0.0, 0.001, 0.01, 0.05, 0.5)

@@ -16,8 +16,8 @@ from covidct.classification.inputs import STANDARD_MEAN, STANDARD_SD, classifier
 from covidct.classification.table import checkpoint_meta, classifier_table, evenly_spaced
 from covidct.classification.train import balanced_sampler, fit_and_predict, predict_scores
 from covidct.config import ConfigError, SourceConfig
-from covidct.cropping import crop_to_lung_bbox
 from covidct.images import read_grayscale
+from covidct.lung_box import crop_to_lung_bbox
 from covidct.lung_crop import LungCrop, segment_and_crop
 from covidct.registry.pipeline_model import TwoStagePipeline
 from covidct.stages.evaluate import paper_split

@@ -18,8 +18,8 @@ from covidct.classification.data import resize_for_classifier
 from covidct.classification.train import train_classifier
 from covidct.config import ClassifierConfig, SegmenterConfig, load_params, section
 from covidct.images import read_grayscale, read_mask
-from covidct.preprocessing import segmenter_input
 from covidct.profiles import apply_profile
+from covidct.segmentation.inputs import segmenter_input
 from covidct.segmentation.train import train_segmenter
 from helpers.paths import DATA, REPO
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from covidct.images import ImageReadError
-from covidct.lesions import LESION_COLOR, LesionBurden, draw_lesion, lesion_burden, segment_lesions, study_burden
+from covidct.lesions import LesionBurden, lesion_burden, segment_lesions, study_burden
+from covidct.overlays import LESION_COLOR, draw_lesion
 from covidct.segmentation.data import load_lung_split
 from covidct.segmentation.model import load_segmenter
 from helpers.configs import make_config

@@ -34,9 +34,9 @@ from covidct.classification.data import load_resized
 from covidct.classification.train import train_classifier
 from covidct.datasets import covid_ct_split
 from covidct.images import read_grayscale, read_mask
-from covidct.preprocessing import segmenter_input
+from covidct.segmentation.inputs import segmenter_input
 from covidct.segmentation.train import train_segmenter
-from covidct.training import TIMING_COLUMNS, run_fingerprint
+from covidct.training_loop import TIMING_COLUMNS, run_fingerprint
 from helpers.configs import make_config
 from helpers.paths import DATA
 
@@ -303,14 +303,14 @@ def test_state_of_other_settings_is_never_picked_up(tmp_path: Path, capsys: pyte
 
 def test_fingerprint_changes_with_settings_inputs_and_code(tmp_path: Path) -> None:
     images = np.zeros((2, 8, 8), np.uint8)
-    base = run_fingerprint({"lr": 1e-3}, (images,), ("covidct.training",))
-    assert base == run_fingerprint({"lr": 1e-3}, (images.copy(),), ("covidct.training",))
+    base = run_fingerprint({"lr": 1e-3}, (images,), ("covidct.training_loop",))
+    assert base == run_fingerprint({"lr": 1e-3}, (images.copy(),), ("covidct.training_loop",))
     changed = images.copy()
     changed[1, 2, 3] = 1
-    assert base != run_fingerprint({"lr": 2e-3}, (images,), ("covidct.training",))
-    assert base != run_fingerprint({"lr": 1e-3}, (changed,), ("covidct.training",))
-    assert base != run_fingerprint({"lr": 1e-3}, (images.astype(bool),), ("covidct.training",))
-    assert base != run_fingerprint({"lr": 1e-3}, (images,), ("covidct.training", "covidct.runtime"))
+    assert base != run_fingerprint({"lr": 2e-3}, (images,), ("covidct.training_loop",))
+    assert base != run_fingerprint({"lr": 1e-3}, (changed,), ("covidct.training_loop",))
+    assert base != run_fingerprint({"lr": 1e-3}, (images.astype(bool),), ("covidct.training_loop",))
+    assert base != run_fingerprint({"lr": 1e-3}, (images,), ("covidct.training_loop", "covidct.runtime"))
 
 
 def test_unreadable_state_is_discarded_and_cleared(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

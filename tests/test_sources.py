@@ -1,4 +1,4 @@
-"""Per-source figures (covidct.sources, covidct.study) and the patient bootstrap behind their intervals."""
+"""Per-source figures (covidct.source_figures, covidct.verdicts) and the patient bootstrap behind their intervals."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from covidct.metrics import (
     paired_auc_difference,
     patient_metrics_with_ci,
 )
-from covidct.sources import (
+from covidct.source_figures import (
     choose_top_k,
     diluted_series,
     figure_rows,
@@ -23,7 +23,7 @@ from covidct.sources import (
     study_scores,
     with_diluted,
 )
-from covidct.study import study_probabilities, top_k_mean
+from covidct.verdicts import study_probabilities, top_k_mean
 from helpers.paths import DATA
 
 pytestmark = pytest.mark.data  # reads the real data (skipped without it)

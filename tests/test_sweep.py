@@ -84,7 +84,7 @@ def test_sweep_reuses_stages_resumes_and_exports_best(
         assert (out / name).stat().st_size > 0
     client = MlflowClient(f"sqlite:///{root / 'mlruns' / 'mlflow.db'}")
     runs = client.search_runs(
-        [client.get_experiment_by_name("covidct").experiment_id], filter_string="tags.`covidct.study` = 'micro'"
+        [client.get_experiment_by_name("covidct").experiment_id], filter_string="tags.`covidct.verdicts` = 'micro'"
     )
     [parent] = [r for r in runs if r.data.tags["covidct.role"] == "study"]
     trial_runs = [r for r in runs if r.data.tags["covidct.role"] == "trial"]
@@ -178,7 +178,8 @@ def test_two_workers_share_one_study_on_postgresql_and_one_tracking_server(
     assert len({t.user_attrs["worker"] for t in finished}) == 2  # both workers contributed
     client = MlflowClient(tracking)
     runs = client.search_runs(
-        [client.get_experiment_by_name("covidct").experiment_id], filter_string="tags.`covidct.study` = 'distributed'"
+        [client.get_experiment_by_name("covidct").experiment_id],
+        filter_string="tags.`covidct.verdicts` = 'distributed'",
     )
     parents = {r.info.run_id for r in runs if r.data.tags["covidct.role"] == "study"}
     assert len(parents) == 1

@@ -21,9 +21,9 @@ from covidct.classification.train import predict_scores, train_classifier
 from covidct.datasets import covid_ct_split
 from covidct.images import read_grayscale, read_mask
 from covidct.metrics import binary_metrics
-from covidct.preprocessing import segmenter_input
 from covidct.runtime import autocast_dtype, native_cpu_bf16
 from covidct.segmentation.inference import predict_probabilities, segmenter_dtype
+from covidct.segmentation.inputs import segmenter_input
 from covidct.segmentation.model import build_segmenter, load_segmenter
 from covidct.segmentation.train import mean_dice, train_segmenter
 from helpers.configs import augment, make_config

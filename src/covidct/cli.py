@@ -153,7 +153,7 @@ def _verify_model(args: argparse.Namespace, root: Path) -> None:
 
 
 def _levers(args: argparse.Namespace, root: Path) -> None:
-    from covidct.levers.study import load_levers
+    from covidct.levers.plan import load_levers
 
     study, base = load_levers(args.config), load_params(root / "params.yaml")
     runs = study.checked_runs(base, args.only.split(",") if args.only else None)  # before the heavy imports

@@ -15,13 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy import ndimage
 
-from covidct.cropping import resize_mask
-from covidct.preprocessing import segmenter_input
+from covidct.lung_box import resize_mask
 from covidct.segmentation.inference import predict_probabilities, segmenter_dtype
-
-LESION_COLOR = (255, 0, 255)  # magenta: apart from the lung's green and the crop box's red (covidct.cropping)
+from covidct.segmentation.inputs import segmenter_input
 
 
 @dataclass(frozen=True)
@@ -94,16 +91,3 @@ def segment_lesions(
     dtype = segmenter_dtype(device, meta.get("precision", "auto"))
     probabilities = predict_probabilities(model, inputs, device, batch_size=len(inputs), dtype=dtype)
     return [resize_mask(p > 0.5, *image.shape[:2]) for image, p in zip(originals, probabilities, strict=True)]
-
-
-def draw_lesion(rgb: np.ndarray, lesion: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    """``rgb`` (an overlay of :func:`covidct.cropping.draw_overlay`) with the lesion as a magenta fill
-    and a solid outline, apart from the lung's green and the box's red."""
-    out = rgb.copy()
-    if lesion.shape != out.shape[:2]:
-        raise ValueError(f"lesion mask {lesion.shape} does not match the overlay's {out.shape[:2]}")
-    if lesion.any():
-        color = np.array(LESION_COLOR, dtype=np.float64)
-        out[lesion] = np.clip(np.rint(out[lesion] * (1.0 - alpha) + color * alpha), 0, 255).astype(np.uint8)
-        out[lesion & ~ndimage.binary_erosion(lesion, border_value=0)] = LESION_COLOR
-    return out

@@ -15,11 +15,11 @@ import torch
 from tqdm.auto import tqdm
 
 from covidct.config import CropConfig
-from covidct.cropping import CropResult, clean_lung_mask, crop_to_lung_bbox, resize_mask
 from covidct.images import read_grayscale, write_png
+from covidct.lung_box import CropResult, clean_lung_mask, crop_to_lung_bbox, resize_mask
 from covidct.paths import crop_relpath
-from covidct.preprocessing import segmenter_input
 from covidct.segmentation.inference import predict_probabilities, segmenter_dtype
+from covidct.segmentation.inputs import segmenter_input
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,8 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from covidct.atomic import write_text_atomic
-from covidct.cropping import draw_overlay
 from covidct.images import ImageReadError, decode_grayscale, is_dicom, is_image, write_png
-from covidct.lesions import draw_lesion
+from covidct.overlays import draw_lesion, draw_overlay
 from covidct.registry.pipeline_model import OUTPUT, STUDY, ScanPrediction, TwoStagePipeline, predictions_table
 from covidct.series import read_series
 

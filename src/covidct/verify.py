@@ -14,7 +14,7 @@ from covidct.datasets import COVID_CT, LUNG_SEG
 from covidct.metrics import binary_metrics
 from covidct.paths import METRICS, classifier_dir
 from covidct.predict import load_pipeline, predict_files
-from covidct.sources import source_table
+from covidct.source_figures import source_table
 
 #: Metrics compared; the evaluate stage's CIs come from its bootstrap, not from the model.
 COMPARED = ("accuracy", "precision", "recall", "specificity", "f1", "auc")

@@ -20,14 +20,14 @@ from covidct.classification.model import build_classifier, load_classifier, norm
 from covidct.config import ClassifierConfig
 from covidct.metrics import binary_metrics
 from covidct.runtime import autocast, autocast_dtype, grad_scaler, seed_everything
-from covidct.training import TrainingRun, run_fingerprint, train_one_epoch
+from covidct.training_loop import TrainingRun, run_fingerprint, train_one_epoch
 
 # The code a resume state depends on: a state saved by other code is never picked up.
 TRAINING_CODE = (
     "covidct.classification.train",
     "covidct.classification.data",
     "covidct.classification.model",
-    "covidct.training",
+    "covidct.training_loop",
     "covidct.runtime",
     "covidct.metrics",
 )

@@ -20,7 +20,7 @@ from sklearn.metrics import roc_auc_score
 from covidct.atomic import write_text_atomic
 from covidct.config import section, sources_section
 from covidct.experiments.overrides import as_overrides, with_overrides
-from covidct.levers.study import BASELINE, LeverStudy, lever_dir
+from covidct.levers.plan import BASELINE, LeverStudy, lever_dir
 from covidct.metrics import flatten_metrics, paired_auc_difference, patient_metrics_with_ci
 from covidct.plots import plot_holdout
 from covidct.reports import format_delta, markdown_table

@@ -11,8 +11,8 @@ import pandas as pd
 from covidct.atomic import write_text_atomic
 from covidct.config import section
 from covidct.experiments.overrides import as_overrides
+from covidct.levers.plan import LeverStudy, lever_dir
 from covidct.levers.statistics import lever_table, seed_table
-from covidct.levers.study import LeverStudy, lever_dir
 from covidct.plots import plot_lever_forest
 from covidct.reports import markdown_table
 

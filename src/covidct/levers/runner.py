@@ -21,9 +21,9 @@ from covidct.config import section, sources_section
 from covidct.experiments.cache import cache_key
 from covidct.experiments.overrides import with_overrides
 from covidct.levers.holdout import score_fold, summarise_holdout
+from covidct.levers.plan import LeverRun, LeverStudy, lever_dir
 from covidct.levers.report import summarise
 from covidct.levers.statistics import PARTS, SCORINGS, score_lever
-from covidct.levers.study import LeverRun, LeverStudy, lever_dir
 from covidct.metrics import flatten_metrics
 from covidct.tracking import child_run, log_epoch
 

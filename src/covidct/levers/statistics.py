@@ -11,7 +11,7 @@ import pandas as pd
 
 from covidct.datasets import CC_CCII, COVID_CT
 from covidct.experiments.overrides import as_overrides
-from covidct.levers.study import BASELINE, LeverStudy, lever_dir
+from covidct.levers.plan import BASELINE, LeverStudy, lever_dir
 from covidct.metrics import flatten_metrics, metrics_with_ci, paired_auc_difference
 from covidct.thresholds import decision_threshold
 

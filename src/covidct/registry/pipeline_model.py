@@ -35,7 +35,7 @@ from covidct.lesions import LesionBurden, lesion_burden, segment_lesions, study_
 from covidct.lung_crop import segment_and_crop
 from covidct.runtime import autocast_dtype, select_device
 from covidct.segmentation.model import load_segmenter
-from covidct.study import study_probabilities
+from covidct.verdicts import study_probabilities
 
 IMAGE, NAME, STUDY = "image", "name", "study"
 LABELS = ("non-COVID", "COVID")
@@ -117,7 +117,7 @@ def predictions_table(
     outside_below: float = 0.0,
 ) -> pd.DataFrame:
     """One row per scan; ``studies`` (an id per scan, empty for none) adds each study's verdict
-    (:mod:`covidct.study`; labelled at ``study_threshold``, else at the slice threshold) to its
+    (:mod:`covidct.verdicts`; labelled at ``study_threshold``, else at the slice threshold) to its
     scans' rows. A slice of a study with lung under ``outside_below`` of the image, or none the
     gate would take, is outside the lungs: marked, left out of the verdict and the study's burden,
     and not an error. Object columns keep ``None`` for failed scans, so the JSON answer says null, not NaN."""

@@ -19,7 +19,7 @@ from covidct.config import PreprocessConfig
 from covidct.datasets import LUNG_SEG, DatasetError
 from covidct.images import read_grayscale, read_mask
 from covidct.paths import LUNG_SPLIT, raw
-from covidct.preprocessing import segmenter_input
+from covidct.segmentation.inputs import segmenter_input
 
 LUNG_ROOT = raw(LUNG_SEG)
 LUNG_MASK_SHAPE = (256, 256)

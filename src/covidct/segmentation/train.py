@@ -23,7 +23,7 @@ from covidct.runtime import grad_scaler, seed_everything
 from covidct.segmentation.inference import predict_probabilities, segmenter_dtype
 from covidct.segmentation.losses import FocalTverskyLoss
 from covidct.segmentation.model import build_segmenter
-from covidct.training import TrainingRun, run_fingerprint, train_one_epoch
+from covidct.training_loop import TrainingRun, run_fingerprint, train_one_epoch
 
 # The code a resume state depends on: a state saved by other code is never picked up.
 TRAINING_CODE = (
@@ -31,7 +31,7 @@ TRAINING_CODE = (
     "covidct.segmentation.model",
     "covidct.segmentation.losses",
     "covidct.segmentation.inference",
-    "covidct.training",
+    "covidct.training_loop",
     "covidct.runtime",
     "covidct.metrics",
 )

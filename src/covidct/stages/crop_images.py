@@ -19,9 +19,9 @@ import pandas as pd
 from covidct.atomic import atomic_dir, write_text_atomic
 from covidct.catalog import load_source
 from covidct.config import section, sources_section
-from covidct.cropping import draw_overlay, save_gallery
 from covidct.images import read_grayscale, read_mask
 from covidct.lung_crop import crop_dataset, crop_summary
+from covidct.overlays import draw_overlay, save_gallery
 from covidct.paths import CROP_REPORTS, CROPS, SEGMENTER, raw
 from covidct.runtime import configure_threads, select_device
 from covidct.segmentation.model import load_segmenter

@@ -22,10 +22,11 @@ import pandas as pd
 
 from covidct.atomic import write_text_atomic
 from covidct.config import section
-from covidct.cropping import clean_lung_mask, draw_overlay, save_gallery
 from covidct.gate import body_midline
-from covidct.lesions import draw_lesion, lesion_burden, study_burden
+from covidct.lesions import lesion_burden, study_burden
+from covidct.lung_box import clean_lung_mask
 from covidct.metrics import dice_score, flatten_metrics, mean_with_ci
+from covidct.overlays import draw_lesion, draw_overlay, save_gallery
 from covidct.paths import LESION, LESION_REPORTS, SEGMENTER
 from covidct.runtime import configure_threads, select_device
 from covidct.segmentation.data import load_lung_split

@@ -16,8 +16,9 @@ import numpy as np
 
 from covidct.atomic import write_text_atomic
 from covidct.config import section
-from covidct.cropping import clean_lung_mask, draw_overlay, save_gallery
+from covidct.lung_box import clean_lung_mask
 from covidct.metrics import dice_score
+from covidct.overlays import draw_overlay, save_gallery
 from covidct.paths import SEGMENTER as MODEL
 from covidct.paths import SEGMENTER_REPORTS as REPORTS
 from covidct.runtime import configure_threads, select_device

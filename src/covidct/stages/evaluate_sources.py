@@ -25,7 +25,7 @@ from covidct.predict import predict_files
 from covidct.registry.pipeline_model import TwoStagePipeline
 from covidct.reports import format_cell, markdown_table
 from covidct.runtime import configure_threads
-from covidct.sources import (
+from covidct.source_figures import (
     choose_top_k,
     contrasts,
     diluted_series,

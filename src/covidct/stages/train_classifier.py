@@ -19,7 +19,7 @@ from covidct.paths import classifier_dir as model_dir
 from covidct.plots import plot_training_curves
 from covidct.runtime import configure_threads, select_device
 from covidct.tracking import log_epoch, stage_run
-from covidct.training import tracked_history
+from covidct.training_loop import tracked_history
 
 
 def run(params: dict[str, Any], root: Path, variant: str) -> None:

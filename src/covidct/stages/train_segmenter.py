@@ -18,7 +18,7 @@ from covidct.runtime import configure_threads, select_device
 from covidct.segmentation.data import load_lung_split
 from covidct.segmentation.train import train_segmenter
 from covidct.tracking import log_epoch, stage_run
-from covidct.training import tracked_history
+from covidct.training_loop import tracked_history
 
 #: params.yaml section -> (stage, weights, reports, figure title)
 NETS = {

@@ -38,7 +38,7 @@ from covidct.tracking import child_run, log_epoch
 
 def study_parent(config: SweepConfig) -> tuple[dict[str, str], str]:
     """The MLflow parent run of a study: every trial of every worker nests under it."""
-    return {"covidct.study": config.study, "covidct.role": "study"}, f"study {config.study}"
+    return {"covidct.verdicts": config.study, "covidct.role": "study"}, f"study {config.study}"
 
 
 class TrialObjective:
@@ -95,7 +95,7 @@ class TrialObjective:
         parent_key, parent_name = study_parent(self.config)
         tags = {
             "covidct.role": "trial",
-            "covidct.study": self.config.study,
+            "covidct.verdicts": self.config.study,
             "optuna.trial_number": str(trial.number),
             "covidct.worker": self.worker,
         }

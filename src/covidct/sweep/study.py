@@ -130,7 +130,7 @@ def summarise(root: Path, config: SweepConfig, study: optuna.Study) -> Path:
         parent_name,
         f"summary {config.study}",
         {},
-        {"covidct.role": "study_summary", "covidct.study": config.study},
+        {"covidct.role": "study_summary", "covidct.verdicts": config.study},
     ):
         mlflow.log_metrics({**best, "finished_trials": finished_trials(study)})
         for name in ["trials.csv", *plots]:  # by name: another worker's temp files come and go in `out`

@@ -1,4 +1,4 @@
-"""Tests for covidct.cropping: lung box, paper's r-shrink, crop+resize, mask cleaning, figures."""
+"""Tests for covidct.lung_box (lung box, the paper's r-shrink, crop+resize, mask cleaning) and covidct.overlays (figures)."""
 
 from __future__ import annotations
 
@@ -8,18 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from covidct.cropping import (
-    BOX_COLOR,
-    MASK_COLOR,
-    CropResult,
-    clean_lung_mask,
-    crop_to_lung_bbox,
-    draw_overlay,
-    lung_bbox,
-    resize_mask,
-    save_gallery,
-    shrink_box,
-)
+from covidct.lung_box import CropResult, clean_lung_mask, crop_to_lung_bbox, lung_bbox, resize_mask, shrink_box
+from covidct.overlays import BOX_COLOR, MASK_COLOR, draw_overlay, save_gallery
 
 
 def _bilinear_half_pixel(crop: np.ndarray, height: int, width: int) -> np.ndarray:

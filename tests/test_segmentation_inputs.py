@@ -1,4 +1,4 @@
-"""Tests for covidct.preprocessing: the one normalisation every segmenter input goes through."""
+"""Tests for covidct.segmentation.inputs: the one normalisation every segmenter input goes through."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from covidct.images import read_grayscale
-from covidct.preprocessing import segmenter_input
+from covidct.segmentation.inputs import segmenter_input
 from helpers.paths import DATA
 
 pytestmark = pytest.mark.data  # reads the real data (skipped without it)

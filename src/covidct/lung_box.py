@@ -1,4 +1,5 @@
-"""Stage between segmentation and classification: crop each CT image to its lung bounding box.
+"""The lung box: cleaning a segmenter's mask, its bounding box, the paper's r-shrink, the crop
+resized back, and nearest-neighbour mask resizing (drawing them is :mod:`covidct.overlays`).
 
 Box convention used throughout this module
 ------------------------------------------
@@ -14,7 +15,6 @@ with bilinear interpolation; :func:`shrink_box` and :func:`crop_to_lung_bbox` im
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,16 +22,15 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
-from covidct.atomic import atomic_path
-
 __all__ = [
+    "Box",
     "CropResult",
+    "as_bool_mask",
     "clean_lung_mask",
+    "clip_box",
     "crop_to_lung_bbox",
-    "draw_overlay",
     "lung_bbox",
     "resize_mask",
-    "save_gallery",
     "shrink_box",
 ]
 
@@ -40,11 +39,8 @@ Box = tuple[int, int, int, int]
 #: dtypes accepted by :func:`crop_to_lung_bbox` (those cv2.resize handles with INTER_LINEAR).
 _RESIZABLE = (np.uint8, np.uint16, np.int16, np.float32, np.float64)
 
-MASK_COLOR = (0, 255, 0)  # green: lung mask contour / fill
-BOX_COLOR = (255, 0, 0)  # red: crop box
 
-
-def _as_bool_2d(mask: np.ndarray, name: str = "mask") -> np.ndarray:
+def as_bool_mask(mask: np.ndarray, name: str = "mask") -> np.ndarray:
     m = np.asarray(mask)
     if m.ndim != 2:
         raise ValueError(f"{name} must be 2-D (HxW), got shape {m.shape}")
@@ -59,7 +55,7 @@ def clean_lung_mask(mask: np.ndarray, keep_components: int = 2, fill_holes: bool
     """
     if keep_components < 1:
         raise ValueError(f"keep_components must be >= 1, got {keep_components}")
-    m = _as_bool_2d(mask)
+    m = as_bool_mask(mask)
     labels, n = ndimage.label(m, structure=np.ones((3, 3), dtype=bool))
     if n > keep_components:
         sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
@@ -76,7 +72,7 @@ def clean_lung_mask(mask: np.ndarray, keep_components: int = 2, fill_holes: bool
 
 def lung_bbox(mask: np.ndarray) -> Box | None:
     """Inclusive ``(x_min, y_min, x_max, y_max)`` of the True (non-zero) pixels; None if empty."""
-    m = _as_bool_2d(mask)
+    m = as_bool_mask(mask)
     rows = np.flatnonzero(m.any(axis=1))
     if rows.size == 0:
         return None
@@ -84,7 +80,7 @@ def lung_bbox(mask: np.ndarray) -> Box | None:
     return int(cols[0]), int(rows[0]), int(cols[-1]), int(rows[-1])
 
 
-def _clip_box(box: Sequence[int], width: int, height: int) -> Box:
+def clip_box(box: Sequence[int], width: int, height: int) -> Box:
     x0, y0, x1, y1 = (int(v) for v in box)
     return (
         min(max(x0, 0), width - 1),
@@ -110,9 +106,9 @@ def shrink_box(box: Sequence[int], r: int, width: int, height: int) -> Box:
     if x1 < 0 or y1 < 0 or x0 > width - 1 or y0 > height - 1:
         raise ValueError(f"box {tuple(box)} lies outside the {width}x{height} image")
     r = int(r)
-    shrunk = _clip_box((x0 + r, y0 + r, x1 - r, y1 - r), width, height)
+    shrunk = clip_box((x0 + r, y0 + r, x1 - r, y1 - r), width, height)
     if shrunk[2] < shrunk[0] or shrunk[3] < shrunk[1]:
-        return _clip_box((x0, y0, x1, y1), width, height)
+        return clip_box((x0, y0, x1, y1), width, height)
     return shrunk
 
 
@@ -149,7 +145,7 @@ def crop_to_lung_bbox(image: np.ndarray, mask: np.ndarray, r: int, min_lung_frac
     height, width = img.shape[:2]
     if height < 1 or width < 1:
         raise ValueError(f"empty image of shape {img.shape}")
-    m = _as_bool_2d(mask)
+    m = as_bool_mask(mask)
     if m.shape != (height, width):
         raise ValueError(f"mask shape {m.shape} does not match image HxW {(height, width)}")
 
@@ -179,7 +175,7 @@ def resize_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
     Output pixel ``(i, j)`` takes the source pixel containing its centre, i.e. row
     ``floor((i + 0.5) * H_src / height)`` (the same rule as Pillow's NEAREST).
     """
-    m = _as_bool_2d(mask)
+    m = as_bool_mask(mask)
     if height < 1 or width < 1:
         raise ValueError(f"target size must be positive, got {height}x{width}")
     h, w = m.shape
@@ -188,106 +184,3 @@ def resize_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
     rows = np.minimum(((np.arange(height) + 0.5) * (h / height)).astype(np.int64), h - 1)
     cols = np.minimum(((np.arange(width) + 0.5) * (w / width)).astype(np.int64), w - 1)
     return m[rows[:, None], cols[None, :]]
-
-
-def _to_rgb_uint8(image: np.ndarray) -> np.ndarray:
-    img = np.asarray(image)
-    if img.ndim == 3 and img.shape[2] == 1:
-        img = img[:, :, 0]
-    if img.ndim == 2:
-        img = np.repeat(img[:, :, None], 3, axis=2)
-    elif not (img.ndim == 3 and img.shape[2] in (3, 4)):
-        raise ValueError(f"expected HxW, HxWx1, HxWx3 or HxWx4 image, got shape {img.shape}")
-    img = img[:, :, :3]
-    if img.dtype == np.bool_:
-        img = img.astype(np.uint8) * 255
-    elif img.dtype != np.uint8:
-        raise ValueError(f"expected a uint8 image, got {img.dtype}")
-    return np.ascontiguousarray(img)
-
-
-def draw_overlay(
-    image_gray: np.ndarray,
-    mask: np.ndarray | None,
-    box: Sequence[int] | None,
-    alpha: float = 0.3,
-) -> np.ndarray:
-    """HxWx3 uint8 RGB overlay for figures like the paper's Fig. 5/6.
-
-    The scan is drawn in gray, the lung mask as a translucent green fill (``alpha``) with a solid
-    green contour, and ``box`` (inclusive ``(x_min, y_min, x_max, y_max)``) as a red rectangle.
-    ``mask`` and ``box`` may be None. Line width grows with the image (1 px up to ~400 px).
-    """
-    rgb = _to_rgb_uint8(image_gray).copy()
-    height, width = rgb.shape[:2]
-    thickness = max(1, int(round(min(height, width) / 400)))
-    if mask is not None:
-        m = _as_bool_2d(mask)
-        if m.shape != (height, width):
-            raise ValueError(f"mask shape {m.shape} does not match image HxW {(height, width)}")
-        color = np.array(MASK_COLOR, dtype=np.float64)
-        if m.any():
-            blended = rgb[m].astype(np.float64) * (1.0 - alpha) + color * alpha
-            rgb[m] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
-            edge = m & ~ndimage.binary_erosion(m, border_value=0)
-            if thickness > 1:
-                edge = ndimage.binary_dilation(edge, iterations=thickness - 1)
-            rgb[edge] = MASK_COLOR
-    if box is not None:
-        x0, y0, x1, y1 = _clip_box(box, width, height)
-        cv2.rectangle(rgb, (x0, y0), (x1, y1), BOX_COLOR, thickness=thickness)
-    return rgb
-
-
-def _fit_tile(tile: np.ndarray, max_side: int) -> np.ndarray:
-    rgb = _to_rgb_uint8(tile)
-    h, w = rgb.shape[:2]
-    scale = max_side / max(h, w)
-    if scale == 1.0:
-        return rgb
-    nh, nw = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
-    interp = cv2.INTER_AREA if scale < 1.0 else cv2.INTER_LINEAR
-    return cv2.resize(rgb, (nw, nh), interpolation=interp)
-
-
-def save_gallery(
-    rows: list[list[np.ndarray]],
-    titles: list[str],
-    path: str | os.PathLike[str],
-    max_side: int = 256,
-) -> None:
-    """Save a grid PNG: one row per case (e.g. input, mask overlay, crop), one title per column.
-
-    Each tile (uint8 HxW gray, or HxWx3 RGB) is resized so its longer side is ``max_side`` px,
-    keeping its aspect ratio. Rows may be shorter than the longest row (empty cells stay blank).
-    ``titles`` has one entry per column, or is empty for no titles. Written atomically.
-    """
-    if not rows or not any(rows):
-        raise ValueError("save_gallery needs at least one non-empty row")
-    if max_side < 1:
-        raise ValueError(f"max_side must be >= 1, got {max_side}")
-    n_cols = max(len(row) for row in rows)
-    if titles and len(titles) != n_cols:
-        raise ValueError(f"got {len(titles)} titles for {n_cols} columns")
-    tiles = [[_fit_tile(t, max_side) for t in row] for row in rows]
-
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    dpi = 100
-    cell = max_side / dpi
-    title_h = 0.3 if titles else 0.0
-    fig = Figure(figsize=(n_cols * cell, len(rows) * cell + title_h), dpi=dpi)
-    FigureCanvasAgg(fig)
-    top = 1.0 - title_h / (len(rows) * cell + title_h)
-    grid = fig.add_gridspec(len(rows), n_cols, left=0, right=1, bottom=0, top=top, wspace=0.02, hspace=0.02)
-    for i, row in enumerate(tiles):
-        for j in range(n_cols):
-            ax = fig.add_subplot(grid[i, j])
-            ax.set_axis_off()
-            if j < len(row):
-                ax.imshow(row[j], interpolation="nearest")
-            if i == 0 and titles:
-                ax.set_title(titles[j], fontsize=9)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi, facecolor="white")

@@ -20,7 +20,7 @@ from covidct.catalog import load_source
 from covidct.datasets import LUNG_SEG
 from covidct.metrics import binary_metrics, flatten_metrics, patient_metrics_with_ci
 from covidct.paths import LUNG_SPLIT, raw
-from covidct.study import top_k_mean
+from covidct.verdicts import top_k_mean
 
 NORMAL = "Normal"  # the subclass of lesion-free scans (CC-CCII's), which diluted series are filled with
 #: Slices averaged into a study's score (0: all of them), the candidates the validation scans choose from.
