@@ -1,9 +1,7 @@
-"""DVC stage entry point; the work is in covidct.stages.train_segmenter (the lesion net)."""
-
-from functools import partial
+"""DVC stage entry point; the work is in covidct.stages.train_lesion."""
 
 from covidct.stages import main
-from covidct.stages.train_segmenter import run
+from covidct.stages.train_lesion import run
 
 if __name__ == "__main__":
-    main(partial(run, net="lesion"))
+    main(run)

@@ -11,7 +11,7 @@ On the CPU here, the same code path on the tiny budget (minutes) before any devi
 
     python scripts/gpu_check.py --root .gpu/root --out /tmp/gpu-dry-run --dry-run
 
-It runs the stage modules DVC runs (train_segmenter, evaluate_segmenter, crop_images,
+It runs the stage modules DVC runs (every stage of dvc.yaml after the audit: train_segmenter, train_lesion, crop_images,
 train_classifier cropped and raw, evaluate, evaluate_sources, register_model) in one process without DVC; MLflow
 logs to a SQLite store under ``--root``. The classifier starts from random weights (no hub on
 the device), so its metrics are not the paper's; proving the path and measuring speed are.
@@ -49,6 +49,7 @@ NETWORKS = tuple(f"efficientnet_b{i}" for i in range(8))
 #: Dry run on the CPU: the same stages and networks, a budget of minutes.
 DRY_RUN = {
     "segmenter": {"channels": [4, 8, 16, 32], "epochs": 1, "batch_size": 8},
+    "lesion": {"channels": [4, 8, 16, 32], "epochs": 1, "batch_size": 8},  # starts from the segmenter: same widths
     "classifier": {"model": "efficientnet_b0", "pretrained": "none", "image_size": 64, "epochs": 1, "batch_size": 8},
 }
 

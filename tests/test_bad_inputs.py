@@ -208,7 +208,7 @@ WARM = r"""
 import json, os, runpy, sys, traceback
 import covidct.stages.audit_data, covidct.stages.crop_images, covidct.stages.evaluate_segmenter
 import covidct.stages.prepare_data, covidct.stages.train_classifier, covidct.stages.train_segmenter
-import covidct.stages.evaluate_lesion
+import covidct.stages.evaluate_lesion, covidct.stages.train_lesion
 print("ready", flush=True)
 for line in sys.stdin:
     job = json.loads(line)
