@@ -53,7 +53,9 @@ def test_runs_artifacts_and_models_live_on_the_server(first: tuple[Path, dict[st
     repo, _, _ = first
     client = MlflowClient(server)
     runs = client.search_runs([client.get_experiment_by_name("covidct").experiment_id])
-    assert {r.data.tags.get("covidct.role") for r in runs} == {"pipeline", "stage"} and len(runs) == 12  # 11 stages, one parent
+    assert {r.data.tags.get("covidct.role") for r in runs} == {"pipeline", "stage"} and len(
+        runs
+    ) == 12  # 11 stages, one parent
     assert all(r.info.artifact_uri.startswith("mlflow-artifacts:") for r in runs)  # uploaded through the server
     assert not (repo / "mlruns").exists()  # no client-side store, no artifact written by path
     assert client.get_model_version("covidct", "1").status == "READY"
