@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 from sklearn.metrics import roc_auc_score
+from torch.optim.swa_utils import update_bn
 from tqdm.auto import tqdm
 
 from covidct.atomic import write_text_atomic
@@ -39,17 +40,14 @@ from covidct.runtime import configure_threads
 BATCH = 32
 
 
-@torch.inference_mode()
 def adapt_batchnorm(model: torch.nn.Module, images: np.ndarray, mean, std, device: torch.device) -> torch.nn.Module:
-    """BatchNorm running statistics re-estimated on ``images`` (a cumulative average over one
-    pass); nothing else changes."""
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None  # cumulative: every batch weighs the same
-    model.train()
-    for start in range(0, len(images), BATCH):
-        model(to_model_input(torch.from_numpy(images[start : start + BATCH])[:, None], mean, std, device))
+    """BatchNorm running statistics re-estimated on ``images`` in one pass (torch's ``update_bn``:
+    statistics reset, then a cumulative average over the batches); nothing else changes."""
+    batches = (
+        to_model_input(torch.from_numpy(images[start : start + BATCH])[:, None], mean, std, device)
+        for start in range(0, len(images), BATCH)
+    )
+    update_bn(batches, model)
     return model.eval()
 
 
