@@ -23,7 +23,7 @@ from covidct.atomic import write_text_atomic
 from covidct.config import load_params, section
 from covidct.metrics import binary_metrics
 from covidct.paths import SOURCE_REPORTS
-from covidct.source_figures import TOP_K_CANDIDATES, diluted_series, study_scores, with_diluted
+from covidct.source_figures import TEST_SEED_OFFSET, TOP_K_CANDIDATES, diluted_at, study_scores, with_diluted
 from covidct.thresholds import decision_threshold
 
 OUT = Path("reports/benchmarks/diluted_series.json")
@@ -39,9 +39,9 @@ def main() -> None:
     scored = scored.assign(study=scored["source"] + "/" + scored["study"].astype(str))
     val = with_diluted(scored[scored["split"] == "val"], study.dilution, study.seed)
     test = scored[scored["split"] == "test"]
+    diluted = diluted_at(test, study.dilution, study.seed + TEST_SEED_OFFSET)  # as evaluate_sources draws them
     series = {"as they are": test} | {
-        f"{100 * share:g} %": diluted_series(test, share, study.seed + 100 + i)
-        for i, share in enumerate(study.dilution)
+        f"{100 * share:g} %": diluted[diluted["study"].str.endswith(f"@{share:g}")] for share in study.dilution
     }
     results: dict[str, dict] = {}
     for k in TOP_K_CANDIDATES:

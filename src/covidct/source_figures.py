@@ -23,6 +23,8 @@ from covidct.paths import LUNG_SPLIT, raw
 from covidct.verdicts import top_k_mean
 
 NORMAL = "Normal"  # the subclass of lesion-free scans (CC-CCII's), which diluted series are filled with
+#: Test series are diluted with other draws than the validation ones (the seed offset between them).
+TEST_SEED_OFFSET = 100
 #: Slices averaged into a study's score (0: all of them), the candidates the validation scans choose from.
 TOP_K_CANDIDATES = (1, 3, 5, 10, 0)
 
@@ -144,9 +146,15 @@ def diluted_series(scored: pd.DataFrame, share: float, seed: int) -> pd.DataFram
     return pd.concat(parts, ignore_index=True) if parts else scored.iloc[:0]
 
 
+def diluted_at(scored: pd.DataFrame, shares: Sequence[float], seed: int) -> pd.DataFrame:
+    """Every scan diluted at each share (:func:`diluted_series`, seeded ``seed + i`` for the i-th share)."""
+    parts = [diluted_series(scored, s, seed + i) for i, s in enumerate(shares)]
+    return pd.concat(parts, ignore_index=True) if parts else scored.iloc[:0]
+
+
 def with_diluted(scored: pd.DataFrame, shares: Sequence[float], seed: int) -> pd.DataFrame:
-    """``scored``'s own scans and, for each share, every scan diluted (:func:`diluted_series`)."""
-    return pd.concat([scored, *(diluted_series(scored, s, seed + i) for i, s in enumerate(shares))], ignore_index=True)
+    """``scored``'s own scans and, for each share, every scan diluted."""
+    return pd.concat([scored, diluted_at(scored, shares, seed)], ignore_index=True)
 
 
 def choose_top_k(val: pd.DataFrame) -> int:

@@ -26,9 +26,10 @@ from covidct.registry.pipeline_model import TwoStagePipeline
 from covidct.reports import format_cell, markdown_table
 from covidct.runtime import configure_threads
 from covidct.source_figures import (
+    TEST_SEED_OFFSET,
     choose_top_k,
     contrasts,
-    diluted_series,
+    diluted_at,
     figure_rows,
     rows_to_score,
     source_figures,
@@ -190,11 +191,7 @@ def study_figures(
         if len(studies) == 0 or studies["label"].nunique() < 2:
             continue
         out[f"{name}.studies"] = _study_metrics(studies, threshold, config)
-        diluted = pd.concat(
-            [diluted_series(test, share, study.seed + 100 + i) for i, share in enumerate(study.dilution)],
-            ignore_index=True,
-        )
-        diluted = study_scores(diluted, top_k)
+        diluted = study_scores(diluted_at(test, study.dilution, study.seed + TEST_SEED_OFFSET), top_k)
         if len(diluted) and diluted["label"].nunique() == 2:  # only a source with a Normal class is diluted
             out[f"{name}.diluted"] = _study_metrics(diluted, threshold, config)
     return out
