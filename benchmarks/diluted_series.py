@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from covidct.atomic import write_text_atomic
-from covidct.config import load_params, section
+from covidct.config import EvaluateConfig, StudyConfig, load_params
 from covidct.metrics import binary_metrics
 from covidct.paths import SOURCE_REPORTS
 from covidct.source_figures import TEST_SEED_OFFSET, TOP_K_CANDIDATES, diluted_at, study_scores, with_diluted
@@ -32,7 +32,7 @@ OUT = Path("reports/benchmarks/diluted_series.json")
 def main() -> None:
     root = Path.cwd()
     params = load_params(root / "params.yaml")
-    config, study = section(params, "evaluate"), section(params, "study")
+    config, study = EvaluateConfig.of(params), StudyConfig.of(params)
     scored = pd.read_csv(root / SOURCE_REPORTS / "scores.csv")
     trained = params["classifier"]["sources"]
     scored = scored[scored["source"].isin(trained)]

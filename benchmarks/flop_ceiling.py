@@ -22,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from covidct.atomic import write_text_atomic
 from covidct.classification.model import build_classifier
-from covidct.config import load_params, section
+from covidct.config import ClassifierConfig, PreprocessConfig, SegmenterConfig, load_params
 from covidct.runtime import configure_threads
 from covidct.segmentation.model import build_segmenter
 
@@ -72,7 +72,7 @@ def main() -> None:
     args = parser.parse_args()
     threads = configure_threads()
     params = load_params("params.yaml")
-    pre, seg, clf = section(params, "preprocess"), section(params, "segmenter"), section(params, "classifier")
+    pre, seg, clf = PreprocessConfig.of(params), SegmenterConfig.of(params), ClassifierConfig.of(params)
     peak = matmul_gflops(2048, args.rounds)
     nets = {
         "segmenter": network(build_segmenter(seg.channels), (1, pre.size, pre.size), args.batch, args.rounds),

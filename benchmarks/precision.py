@@ -24,7 +24,7 @@ import torch
 from side_by_side import alternate, save
 from torch.utils.data import DataLoader
 
-from covidct.config import load_params, section
+from covidct.config import PreprocessConfig, SegmenterConfig, load_params
 from covidct.metrics import binary_metrics, dice_score
 from covidct.paths import COVID_CT_SPLIT, PIPELINE, SEGMENTER, raw
 from covidct.predict import load_pipeline
@@ -46,7 +46,7 @@ def main() -> None:
     args = parser.parse_args()
     root = Path.cwd()
     params = load_params(root / "params.yaml")
-    pre, config = section(params, "preprocess"), section(params, "segmenter")
+    pre, config = PreprocessConfig.of(params), SegmenterConfig.of(params)
     device, threads = select_device(), configure_threads()
     model, _ = load_segmenter(root / SEGMENTER, device)
     _, test_images, test_masks, _ = load_lung_split(root, "test", pre)

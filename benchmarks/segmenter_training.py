@@ -20,7 +20,7 @@ import torch
 from side_by_side import alternate, save
 from torch.utils.data import DataLoader
 
-from covidct.config import load_params, section
+from covidct.config import PreprocessConfig, SegmenterConfig, load_params
 from covidct.runtime import configure_threads, grad_scaler, select_device
 from covidct.segmentation.data import load_lung_split
 from covidct.segmentation.losses import FocalTverskyLoss
@@ -36,7 +36,7 @@ def main() -> None:
     args = parser.parse_args()
     root = Path.cwd()
     params = load_params(root / "params.yaml")
-    pre, config = section(params, "preprocess"), section(params, "segmenter")
+    pre, config = PreprocessConfig.of(params), SegmenterConfig.of(params)
     device, threads = select_device(), configure_threads()
     _, images, masks, _ = load_lung_split(root, "train", pre)
     n = args.batches * config.batch_size

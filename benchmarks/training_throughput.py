@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from covidct.classification.data import CachedImages, load_resized, paper_augmentation, to_model_input
 from covidct.classification.model import build_classifier, normalisation
 from covidct.classification.train import classifier_epoch
-from covidct.config import load_params, section
+from covidct.config import ClassifierConfig, load_params
 from covidct.paths import COVID_CT_SPLIT as SPLIT
 from covidct.paths import raw
 from covidct.runtime import configure_threads, grad_scaler, select_device
@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=12, help="batches per round")
     args = parser.parse_args()
     root = Path.cwd()
-    config = section(load_params(root / "params.yaml"), "classifier")
+    config = ClassifierConfig.of(load_params(root / "params.yaml"))
     device, threads = select_device(), configure_threads()
     n = args.batches * config.batch_size
     table = pd.read_csv(root / SPLIT).query("split == 'train'").head(n)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from covidct.atomic import write_text_atomic
-from covidct.config import load_params, section
+from covidct.config import EvaluateConfig, PreprocessConfig, load_params
 from covidct.metrics import dice_score, mean_with_ci
 from covidct.paths import LESION_REPORTS
 from covidct.runtime import configure_threads
@@ -45,8 +45,8 @@ def main() -> None:
     root = Path.cwd()
     configure_threads()
     params = load_params(root / "params.yaml")
-    evaluate = section(params, "evaluate")
-    table, images, _, lesions = load_lung_split(root, "val", section(params, "preprocess"), lesions=True)
+    evaluate = EvaluateConfig.of(params)
+    table, images, _, lesions = load_lung_split(root, "val", PreprocessConfig.of(params), lesions=True)
     a, b = per_slice_dice(args.a, images, lesions), per_slice_dice(args.b, images, lesions)
     groups = table["patient_id"].to_numpy()
     boot = {"n_boot": evaluate.n_bootstrap, "seed": evaluate.seed}

@@ -18,7 +18,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from covidct.config import load_params, section, sources_section
+from covidct.config import CropConfig, declared_sources, load_params
 from covidct.datasets import LUNG_SEG
 from covidct.gate import lung_evidence
 from covidct.images import read_grayscale, read_mask
@@ -37,9 +37,9 @@ def evidence(root: Path, split: str) -> pd.DataFrame:
     configure_threads()
     model, meta = load_segmenter(root / SEGMENTER, device)
     params = load_params(root / "params.yaml")
-    crop = section(params, "crop")
+    crop = CropConfig.of(params)
     rows = []
-    for name in [*sources_section(params), LUNG_SEG]:
+    for name in [*declared_sources(params), LUNG_SEG]:
         table = source_table(root, name)
         table = table[table["split"] == split]
         for start in tqdm(range(0, len(table), crop.batch_size), desc=f"{name} {split}", unit="batch"):
@@ -68,7 +68,7 @@ def lungless_control(root: Path) -> pd.DataFrame:
     as a neck or abdomen slice has none. The gate should refuse them; the evidence says how clearly."""
     device = select_device()
     model, meta = load_segmenter(root / SEGMENTER, device)
-    crop = section(load_params(root / "params.yaml"), "crop")
+    crop = CropConfig.of(load_params(root / "params.yaml"))
     table = source_table(root, "lung-seg")
     table = table[table["split"] == "test"]
     rows = []

@@ -82,19 +82,18 @@ def network_sweep(
 ) -> dict[str, dict[str, Any]]:
     """Each network one epoch on the cropped images at its native resolution (the dry run: 64 px),
     through the classifier stage's own training function."""
-    import dataclasses
 
     import timm
 
     from covidct.classification.table import checkpoint_meta, classifier_table, load_classifier_inputs
     from covidct.classification.train import fit_and_predict
-    from covidct.config import section, sources_section
+    from covidct.config import ClassifierConfig, declared_sources
 
     results = {}
     for name in networks:
         size = 64 if dry_run else int(timm.get_pretrained_cfg(name).input_size[-1])
-        config = dataclasses.replace(section(params, "classifier"), model=name, image_size=size, epochs=1)
-        table = classifier_table(root, config, sources_section(params))
+        config = ClassifierConfig.of(params).replace(model=name, image_size=size, epochs=1)
+        table = classifier_table(root, config, declared_sources(params))
         images = load_classifier_inputs(root, table, "cropped", config, progress=None)
         out = root / "sweep" / name
         (history, _, _), timing = timed(

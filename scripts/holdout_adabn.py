@@ -30,7 +30,7 @@ from covidct.classification.data import to_model_input
 from covidct.classification.model import load_classifier
 from covidct.classification.table import load_classifier_inputs
 from covidct.classification.train import predict_scores
-from covidct.config import load_params, section
+from covidct.config import ClassifierConfig, EvaluateConfig, load_params
 from covidct.experiments.overrides import with_overrides
 from covidct.levers.holdout import held_out_rows
 from covidct.metrics import paired_auc_difference
@@ -59,7 +59,7 @@ def main() -> None:
     root, device = Path.cwd(), torch.device("cpu")
     configure_threads()
     params = load_params(root / "params.yaml")
-    evaluate = section(params, "evaluate")
+    evaluate = EvaluateConfig.of(params)
     runs = sorted(
         p
         for p in (root / "levers" / args.study).glob(f"{args.lever}_without_*_seed*")
@@ -72,7 +72,7 @@ def main() -> None:
         record = json.loads((run / "metrics.json").read_text())
         fold, seed = record["holdout"]["fold"], record["seed"]
         held = held_out_rows(pd.read_csv(run / "predictions.csv"), fold)
-        config = section(with_overrides(params, record["overrides"]), "classifier")
+        config = ClassifierConfig.of(with_overrides(params, record["overrides"]))
         images = load_classifier_inputs(root, held, "cropped", config, progress=None)
         model, meta = load_classifier(run / "model.safetensors", device)
         as_trained = predict_scores(model, images, device, meta["mean"], meta["std"], BATCH, dtype=None)

@@ -29,7 +29,7 @@ from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
 from covidct.atomic import write_text_atomic
-from covidct.config import load_params, section, sources_section
+from covidct.config import EvaluateConfig, declared_sources, load_params
 from covidct.gate import body_midline
 from covidct.images import read_grayscale, read_mask
 from covidct.lesions import lesion_burden, segment_lesions
@@ -68,7 +68,7 @@ def main() -> None:
     root = Path.cwd()
     configure_threads()
     params = load_params(root / "params.yaml")
-    evaluate, names = section(params, "evaluate"), list(sources_section(params))
+    evaluate, names = EvaluateConfig.of(params), list(declared_sources(params))
     out = root / "reports" / "levers"
     folds, known, measured = {}, {}, []
     for fold in names:
@@ -128,7 +128,7 @@ def main() -> None:
         out / f"{args.study}_burden.json",
         json.dumps({"study": args.study, "lever": args.lever, "folds": folds}, indent=2) + "\n",
     )
-    titles = {name: source.title for name, source in sources_section(params).items()}
+    titles = {name: source.title for name, source in declared_sources(params).items()}
 
     def cell(f: dict, key: str) -> str:
         return format_cell({"value": f[key], "ci_low": f[f"{key}_ci_low"], "ci_high": f[f"{key}_ci_high"]})

@@ -127,8 +127,18 @@ def test_balanced_sampler_draws_every_source_and_class_alike() -> None:
 
 
 DECLARED = {
-    "covid-ct": SourceConfig("COVID-CT", "lists", "folder", ("CT_COVID",), "meta", "meta", False),
-    "cc-ccii": SourceConfig("CC-CCII", "patients", "cc_ccii_class", ("NCP",), "patient_id", "scan_id", True),
+    "covid-ct": SourceConfig(
+        title="COVID-CT", split="lists", classes="folder", covid=("CT_COVID",), patient="meta", scan="meta", thin=False
+    ),
+    "cc-ccii": SourceConfig(
+        title="CC-CCII",
+        split="patients",
+        classes="cc_ccii_class",
+        covid=("NCP",),
+        patient="patient_id",
+        scan="scan_id",
+        thin=True,
+    ),
 }
 
 

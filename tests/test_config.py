@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import re
 import shutil
 from pathlib import Path
@@ -11,16 +10,23 @@ from typing import Any
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from covidct.cli import DEFAULT_MODEL
 from covidct.config import (
     SECTIONS,
+    ClassifierConfig,
     ConfigError,
+    CropConfig,
+    DataConfig,
+    Params,
+    PreprocessConfig,
+    RegistryConfig,
+    SegmenterConfig,
     load_params,
-    section,
-    validate_all,
 )
 from covidct.profiles import PROFILES, apply_profile, available
+from covidct.schema import set_dotted
 from helpers.configs import yaml_like
 from helpers.paths import REPO
 
@@ -34,12 +40,9 @@ def params() -> dict[str, Any]:
 
 
 def _with(params: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
+    """``params`` with one key set and not checked: the tests hand the reader bad values."""
     out = copy.deepcopy(params)
-    *parents, last = dotted.split(".")
-    node = out
-    for key in parents:
-        node = node[key]
-    node[last] = value
+    set_dotted(out, {dotted: value}, new_keys=True)
     return out
 
 
@@ -47,24 +50,36 @@ def _with(params: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
 
 
 def test_every_section_of_params_yaml_reads_back_whole(params: dict[str, Any]) -> None:
-    """Each section becomes its own dataclass with every key it holds, as written: the reader
-    neither drops a key nor invents one (a config has no defaults)."""
-    validate_all(params)
+    """Each section becomes its own model with every key it holds, as written: the reader
+    neither drops a key nor invents one (a config has no defaults), and the whole file reads
+    into the same values section by section."""
+    whole = Params.of(params)
+    assert set(SECTIONS) | {"sources"} == set(params)
     for name, kind in SECTIONS.items():
-        config = section(params, name)
-        assert type(config) is kind, name
-        assert yaml_like(dataclasses.asdict(config)) == params[name], name
+        config = kind.of(params)
+        assert kind.KEY == name and getattr(whole, name) == config, name
+        assert yaml_like(config.model_dump()) == params[name], name
+    assert {k: yaml_like(v.model_dump()) for k, v in whole.sources.items()} == params["sources"]
+
+
+def test_a_config_is_frozen_and_replace_checks_the_change(params: dict[str, Any]) -> None:
+    crop = CropConfig.of(params)
+    with pytest.raises(ValidationError):
+        crop.margin = 3  # type: ignore[misc]
+    assert crop.replace(margin=3).margin == 3 and crop.margin == params["crop"]["margin"]
+    with pytest.raises(ConfigError, match=r"CropConfig: margin must be <= 200, got 500"):
+        crop.replace(margin=500)
 
 
 def test_the_cli_default_outside_a_checkout_is_the_registry_params_name(params: dict[str, Any]) -> None:
     """`covidct predict` run where there is no params.yaml falls back to a constant; it must name
     the model and alias every checkout registers, or it loads nothing."""
-    registry = section(params, "registry")
+    registry = RegistryConfig.of(params)
     assert f"models:/{registry.model_name}@{registry.alias}" == DEFAULT_MODEL
 
 
 def test_int_given_for_float_is_converted(params: dict[str, Any]) -> None:
-    seg = section(_with(params, "segmenter.tversky_gamma", 2), "segmenter")
+    seg = SegmenterConfig.of(_with(params, "segmenter.tversky_gamma", 2))
     assert seg.tversky_gamma == 2.0 and isinstance(seg.tversky_gamma, float)
 
 
@@ -107,10 +122,10 @@ def test_int_given_for_float_is_converted(params: dict[str, Any]) -> None:
 def test_bad_value_names_key(params: dict[str, Any], dotted: str, value: Any, key: str) -> None:
     bad = _with(params, dotted, value)
     with pytest.raises(ConfigError) as info:
-        validate_all(bad)
+        Params.of(bad)
     assert key in str(info.value)
     with pytest.raises(ConfigError, match=re.escape(key)):
-        section(bad, dotted.split(".")[0])
+        SECTIONS[dotted.split(".")[0]].of(bad)
 
 
 @pytest.mark.parametrize(
@@ -131,63 +146,64 @@ def test_bad_source_declaration_names_the_source_and_key(
     params: dict[str, Any], dotted: str, value: Any, message: str
 ) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
-        validate_all(_with(params, dotted, value))
+        Params.of(_with(params, dotted, value))
 
 
 def test_a_source_declaration_has_no_defaults(params: dict[str, Any]) -> None:
     bad = copy.deepcopy(params)
     del bad["sources"]["sars-cov-2-ct"]["scan"]
     with pytest.raises(ConfigError, match=re.escape("sources.sars-cov-2-ct.scan is missing")):
-        validate_all(bad)
+        Params.of(bad)
     bad["sources"] = {}
     with pytest.raises(ConfigError, match="sources must map each labelled dataset"):
-        validate_all(bad)
+        Params.of(bad)
 
 
 def test_value_named_in_message(params: dict[str, Any]) -> None:
     with pytest.raises(ConfigError, match=r"segmenter\.tversky_alpha.*1\.5"):
-        validate_all(_with(params, "segmenter.tversky_alpha", 1.5))
+        Params.of(_with(params, "segmenter.tversky_alpha", 1.5))
     with pytest.raises(ConfigError, match=r"classifier\.model.*efficientnet_b9"):
-        validate_all(_with(params, "classifier.model", "efficientnet_b9"))
+        Params.of(_with(params, "classifier.model", "efficientnet_b9"))
 
 
 def test_lite0_wheel_needs_a_lite0_model(params: dict[str, Any]) -> None:
     with pytest.raises(ConfigError, match=r"classifier\.pretrained.*efficientnet_b4"):
-        section(_with(params, "classifier.model", "efficientnet_b4"), "classifier")
+        ClassifierConfig.of(_with(params, "classifier.model", "efficientnet_b4"))
 
 
 def test_string_inside_channels_list_names_key(params: dict[str, Any]) -> None:
     with pytest.raises(ConfigError, match=r"segmenter\.channels"):
-        validate_all(_with(params, "segmenter.channels", [8, "16", 32]))
+        Params.of(_with(params, "segmenter.channels", [8, "16", 32]))
 
 
 def test_accepted_values_and_boundaries(params: dict[str, Any]) -> None:
     for i in range(8):
         for name in (f"efficientnet_b{i}", f"tf_efficientnet_b{i}"):
             assert (
-                section(
-                    _with(_with(params, "classifier.pretrained", "none"), "classifier.model", name), "classifier"
+                ClassifierConfig.of(
+                    _with(_with(params, "classifier.pretrained", "none"), "classifier.model", name)
                 ).model
                 == name
             )
-    assert section(_with(params, "segmenter.tversky_alpha", 1.0), "segmenter").tversky_alpha == 1.0
-    assert section(_with(params, "segmenter.tversky_gamma", 5.0), "segmenter").tversky_gamma == 5.0
-    assert section(_with(params, "crop.margin", 200), "crop").margin == 200
-    assert section(_with(params, "crop.margin", -200), "crop").margin == -200
-    assert section(_with(params, "crop.margin", 3.0), "crop").margin == 3  # integral float is fine
+    assert SegmenterConfig.of(_with(params, "segmenter.tversky_alpha", 1.0)).tversky_alpha == 1.0
+    assert SegmenterConfig.of(_with(params, "segmenter.tversky_gamma", 5.0)).tversky_gamma == 5.0
+    assert CropConfig.of(_with(params, "crop.margin", 200)).margin == 200
+    assert CropConfig.of(_with(params, "crop.margin", -200)).margin == -200
+    with pytest.raises(ConfigError, match=r"crop\.margin must be an integer, got 3\.0"):
+        CropConfig.of(_with(params, "crop.margin", 3.0))  # no silent conversion, even of an integral float
     for size in (32, 48, 512):
-        assert section(_with(params, "preprocess.size", size), "preprocess").size == size
+        assert PreprocessConfig.of(_with(params, "preprocess.size", size)).size == size
 
 
 def test_unknown_section_names_it(params: dict[str, Any]) -> None:
     with pytest.raises(ConfigError, match="training"):
-        validate_all({**params, "training": {"epochs": 3}})
+        Params.of({**params, "training": {"epochs": 3}})
 
 
 def test_missing_section_names_it(params: dict[str, Any]) -> None:
     without = {k: v for k, v in params.items() if k != "crop"}
     with pytest.raises(ConfigError, match="'crop'"):
-        section(without, "crop")
+        CropConfig.of(without)
 
 
 @pytest.mark.parametrize(
@@ -203,13 +219,13 @@ def test_missing_key_names_it_instead_of_taking_a_default(params: dict[str, Any]
         node = node[key]
     del node[leaf]
     with pytest.raises(ConfigError, match=rf"params.yaml: {re.escape(dotted)} is missing"):
-        validate_all(changed)
+        Params.of(changed)
 
 
 def test_validate_all_rejects_missing_section(params: dict[str, Any]) -> None:
     without = {k: v for k, v in params.items() if k != "crop"}
     with pytest.raises(ConfigError, match="crop"):
-        validate_all(without)
+        Params.of(without)
 
 
 def test_missing_params_file(tmp_path: Path) -> None:
@@ -276,7 +292,7 @@ def test_apply_profile(root: Path, profile: Path) -> None:
 
     after_text = (root / "params.yaml").read_text(encoding="utf-8")
     after = load_params(root / "params.yaml")
-    validate_all(after)
+    Params.of(after)
     after_leaves, before_leaves = _leaves(after), _leaves(before)
     for key, value in overrides.items():
         assert after_leaves[key] == value, key
@@ -296,11 +312,11 @@ def test_apply_profile(root: Path, profile: Path) -> None:
 def test_tiny_profile_values(root: Path) -> None:
     apply_profile(root, "tiny")
     params = load_params(root / "params.yaml")
-    assert section(params, "segmenter").channels == (4, 8, 16)
-    assert section(params, "segmenter").epochs == 1
-    assert section(params, "classifier").image_size == 64
-    assert section(params, "data").subset_per_class == 3
-    assert section(params, "segmenter").tversky_alpha == 0.7  # untouched
+    assert SegmenterConfig.of(params).channels == (4, 8, 16)
+    assert SegmenterConfig.of(params).epochs == 1
+    assert ClassifierConfig.of(params).image_size == 64
+    assert DataConfig.of(params).subset_per_class == 3
+    assert SegmenterConfig.of(params).tversky_alpha == 0.7  # untouched
 
 
 def test_profile_with_unknown_key_leaves_params_unchanged(root: Path) -> None:

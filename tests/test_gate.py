@@ -74,9 +74,7 @@ def test_one_sided_or_tiny_lung_is_refused() -> None:
     gray = read_grayscale(LUNG / "images" / f"{pd.read_csv(LUNG / 'manifest.csv')['id'].iloc[500]}.png")
     mask = np.zeros(gray.shape, bool)
     mask[80:180, 20:100] = True  # one lung's worth, all left of the midline
-    two_lungs = GateConfig(
-        GATE.min_side, GATE.min_std, GATE.min_lung_fraction, 0.05
-    )  # params.yaml keeps this check off (see its comment)
+    two_lungs = GATE.replace(min_lung_balance=0.05)  # params.yaml keeps this check off (see its comment)
     one_sided = lung_problem(lung_evidence(mask, gray), two_lungs)
     assert one_sided is not None and "both sides" in one_sided
     assert lung_problem(LungEvidence(0.2, 0.2, 0.0), GATE) is None  # off by default: one lung is not refused
@@ -92,7 +90,7 @@ def test_midline_follows_the_body_not_the_image() -> None:
 
 def test_pipeline_refuses_what_the_gate_refuses_and_scores_the_rest(tmp_path: Path) -> None:
     weights = save_tiny_networks(tmp_path)
-    pictures_only = GateConfig(GATE.min_side, GATE.min_std, 0.0, 0.0)  # an untrained segmenter finds no lungs
+    pictures_only = GATE.replace(min_lung_fraction=0.0, min_lung_balance=0.0)  # an untrained segmenter finds no lungs
     gated = TwoStagePipeline(
         *weights, make_config("crop", min_lung_fraction=0.0), 0.5, pictures_only, torch.device("cpu")
     )

@@ -16,7 +16,7 @@ import yaml
 from covidct.checkpoints import load_checkpoint
 from covidct.classification.data import resize_for_classifier
 from covidct.classification.train import train_classifier
-from covidct.config import ClassifierConfig, SegmenterConfig, load_params, section
+from covidct.config import ClassifierConfig, PreprocessConfig, SegmenterConfig, load_params
 from covidct.images import read_grayscale, read_mask
 from covidct.profiles import apply_profile
 from covidct.segmentation.inputs import segmenter_input
@@ -66,7 +66,7 @@ def _one_step(config: ClassifierConfig, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", SWEPT)
 def test_every_swept_efficientnet_trains_a_step_at_its_own_size(name: str, tmp_path: Path) -> None:
-    base = section(load_params(REPO / "params.yaml"), "classifier")
+    base = ClassifierConfig.of(load_params(REPO / "params.yaml"))
     size = _native_size(name)
     config = ClassifierConfig(
         **{**base.__dict__, "model": name, "pretrained": "none", "image_size": size, "epochs": 1, "batch_size": 2}
@@ -76,14 +76,14 @@ def test_every_swept_efficientnet_trains_a_step_at_its_own_size(name: str, tmp_p
 
 @pytest.mark.parametrize("profile", ["paper", "gpu"])
 def test_the_gpu_profiles_classifier_trains_a_step(profile: str, tmp_path: Path) -> None:
-    config = section(_profile(tmp_path, profile), "classifier")
+    config = ClassifierConfig.of(_profile(tmp_path, profile))
     assert (config.model, config.image_size) == ("efficientnet_b4", 320)
     _one_step(ClassifierConfig(**{**config.__dict__, "pretrained": "none", "epochs": 1, "batch_size": 2}), tmp_path)
 
 
 def test_the_paper_size_segmenter_trains_a_step(tmp_path: Path) -> None:
     params = _profile(tmp_path, "paper")
-    config, pre = section(params, "segmenter"), section(params, "preprocess")
+    config, pre = SegmenterConfig.of(params), PreprocessConfig.of(params)
     assert config.channels == (16, 32, 64, 128, 256)
     lung = DATA / "lung-seg"
     images = np.stack(

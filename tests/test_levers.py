@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from sklearn.metrics import roc_auc_score
 
 from covidct.cli import main
-from covidct.config import load_params
+from covidct.config import EvaluateConfig, load_params
 from covidct.profiles import set_params
 from helpers.tiny import prepare_tiny_root
 
@@ -197,14 +197,18 @@ def test_levers_over_seeds_reuse_other_studies_and_ensemble(root: Path, levers_h
         ("levers:\n  bad: {classifier.lr: 0.001}\n", (), "'baseline'"),
         ("base: {classifier.nope: 1}\nlevers:\n  baseline: {}\n", (), "classifier.nope"),
         ("levers:\n  baseline: {}\n  bad: {classifier.lr: -1}\n", (), "classifier.lr"),
-        ("seeds: [0, 0]\nlevers:\n  baseline: {}\n", (), "seeds:"),
-        ("seeds: [0, 1]\nlevers:\n  baseline: {}\n  bad: {classifier.seed: 3}\n", (), "classifier.seed"),
-        ("holdout: [covid-ct, nowhere]\nlevers:\n  baseline: {}\n", (), "holdout: must list two or more declared"),
-        ("holdout: [covid-ct]\nlevers:\n  baseline: {}\n", (), "holdout: must list two or more declared"),
+        ("seeds: [0, 0]\nlevers:\n  baseline: {}\n", (), "bad.yaml: seeds must not repeat a value"),
+        (
+            "seeds: [0, 1]\nlevers:\n  baseline: {}\n  bad: {classifier.seed: 3}\n",
+            (),
+            "levers.bad sets classifier.seed, which seeds: sets",
+        ),
+        ("holdout: [covid-ct, nowhere]\nlevers:\n  baseline: {}\n", (), "holdout must list two or more declared"),
+        ("holdout: [covid-ct]\nlevers:\n  baseline: {}\n", (), "holdout must list two or more declared"),
         (
             "holdout: [covid-ct, cc-ccii]\nlevers:\n  baseline: {}\n  bad: {classifier.sources: [covid-ct]}\n",
             (),
-            "classifier.sources: set by holdout:",
+            "levers.bad sets classifier.sources, which holdout: sets",
         ),
     ],
 )
@@ -234,7 +238,6 @@ def test_leave_one_source_out_folds_score_the_held_out_source_whole(
     at a threshold from the trained sources' validation rows; the study's metrics name the worst
     fold, and a registered recipe finds its own figures there (and only its own)."""
     from covidct.catalog import load_source
-    from covidct.config import section
     from covidct.experiments.overrides import with_overrides
     from covidct.registry.register import holdout_tags
     from covidct.thresholds import decision_threshold
@@ -251,7 +254,7 @@ def test_leave_one_source_out_folds_score_the_held_out_source_whole(
             assert not held["trained"].any() and predictions.loc[predictions["source"] != fold, "trained"].all()
             val = predictions[(predictions["split"] == "val") & predictions["trained"]]
             record = json.loads((run / "metrics.json").read_text())["holdout"]
-            assert record["threshold"] == pytest.approx(decision_threshold(val, section(base, "evaluate")), abs=1e-6)
+            assert record["threshold"] == pytest.approx(decision_threshold(val, EvaluateConfig.of(base)), abs=1e-6)
             assert record["auc"] == pytest.approx(roc_auc_score(held["label"], held["score"]))
     metrics = json.loads((root / "reports" / "levers" / "h.json").read_text())
     for lever in ("baseline", "equalise"):

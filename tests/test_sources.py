@@ -152,7 +152,15 @@ def test_patient_split_keeps_linked_patients_together_and_stratifies_classes() -
     from covidct.datasets import patient_split
 
     manifest = pd.read_csv(DATA / "cc-ccii" / "manifest.csv")
-    source = SourceConfig("CC-CCII", "patients", "cc_ccii_class", ("NCP",), "patient_id", "scan_id", True)
+    source = SourceConfig(
+        title="CC-CCII",
+        split="patients",
+        classes="cc_ccii_class",
+        covid=("NCP",),
+        patient="patient_id",
+        scan="scan_id",
+        thin=True,
+    )
     groups = {"CP_1775": "CP_1775+CP_3636", "CP_3636": "CP_1775+CP_3636"}
     split = patient_split(manifest, source, 0.2, 0.2, 0, groups=groups)
     assert split.loc[split["patient"] == "CP_1775+CP_3636", "split"].nunique() == 1
@@ -168,7 +176,15 @@ def test_manifest_split_is_used_as_given_and_checked() -> None:
     from covidct.datasets import DatasetError, manifest_split
 
     manifest = pd.read_csv(DATA / "sars-cov-2-ct" / "manifest.csv")
-    source = SourceConfig("SARS-CoV-2 CT", "manifest", "label", ("COVID",), "scan", "scan", False)
+    source = SourceConfig(
+        title="SARS-CoV-2 CT",
+        split="manifest",
+        classes="label",
+        covid=("COVID",),
+        patient="scan",
+        scan="scan",
+        thin=False,
+    )
     split = manifest_split(manifest, source)
     assert split["split"].tolist() == manifest["split"].tolist()  # as given, row for row
     assert split["label"].eq(manifest["label"].eq("COVID").astype(int)).all()

@@ -95,7 +95,7 @@ def test_sweep_reuses_stages_resumes_and_exports_best(
         if r.data.tags.get("optuna.state") != "PRUNED"
     )
 
-    best = apply_best(root, more)
+    best = apply_best(root, more, config)
     params = YAML(typ="safe").load((root / "params.yaml").read_text())
     assert (
         params["crop"]["margin"] == best["crop.margin"]

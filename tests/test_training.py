@@ -6,7 +6,6 @@ They check the wiring (data -> loss -> checkpoint -> reload -> scores), the chec
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -149,7 +148,7 @@ def test_bf16_segmenter_trains_deterministically_and_segments_like_fp32(
 ) -> None:
     """The mixed-precision path runs here on every CPU run, a rerun gives the same bits, and its
     lung probabilities stay within a stated tolerance of fp32 (the trained net's: benchmarks/precision.py)."""
-    bf16 = dataclasses.replace(SEG_CONFIG, precision="bf16")
+    bf16 = SEG_CONFIG.replace(precision="bf16")
     train, val = lung_data
     meta = {"channels": list(bf16.channels), "size": SIZE, "clahe_clip": 7.0, "precision": "bf16"}
     first = train_segmenter(train, val, bf16, CPU, tmp_path / "a.safetensors", meta)
@@ -309,12 +308,9 @@ def test_positive_weight() -> None:
 
 
 def test_levers_change_training_and_land_in_the_checkpoint(covid_data, tmp_path: Path) -> None:
-    import dataclasses
 
     train, val = covid_data
-    config = dataclasses.replace(
-        CLF_CONFIG, epochs=2, schedule="cosine", class_weight="balanced", head_init="zero", tta=True
-    )
+    config = CLF_CONFIG.replace(epochs=2, schedule="cosine", class_weight="balanced", head_init="zero", tta=True)
     history = train_classifier(
         train, val, config, CPU, tmp_path / "model.safetensors", {"model": config.model, "image_size": SIZE}
     )
@@ -325,7 +321,6 @@ def test_levers_change_training_and_land_in_the_checkpoint(covid_data, tmp_path:
 
 
 def test_cosine_schedule_ends_at_zero(covid_data, tmp_path: Path) -> None:
-    import dataclasses
 
     from covidct.classification import train as train_module
 
@@ -338,7 +333,7 @@ def test_cosine_schedule_ends_at_zero(covid_data, tmp_path: Path) -> None:
         return result
 
     train, val = covid_data
-    config = dataclasses.replace(CLF_CONFIG, epochs=2, schedule="cosine")
+    config = CLF_CONFIG.replace(epochs=2, schedule="cosine")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train_module, "classifier_epoch", spy)
         train_classifier(train, val, config, CPU, tmp_path / "model.safetensors", {})
@@ -360,7 +355,6 @@ def test_extra_augmentation_only_when_asked() -> None:
 def test_moving_average_of_the_weights_is_what_gets_scored_and_kept(covid_data, tmp_path: Path) -> None:
     """With ``ema_decay`` d the checkpoint holds the per-step average avg <- d avg + (1 - d) w,
     started from the initial weights, and validation scored those averaged weights."""
-    import dataclasses
 
     from covidct.classification import train as train_module
 
@@ -378,7 +372,7 @@ def test_moving_average_of_the_weights_is_what_gets_scored_and_kept(covid_data, 
         return real_epoch(model, *rest, recorded, **kwargs)
 
     train, val = covid_data
-    config = dataclasses.replace(CLF_CONFIG, batch_size=4, ema_decay=0.5)  # 8 images: two steps
+    config = CLF_CONFIG.replace(batch_size=4, ema_decay=0.5)  # 8 images: two steps
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(train_module, "classifier_epoch", spy)
         history = train_classifier(

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 from pathlib import Path
 
-from covidct.config import ConfigError, RegistryConfig, load_params, section, validate_all
+from covidct.config import ConfigError, Params, RegistryConfig, load_params
 from covidct.profiles import apply_profile, available
 
 
@@ -18,7 +17,7 @@ def _sweep(args: argparse.Namespace, root: Path) -> None:
 
     config = load_sweep(args.config)
     if args.n_trials:
-        config = dataclasses.replace(config, n_trials=args.n_trials)
+        config = config.replace(n_trials=args.n_trials)
     if args.command == "sweep":
         study = run_sweep(root, config, args.storage, args.worker_index)
         out = summarise(root, config, study)
@@ -29,7 +28,7 @@ def _sweep(args: argparse.Namespace, root: Path) -> None:
             )
     else:
         study = open_study(root, config, args.storage)
-        overrides = apply_best(root, study) if args.apply else best_overrides(study)
+        overrides = apply_best(root, study, config) if args.apply else best_overrides(study, config)
         for key, value in overrides.items():
             print(f"{key}: {value}")
         if args.apply:
@@ -41,7 +40,7 @@ def _registry(root: Path) -> RegistryConfig:
     from covidct.tracking import connect
 
     connect(root)
-    return section(load_params(root / "params.yaml"), "registry")
+    return RegistryConfig.of(load_params(root / "params.yaml"))
 
 
 DEFAULT_MODEL = "models:/covidct@champion"  # params.yaml's registry, for runs outside a checkout
@@ -71,8 +70,7 @@ def _promote(args: argparse.Namespace, root: Path) -> None:
         "min_val_recall": args.min_val_recall,
         "min_heldout_auc": args.min_heldout_auc,
     }
-    config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
-    config.validate()
+    config = config.replace(**{k: v for k, v in overrides.items() if v is not None})
     try:
         decision = promote_if_better(
             MlflowClient(),
@@ -175,7 +173,7 @@ def _profile(args: argparse.Namespace, root: Path) -> None:
 
 
 def _check_params(args: argparse.Namespace, root: Path) -> None:
-    validate_all(load_params(root / "params.yaml"))
+    Params.of(load_params(root / "params.yaml"))
     print("params.yaml is valid")
 
 

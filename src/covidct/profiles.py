@@ -15,7 +15,8 @@ from typing import Any
 from ruamel.yaml import YAML
 
 from covidct.atomic import write_text_atomic
-from covidct.config import ConfigError, validate_all
+from covidct.config import Params
+from covidct.schema import ConfigError, dotted_keys, set_dotted
 
 PROFILES = Path("pipelines/profiles")
 
@@ -24,46 +25,26 @@ def available(root: Path) -> list[str]:
     return sorted(p.stem for p in (root / PROFILES).glob("*.yaml"))
 
 
-def _merge(target: Any, overrides: Mapping[str, Any], prefix: str = "") -> None:
-    for key, value in overrides.items():
-        name = f"{prefix}{key}"
-        if key not in target:
-            raise ConfigError(f"profile key {name} does not exist in params.yaml")
-        if isinstance(value, Mapping):
-            _merge(target[key], value, f"{name}.")
-        else:
-            target[key] = value
-
-
 def apply_profile(root: Path, name: str, params_file: str = "params.yaml") -> dict[str, Any]:
     """Merge profile ``name`` into ``params_file``; validate the result before writing it."""
     profile = root / PROFILES / f"{name}.yaml"
     if not profile.is_file():
         raise ConfigError(f"{profile}: no such profile (available: {', '.join(available(root))})")
-    return merge_params(root, YAML(typ="safe").load(profile.read_text(encoding="utf-8")) or {}, params_file)
+    nested = YAML(typ="safe").load(profile.read_text(encoding="utf-8")) or {}
+    return set_params(root, dotted_keys(nested), params_file, what="profile")
 
 
-def merge_params(root: Path, overrides: Mapping[str, Any], params_file: str = "params.yaml") -> Any:
-    """Merge nested ``overrides`` into ``params_file``, keeping its comments; nothing is written
-    unless the result validates."""
+def set_params(
+    root: Path, overrides: Mapping[str, Any], params_file: str = "params.yaml", what: str = "override"
+) -> Any:
+    """Set dotted keys (``crop.margin``) in ``params_file``, keeping its comments; nothing is
+    written unless the result validates."""
     yaml = YAML()
     params = yaml.load((root / params_file).read_text(encoding="utf-8"))
-    _merge(params, overrides)
-    validate_all(YAML(typ="safe").load(_dump(yaml, params)))
+    set_dotted(params, overrides, what)
+    Params.of(YAML(typ="safe").load(_dump(yaml, params)))
     write_text_atomic(root / params_file, _dump(yaml, params))
     return params
-
-
-def set_params(root: Path, overrides: Mapping[str, Any], params_file: str = "params.yaml") -> None:
-    """Set dotted keys (``crop.margin``) in ``params_file``, keeping its comments; validated first."""
-    nested: dict[str, Any] = {}
-    for dotted, value in overrides.items():
-        *parents, leaf = dotted.split(".")
-        node = nested
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    merge_params(root, nested, params_file)
 
 
 def _dump(yaml: YAML, data: Any) -> str:

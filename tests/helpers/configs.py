@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from covidct.config import section
+from covidct.config import SECTIONS
 
 BASE: dict[str, dict[str, Any]] = {
     "preprocess": {"size": 256, "clahe_clip": 7.0},
@@ -63,7 +63,7 @@ def make_config(name: str, **changes: Any) -> Any:
     raw = copy.deepcopy(BASE[name])
     for key, value in yaml_like(changes).items():
         raw[key] = raw[key] | value if isinstance(value, dict) else value
-    return section({name: raw}, name)
+    return SECTIONS[name].of({name: raw})
 
 
 def augment(**changes: Any) -> Any:

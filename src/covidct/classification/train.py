@@ -3,7 +3,6 @@ checkpoint with the best validation score (never the test split)."""
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -155,7 +154,7 @@ def train_classifier(
     )
     fingerprint = None
     if resume_dir is not None:
-        settings = {"trainer": "classifier", "config": dataclasses.asdict(config), "meta": meta, "device": device.type}
+        settings = {"trainer": "classifier", "config": config.model_dump(), "meta": meta, "device": device.type}
         fingerprint = run_fingerprint(settings, (*train, *val), TRAINING_CODE)
     schedule = (
         torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, config.epochs * len(loader))

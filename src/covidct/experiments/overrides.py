@@ -7,23 +7,15 @@ import copy
 import json
 from typing import Any
 
-from covidct.config import ConfigError, validate_all
+from covidct.config import Params
+from covidct.schema import set_dotted
 
 
 def with_overrides(params: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """A copy of ``params`` with dotted-key ``overrides`` applied, validated like params.yaml."""
     result = copy.deepcopy(params)
-    for dotted, value in overrides.items():
-        *parents, leaf = dotted.split(".")
-        node = result
-        for key in parents:
-            if not isinstance(node, dict) or key not in node:
-                raise ConfigError(f"override key {dotted} does not exist in params.yaml")
-            node = node[key]
-        if leaf not in node:
-            raise ConfigError(f"override key {dotted} does not exist in params.yaml")
-        node[leaf] = value
-    validate_all(result)
+    set_dotted(result, overrides)
+    Params.of(result)
     return result
 
 

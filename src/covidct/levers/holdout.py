@@ -18,7 +18,7 @@ import pandas as pd
 from sklearn.metrics import roc_auc_score
 
 from covidct.atomic import write_text_atomic
-from covidct.config import section, sources_section
+from covidct.config import EvaluateConfig, declared_sources
 from covidct.experiments.overrides import as_overrides, with_overrides
 from covidct.levers.plan import BASELINE, LeverStudy, lever_dir
 from covidct.metrics import flatten_metrics, paired_auc_difference, patient_metrics_with_ci
@@ -271,7 +271,7 @@ def recipe(params: dict[str, Any]) -> dict[str, Any]:
 
 def summarise_holdout(root: Path, study: LeverStudy, base: dict[str, Any]) -> Path:
     """reports/levers/<study>.{md,csv,json,png} from every finished fold run."""
-    evaluate = section(base, "evaluate")
+    evaluate = EvaluateConfig.of(base)
     records = {}
     for run in study.runs(sources=list(study.folds)):
         path = lever_dir(root, study.study, run.name) / "metrics.json"
@@ -281,7 +281,7 @@ def summarise_holdout(root: Path, study: LeverStudy, base: dict[str, Any]) -> Pa
     summary = holdout_summary(root, study, runs, evaluate)
     recipes = {lever: recipe(with_overrides(base, study.base | overrides)) for lever, overrides in study.levers.items()}
     metrics = holdout_metrics(study, summary, recipes)
-    titles = {name: source.title for name, source in sources_section(base).items()}
+    titles = {name: source.title for name, source in declared_sources(base).items()}
     out = root / "reports" / "levers"
     write_text_atomic(out / f"{study.study}.csv", runs.to_csv(index=False))
     write_text_atomic(out / f"{study.study}.json", json.dumps(metrics, indent=2) + "\n")

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Self
 
-from covidct.config import ConfigError, read_yaml_mapping, sources_section
+from pydantic import Field, StrictInt, model_validator
+
+from covidct.config import declared_sources
 from covidct.experiments.overrides import with_overrides
-from covidct.paths import VARIANTS
+from covidct.schema import ConfigError, FieldError, Model, read_yaml_mapping, validated
 
 BASELINE = "baseline"
 
@@ -24,14 +26,28 @@ class LeverRun:
     fold: str | None = None  # the source held out (trained on every other declared source), or None
 
 
-@dataclass(frozen=True)
-class LeverStudy:
-    study: str
-    variant: str  # cropped (the segmented pipeline) or raw
+class LeverStudy(Model):
+    study: Annotated[str, Field(min_length=1)]
+    variant: Literal["cropped", "raw"] = "cropped"  # cropped (the segmented pipeline) or raw
     levers: dict[str, dict[str, Any]]  # name -> dotted params overrides; "baseline" has none
-    base: dict[str, Any]  # overrides under every lever, baseline included: pins the study's starting recipe
-    seeds: tuple[int, ...] = ()  # every lever once per seed; empty: once, with the recipe's seed
-    folds: tuple[str, ...] = ()  # every lever and seed once per source held out; empty: trained as the recipe says
+    base: dict[str, Any] = Field(default_factory=dict)  # overrides under every lever, baseline included
+    seeds: tuple[Annotated[StrictInt, Field(ge=0)], ...] = Field((), strict=False)  # empty: the recipe's seed
+    # every lever and seed once per source held out; empty: trained as the recipe says
+    folds: tuple[str, ...] = Field((), strict=False, alias="holdout")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if BASELINE not in self.levers or self.levers[BASELINE]:
+            raise FieldError("levers", f"must include {BASELINE!r} with no overrides (common settings go under base:)")
+        for key, values in (("seeds", self.seeds), ("holdout", self.folds)):
+            if len(set(values)) != len(values):
+                raise FieldError(key, f"must not repeat a value, got {list(values)}")
+        for key, by in (("classifier.seed", self.seeds), ("classifier.sources", self.folds)):
+            setters = [n for n, o in [("base", self.base), *self.levers.items()] if key in o]
+            if by and setters:
+                where = "base" if setters[0] == "base" else f"levers.{setters[0]}"
+                raise FieldError(where, f"sets {key}, which {'seeds' if by is self.seeds else 'holdout'}: sets")
+        return self
 
     def run_name(self, lever: str, seed: int | None, fold: str | None = None) -> str:
         name = lever if fold is None else f"{lever}_without_{fold}"
@@ -54,11 +70,11 @@ class LeverStudy:
     def checked_runs(self, base: dict[str, Any], levers: list[str] | None = None) -> list[LeverRun]:
         """Every run, each override applied to ``base`` and validated: a bad study fails in a
         second, before torch is imported or the first lever trains."""
-        declared = list(sources_section(with_overrides(base, self.base)))
+        declared = list(declared_sources(with_overrides(base, self.base)))
         unknown = [f for f in self.folds if f not in declared]
         if unknown or len(self.folds) == 1 or (self.folds and len(declared) < 2):
             raise ConfigError(
-                f"holdout: must list two or more declared sources ({', '.join(declared)}), got {list(self.folds)}"
+                f"holdout must list two or more declared sources ({', '.join(declared)}), got {list(self.folds)}"
             )
         runs = self.runs(levers, declared)
         for run in runs:
@@ -68,39 +84,7 @@ class LeverStudy:
 
 def load_levers(path: str | Path) -> LeverStudy:
     raw = read_yaml_mapping(path, "lever study")
-    levers = raw.get("levers")
-    if not isinstance(levers, dict) or BASELINE not in levers:
-        raise ConfigError(f"{path}: levers: must be a mapping of name -> overrides that includes {BASELINE!r}")
-    if raw.get("variant", "cropped") not in VARIANTS:
-        raise ConfigError(f"{path}: variant: must be one of {', '.join(VARIANTS)}, got {raw.get('variant')!r}")
-    for name, overrides in levers.items():
-        if not isinstance(overrides, dict) or (name == BASELINE and overrides):
-            raise ConfigError(
-                f"{path}: levers.{name}: must be a mapping of dotted keys (baseline: {{}}; common settings go under base:)"
-            )
-    base = raw.get("base") or {}
-    if not isinstance(base, dict):
-        raise ConfigError(f"{path}: base: must be a mapping of dotted keys")
-    seeds = raw.get("seeds") or []
-    if not isinstance(seeds, list) or any(type(s) is not int or s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
-        raise ConfigError(f"{path}: seeds: must be a list of distinct integers >= 0, got {seeds!r}")
-    if seeds and any("classifier.seed" in overrides for overrides in [base, *levers.values()]):
-        raise ConfigError(f"{path}: classifier.seed: set by seeds:, not by a lever or base")
-    folds = raw.get("holdout") or []
-    if not isinstance(folds, list) or len(set(map(str, folds))) != len(folds):
-        raise ConfigError(f"{path}: holdout: must be a list of distinct source names, got {folds!r}")
-    if folds and any("classifier.sources" in overrides for overrides in [base, *levers.values()]):
-        raise ConfigError(
-            f"{path}: classifier.sources: set by holdout: (all but the source held out), not by a lever or base"
-        )
-    return LeverStudy(
-        str(raw.get("study", Path(path).stem)),
-        raw.get("variant", "cropped"),
-        {str(k): dict(v) for k, v in levers.items()},
-        dict(base),
-        tuple(seeds),
-        tuple(map(str, folds)),
-    )
+    return validated(LeverStudy, {"study": Path(path).stem} | raw, str(path))
 
 
 def lever_dir(root: Path, study: str, name: str) -> Path:

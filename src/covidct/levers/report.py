@@ -9,7 +9,7 @@ from typing import Any
 import pandas as pd
 
 from covidct.atomic import write_text_atomic
-from covidct.config import section
+from covidct.config import EvaluateConfig
 from covidct.experiments.overrides import as_overrides
 from covidct.levers.plan import LeverStudy, lever_dir
 from covidct.levers.statistics import lever_table, seed_table
@@ -121,7 +121,7 @@ def lever_markdown(table: pd.DataFrame, study: LeverStudy, seeds: pd.DataFrame) 
 
 def summarise(root: Path, study: LeverStudy, base: dict[str, Any]) -> Path:
     """reports/levers/<study>.{md,csv,png} (and <study>_over_seeds.csv) from every finished run."""
-    evaluate = section(base, "evaluate")
+    evaluate = EvaluateConfig.of(base)
     records = {}
     for run in study.runs():
         path = lever_dir(root, study.study, run.name) / "metrics.json"

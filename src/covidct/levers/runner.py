@@ -17,7 +17,7 @@ from covidct.checkpoints import clear_stage_resume, resume_dir
 from covidct.classification.model import load_classifier
 from covidct.classification.table import checkpoint_meta, classifier_table, load_classifier_inputs
 from covidct.classification.train import fit_and_predict, predict_scores
-from covidct.config import section, sources_section
+from covidct.config import ClassifierConfig, EvaluateConfig, declared_sources
 from covidct.experiments.cache import cache_key
 from covidct.experiments.overrides import with_overrides
 from covidct.levers.holdout import score_fold, summarise_holdout
@@ -68,8 +68,8 @@ def run_lever(
 ) -> dict[str, Any]:
     """Train (or reuse) one lever run; returns its record, also written to ``<lever_dir>/metrics.json``."""
     params = with_overrides(base, study.base | run.overrides)
-    config, evaluate = section(params, "classifier"), section(params, "evaluate")
-    table = classifier_table(root, config, sources_section(params))
+    config, evaluate = ClassifierConfig.of(params), EvaluateConfig.of(params)
+    table = classifier_table(root, config, declared_sources(params))
     images = load_classifier_inputs(root, table, study.variant, config, progress=f"decode {study.variant} images")
     out, key = lever_dir(root, study.study, run.name), _fingerprint(params, images)
     record = _reuse(root, out, key, run)

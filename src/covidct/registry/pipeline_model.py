@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -341,9 +341,9 @@ def settings(
 ) -> dict[str, Any]:
     """What the pipeline needs besides the weight files (the preprocessing is in their meta)."""
     return {
-        "crop": asdict(crop),
+        "crop": crop.model_dump(),
         "threshold": threshold,
-        "gate": asdict(gate),
+        "gate": gate.model_dump(),
         "study_top_k": study_top_k,
         "study_threshold": study_threshold,
         "outside_lungs": outside_lungs,

@@ -4,7 +4,6 @@ the best validation epoch's weights, its history and curves, logged to the stage
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any, Literal
 
@@ -12,7 +11,7 @@ import mlflow
 
 from covidct.atomic import write_text_atomic
 from covidct.checkpoints import clear_stage_resume, load_checkpoint, resume_dir
-from covidct.config import ConfigError, section
+from covidct.config import ConfigError, LesionConfig, PreprocessConfig, SegmenterConfig
 from covidct.paths import LESION, LESION_REPORTS, SEGMENTER, SEGMENTER_REPORTS
 from covidct.plots import plot_training_curves
 from covidct.runtime import configure_threads, select_device
@@ -23,14 +22,14 @@ from covidct.training_loop import tracked_history
 
 #: params.yaml section -> (stage, weights, reports, figure title)
 NETS = {
-    "segmenter": ("train_segmenter", SEGMENTER, SEGMENTER_REPORTS, "Lung segmenter"),
-    "lesion": ("train_lesion", LESION, LESION_REPORTS, "Lesion segmenter"),
+    "segmenter": (SegmenterConfig, "train_segmenter", SEGMENTER, SEGMENTER_REPORTS, "Lung segmenter"),
+    "lesion": (LesionConfig, "train_lesion", LESION, LESION_REPORTS, "Lesion segmenter"),
 }
 
 
 def fit_network(params: dict[str, Any], root: Path, net: Literal["segmenter", "lesion"]) -> None:
-    stage, model, reports, title = NETS[net]
-    pre, config = section(params, "preprocess"), section(params, net)
+    kind, stage, model, reports, title = NETS[net]
+    pre, config = PreprocessConfig.of(params), kind.of(params)
     device, threads = select_device(), configure_threads()
     lesions = net == "lesion"
     initial = None
@@ -50,7 +49,7 @@ def fit_network(params: dict[str, Any], root: Path, net: Literal["segmenter", "l
         "clahe_clip": pre.clahe_clip,
         "precision": config.precision,
     }
-    logged = {"preprocess": dataclasses.asdict(pre), net: dataclasses.asdict(config)}
+    logged = {"preprocess": pre.model_dump(), net: config.model_dump()}
     with stage_run(stage, logged):
         mlflow.log_params(
             {"device": str(device), "threads": threads, "n_train": len(train_images), "n_val": len(val_images)}

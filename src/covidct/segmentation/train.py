@@ -3,7 +3,6 @@ schedule, and the checkpoint with the best validation Dice."""
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import time
 from collections.abc import Callable
@@ -121,7 +120,7 @@ def train_segmenter(
     )
     fingerprint = None
     if resume_dir is not None:
-        settings = {"trainer": "segmenter", "config": dataclasses.asdict(config), "meta": meta, "device": device.type}
+        settings = {"trainer": "segmenter", "config": config.model_dump(), "meta": meta, "device": device.type}
         if initial is not None:  # a state started from other weights is not this run's
             settings["initial"] = hashlib.sha256(
                 b"".join(t.cpu().numpy().tobytes() for t in initial.values())

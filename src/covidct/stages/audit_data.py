@@ -7,7 +7,6 @@ allow ends the stage with one line naming it.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ import pandas as pd
 
 from covidct.atomic import write_text_atomic
 from covidct.catalog import load_source
-from covidct.config import AuditConfig, section, sources_section
+from covidct.config import AuditConfig, CcCciiSplitConfig, declared_sources
 from covidct.datasets import LUNG_SEG, DatasetError
 from covidct.hygiene.audit import DatasetAudit, LeakageError, audit_dataset, leak_message
 from covidct.hygiene.patients import lung_patients, noncovid_split_lists, patient_overlap
@@ -109,10 +108,10 @@ def gallery_pairs(root: Path, audits: list[DatasetAudit]) -> list[tuple[Path, Pa
 
 
 def run(params: dict[str, Any], root: Path) -> None:
-    config: AuditConfig = section(params, "audit")
-    link_distance = section(params, "cc_ccii_split").link_distance
-    declared = sources_section(params)
-    settings = dataclasses.asdict(config) | {"cc_ccii_link_distance": link_distance}
+    config: AuditConfig = AuditConfig.of(params)
+    link_distance = CcCciiSplitConfig.of(params).link_distance
+    declared = declared_sources(params)
+    settings = config.model_dump() | {"cc_ccii_link_distance": link_distance}
     logged = {k: v for k, v in settings.items() if k != "allowed_pairs"} | {
         "n_allowed_pairs": len(config.allowed_pairs)
     }

@@ -8,7 +8,6 @@ done, so an unreadable image met half-way leaves the previous crops as they were
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ import pandas as pd
 
 from covidct.atomic import atomic_dir, write_text_atomic
 from covidct.catalog import load_source
-from covidct.config import section, sources_section
+from covidct.config import CropConfig, declared_sources
 from covidct.images import read_grayscale, read_mask
 from covidct.lung_crop import crop_dataset, crop_summary
 from covidct.overlays import draw_overlay, save_gallery
@@ -46,12 +45,12 @@ def gallery(root: Path, boxes: pd.DataFrame) -> list[list]:
 
 
 def run(params: dict[str, Any], root: Path) -> None:
-    config = section(params, "crop")
+    config = CropConfig.of(params)
     device = select_device()
     configure_threads()
     model, meta = load_segmenter(root / MODEL, device)
-    tables = {name: load_source(root, name) for name in sources_section(params)}
-    with stage_run("crop_images", {"crop": dataclasses.asdict(config)}):
+    tables = {name: load_source(root, name) for name in declared_sources(params)}
+    with stage_run("crop_images", {"crop": config.model_dump()}):
         with atomic_dir(root / CROPS) as crops:
             crops.mkdir()
             boxes = pd.concat(

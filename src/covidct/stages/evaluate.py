@@ -3,7 +3,6 @@ confusion matrices and the results page with the paper's Tables 1 and 2."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,7 @@ import mlflow
 import pandas as pd
 
 from covidct.atomic import write_text_atomic
-from covidct.config import EvaluateConfig, section
+from covidct.config import EvaluateConfig
 from covidct.datasets import COVID_CT
 from covidct.metrics import confusion, flatten_metrics, metrics_with_ci, paired_auc_difference, roc_points
 from covidct.paths import CROP_REPORTS, REPORTS, SEGMENTER_REPORTS, VARIANTS
@@ -61,9 +60,9 @@ def segmentation_gain(root: Path, config: EvaluateConfig) -> dict[str, float]:
 
 
 def run(params: dict[str, Any], root: Path) -> None:
-    config = section(params, "evaluate")
+    config = EvaluateConfig.of(params)
     results, confusions, curves, metrics, thresholds = {}, {}, {}, {}, {}
-    with stage_run("evaluate", {"evaluate": dataclasses.asdict(config)}):
+    with stage_run("evaluate", {"evaluate": config.model_dump()}):
         for variant in VARIANTS:
             predictions = read_predictions(root, variant)
             val = predictions[(predictions["split"] == "val") & predictions["trained"]]

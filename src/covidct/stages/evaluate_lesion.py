@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from covidct.atomic import write_text_atomic
-from covidct.config import section
+from covidct.config import CropConfig, EvaluateConfig, PreprocessConfig
 from covidct.gate import body_midline
 from covidct.lesions import lesion_burden, study_burden
 from covidct.lung_box import clean_lung_mask
@@ -44,7 +44,7 @@ def _probabilities(path: Path, images: np.ndarray, device: Any, what: str) -> np
 
 
 def run(params: dict[str, Any], root: Path) -> None:
-    pre, crop, evaluate = section(params, "preprocess"), section(params, "crop"), section(params, "evaluate")
+    pre, crop, evaluate = PreprocessConfig.of(params), CropConfig.of(params), EvaluateConfig.of(params)
     device = select_device()
     configure_threads()
     table, images, lungs, lesions = load_lung_split(root, "test", pre, lesions=True)

@@ -15,7 +15,7 @@ import mlflow
 import numpy as np
 
 from covidct.atomic import write_text_atomic
-from covidct.config import section
+from covidct.config import CropConfig, PreprocessConfig
 from covidct.lung_box import clean_lung_mask
 from covidct.metrics import dice_score
 from covidct.overlays import draw_overlay, save_gallery
@@ -31,7 +31,7 @@ GALLERY_ROWS = 6
 
 
 def run(params: dict[str, Any], root: Path) -> None:
-    pre, crop = section(params, "preprocess"), section(params, "crop")
+    pre, crop = PreprocessConfig.of(params), CropConfig.of(params)
     device = select_device()
     configure_threads()
     model, meta = load_segmenter(root / MODEL, device)

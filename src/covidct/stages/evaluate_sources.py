@@ -6,7 +6,6 @@ never saw, and the lung set's held-out patients. Per source, per subclass and pe
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ import mlflow
 import pandas as pd
 
 from covidct.atomic import write_text_atomic
-from covidct.config import SourceConfig, section, sources_section
+from covidct.config import CropConfig, EvaluateConfig, GateConfig, SourceConfig, StudyConfig, declared_sources
 from covidct.datasets import LUNG_SEG
 from covidct.metrics import flatten_metrics, patient_metrics_with_ci, roc_points
 from covidct.paths import LESION, METRICS, SEGMENTER, SOURCE_REPORTS
@@ -198,9 +197,9 @@ def study_figures(
 
 
 def run(params: dict[str, Any], root: Path) -> None:
-    config, crop, gate = section(params, "evaluate"), section(params, "crop"), section(params, "gate")
-    study = section(params, "study")
-    declared: dict[str, SourceConfig] = sources_section(params)
+    config, crop, gate = EvaluateConfig.of(params), CropConfig.of(params), GateConfig.of(params)
+    study = StudyConfig.of(params)
+    declared: dict[str, SourceConfig] = declared_sources(params)
     titles = {name: source.title for name, source in declared.items()} | {LUNG_SEG: LUNG_TITLE}
     threshold = float(json.loads((root / METRICS).read_text())["cropped"]["threshold"])
     configure_threads()
@@ -217,9 +216,9 @@ def run(params: dict[str, Any], root: Path) -> None:
     with stage_run(
         "evaluate_sources",
         {
-            "evaluate": dataclasses.asdict(config),
-            "gate": dataclasses.asdict(gate),
-            "study": dataclasses.asdict(study),
+            "evaluate": config.model_dump(),
+            "gate": gate.model_dump(),
+            "study": study.model_dump(),
             "trained_on": ",".join(trained_on),
         },
     ):

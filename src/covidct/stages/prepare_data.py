@@ -10,7 +10,7 @@ import pandas as pd
 
 from covidct.atomic import write_text_atomic
 from covidct.catalog import split_path
-from covidct.config import CcCciiSplitConfig, DataConfig, SourceConfig, section, sources_section
+from covidct.config import CcCciiSplitConfig, DataConfig, LungSplitConfig, SourceConfig, declared_sources
 from covidct.datasets import (
     LUNG_SEG,
     SPLIT_COLUMNS,
@@ -69,11 +69,11 @@ def make_split(
 
 def run(params: dict[str, Any], root: Path) -> None:
     data, lung_config, patients = (
-        section(params, "data"),
-        section(params, "lung_split"),
-        section(params, "cc_ccii_split"),
+        DataConfig.of(params),
+        LungSplitConfig.of(params),
+        CcCciiSplitConfig.of(params),
     )
-    declared = sources_section(params)
+    declared = declared_sources(params)
     source_dir = (root / data.source_dir).resolve()
     for name in (LUNG_SEG, *declared):  # an altered or missing file stops the stage before any output is replaced
         verify_checksums(source_dir / name)

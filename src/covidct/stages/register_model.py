@@ -11,7 +11,7 @@ from typing import Any
 import mlflow
 
 from covidct.catalog import load_source
-from covidct.config import section
+from covidct.config import CropConfig, GateConfig, RegistryConfig
 from covidct.datasets import COVID_CT
 from covidct.paths import LESION, LESION_REPORTS, METRICS, PIPELINE, REPORTS, SEGMENTER, SOURCE_REPORTS, raw
 from covidct.paths import classifier_dir as model_dir
@@ -25,7 +25,7 @@ PARAM_SECTIONS = ("sources", "preprocess", "segmenter", "lesion", "crop", "class
 
 
 def run(params: dict[str, Any], root: Path) -> None:
-    registry, crop, gate = section(params, "registry"), section(params, "crop"), section(params, "gate")
+    registry, crop, gate = RegistryConfig.of(params), CropConfig.of(params), GateConfig.of(params)
     metrics = json.loads((root / METRICS).read_text())["cropped"]
     sources = json.loads((root / SOURCE_REPORTS / "metrics.json").read_text())
     # the recipe's leave-one-source-out figures, where the study ran it (pipelines/levers/holdout.yaml)

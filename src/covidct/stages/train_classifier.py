@@ -4,7 +4,6 @@ or on the original ones ("raw", without), the paper's Table 1 ablation; on the s
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ from covidct.atomic import write_text_atomic
 from covidct.checkpoints import clear_stage_resume, resume_dir
 from covidct.classification.table import checkpoint_meta, classifier_table, load_classifier_inputs
 from covidct.classification.train import fit_and_predict
-from covidct.config import section, sources_section
+from covidct.config import ClassifierConfig, declared_sources
 from covidct.paths import classifier_dir as model_dir
 from covidct.plots import plot_training_curves
 from covidct.runtime import configure_threads, select_device
@@ -23,13 +22,13 @@ from covidct.training_loop import tracked_history
 
 
 def run(params: dict[str, Any], root: Path, variant: str) -> None:
-    config = section(params, "classifier")
+    config = ClassifierConfig.of(params)
     device, threads = select_device(), configure_threads()
-    table = classifier_table(root, config, sources_section(params))
+    table = classifier_table(root, config, declared_sources(params))
     images = load_classifier_inputs(root, table, variant, config, progress=f"decode {variant} images")
     out = root / model_dir(variant)
     stage = f"train_classifier_{variant}"
-    with stage_run(stage, {"classifier": dataclasses.asdict(config), "variant": variant}):
+    with stage_run(stage, {"classifier": config.model_dump(), "variant": variant}):
         counts = table[table["trained"]].groupby("split").size()
         mlflow.log_params(
             {

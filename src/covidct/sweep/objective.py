@@ -6,21 +6,20 @@ The objective is a validation score; test metrics are logged for the record, nev
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 from typing import Any
 
 import mlflow
 import numpy as np
-import optuna
 import pandas as pd
 
+import optuna
 from covidct.catalog import load_source
 from covidct.classification.inputs import load_views
 from covidct.classification.table import checkpoint_meta
 from covidct.classification.train import fit_and_predict
-from covidct.config import section
+from covidct.config import ClassifierConfig, CropConfig, DataConfig, PreprocessConfig, SegmenterConfig
 from covidct.datasets import COVID_CT, take_per_group
 from covidct.experiments.cache import cache_key, get_or_build
 from covidct.experiments.overrides import with_overrides
@@ -31,7 +30,7 @@ from covidct.runtime import select_device
 from covidct.segmentation.data import load_lung_split
 from covidct.segmentation.model import load_segmenter
 from covidct.segmentation.train import train_segmenter
-from covidct.sweep.config import SweepConfig
+from covidct.sweep.config import SEGMENTER_OBJECTIVES, SweepConfig
 from covidct.sweep.space import suggest
 from covidct.tracking import child_run, log_epoch
 
@@ -41,6 +40,9 @@ def study_parent(config: SweepConfig) -> tuple[dict[str, str], str]:
     return {"covidct.verdicts": config.study, "covidct.role": "study"}, f"study {config.study}"
 
 
+PIPELINE_SECTIONS = ("data", "preprocess", "segmenter", "crop", "classifier")
+
+
 class TrialObjective:
     def __init__(self, root: Path, base_params: dict[str, Any], config: SweepConfig, worker: str) -> None:
         self.root, self.base, self.config, self.worker = root, base_params, config, worker
@@ -48,36 +50,27 @@ class TrialObjective:
         self.device = select_device()
 
     def segmenter(self, params: dict[str, Any]) -> tuple[Path, str, bool, float]:
-        pre, seg = section(params, "preprocess"), section(params, "segmenter")
-        per_patient = section(params, "data").lung_subset_per_patient
+        pre, seg = PreprocessConfig.of(params), SegmenterConfig.of(params)
+        per_patient = DataConfig.of(params).lung_subset_per_patient
         key = cache_key(
             {
-                "preprocess": dataclasses.asdict(pre),
-                "segmenter": dataclasses.asdict(seg),
+                "preprocess": pre.model_dump(),
+                "segmenter": seg.model_dump(),
                 "lung_split": params["lung_split"],
                 "per_patient": per_patient,
             }
         )
 
         def build(out: Path) -> None:
-            sets = []
-            for split in ("train", "val"):
-                table, images, masks, _ = load_lung_split(self.root, split, pre)
-                keep = (
-                    (table.groupby("patient_id").cumcount() < per_patient).to_numpy()
-                    if per_patient
-                    else np.ones(len(table), bool)
-                )
-                sets.append((images[keep], masks[keep]))
             meta = {"channels": list(seg.channels), "size": pre.size, "clahe_clip": pre.clahe_clip}
-            train_segmenter(sets[0], sets[1], seg, self.device, out / "model.safetensors", meta)
+            train_segmenter(*self.lung_sets(params), seg, self.device, out / "model.safetensors", meta)
 
         entry, reused, seconds = get_or_build(self.cache, "segmenter", key, build)
         return entry, key, reused, seconds
 
     def crops(self, params: dict[str, Any], segmenter: Path, segmenter_key: str) -> tuple[Path, bool, float]:
-        crop, subset = section(params, "crop"), section(params, "data").subset_per_class
-        key = cache_key({"segmenter": segmenter_key, "crop": dataclasses.asdict(crop), "subset": subset})
+        crop, subset = CropConfig.of(params), DataConfig.of(params).subset_per_class
+        key = cache_key({"segmenter": segmenter_key, "crop": crop.model_dump(), "subset": subset})
 
         def build(out: Path) -> None:
             model, meta = load_segmenter(segmenter / "model.safetensors", self.device)
@@ -99,28 +92,13 @@ class TrialObjective:
             "optuna.trial_number": str(trial.number),
             "covidct.worker": self.worker,
         }
+        segmenter_only = self.config.objective in SEGMENTER_OBJECTIVES
+        logged = ("data", "lung_split", "preprocess", "segmenter") if segmenter_only else PIPELINE_SECTIONS
         pruned = False
-        with child_run(
-            parent_key,
-            parent_name,
-            f"trial {trial.number}",
-            {k: params[k] for k in ("data", "preprocess", "segmenter", "crop", "classifier")},
-            tags,
-        ):
+        with child_run(parent_key, parent_name, f"trial {trial.number}", {k: params[k] for k in logged}, tags):
             mlflow.log_params({f"suggested.{k}": v for k, v in suggested.items()})
-            segmenter, segmenter_key, seg_reused, seg_seconds = self.segmenter(params)
-            crops, crops_reused, crop_seconds = self.crops(params, segmenter, segmenter_key)
-            timing = {
-                "segmenter_reused": seg_reused,
-                "segmenter_seconds": seg_seconds,
-                "crops_reused": crops_reused,
-                "crops_seconds": crop_seconds,
-            }
-            for name, value in timing.items():
-                trial.set_user_attr(name, value)
-            mlflow.log_metrics({k: float(v) for k, v in timing.items()})
             try:
-                value = self.classifier(trial, params, crops)
+                value = self.segmenter_trial(trial, params) if segmenter_only else self.pipeline_trial(trial, params)
             except optuna.TrialPruned:
                 pruned = True
                 mlflow.set_tag("optuna.state", "PRUNED")
@@ -128,9 +106,59 @@ class TrialObjective:
             raise optuna.TrialPruned()
         return value
 
+    def segmenter_trial(self, trial: optuna.Trial, params: dict[str, Any]) -> float:
+        """Train the lung segmenter alone; its best validation Dice, reported every epoch for pruning."""
+        pre, seg = PreprocessConfig.of(params), SegmenterConfig.of(params)
+        train, val = self.lung_sets(params)
+        started = time.perf_counter()
+
+        def on_epoch(row: dict) -> None:
+            log_epoch(row)
+            trial.report(row["val_dice"], row["epoch"])
+            trial.set_user_attr("epochs_run", row["epoch"])
+            trial.set_user_attr("segmenter_seconds", time.perf_counter() - started)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"epoch {row['epoch']}: val_dice {row['val_dice']:.4f}")
+
+        out = self.root / "optuna" / "trials" / self.config.study / str(trial.number)
+        meta = {"channels": list(seg.channels), "size": pre.size, "clahe_clip": pre.clahe_clip}
+        history = train_segmenter(train, val, seg, self.device, out / "model.safetensors", meta, on_epoch)
+        best = history.loc[history["val_dice"].idxmax()]
+        mlflow.log_metrics({"objective": float(best["val_dice"]), "chosen_epoch": int(best["epoch"])})
+        return float(best["val_dice"])
+
+    def lung_sets(self, params: dict[str, Any]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The lung set's training and validation slices (the test patients are never read)."""
+        pre, per_patient = PreprocessConfig.of(params), DataConfig.of(params).lung_subset_per_patient
+        sets = []
+        for split in ("train", "val"):
+            table, images, masks, _ = load_lung_split(self.root, split, pre)
+            keep = (
+                (table.groupby("patient_id").cumcount() < per_patient).to_numpy()
+                if per_patient
+                else np.ones(len(table), bool)
+            )
+            sets.append((images[keep], masks[keep]))
+        return sets
+
+    def pipeline_trial(self, trial: optuna.Trial, params: dict[str, Any]) -> float:
+        """(Reused or trained) segmenter, (reused or made) crops, then the classifier."""
+        segmenter, segmenter_key, seg_reused, seg_seconds = self.segmenter(params)
+        crops, crops_reused, crop_seconds = self.crops(params, segmenter, segmenter_key)
+        timing = {
+            "segmenter_reused": seg_reused,
+            "segmenter_seconds": seg_seconds,
+            "crops_reused": crops_reused,
+            "crops_seconds": crop_seconds,
+        }
+        for name, value in timing.items():
+            trial.set_user_attr(name, value)
+        mlflow.log_metrics({k: float(v) for k, v in timing.items()})
+        return self.classifier(trial, params, crops)
+
     def classifier(self, trial: optuna.Trial, params: dict[str, Any], crops: Path) -> float:
         # a trial crops COVID-CT for its own segmenter and margin, so it trains on COVID-CT alone
-        config = dataclasses.replace(section(params, "classifier"), sources=("covid-ct",))
+        config = ClassifierConfig.of(params).replace(sources=("covid-ct",))
         boxes = pd.read_csv(crops / "boxes.csv")
         views = config.lung_mask or config.standardise  # the trial sees crops as the pipeline would show them
         masks = [crops / "lung" / c for c in boxes["crop"]] if views else None

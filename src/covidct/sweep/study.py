@@ -1,6 +1,7 @@
 """Opening, running and summarising a study: Optuna RDB storage (SQLite by default, PostgreSQL
-for several machines), heartbeats so a killed trial is marked failed, and a cap on finished
-trials shared by every worker and restart."""
+for several machines) with heartbeats so a killed trial is marked failed, or a journal file
+that travels with the repository from one machine to the next; and a cap on finished trials
+shared by every worker and restart."""
 
 from __future__ import annotations
 
@@ -12,30 +13,67 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import optuna
 import sqlalchemy
-from optuna.storages import RDBStorage
+from optuna.storages import JournalStorage, RDBStorage
+from optuna.storages.journal import JournalFileBackend
 from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 
+import optuna
 from covidct.atomic import atomic_path, write_text_atomic
 from covidct.config import ConfigError, load_params
 from covidct.profiles import set_params
 from covidct.sweep.config import SweepConfig
 from covidct.sweep.objective import TrialObjective, study_parent
+from covidct.sweep.space import decode
 from covidct.tracking import child_run
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
+JOURNAL = "journal:"
+
+
 def storage_url(root: Path, url: str) -> str:
-    """Relative SQLite paths are taken from the repo root (also under ``dvc exp run --temp``)."""
-    prefix = "sqlite:///"
-    if url.startswith(prefix) and not url.startswith(prefix + "/"):
-        path = root / url[len(prefix) :]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return prefix + str(path)
+    """Relative SQLite and journal paths are taken from the repo root (also under ``dvc exp run --temp``)."""
+    for prefix in ("sqlite:///", JOURNAL):
+        if url.startswith(prefix) and not url.startswith(prefix + "/"):
+            path = root / url[len(prefix) :]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return prefix + ("/" if prefix == JOURNAL else "") + str(path)
     return url
+
+
+def _journal_storage(path: str) -> JournalStorage:
+    """A study in one append-only file: commit it, and the next machine resumes the study."""
+    return JournalStorage(JournalFileBackend(path))
+
+
+def fail_orphaned_trials(study: optuna.Study, storage: optuna.storages.BaseStorage) -> list[int]:
+    """A journal has no heartbeat: a trial still RUNNING whose worker is a process that no longer
+    runs here, or that ran on another machine (the file travelled with the repository), was
+    killed. Marked failed so the study runs it again rather than waiting on it."""
+    host, failed = socket.gethostname(), []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker_host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition("-")
+        if worker_host == host and pid.isdigit() and _alive(int(pid)):
+            continue
+        study_id = storage.get_study_id_from_name(study.study_name)
+        storage.set_trial_state_values(
+            storage.get_trial_id_from_study_id_trial_number(study_id, trial.number), TrialState.FAIL
+        )
+        failed.append(trial.number)
+    return failed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _rdb_storage(url: str, engine: dict[str, Any], config: SweepConfig, attempts: int = 5) -> RDBStorage:
@@ -57,8 +95,11 @@ def _rdb_storage(url: str, engine: dict[str, Any], config: SweepConfig, attempts
 
 def open_study(root: Path, config: SweepConfig, storage: str | None = None, worker_index: int = 0) -> optuna.Study:
     url = storage_url(root, storage or config.storage)
-    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    rdb = _rdb_storage(url, engine, config)
+    if url.startswith(JOURNAL):
+        backend: optuna.storages.BaseStorage = _journal_storage(url[len(JOURNAL) :])
+    else:
+        engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+        backend = _rdb_storage(url, engine, config)
     # Workers started together must not draw the same random start-up trials.
     sampler = optuna.samplers.TPESampler(seed=config.sampler_seed + worker_index)
     pruner = (
@@ -69,10 +110,17 @@ def open_study(root: Path, config: SweepConfig, storage: str | None = None, work
         else optuna.pruners.NopPruner()
     )
     study = optuna.create_study(
-        study_name=config.study, storage=rdb, direction="maximize", sampler=sampler, pruner=pruner, load_if_exists=True
+        study_name=config.study,
+        storage=backend,
+        direction="maximize",
+        sampler=sampler,
+        pruner=pruner,
+        load_if_exists=True,
     )
     if study.metric_names != [config.objective]:  # optuna-dashboard and the trials table show it by name
         study.set_metric_names([config.objective])
+    if url.startswith(JOURNAL):
+        fail_orphaned_trials(study, backend)
     return study
 
 
@@ -106,7 +154,7 @@ def run_sweep(root: Path, config: SweepConfig, storage: str | None = None, worke
 def summarise(root: Path, config: SweepConfig, study: optuna.Study) -> Path:
     """Trials table and the study's plots (history, importances, parallel coordinates) as files,
     logged to the study's MLflow parent run."""
-    out = root / "optuna" / "reports" / config.study
+    out = root / "reports" / "sweeps" / config.study
     write_text_atomic(out / "trials.csv", study.trials_dataframe().to_csv(index=False))
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     plots = {"optimization_history.png": optuna.visualization.matplotlib.plot_optimization_history}
@@ -138,16 +186,16 @@ def summarise(root: Path, config: SweepConfig, study: optuna.Study) -> Path:
     return out
 
 
-def best_overrides(study: optuna.Study) -> dict[str, Any]:
+def best_overrides(study: optuna.Study, config: SweepConfig) -> dict[str, Any]:
     """The best trial's suggested values, as params.yaml dotted keys (budget keys excluded)."""
     try:
-        return dict(study.best_trial.params)
+        return decode(config.space, study.best_trial.params)
     except ValueError as exc:
         raise ConfigError(f"study {study.study_name}: no completed trial yet") from exc
 
 
-def apply_best(root: Path, study: optuna.Study) -> dict[str, Any]:
+def apply_best(root: Path, study: optuna.Study, config: SweepConfig) -> dict[str, Any]:
     """Write the best trial's parameters into params.yaml, so ``dvc repro`` reproduces it."""
-    overrides = best_overrides(study)
+    overrides = best_overrides(study, config)
     set_params(root, overrides)
     return overrides

@@ -1,0 +1,43 @@
+"""A study kept in a journal file that travels with the repository: it reopens with its trials
+intact, and a trial left running by a worker that is gone is marked failed (a journal has no
+heartbeat), while one whose worker still runs here is left alone."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from optuna.trial import TrialState
+
+from covidct.sweep.config import SweepConfig
+from covidct.sweep.study import finished_trials, open_study
+
+
+def _config(study: str) -> SweepConfig:
+    return SweepConfig.model_validate(
+        {"study": study, "storage": "journal:studies/s.log", "space": {"crop.margin": {"low": 0, "high": 5}}}
+    )
+
+
+def test_journal_study_reopens_and_fails_orphaned_trials(tmp_path: Path) -> None:
+    config = _config("travels")
+    study = open_study(tmp_path, config)
+    done = study.ask()
+    study.tell(done, 0.7)
+    elsewhere, gone, alive = study.ask(), study.ask(), study.ask()
+    elsewhere.set_user_attr("worker", "another-machine-4242")  # the file came from another clone
+    gone.set_user_attr("worker", f"{socket.gethostname()}-999999999")  # no such process here
+    alive.set_user_attr("worker", f"{socket.gethostname()}-{os.getpid()}")
+    assert (tmp_path / "studies" / "s.log").stat().st_size > 0
+
+    again = open_study(tmp_path, config)
+    states = {t.number: t.state for t in again.trials}
+    assert states == {
+        done.number: TrialState.COMPLETE,
+        elsewhere.number: TrialState.FAIL,
+        gone.number: TrialState.FAIL,
+        alive.number: TrialState.RUNNING,
+    }
+    assert again.trials[done.number].value == 0.7 and finished_trials(again) == 1
+    assert again.metric_names == ["val_auc"]
