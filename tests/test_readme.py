@@ -56,6 +56,7 @@ def _expected(data: dict, keys: str, forms: tuple[str, ...]) -> list[str]:
             except KeyError:
                 continue
         expected += [form.format(v=abs(v), pct=abs(100 * v)) for v in values for form in forms]  # signs quoted apart
+        expected += [f"{abs(v):.0f}" for v in values if v.is_integer()]  # a count, quoted whole
     return expected
 
 
@@ -69,9 +70,10 @@ def test_each_quoted_number_is_in_its_file(row: re.Match[str]) -> None:
 
 @pytest.mark.parametrize(("page", "row"), _doc_rows(), ids=lambda x: x if isinstance(x, str) else x["measure"][:40])
 def test_each_figure_in_a_docs_table_is_in_its_file(page: str, row: re.Match[str]) -> None:
-    """Docs tables may quote a file's own unit (images/s, seconds) at one to three decimals."""
+    """Docs tables may quote a file's own unit (images/s, seconds) at one to three decimals, and a
+    count the file holds as a whole number whole (no thousands separator)."""
     data = json.loads((REPO / row["file"]).read_text())
-    quoted = re.findall(r"\d+\.\d+", row["value"])
+    quoted = re.findall(r"\d+(?:\.\d+)?", row["value"])
     expected = _expected(data, row["keys"], ("{pct:.1f}", "{v:.1f}", "{v:.2f}", "{v:.3f}"))
     assert quoted and all(q in expected for q in quoted), (page, row["measure"], quoted, expected)
 

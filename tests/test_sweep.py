@@ -3,6 +3,7 @@ kill (heartbeat), and two workers sharing one study on a real PostgreSQL server.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -12,13 +13,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
-import optuna
 import pytest
 import sqlalchemy.exc
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 from ruamel.yaml import YAML
 
+import optuna
 from covidct.sweep.config import load_sweep
 from covidct.sweep.study import apply_best, finished_trials, run_sweep, summarise
 from helpers.servers import Postgres, running_mlflow_server
@@ -190,3 +191,45 @@ def test_two_workers_share_one_study_on_postgresql_and_one_tracking_server(
     elsewhere = tmp_path / "another-clone"
     mlflow.artifacts.download_artifacts(run_id=summary.info.run_id, dst_path=str(elsewhere), tracking_uri=tracking)
     assert any(elsewhere.glob("*.png"))
+
+
+def test_segmenter_study_in_a_journal_then_its_confirmation(
+    root: Path, env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A segmenter study (objective val_dice) kept in a journal file, then its best trial trained
+    against params.yaml (alpha 0.7: the trial differs) over two seeds and compared slice by
+    slice; a second confirmation reuses the runs."""
+    from covidct.sweep.confirm import confirm_segmenter
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    path = root / "seg.yaml"
+    path.write_text(
+        "study: seg\nstorage: journal:reports/sweeps/seg/journal.log\nobjective: val_dice\nn_trials: 2\n"
+        "pruner_startup_trials: 1\npruner_warmup_epochs: 0\n"
+        "space:\n  segmenter.tversky_alpha: {choices: [0.5, 0.6]}\n  segmenter.channels: {choices: [[4, 8, 16], [8, 16, 32]]}\n"
+    )
+    config = load_sweep(path)
+    study = run_sweep(root, config)
+    assert finished_trials(study) == 2 and study.metric_names == ["val_dice"]
+    assert (root / "reports" / "sweeps" / "seg" / "journal.log").stat().st_size > 0
+    assert all(0.0 <= t.value <= 1.0 for t in study.trials if t.state == TrialState.COMPLETE)
+
+    report = confirm_segmenter(root, config, study, [0, 1])
+    record = json.loads(report.with_suffix(".json").read_text())
+    assert len(record["runs"]) == 4 and record["seeds"] == [0, 1]
+    for split in ("val", "test"):
+        part = record[split]
+        assert part["ci_low"] <= part["delta"] <= part["ci_high"]
+        assert part["patient_ci_low"] <= part["delta"] <= part["patient_ci_high"]
+    assert record["adopt"] == (record["val"]["ci_low"] > 0 and record["val"]["patient_ci_low"] > 0)
+    assert f"trial {study.best_trial.number} against params.yaml" in report.read_text()
+
+    client = MlflowClient(f"sqlite:///{root / 'mlruns' / 'mlflow.db'}")
+    experiment = [client.get_experiment_by_name("covidct").experiment_id]
+    confirmations = client.search_runs(experiment, "tags.`covidct.role` = 'confirmation'")
+    assert len(confirmations) == 4
+    [parent] = client.search_runs(experiment, "tags.`covidct.verdicts` = 'seg' and tags.`covidct.role` = 'study'")
+    assert {r.data.tags["mlflow.parentRunId"] for r in confirmations} == {parent.info.run_id}
+    confirm_segmenter(root, config, study, [0, 1])  # reused: no run trains again
+    assert len(client.search_runs(experiment, "tags.`covidct.role` = 'confirmation'")) == 4

@@ -26,6 +26,16 @@ def _sweep(args: argparse.Namespace, root: Path) -> None:
             print(
                 f"best validation {config.objective} {study.best_value:.4f} (trial {study.best_trial.number}): {study.best_trial.params}"
             )
+    elif args.command == "sweep-confirm":
+        from covidct.sweep.config import SEGMENTER_OBJECTIVES
+        from covidct.sweep.confirm import confirm_segmenter, confirmation_levers
+
+        study = open_study(root, config, args.storage)
+        if config.objective in SEGMENTER_OBJECTIVES:
+            print(f"confirmation: {confirm_segmenter(root, config, study, args.seeds)}")
+        else:
+            plan = confirmation_levers(root, config, study, args.seeds)
+            print(f"lever study {plan}: run it with `covidct levers {plan.relative_to(root)}`")
     else:
         study = open_study(root, config, args.storage)
         overrides = apply_best(root, study, config) if args.apply else best_overrides(study, config)
@@ -188,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in (
         ("sweep", "run (or resume) an Optuna study over the pipeline"),
         ("sweep-best", "print the best trial's parameters"),
+        ("sweep-confirm", "train the best trial against params.yaml over seeds, paired (before --apply)"),
     ):
         command = sub.add_parser(name, help=help_text)
         command.set_defaults(run=_sweep)
@@ -202,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument(
                 "--worker-index", type=int, default=0, help="distinct per concurrent worker (sampler seed offset)"
             )
+        elif name == "sweep-confirm":
+            command.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds each arm trains with")
         else:
             command.add_argument("--apply", action="store_true", help="write them into params.yaml")
     promote = sub.add_parser(

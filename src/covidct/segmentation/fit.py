@@ -16,7 +16,7 @@ from covidct.paths import LESION, LESION_REPORTS, SEGMENTER, SEGMENTER_REPORTS
 from covidct.plots import plot_training_curves
 from covidct.runtime import configure_threads, select_device
 from covidct.segmentation.data import load_lung_split
-from covidct.segmentation.train import train_segmenter
+from covidct.segmentation.train import segmenter_meta, train_segmenter
 from covidct.tracking import log_epoch, stage_run
 from covidct.training_loop import tracked_history
 
@@ -43,12 +43,7 @@ def fit_network(params: dict[str, Any], root: Path, net: Literal["segmenter", "l
     _, train_images, train_lung, train_lesion = load_lung_split(root, "train", pre, lesions)
     _, val_images, val_lung, val_lesion = load_lung_split(root, "val", pre, lesions)
     train_masks, val_masks = (train_lesion, val_lesion) if lesions else (train_lung, val_lung)
-    meta = {
-        "channels": list(config.channels),
-        "size": pre.size,
-        "clahe_clip": pre.clahe_clip,
-        "precision": config.precision,
-    }
+    meta = segmenter_meta(pre, config)
     logged = {"preprocess": pre.model_dump(), net: config.model_dump()}
     with stage_run(stage, logged):
         mlflow.log_params(

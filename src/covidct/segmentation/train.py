@@ -7,6 +7,7 @@ import hashlib
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import albumentations as A
 import cv2
@@ -16,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from covidct.config import SegmenterConfig
+from covidct.config import PreprocessConfig, SegmenterConfig
 from covidct.metrics import dice_score
 from covidct.runtime import grad_scaler, seed_everything
 from covidct.segmentation.inference import predict_probabilities, segmenter_dtype
@@ -78,6 +79,16 @@ class SliceDataset(Dataset):
         return torch.from_numpy(image).float().div_(255.0)[None], torch.from_numpy(np.ascontiguousarray(mask)).float()[
             None
         ]
+
+
+def segmenter_meta(pre: PreprocessConfig, config: SegmenterConfig) -> dict[str, Any]:
+    """What travels with the weights so every later use prepares slices and casts as training did."""
+    return {
+        "channels": list(config.channels),
+        "size": pre.size,
+        "clahe_clip": pre.clahe_clip,
+        "precision": config.precision,
+    }
 
 
 def mean_dice(probabilities: np.ndarray, masks: np.ndarray) -> float:

@@ -29,7 +29,7 @@ from covidct.paths import RAW
 from covidct.runtime import select_device
 from covidct.segmentation.data import load_lung_split
 from covidct.segmentation.model import load_segmenter
-from covidct.segmentation.train import train_segmenter
+from covidct.segmentation.train import segmenter_meta, train_segmenter
 from covidct.sweep.config import SEGMENTER_OBJECTIVES, SweepConfig
 from covidct.sweep.space import suggest
 from covidct.tracking import child_run, log_epoch
@@ -62,7 +62,7 @@ class TrialObjective:
         )
 
         def build(out: Path) -> None:
-            meta = {"channels": list(seg.channels), "size": pre.size, "clahe_clip": pre.clahe_clip}
+            meta = segmenter_meta(pre, seg)
             train_segmenter(*self.lung_sets(params), seg, self.device, out / "model.safetensors", meta)
 
         entry, reused, seconds = get_or_build(self.cache, "segmenter", key, build)
@@ -121,7 +121,7 @@ class TrialObjective:
                 raise optuna.TrialPruned(f"epoch {row['epoch']}: val_dice {row['val_dice']:.4f}")
 
         out = self.root / "optuna" / "trials" / self.config.study / str(trial.number)
-        meta = {"channels": list(seg.channels), "size": pre.size, "clahe_clip": pre.clahe_clip}
+        meta = segmenter_meta(pre, seg)
         history = train_segmenter(train, val, seg, self.device, out / "model.safetensors", meta, on_epoch)
         best = history.loc[history["val_dice"].idxmax()]
         mlflow.log_metrics({"objective": float(best["val_dice"]), "chosen_epoch": int(best["epoch"])})

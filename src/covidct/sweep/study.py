@@ -154,7 +154,7 @@ def run_sweep(root: Path, config: SweepConfig, storage: str | None = None, worke
 def summarise(root: Path, config: SweepConfig, study: optuna.Study) -> Path:
     """Trials table and the study's plots (history, importances, parallel coordinates) as files,
     logged to the study's MLflow parent run."""
-    out = root / "reports" / "sweeps" / config.study
+    out = report_dir(root, config)
     write_text_atomic(out / "trials.csv", study.trials_dataframe().to_csv(index=False))
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     plots = {"optimization_history.png": optuna.visualization.matplotlib.plot_optimization_history}
@@ -184,6 +184,11 @@ def summarise(root: Path, config: SweepConfig, study: optuna.Study) -> Path:
         for name in ["trials.csv", *plots]:  # by name: another worker's temp files come and go in `out`
             mlflow.log_artifact(str(out / name))
     return out
+
+
+def report_dir(root: Path, config: SweepConfig) -> Path:
+    """Committed beside the study's journal: trials, plots, confirmation."""
+    return root / "reports" / "sweeps" / config.study
 
 
 def best_overrides(study: optuna.Study, config: SweepConfig) -> dict[str, Any]:

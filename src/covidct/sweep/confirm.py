@@ -1,0 +1,195 @@
+"""Confirm a study's best trial before it goes into params.yaml.
+
+The best of many noisy trials is biased upward. So the best trial's values are trained again
+against params.yaml's over several seeds, at the full budget, and compared slice by slice.
+
+- A segmenter study is confirmed here. Every run's Dice per slice on the validation patients
+  (what decides) and the test patients (for the record) goes to
+  ``reports/sweeps/<study>/confirmation.{json,md}``, with paired intervals.
+- A classifier study is confirmed by a lever study, which already does the same for the
+  classifier: :func:`confirmation_levers` writes it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+
+import optuna
+from covidct.atomic import write_text_atomic
+from covidct.config import PreprocessConfig, SegmenterConfig, load_params
+from covidct.experiments.cache import cache_key
+from covidct.experiments.overrides import as_overrides, with_overrides
+from covidct.metrics import dice_score, mean_with_ci
+from covidct.reports import markdown_table
+from covidct.runtime import select_device
+from covidct.segmentation.data import load_lung_split
+from covidct.segmentation.inference import predict_probabilities, segmenter_dtype
+from covidct.segmentation.model import load_segmenter
+from covidct.segmentation.train import segmenter_meta, train_segmenter
+from covidct.sweep.config import SweepConfig
+from covidct.sweep.objective import study_parent
+from covidct.sweep.study import best_overrides, report_dir
+from covidct.tracking import child_run, log_epoch
+
+DEFAULTS = "params.yaml"
+
+
+def _arm(trial: optuna.trial.FrozenTrial) -> str:
+    return f"trial {trial.number}"
+
+
+def _dice_per_slice(
+    root: Path, params: dict[str, Any], device: torch.device, tags: dict[str, str], parent: tuple
+) -> pd.DataFrame:
+    """One run: train on the training patients, then every validation and test slice's Dice.
+    Kept under a key of its settings, so the same settings (an arm equal to params.yaml, another
+    study's confirmation) are trained once."""
+    pre, seg = PreprocessConfig.of(params), SegmenterConfig.of(params)
+    key = cache_key({"preprocess": pre.model_dump(), "segmenter": seg.model_dump(), "split": params["lung_split"]})
+    out = root / "optuna" / "confirm" / key
+    if (out / "dice.csv").is_file():
+        return pd.read_csv(out / "dice.csv")
+    splits = {s: load_lung_split(root, s, pre) for s in ("train", "val", "test")}
+    sets = {s: (images, masks) for s, (_, images, masks, _) in splits.items()}
+    meta = segmenter_meta(pre, seg)
+    with child_run(*parent, tags["run"], {"preprocess": params["preprocess"], "segmenter": params["segmenter"]}, tags):
+        train_segmenter(sets["train"], sets["val"], seg, device, out / "model.safetensors", meta, log_epoch)
+        model, chosen = load_segmenter(out / "model.safetensors", device)
+        rows = []
+        for split in ("val", "test"):
+            table, images, masks = splits[split][0], *sets[split]
+            dtype = segmenter_dtype(device, chosen.get("precision", "auto"))
+            predicted = predict_probabilities(model, images, device, dtype=dtype) > 0.5
+            rows.append(
+                table[["patient_id"]].assign(
+                    split=split,
+                    slice=np.arange(len(table)),
+                    dice=[dice_score(p, m) for p, m in zip(predicted, masks, strict=True)],
+                )
+            )
+        dice = pd.concat(rows, ignore_index=True)
+        mlflow.log_metrics({f"{split}_dice": _mean(dice, split) for split in ("val", "test")})
+    write_text_atomic(out / "dice.csv", dice.to_csv(index=False))  # last: a run killed before it trains again
+    return dice
+
+
+def _mean(dice: pd.DataFrame, split: str) -> float:
+    return float(dice.loc[dice["split"] == split, "dice"].mean())
+
+
+def _paired(runs: dict[tuple[str, int], pd.DataFrame], arm: str, seeds: list[int], split: str) -> dict[str, Any]:
+    """The trial minus params.yaml, per slice, averaged over seeds (each seed against the same seed),
+    with intervals from resampling slices and from resampling patients."""
+
+    def part(arm_: str, seed: int) -> pd.DataFrame:
+        dice = runs[(arm_, seed)]
+        return dice[dice["split"] == split]
+
+    per_seed = [part(arm, s)["dice"].to_numpy() - part(DEFAULTS, s)["dice"].to_numpy() for s in seeds]
+    diff = np.mean(per_seed, axis=0)
+    patients = part(DEFAULTS, seeds[0])["patient_id"].to_numpy()
+    slices, by_patient = mean_with_ci(diff), mean_with_ci(diff, patients)
+    return {
+        "delta": slices["value"],
+        "ci_low": slices["ci_low"],
+        "ci_high": slices["ci_high"],
+        "patient_ci_low": by_patient["ci_low"],
+        "patient_ci_high": by_patient["ci_high"],
+        "seeds_better": int(sum(d.mean() > 0 for d in per_seed)),
+        "n_patients": int(len(set(patients))),
+    }
+
+
+def confirm_segmenter(root: Path, config: SweepConfig, study: optuna.Study, seeds: list[int]) -> Path:
+    """Train params.yaml's segmenter and the best trial's over ``seeds``, both at the study's budget;
+    the report's path."""
+    base, best, trial = load_params(root / "params.yaml"), best_overrides(study, config), study.best_trial
+    arms = {DEFAULTS: {}, _arm(trial): best}
+    out, device = report_dir(root, config), select_device()
+    parent = study_parent(config)
+    runs = {}
+    for arm, overrides in arms.items():
+        for seed in seeds:
+            params = with_overrides(base, config.budget | overrides | {"segmenter.seed": seed})
+            tags = {
+                "covidct.role": "confirmation",
+                "covidct.verdicts": config.study,
+                "run": f"confirm {arm} seed {seed}",
+            }
+            runs[(arm, seed)] = _dice_per_slice(root, params, device, tags, parent)
+            print(f"{arm}, seed {seed}: val Dice {_mean(runs[(arm, seed)], 'val'):.4f}")
+    record = {
+        "study": config.study,
+        "trial": trial.number,
+        "trial_value": trial.value,
+        "overrides": best,
+        "budget": config.budget,
+        "seeds": seeds,
+        "runs": {
+            f"{arm} seed {seed}": {split: _mean(dice, split) for split in ("val", "test")}
+            for (arm, seed), dice in runs.items()
+        },
+        "val": _paired(runs, _arm(trial), seeds, "val"),
+        "test": _paired(runs, _arm(trial), seeds, "test"),
+    }
+    record["adopt"] = bool(record["val"]["ci_low"] > 0 and record["val"]["patient_ci_low"] > 0)
+    write_text_atomic(out / "confirmation.json", json.dumps(record, indent=2) + "\n")
+    write_text_atomic(out / "confirmation.md", _markdown(record))
+    return out / "confirmation.md"
+
+
+def _markdown(record: dict[str, Any]) -> str:
+    def delta(part: dict[str, Any]) -> str:
+        return (
+            f"{100 * part['delta']:+.2f} ({100 * part['ci_low']:+.2f} to {100 * part['ci_high']:+.2f} slices; "
+            f"{100 * part['patient_ci_low']:+.2f} to {100 * part['patient_ci_high']:+.2f} {part['n_patients']} patients)"
+        )
+
+    rows = [[name, f"{100 * v['val']:.2f}", f"{100 * v['test']:.2f}"] for name, v in record["runs"].items()]
+    verdict = (
+        "adopt: the validation interval, over slices and over patients, is above 0"
+        if record["adopt"]
+        else "not adopted: the validation interval includes 0 or lies below it (noise, or worse)"
+    )
+    return "\n".join(
+        [
+            f"# Confirmation of study {record['study']}: trial {record['trial']} against params.yaml",
+            "",
+            f"Trial {record['trial']} (validation Dice {100 * record['trial_value']:.2f} in the study): "
+            f"`{as_overrides(record['overrides'])}`. Each arm trained once per seed ({', '.join(map(str, record['seeds']))}) "
+            f"on the lung set's training patients at the study's budget (`{as_overrides(record['budget']) or 'params.yaml as it is'}`).",
+            "",
+            markdown_table(["run", "val Dice %", "test Dice %"], rows),
+            "",
+            "Δ Dice (points): the trial minus params.yaml, slice by slice, each seed against the same seed, averaged over",
+            "the seeds; 95 % bootstrap intervals resampling slices, then whole patients (few patients: coarse).",
+            "",
+            f"- validation (decides): {delta(record['val'])}; seeds better: {record['val']['seeds_better']} of {len(record['seeds'])}",
+            f"- test (the record, never the choice): {delta(record['test'])}",
+            "",
+            f"**{verdict}.**",
+            "",
+        ]
+    )
+
+
+def confirmation_levers(root: Path, config: SweepConfig, study: optuna.Study, seeds: list[int]) -> Path:
+    """A classifier study's best trial as a lever study against params.yaml (``covidct levers``)."""
+    trial = study.best_trial
+    plan = {
+        "study": f"confirm-{config.study}",
+        "seeds": seeds,
+        "levers": {"baseline": {}, f"trial_{trial.number}": best_overrides(study, config)},
+    }
+    path = root / "pipelines" / "levers" / f"confirm-{config.study}.yaml"
+    header = f"# Confirms study {config.study}'s best trial ({trial.number}) against params.yaml over seeds.\n"
+    write_text_atomic(path, header + yaml.safe_dump(plan, sort_keys=False))
+    return path
