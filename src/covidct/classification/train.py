@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -118,24 +120,32 @@ def _selection_score(metrics: dict[str, float], val_loss: float, name: str) -> f
     return -val_loss if name == "neg_loss" else metrics[name]
 
 
-def train_classifier(
+@dataclass(frozen=True)
+class _Setup:
+    """What the epoch loop of :func:`train_classifier` runs with, built in one fixed order
+    (the seeded draws of a run depend on it)."""
+
+    run: TrainingRun
+    loader: DataLoader
+    norm: tuple[tuple[float, ...], tuple[float, ...]]  # ImageNet mean and std of the backbone
+    schedule: torch.optim.lr_scheduler.LRScheduler | None
+    pos_weight: float | None
+    after_step: Callable[[], None] | None  # the weight average's update
+    dtype: torch.dtype | None
+    scoring: dict[str, Any]  # how the kept weights score: checkpoint meta
+
+
+def _setup(
     train: tuple[np.ndarray, np.ndarray],
     val: tuple[np.ndarray, np.ndarray],
     config: ClassifierConfig,
     device: torch.device,
     checkpoint: Path,
     meta: dict,
-    on_epoch: Callable[[dict], None] = lambda row: None,
-    resume_dir: Path | None = None,
-    train_sources: np.ndarray | None = None,
-) -> pd.DataFrame:
-    """Train; keep the weights with the best validation ``config.select_metric``; return history.
-    ``train_sources`` (one name per training image) balances the sources, see :func:`balanced_sampler`.
-
-    With ``resume_dir``, a resume state is saved there after every epoch and a run killed
-    part-way carries on from it when started again with the same config, meta and data;
-    the state is left in place at the end (the caller removes it once its outputs are written).
-    """
+    on_epoch: Callable[[dict], None],
+    resume_dir: Path | None,
+    train_sources: np.ndarray | None,
+) -> _Setup:
     seed_everything(config.seed)
     model = build_classifier(config.model, config.pretrained)
     if config.head_init == "zero":
@@ -161,9 +171,8 @@ def train_classifier(
         if config.schedule == "cosine"
         else None
     )
-    pos_weight = positive_weight(train[1], config.class_weight)
-    # A running average of the weights smooths the epoch-to-epoch swings that a 118-image
-    # validation split would otherwise pick a checkpoint from; it is what gets scored and kept.
+    # A running average of the weights smooths the epoch-to-epoch swings that a small validation
+    # split would otherwise pick a checkpoint from; it is what gets scored and kept.
     ema = ModelEmaV3(model, decay=config.ema_decay) if config.ema_decay > 0 else None
     dtype = autocast_dtype(device, config.precision)
     run = TrainingRun(
@@ -180,38 +189,84 @@ def train_classifier(
         fingerprint=fingerprint,
     )
     run.averaged = ema.module if ema is not None else None
-    after_step = (lambda: ema.update(model)) if ema is not None else None
-    # absent means no TTA, so checkpoints written before the option read the same
-    scoring = ({"tta": True} if config.tta else {}) | {"precision": config.precision}
+    return _Setup(
+        run=run,
+        loader=loader,
+        norm=(mean, std),
+        schedule=schedule,
+        pos_weight=positive_weight(train[1], config.class_weight),
+        after_step=(lambda: ema.update(model)) if ema is not None else None,
+        dtype=dtype,
+        # absent means no TTA, so checkpoints written before the option read the same
+        scoring=({"tta": True} if config.tta else {}) | {"precision": config.precision},
+    )
+
+
+def _validate(
+    model: torch.nn.Module,
+    val: tuple[np.ndarray, np.ndarray],
+    config: ClassifierConfig,
+    setup: _Setup,
+    device: torch.device,
+) -> tuple[float, dict[str, float], float]:
+    """Validation loss, metrics, and the score that picks the checkpoint."""
+    scores = predict_scores(model, val[0], device, *setup.norm, config.batch_size * 2, dtype=setup.dtype)
+    loss = float(
+        torch.nn.functional.binary_cross_entropy(
+            torch.from_numpy(scores).double().clamp(1e-7, 1 - 1e-7), torch.from_numpy(val[1]).double()
+        )
+    )
+    metrics = binary_metrics(val[1], scores)
+    return loss, metrics, _selection_score(metrics, loss, config.select_metric)
+
+
+def train_classifier(
+    train: tuple[np.ndarray, np.ndarray],
+    val: tuple[np.ndarray, np.ndarray],
+    config: ClassifierConfig,
+    device: torch.device,
+    checkpoint: Path,
+    meta: dict,
+    on_epoch: Callable[[dict], None] = lambda row: None,
+    resume_dir: Path | None = None,
+    train_sources: np.ndarray | None = None,
+) -> pd.DataFrame:
+    """Train; keep the weights with the best validation ``config.select_metric``; return history.
+    ``train_sources`` (one name per training image) balances the sources, see :func:`balanced_sampler`.
+
+    With ``resume_dir``, a resume state is saved there after every epoch and a run killed
+    part-way carries on from it when started again with the same config, meta and data;
+    the state is left in place at the end (the caller removes it once its outputs are written).
+    """
+    setup = _setup(train, val, config, device, checkpoint, meta, on_epoch, resume_dir, train_sources)
+    run = setup.run
     for epoch in range(run.start(), config.epochs + 1):
         started = time.perf_counter()
         train_loss, seen = classifier_epoch(
-            model,
-            loader,
-            optimiser,
+            run.model,
+            setup.loader,
+            run.optimiser,
             run.scaler,
             device,
-            (mean, std),
+            setup.norm,
             f"classifier epoch {epoch}/{config.epochs}",
-            schedule,
-            pos_weight,
-            after_step,
-            dtype=dtype,
+            setup.schedule,
+            setup.pos_weight,
+            setup.after_step,
+            dtype=setup.dtype,
         )
         train_seconds = time.perf_counter() - started
-        val_scores = predict_scores(run.scored, val[0], device, mean, std, config.batch_size * 2, dtype=dtype)
-        val_loss = float(
-            torch.nn.functional.binary_cross_entropy(
-                torch.from_numpy(val_scores).double().clamp(1e-7, 1 - 1e-7), torch.from_numpy(val[1]).double()
-            )
-        )
-        val_metrics = binary_metrics(val[1], val_scores)
-        score = _selection_score(val_metrics, val_loss, config.select_metric)
+        val_loss, val_metrics, score = _validate(run.scored, val, config, setup, device)
         run.offer(
             score,
             meta
-            | scoring
-            | {"epoch": epoch, f"val_{config.select_metric}": score, "mean": list(mean), "std": list(std)},
+            | setup.scoring
+            | {
+                "epoch": epoch,
+                f"val_{config.select_metric}": score,
+                "mean": list(setup.norm[0]),
+                "std": list(setup.norm[1]),
+            },
         )
         row = {
             "epoch": epoch,
