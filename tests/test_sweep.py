@@ -21,9 +21,9 @@ from ruamel.yaml import YAML
 
 import optuna
 from covidct.sweep.config import load_sweep
-from covidct.sweep.study import apply_best, finished_trials, run_sweep, summarise
+from covidct.sweep.study import apply_best, best_overrides, finished_trials, run_sweep, summarise
 from helpers.servers import Postgres, running_mlflow_server
-from helpers.tiny import prepare_tiny_root
+from helpers.tiny import prepare_tiny_root, save_tiny_networks
 
 pytestmark = [pytest.mark.slow, pytest.mark.data]
 COVIDCT = str(Path(sys.executable).parent / "covidct")
@@ -83,6 +83,9 @@ def test_sweep_reuses_stages_resumes_and_exports_best(
     out = summarise(root, config, more)
     for name in ("optimization_history.png", "param_importances.png", "parallel_coordinate.png", "trials.csv"):
         assert (out / name).stat().st_size > 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["trials"]["complete"] + summary["trials"]["pruned"] == 5
+    assert summary["best_value"] == more.best_value and summary["best_params"] == more.best_trial.params
     client = MlflowClient(f"sqlite:///{root / 'mlruns' / 'mlflow.db'}")
     runs = client.search_runs(
         [client.get_experiment_by_name("covidct").experiment_id], filter_string="tags.`covidct.verdicts` = 'micro'"
@@ -205,7 +208,7 @@ def test_segmenter_study_in_a_journal_then_its_confirmation(
         monkeypatch.setenv(key, value)
     path = root / "seg.yaml"
     path.write_text(
-        "study: seg\nstorage: journal:reports/sweeps/seg/journal.log\nobjective: val_dice\nn_trials: 2\n"
+        "study: seg\nstorage: journal:reports/sweeps/seg/journal.log\ntrains: segmenter\nobjective: val_dice\nn_trials: 2\n"
         "pruner_startup_trials: 1\npruner_warmup_epochs: 0\n"
         "space:\n  segmenter.tversky_alpha: {choices: [0.5, 0.6]}\n  segmenter.channels: {choices: [[4, 8, 16], [8, 16, 32]]}\n"
     )
@@ -233,3 +236,36 @@ def test_segmenter_study_in_a_journal_then_its_confirmation(
     assert {r.data.tags["mlflow.parentRunId"] for r in confirmations} == {parent.info.run_id}
     confirm_segmenter(root, config, study, [0, 1])  # reused: no run trains again
     assert len(client.search_runs(experiment, "tags.`covidct.role` = 'confirmation'")) == 4
+
+
+def test_classifier_study_crops_every_source_once_per_margin(
+    root: Path, env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A classifier study: the pipeline's segmenter crops every declared source at a trial's
+    margin (kept, so a later trial at that margin reuses them), and a choice of a network with
+    its weights sets both keys."""
+    import shutil
+
+    from covidct.paths import SEGMENTER
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    segmenter, _ = save_tiny_networks(root / "tiny-nets")
+    (root / SEGMENTER).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(segmenter, root / SEGMENTER)
+    path = root / "clf.yaml"
+    path.write_text(
+        "study: clf\nstorage: journal:reports/sweeps/clf/journal.log\ntrains: classifier\nn_trials: 3\npruning: false\n"
+        "space:\n  crop.margin: {choices: [0, 3]}\n"
+        "  classifier: {choices: [{model: efficientnet_b0, pretrained: none}, {model: tf_efficientnet_lite0, pretrained: none}]}\n"
+    )
+    config = load_sweep(path)
+    study = run_sweep(root, config)
+    trials = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(trials) == 3 and all(0.0 <= t.value <= 1.0 for t in trials)
+    margins = [t.params["crop.margin"] for t in trials]
+    assert sum(t.user_attrs["crops_reused"] for t in trials) == len(margins) - len(set(margins))
+    assert len(list((root / "optuna" / "cache" / "source-crops").glob("*/images"))) == len(set(margins))
+    best = best_overrides(study, config)
+    assert set(best) == {"crop.margin", "classifier.model", "classifier.pretrained"}
+    assert best["classifier.pretrained"] == "none"

@@ -58,6 +58,9 @@ def test_gpu_sweep_covers_the_mission_space() -> None:
         ("study: s\n", "space"),
         ("space: {crop.margin: {low: 0, high: 5}}\n", "study"),
         ("study: s\nbogus: 1\nspace: {crop.margin: {low: 0, high: 5}}\n", "bogus"),
+        ("study: s\ntrains: segmenter\nspace: {crop.margin: {low: 0, high: 5}}\n", "objective"),
+        ("study: s\nobjective: val_dice\nspace: {crop.margin: {low: 0, high: 5}}\n", "objective"),
+        ("study: s\ntrains: everything\nspace: {crop.margin: {low: 0, high: 5}}\n", "trains"),
     ],
 )
 def test_bad_sweep_definition_names_the_key(tmp_path: Path, text: str, key: str) -> None:

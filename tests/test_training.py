@@ -274,7 +274,7 @@ def test_classifier_missing_checkpoint(tmp_path: Path) -> None:
 
 def test_zero_head_starts_at_one_half_and_timm_head_does_not(covid_data) -> None:
     from covidct.classification.model import build_classifier, normalisation, zero_head
-    from covidct.config import LITE0_WHEEL
+    from covidct.classification.variants import LITE0_WHEEL
 
     (images, _), _ = covid_data
     model = build_classifier("tf_efficientnet_lite0", LITE0_WHEEL)

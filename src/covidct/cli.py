@@ -27,11 +27,10 @@ def _sweep(args: argparse.Namespace, root: Path) -> None:
                 f"best validation {config.objective} {study.best_value:.4f} (trial {study.best_trial.number}): {study.best_trial.params}"
             )
     elif args.command == "sweep-confirm":
-        from covidct.sweep.config import SEGMENTER_OBJECTIVES
         from covidct.sweep.confirm import confirm_segmenter, confirmation_levers
 
         study = open_study(root, config, args.storage)
-        if config.objective in SEGMENTER_OBJECTIVES:
+        if config.trains == "segmenter":
             print(f"confirmation: {confirm_segmenter(root, config, study, args.seeds)}")
         else:
             plan = confirmation_levers(root, config, study, args.seeds)

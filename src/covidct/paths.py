@@ -28,6 +28,8 @@ SEGMENTER_REPORTS = REPORTS / "segmenter"
 LESION_REPORTS = REPORTS / "lesion"
 CROP_REPORTS = REPORTS / "crop"
 SOURCE_REPORTS = REPORTS / "sources"
+SWEEP_REPORTS = REPORTS / "sweeps"  # one folder per Optuna study: its journal, trials and plots
+CONFIRMATIONS = SWEEP_REPORTS / "confirmations"  # `covidct sweep-confirm`; register_model tags versions from them
 
 #: The paper's Table 1 ablation: the classifier on lung crops, and on the whole images.
 VARIANTS = ("cropped", "raw")
@@ -48,13 +50,16 @@ def crop_relpath(relpath: str, source: str = "covid-ct") -> str:
     return str(path if source == "covid-ct" else Path(source) / path)
 
 
-def classifier_inputs(root: Path, relpaths: Iterable[str], variant: str, source: str = "covid-ct") -> list[Path]:
-    """Where the classifier of ``variant`` reads each image of ``source``."""
+def classifier_inputs(
+    root: Path, relpaths: Iterable[str], variant: str, source: str = "covid-ct", crops: Path = CROPS
+) -> list[Path]:
+    """Where the classifier of ``variant`` reads each image of ``source`` (``crops``: the crop
+    stage's folder, or a sweep trial's crops at another margin)."""
     if variant == "cropped":
-        return [root / CROPS / "images" / crop_relpath(p, source) for p in relpaths]
+        return [root / crops / "images" / crop_relpath(p, source) for p in relpaths]
     return [root / RAW / source / p for p in relpaths]
 
 
-def lung_masks(root: Path, relpaths: Iterable[str], source: str = "covid-ct") -> list[Path]:
+def lung_masks(root: Path, relpaths: Iterable[str], source: str = "covid-ct", crops: Path = CROPS) -> list[Path]:
     """The lung mask of each crop, aligned with it pixel for pixel."""
-    return [root / CROPS / "lung" / crop_relpath(p, source) for p in relpaths]
+    return [root / crops / "lung" / crop_relpath(p, source) for p in relpaths]

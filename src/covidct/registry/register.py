@@ -24,7 +24,7 @@ from mlflow.tracking import MlflowClient
 import covidct
 from covidct.atomic import atomic_dir
 from covidct.config import ConfigError, CropConfig, GateConfig
-from covidct.paths import RAW
+from covidct.paths import CONFIRMATIONS, RAW
 from covidct.registry.pipeline_model import ARTIFACTS, IMAGE, NAME, SIGNATURE, settings
 from covidct.registry.promote import VARIANT_TAG
 from covidct.tracking import flatten, git_commit
@@ -79,6 +79,25 @@ def holdout_tags(holdout: Mapping[str, Any], classifier: Mapping[str, Any]) -> d
     return {}
 
 
+def _dotted(params: Mapping[str, Any], key: str) -> Any:
+    node: Any = params
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, Mapping) else None
+    return node
+
+
+def sweep_tags(confirmations: Path, params: Mapping[str, Any]) -> dict[str, str]:
+    """The confirmed studies whose best trial's values are the ones in ``params``: where the
+    recipe came from (``covidct sweep-confirm``, then ``sweep-best --apply``)."""
+    tags = {}
+    for path in sorted(confirmations.glob("*.json")):
+        record = json.loads(path.read_text())
+        if all(_dotted(params, key) == value for key, value in record["overrides"].items()):
+            tags |= {f"sweep.{record['study']}.trial": str(record["trial"])}
+            tags |= {f"sweep.{record['study']}.adopted_on_val": str(record["adopt"]).lower()}
+    return tags
+
+
 def version_tags(
     root: Path,
     params: Mapping[str, Any],
@@ -87,6 +106,7 @@ def version_tags(
     sources: Mapping[str, Any],
     holdout: Mapping[str, Any] | None = None,
     lesion: Mapping[str, Any] | None = None,
+    sweeps: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """Flat string tags: MLflow's registry UI shows and searches them. ``sources``: the
     evaluate_sources stage's figures per source (``source.<name>.held_out`` is 1 for a source
@@ -103,6 +123,7 @@ def version_tags(
     tags |= {f"source.{name}.{k}": f"{v:.6g}" for name, figures in sources.items() for k, v in figures.items()}
     tags |= {f"param.{k}": str(v) for k, v in flatten(params).items()}
     tags |= {f"lesion.{k}": f"{v:.6g}" for k, v in (lesion or {}).items()}
+    tags |= dict(sweeps or {})
     return tags | holdout_tags(holdout or {}, params.get("classifier", {}))
 
 
@@ -217,5 +238,6 @@ def build_and_register(
         )
         save_pipeline(out, kwargs, root)
         variant = str(params["classifier"]["model"])
-        tags = version_tags(root, params, metrics, variant, sources or {}, holdout, lesion)
+        sweeps = sweep_tags(root / CONFIRMATIONS, params)
+        tags = version_tags(root, params, metrics, variant, sources or {}, holdout, lesion, sweeps)
         return register_pipeline(model_name, kwargs, tags)

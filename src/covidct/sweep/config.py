@@ -13,9 +13,11 @@ from pydantic import Field, StrictBool, StrictFloat, StrictInt, model_validator
 
 from covidct.schema import ConfigError, FieldError, Model, read_yaml_mapping, validated
 
-CLASSIFIER_OBJECTIVES = ("val_auc", "val_accuracy", "val_f1", "val_recall")
-SEGMENTER_OBJECTIVES = ("val_dice",)  # a segmenter study: trials train the lung segmenter alone
 Objective = Literal["val_auc", "val_accuracy", "val_f1", "val_recall", "val_dice"]
+#: What a trial trains. pipeline: its own segmenter, then crops of COVID-CT, then the classifier on
+#: them; segmenter: the lung segmenter alone (val_dice); classifier: the classifier on every source
+#: it trains on, from the crop stage's segmenter (crops at another margin made and kept).
+Trains = Literal["pipeline", "segmenter", "classifier"]
 Number = StrictInt | StrictFloat
 
 
@@ -48,6 +50,7 @@ class Distribution(Model):
 class SweepConfig(Model):
     study: Annotated[str, Field(min_length=1)]
     storage: str = "sqlite:///optuna/studies.db"  # or journal:<file>, a file that travels with the repository
+    trains: Trains = "pipeline"
     objective: Objective = "val_auc"  # a validation metric (classifier or segmenter); never a test metric
     n_trials: Annotated[int, Field(ge=1)] = 8  # finished (complete or pruned) trials across every worker and restart
     timeout_s: Number | None = None
@@ -59,6 +62,12 @@ class SweepConfig(Model):
     grace_s: Annotated[int, Field(ge=1)] = 60
     budget: dict[str, Any] = Field(default_factory=dict)  # params.yaml overrides for every trial
     space: Annotated[dict[str, Distribution], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _objective_fits(self) -> Self:
+        if (self.trains == "segmenter") != (self.objective == "val_dice"):
+            raise FieldError("objective", f"must be val_dice exactly when trains is segmenter, got {self.objective!r}")
+        return self
 
 
 def load_sweep(path: str | Path) -> SweepConfig:

@@ -5,7 +5,7 @@ against params.yaml's over several seeds, at the full budget, and compared slice
 
 - A segmenter study is confirmed here. Every run's Dice per slice on the validation patients
   (what decides) and the test patients (for the record) goes to
-  ``reports/sweeps/<study>/confirmation.{json,md}``, with paired intervals.
+  ``reports/sweeps/confirmations/<study>.{json,md}``, with paired intervals.
 - A classifier study is confirmed by a lever study, which already does the same for the
   classifier: :func:`confirmation_levers` writes it.
 """
@@ -28,6 +28,7 @@ from covidct.config import PreprocessConfig, SegmenterConfig, load_params
 from covidct.experiments.cache import cache_key
 from covidct.experiments.overrides import as_overrides, with_overrides
 from covidct.metrics import dice_score, mean_with_ci
+from covidct.paths import CONFIRMATIONS
 from covidct.reports import markdown_table
 from covidct.runtime import select_device
 from covidct.segmentation.data import load_lung_split
@@ -36,7 +37,7 @@ from covidct.segmentation.model import load_segmenter
 from covidct.segmentation.train import segmenter_meta, train_segmenter
 from covidct.sweep.config import SweepConfig
 from covidct.sweep.objective import study_parent
-from covidct.sweep.study import best_overrides, report_dir
+from covidct.sweep.study import best_overrides
 from covidct.tracking import child_run, log_epoch
 
 DEFAULTS = "params.yaml"
@@ -113,7 +114,7 @@ def confirm_segmenter(root: Path, config: SweepConfig, study: optuna.Study, seed
     the report's path."""
     base, best, trial = load_params(root / "params.yaml"), best_overrides(study, config), study.best_trial
     arms = {DEFAULTS: {}, _arm(trial): best}
-    out, device = report_dir(root, config), select_device()
+    out, device = root / CONFIRMATIONS, select_device()
     parent = study_parent(config)
     runs = {}
     for arm, overrides in arms.items():
@@ -141,9 +142,9 @@ def confirm_segmenter(root: Path, config: SweepConfig, study: optuna.Study, seed
         "test": _paired(runs, _arm(trial), seeds, "test"),
     }
     record["adopt"] = bool(record["val"]["ci_low"] > 0 and record["val"]["patient_ci_low"] > 0)
-    write_text_atomic(out / "confirmation.json", json.dumps(record, indent=2) + "\n")
-    write_text_atomic(out / "confirmation.md", _markdown(record))
-    return out / "confirmation.md"
+    write_text_atomic(out / f"{config.study}.json", json.dumps(record, indent=2) + "\n")
+    write_text_atomic(out / f"{config.study}.md", _markdown(record))
+    return out / f"{config.study}.md"
 
 
 def _markdown(record: dict[str, Any]) -> str:
@@ -187,6 +188,7 @@ def confirmation_levers(root: Path, config: SweepConfig, study: optuna.Study, se
     plan = {
         "study": f"confirm-{config.study}",
         "seeds": seeds,
+        "base": dict(config.budget),  # at the study's budget, as the segmenter's confirmation
         "levers": {"baseline": {}, f"trial_{trial.number}": best_overrides(study, config)},
     }
     path = root / "pipelines" / "levers" / f"confirm-{config.study}.yaml"

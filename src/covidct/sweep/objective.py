@@ -6,7 +6,9 @@ The objective is a validation score; test metrics are logged for the record, nev
 
 from __future__ import annotations
 
+import hashlib
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,20 +19,20 @@ import pandas as pd
 import optuna
 from covidct.catalog import load_source
 from covidct.classification.inputs import load_views
-from covidct.classification.table import checkpoint_meta
+from covidct.classification.table import checkpoint_meta, classifier_table, load_classifier_inputs
 from covidct.classification.train import fit_and_predict
-from covidct.config import ClassifierConfig, CropConfig, DataConfig, PreprocessConfig, SegmenterConfig
+from covidct.config import ClassifierConfig, CropConfig, DataConfig, PreprocessConfig, SegmenterConfig, declared_sources
 from covidct.datasets import COVID_CT, take_per_group
 from covidct.experiments.cache import cache_key, get_or_build
 from covidct.experiments.overrides import with_overrides
 from covidct.lung_crop import crop_dataset
 from covidct.metrics import binary_metrics
-from covidct.paths import RAW
+from covidct.paths import CROPS, RAW, SEGMENTER, raw
 from covidct.runtime import select_device
 from covidct.segmentation.data import load_lung_split
 from covidct.segmentation.model import load_segmenter
 from covidct.segmentation.train import segmenter_meta, train_segmenter
-from covidct.sweep.config import SEGMENTER_OBJECTIVES, SweepConfig
+from covidct.sweep.config import SweepConfig
 from covidct.sweep.space import suggest
 from covidct.tracking import child_run, log_epoch
 
@@ -38,9 +40,6 @@ from covidct.tracking import child_run, log_epoch
 def study_parent(config: SweepConfig) -> tuple[dict[str, str], str]:
     """The MLflow parent run of a study: every trial of every worker nests under it."""
     return {"covidct.verdicts": config.study, "covidct.role": "study"}, f"study {config.study}"
-
-
-PIPELINE_SECTIONS = ("data", "preprocess", "segmenter", "crop", "classifier")
 
 
 class TrialObjective:
@@ -92,13 +91,17 @@ class TrialObjective:
             "optuna.trial_number": str(trial.number),
             "covidct.worker": self.worker,
         }
-        segmenter_only = self.config.objective in SEGMENTER_OBJECTIVES
-        logged = ("data", "lung_split", "preprocess", "segmenter") if segmenter_only else PIPELINE_SECTIONS
+        trains = self.config.trains
+        run, logged = {
+            "pipeline": (self.pipeline_trial, ("data", "preprocess", "segmenter", "crop", "classifier")),
+            "segmenter": (self.segmenter_trial, ("data", "lung_split", "preprocess", "segmenter")),
+            "classifier": (self.classifier_trial, ("data", "crop", "classifier")),
+        }[trains]
         pruned = False
         with child_run(parent_key, parent_name, f"trial {trial.number}", {k: params[k] for k in logged}, tags):
             mlflow.log_params({f"suggested.{k}": v for k, v in suggested.items()})
             try:
-                value = self.segmenter_trial(trial, params) if segmenter_only else self.pipeline_trial(trial, params)
+                value = run(trial, params)
             except optuna.TrialPruned:
                 pruned = True
                 mlflow.set_tag("optuna.state", "PRUNED")
@@ -110,17 +113,7 @@ class TrialObjective:
         """Train the lung segmenter alone; its best validation Dice, reported every epoch for pruning."""
         pre, seg = PreprocessConfig.of(params), SegmenterConfig.of(params)
         train, val = self.lung_sets(params)
-        started = time.perf_counter()
-
-        def on_epoch(row: dict) -> None:
-            log_epoch(row)
-            trial.report(row["val_dice"], row["epoch"])
-            trial.set_user_attr("epochs_run", row["epoch"])
-            trial.set_user_attr("segmenter_seconds", time.perf_counter() - started)
-            if trial.should_prune():
-                raise optuna.TrialPruned(f"epoch {row['epoch']}: val_dice {row['val_dice']:.4f}")
-
-        out = self.root / "optuna" / "trials" / self.config.study / str(trial.number)
+        out, on_epoch = self.trial_dir(trial), reporter(trial, "val_dice", "segmenter_seconds")
         meta = segmenter_meta(pre, seg)
         history = train_segmenter(train, val, seg, self.device, out / "model.safetensors", meta, on_epoch)
         best = history.loc[history["val_dice"].idxmax()]
@@ -171,22 +164,59 @@ class TrialObjective:
             config.equalise,
             progress=None,
         )
-        objective, started = self.config.objective, time.perf_counter()
+        return self.fit_classifier(trial, images, boxes, config)
 
-        def on_epoch(row: dict) -> None:
-            log_epoch(row)
-            trial.report(row[objective], row["epoch"])
-            trial.set_user_attr("epochs_run", row["epoch"])
-            trial.set_user_attr("classifier_seconds", time.perf_counter() - started)
-            if trial.should_prune():
-                raise optuna.TrialPruned(f"epoch {row['epoch']}: {objective} {row[objective]:.3f}")
+    def classifier_trial(self, trial: optuna.Trial, params: dict[str, Any]) -> float:
+        """The classifier on every source it trains on (``classifier.sources``), on crops by the
+        crop stage's segmenter: its objective is the validation score pooled over those sources,
+        the score the pipeline chooses its checkpoint on."""
+        config = ClassifierConfig.of(params)
+        crops, reused, seconds = self.source_crops(params)
+        trial.set_user_attr("crops_reused", reused)
+        mlflow.log_metrics({"crops_reused": float(reused), "crops_seconds": seconds})
+        table = classifier_table(self.root, config, declared_sources(params))
+        images = load_classifier_inputs(self.root, table, "cropped", config, progress=None, crops=crops)
+        return self.fit_classifier(trial, images, table, config)
 
-        out = self.root / "optuna" / "trials" / self.config.study / str(trial.number)
+    def source_crops(self, params: dict[str, Any]) -> tuple[Path, bool, float]:
+        """The crop stage's folder when the crop settings are params.yaml's; else every declared
+        source cropped again by the same segmenter at the trial's settings, kept for later trials."""
+        crop, segmenter = CropConfig.of(params), self.root / SEGMENTER
+        if crop == CropConfig.of(self.base) and (self.root / CROPS).is_dir():
+            return self.root / CROPS, True, 0.0
+        if not segmenter.is_file():
+            raise FileNotFoundError(
+                f"{segmenter}: a classifier study crops with the pipeline's segmenter; run `dvc repro train_segmenter` first"
+            )
+        sources = declared_sources(params)
+        weights = hashlib.sha256(segmenter.read_bytes()).hexdigest()
+        key = cache_key({"segmenter": weights, "crop": crop.model_dump(), "sources": list(sources)})
+
+        def build(out: Path) -> None:
+            model, meta = load_segmenter(segmenter, self.device)
+            for name in sources:
+                crop_dataset(
+                    load_source(self.root, name), self.root / raw(name), out, model, meta, crop, self.device, name
+                )
+
+        return get_or_build(self.cache, "source-crops", key, build)
+
+    def trial_dir(self, trial: optuna.Trial) -> Path:
+        return self.root / "optuna" / "trials" / self.config.study / str(trial.number)
+
+    def fit_classifier(
+        self, trial: optuna.Trial, images: np.ndarray, table: pd.DataFrame, config: ClassifierConfig
+    ) -> float:
+        """Train, reporting the objective every epoch; the chosen epoch's validation score."""
+        objective = self.config.objective
+        on_epoch = reporter(trial, objective, "classifier_seconds")
+        out = self.trial_dir(trial)
         history, predictions, meta = fit_and_predict(
-            images, boxes, config, self.device, out / "model.safetensors", checkpoint_meta(config, "cropped"), on_epoch
+            images, table, config, self.device, out / "model.safetensors", checkpoint_meta(config, "cropped"), on_epoch
         )
         chosen = history.loc[history["epoch"] == meta["epoch"]].iloc[0]
-        test = predictions[predictions["split"] == "test"]
+        trained = predictions["trained"].astype(bool) if "trained" in predictions else True
+        test = predictions[(predictions["split"] == "test") & trained]
         # Logged for the record only: the study never sees a test metric.
         test_metrics = binary_metrics(test["label"].to_numpy(), test["score"].to_numpy())
         mlflow.log_metrics(
@@ -195,3 +225,18 @@ class TrialObjective:
         )
         trial.set_user_attr("test_auc", test_metrics["auc"])
         return float(chosen[objective])
+
+
+def reporter(trial: optuna.Trial, objective: str, seconds: str) -> Callable[[dict], None]:
+    """The per-epoch callback: log the row, report the objective, stop the trial if the pruner says so."""
+    started = time.perf_counter()
+
+    def on_epoch(row: dict) -> None:
+        log_epoch(row)
+        trial.report(row[objective], row["epoch"])
+        trial.set_user_attr("epochs_run", row["epoch"])
+        trial.set_user_attr(seconds, time.perf_counter() - started)
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"epoch {row['epoch']}: {objective} {row[objective]:.4f}")
+
+    return on_epoch

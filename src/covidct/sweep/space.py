@@ -1,8 +1,8 @@
 """A trial's suggestions from the study's search space.
 
-Optuna stores only scalar choices, so a list choice (a network's widths) is stored by its
-JSON text and turned back into the list here, for the trial and for ``sweep-best``; a stepped
-float comes back rounded (0.6, not 0.6000000000000001, in params.yaml).
+Optuna stores only scalar choices, so a list choice (a network's widths) or a mapping choice
+(a network with its weights) is stored by its JSON text and turned back here, for the trial and
+for ``sweep-best``; a stepped float comes back rounded (0.6, not 0.6000000000000001).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 import optuna
+from covidct.schema import dotted_keys
 from covidct.sweep.config import Distribution
 
 
@@ -31,7 +32,14 @@ def decode(space: dict[str, Distribution], stored: dict[str, Any]) -> dict[str, 
     return values
 
 
+def expand(values: dict[str, Any]) -> dict[str, Any]:
+    """A mapping choice under a key sets several keys below it at once (a network and the weights
+    that fit it): ``classifier: {model: m, pretrained: w}`` as ``classifier.model``, ``classifier.pretrained``."""
+    return dotted_keys(values)
+
+
 def suggest(trial: optuna.Trial, space: dict[str, Distribution]) -> dict[str, Any]:
+    """The trial's values as params.yaml's dotted keys."""
     values: dict[str, Any] = {}
     for key, dist in space.items():
         if dist.choices is not None:
@@ -40,4 +48,4 @@ def suggest(trial: optuna.Trial, space: dict[str, Distribution]) -> dict[str, An
             values[key] = trial.suggest_int(key, dist.low, dist.high, step=int(dist.step or 1), log=dist.log)
         else:
             values[key] = trial.suggest_float(key, float(dist.low), float(dist.high), step=dist.step, log=dist.log)
-    return decode(space, values)
+    return expand(decode(space, values))

@@ -5,6 +5,7 @@ shared by every worker and restart."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
@@ -22,10 +23,11 @@ from optuna.trial import TrialState
 import optuna
 from covidct.atomic import atomic_path, write_text_atomic
 from covidct.config import ConfigError, load_params
+from covidct.paths import SWEEP_REPORTS
 from covidct.profiles import set_params
 from covidct.sweep.config import SweepConfig
 from covidct.sweep.objective import TrialObjective, study_parent
-from covidct.sweep.space import decode
+from covidct.sweep.space import decode, expand
 from covidct.tracking import child_run
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -157,6 +159,7 @@ def summarise(root: Path, config: SweepConfig, study: optuna.Study) -> Path:
     out = report_dir(root, config)
     write_text_atomic(out / "trials.csv", study.trials_dataframe().to_csv(index=False))
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    write_text_atomic(out / "summary.json", json.dumps(_summary(config, study), indent=2) + "\n")
     plots = {"optimization_history.png": optuna.visualization.matplotlib.plot_optimization_history}
     if len(complete) >= 2:
         plots |= {
@@ -181,20 +184,37 @@ def summarise(root: Path, config: SweepConfig, study: optuna.Study) -> Path:
         {"covidct.role": "study_summary", "covidct.verdicts": config.study},
     ):
         mlflow.log_metrics({**best, "finished_trials": finished_trials(study)})
-        for name in ["trials.csv", *plots]:  # by name: another worker's temp files come and go in `out`
+        for name in ["trials.csv", "summary.json", *plots]:  # by name: another worker's temp files come and go in `out`
             mlflow.log_artifact(str(out / name))
     return out
 
 
+def _summary(config: SweepConfig, study: optuna.Study) -> dict[str, Any]:
+    """What docs/sweeps.md quotes: counts by state, compute spent, the best trial."""
+    trials = study.get_trials(deepcopy=False)
+    states = {state.name.lower(): sum(t.state == state for t in trials) for state in TrialState}
+    spent = [(t.datetime_complete - t.datetime_start).total_seconds() for t in trials if t.datetime_complete]
+    summary: dict[str, Any] = {"study": config.study, "objective": config.objective, "trials": states}
+    summary["compute_minutes"] = sum(spent) / 60
+    if states["complete"]:
+        best = study.best_trial
+        summary |= {
+            "best_trial": best.number,
+            "best_value": best.value,
+            "best_params": expand(decode(config.space, best.params)),
+        }
+    return summary
+
+
 def report_dir(root: Path, config: SweepConfig) -> Path:
     """Committed beside the study's journal: trials, plots, confirmation."""
-    return root / "reports" / "sweeps" / config.study
+    return root / SWEEP_REPORTS / config.study
 
 
 def best_overrides(study: optuna.Study, config: SweepConfig) -> dict[str, Any]:
     """The best trial's suggested values, as params.yaml dotted keys (budget keys excluded)."""
     try:
-        return decode(config.space, study.best_trial.params)
+        return expand(decode(config.space, study.best_trial.params))
     except ValueError as exc:
         raise ConfigError(f"study {study.study_name}: no completed trial yet") from exc
 
