@@ -15,7 +15,7 @@ from covidct.classification.data import resize_for_classifier
 from covidct.classification.inputs import STANDARD_MEAN, STANDARD_SD, classifier_view
 from covidct.classification.table import checkpoint_meta, classifier_table, evenly_spaced
 from covidct.classification.train import balanced_sampler, fit_and_predict, predict_scores
-from covidct.config import ConfigError, SourceConfig
+from covidct.config import ConfigError, declared_sources, load_params
 from covidct.images import read_grayscale
 from covidct.lung_box import crop_to_lung_bbox
 from covidct.lung_crop import LungCrop, segment_and_crop
@@ -23,7 +23,7 @@ from covidct.registry.pipeline_model import TwoStagePipeline
 from covidct.stages.evaluate import paper_split
 from covidct.thresholds import decision_threshold
 from helpers.configs import make_config
-from helpers.paths import DATA
+from helpers.paths import DATA, REPO
 from helpers.tiny import save_tiny_networks
 
 pytestmark = pytest.mark.data  # reads the real data (skipped without it)
@@ -127,18 +127,7 @@ def test_balanced_sampler_draws_every_source_and_class_alike() -> None:
 
 
 DECLARED = {
-    "covid-ct": SourceConfig(
-        title="COVID-CT", split="lists", classes="folder", covid=("CT_COVID",), patient="meta", scan="meta", thin=False
-    ),
-    "cc-ccii": SourceConfig(
-        title="CC-CCII",
-        split="patients",
-        classes="cc_ccii_class",
-        covid=("NCP",),
-        patient="patient_id",
-        scan="scan_id",
-        thin=True,
-    ),
+    k: v for k, v in declared_sources(load_params(REPO / "params.yaml")).items() if k in ("covid-ct", "cc-ccii")
 }
 
 

@@ -24,7 +24,7 @@ from covidct.source_figures import (
     with_diluted,
 )
 from covidct.verdicts import study_probabilities, top_k_mean
-from helpers.paths import DATA
+from helpers.paths import DATA, REPO
 
 pytestmark = pytest.mark.data  # reads the real data (skipped without it)
 
@@ -148,19 +148,11 @@ def test_a_source_trained_on_has_figures_from_its_test_split_only() -> None:
 
 
 def test_patient_split_keeps_linked_patients_together_and_stratifies_classes() -> None:
-    from covidct.config import SourceConfig
+    from covidct.config import declared_sources, load_params
     from covidct.datasets import patient_split
 
     manifest = pd.read_csv(DATA / "cc-ccii" / "manifest.csv")
-    source = SourceConfig(
-        title="CC-CCII",
-        split="patients",
-        classes="cc_ccii_class",
-        covid=("NCP",),
-        patient="patient_id",
-        scan="scan_id",
-        thin=True,
-    )
+    source = declared_sources(load_params(REPO / "params.yaml"))["cc-ccii"]
     groups = {"CP_1775": "CP_1775+CP_3636", "CP_3636": "CP_1775+CP_3636"}
     split = patient_split(manifest, source, 0.2, 0.2, 0, groups=groups)
     assert split.loc[split["patient"] == "CP_1775+CP_3636", "split"].nunique() == 1
@@ -172,19 +164,11 @@ def test_patient_split_keeps_linked_patients_together_and_stratifies_classes() -
 
 
 def test_manifest_split_is_used_as_given_and_checked() -> None:
-    from covidct.config import SourceConfig
+    from covidct.config import declared_sources, load_params
     from covidct.datasets import DatasetError, manifest_split
 
     manifest = pd.read_csv(DATA / "sars-cov-2-ct" / "manifest.csv")
-    source = SourceConfig(
-        title="SARS-CoV-2 CT",
-        split="manifest",
-        classes="label",
-        covid=("COVID",),
-        patient="scan",
-        scan="scan",
-        thin=False,
-    )
+    source = declared_sources(load_params(REPO / "params.yaml"))["sars-cov-2-ct"]
     split = manifest_split(manifest, source)
     assert split["split"].tolist() == manifest["split"].tolist()  # as given, row for row
     assert split["label"].eq(manifest["label"].eq("COVID").astype(int)).all()
