@@ -289,6 +289,12 @@ def test_promotion_moves_the_alias_only_for_a_better_pipeline_above_the_recall_f
         promote_if_better(client, NAME, variant="efficientnet_b7")
     back = promote_if_better(client, NAME, version="1")  # unrestricted again: 0.80 beats the B4's 0.78
     assert back.promoted and str(client.get_model_version_by_alias(NAME, "champion").version) == "1"
+    # A tie goes to the newer registration (same figures, newer code), never back to the older one.
+    first_tags = client.get_model_version(NAME, "1").tags
+    same = _version(client, source, "efficientnet_b0", float(first_tags["val.auc"]), float(first_tags["val.recall"]))
+    tie = promote_if_better(client, NAME, version=same)
+    assert tie.promoted and "ties, and is newer than, version 1" in tie.reason
+    assert not promote_if_better(client, NAME, version="1").promoted
 
 
 def _env(uri: str) -> dict[str, str]:

@@ -141,8 +141,11 @@ def promote_if_better(
         )
     else:
         incumbent = val_metric(champion, metric)
-        promoted = score > incumbent
-        comparison = "beats" if promoted else "does not beat"
+        # A tie goes to the newer registration: the same figures with newer code (a pipeline
+        # re-registered with a lesion segmenter beside the same classifier) should serve.
+        tie = score == incumbent and int(number) > int(champion.version)
+        promoted = score > incumbent or tie
+        comparison = "ties, and is newer than," if tie else "beats" if promoted else "does not beat"
         reason = f"validation {metric} {score:.4f} {comparison} version {champion.version}'s {incumbent:.4f}"
     if promoted:
         client.set_registered_model_alias(name, alias, number)
