@@ -87,13 +87,15 @@ def _describe(error: Mapping[str, Any], model: type[BaseModel]) -> tuple[list[st
 
 
 def _fields_at(model: type[BaseModel], loc: list[str | int]) -> list[str]:
+    """The keys the model at ``loc`` knows (for "is not a known key")."""
     for part in loc:
         field = model.model_fields.get(str(part))
-        inner = getattr(field, "annotation", None) if field else None
-        if isinstance(inner, type) and issubclass(inner, BaseModel):
-            model = inner
-        elif field is not None and hasattr(inner, "__args__"):  # dict[str, SourceConfig]: the next part is a name
-            model = next(a for a in inner.__args__ if isinstance(a, type) and issubclass(a, BaseModel))
+        inner = field.annotation if field is not None else None
+        # a model, or a container of one (dict[str, SourceConfig]: the next part is a name)
+        for kind in (inner, *getattr(inner, "__args__", ())):
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                model = kind
+                break
     return list(model.model_fields)
 
 
