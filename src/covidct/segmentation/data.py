@@ -37,6 +37,11 @@ def _read_target(path: Path, size: int, must_have_pixels: bool) -> np.ndarray:
     return mask
 
 
+def first_per_patient(table: pd.DataFrame, n: int) -> np.ndarray:
+    """Rows to keep for a budget of ``n`` slices per patient (0: all), as prepare_data thins the split."""
+    return (table.groupby("patient_id").cumcount() < n).to_numpy() if n else np.ones(len(table), bool)
+
+
 def load_lung_split(
     root: Path, split: str, pre: PreprocessConfig, lesions: bool = False
 ) -> tuple[pd.DataFrame, np.ndarray, np.ndarray, np.ndarray | None]:

@@ -24,14 +24,14 @@ import yaml
 
 import optuna
 from covidct.atomic import write_text_atomic
-from covidct.config import PreprocessConfig, SegmenterConfig, load_params
+from covidct.config import DataConfig, PreprocessConfig, SegmenterConfig, load_params
 from covidct.experiments.cache import cache_key
 from covidct.experiments.overrides import as_overrides, with_overrides
 from covidct.metrics import dice_score, mean_with_ci
 from covidct.paths import CONFIRMATIONS
 from covidct.reports import markdown_table
 from covidct.runtime import select_device
-from covidct.segmentation.data import load_lung_split
+from covidct.segmentation.data import first_per_patient, load_lung_split
 from covidct.segmentation.inference import predict_probabilities, segmenter_dtype
 from covidct.segmentation.model import load_segmenter
 from covidct.segmentation.train import segmenter_meta, train_segmenter
@@ -54,19 +54,31 @@ def _dice_per_slice(
     Kept under a key of its settings, so the same settings (an arm equal to params.yaml, another
     study's confirmation) are trained once."""
     pre, seg = PreprocessConfig.of(params), SegmenterConfig.of(params)
-    key = cache_key({"preprocess": pre.model_dump(), "segmenter": seg.model_dump(), "split": params["lung_split"]})
+    key = cache_key(
+        {
+            "preprocess": pre.model_dump(),
+            "segmenter": seg.model_dump(),
+            "split": params["lung_split"],
+            "per_patient": DataConfig.of(params).lung_subset_per_patient,
+        }
+    )
     out = root / "optuna" / "confirm" / key
     if (out / "dice.csv").is_file():
         return pd.read_csv(out / "dice.csv")
-    splits = {s: load_lung_split(root, s, pre) for s in ("train", "val", "test")}
-    sets = {s: (images, masks) for s, (_, images, masks, _) in splits.items()}
+    per_patient = DataConfig.of(params).lung_subset_per_patient  # the study's budget, as its trials had it
+    splits = {}
+    for split in ("train", "val", "test"):
+        table, images, masks, _ = load_lung_split(root, split, pre)
+        keep = first_per_patient(table, per_patient) if split != "test" else np.ones(len(table), bool)
+        splits[split] = (table[keep].reset_index(drop=True), images[keep], masks[keep])
+    sets = {s: (images, masks) for s, (_, images, masks) in splits.items()}
     meta = segmenter_meta(pre, seg)
     with child_run(*parent, tags["run"], {"preprocess": params["preprocess"], "segmenter": params["segmenter"]}, tags):
         train_segmenter(sets["train"], sets["val"], seg, device, out / "model.safetensors", meta, log_epoch)
         model, chosen = load_segmenter(out / "model.safetensors", device)
         rows = []
         for split in ("val", "test"):
-            table, images, masks = splits[split][0], *sets[split]
+            table, images, masks = splits[split]
             dtype = segmenter_dtype(device, chosen.get("precision", "auto"))
             predicted = predict_probabilities(model, images, device, dtype=dtype) > 0.5
             rows.append(

@@ -29,7 +29,7 @@ from covidct.lung_crop import crop_dataset
 from covidct.metrics import binary_metrics
 from covidct.paths import CROPS, RAW, SEGMENTER, raw
 from covidct.runtime import select_device
-from covidct.segmentation.data import load_lung_split
+from covidct.segmentation.data import first_per_patient, load_lung_split
 from covidct.segmentation.model import load_segmenter
 from covidct.segmentation.train import segmenter_meta, train_segmenter
 from covidct.sweep.config import SweepConfig
@@ -126,11 +126,7 @@ class TrialObjective:
         sets = []
         for split in ("train", "val"):
             table, images, masks, _ = load_lung_split(self.root, split, pre)
-            keep = (
-                (table.groupby("patient_id").cumcount() < per_patient).to_numpy()
-                if per_patient
-                else np.ones(len(table), bool)
-            )
+            keep = first_per_patient(table, per_patient)
             sets.append((images[keep], masks[keep]))
         return sets
 
