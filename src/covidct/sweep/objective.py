@@ -81,9 +81,9 @@ class TrialObjective:
         return entry, reused, seconds
 
     def __call__(self, trial: optuna.Trial) -> float:
+        trial.set_user_attr("worker", self.worker)  # first: a journal tells a live trial from an orphan by it
         suggested = suggest(trial, self.config.space)
         params = with_overrides(self.base, {**self.config.budget, **suggested})
-        trial.set_user_attr("worker", self.worker)
         parent_key, parent_name = study_parent(self.config)
         tags = {
             "covidct.role": "trial",

@@ -42,7 +42,7 @@ def storage_url(root: Path, url: str) -> str:
         if url.startswith(prefix) and not url.startswith(prefix + "/"):
             path = root / url[len(prefix) :]
             path.parent.mkdir(parents=True, exist_ok=True)
-            return prefix + ("/" if prefix == JOURNAL else "") + str(path)
+            return prefix + str(path)
     return url
 
 
