@@ -18,6 +18,8 @@ def _sweep(args: argparse.Namespace, root: Path) -> None:
     config = load_sweep(args.config)
     if args.n_trials:
         config = config.replace(n_trials=args.n_trials)
+    if getattr(args, "timeout_s", None):
+        config = config.replace(timeout_s=args.timeout_s)
     if args.command == "sweep":
         study = run_sweep(root, config, args.storage, args.worker_index)
         out = summarise(root, config, study)
@@ -211,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "sweep":
             command.add_argument(
                 "--worker-index", type=int, default=0, help="distinct per concurrent worker (sampler seed offset)"
+            )
+            command.add_argument(
+                "--timeout-s", type=float, help="start no trial after this many seconds (this session's share)"
             )
         elif name == "sweep-confirm":
             command.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds each arm trains with")
