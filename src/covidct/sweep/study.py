@@ -169,7 +169,7 @@ def summarise(root: Path, config: SweepConfig, study: optuna.Study) -> Path:
     for name, plot in plots.items():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            axes = plot(study)
+            axes = plot(study, target_name=config.objective)  # the axis names the objective, not "Objective Value"
         figure = axes.flat[0].figure if hasattr(axes, "flat") else axes.figure
         figure.set_size_inches(9, 5)
         with atomic_path(out / name) as tmp:
