@@ -575,9 +575,9 @@ PARAM_CASES = {
     ),
     "tversky_alpha_above_1": ("train_segmenter", (), "segmenter.tversky_alpha", 1.5, "must be in [0, 1], got 1.5"),
     "tversky_beta_below_0": ("train_segmenter", (), "segmenter.tversky_beta", -0.2, "must be in [0, 1], got -0.2"),
-    "tversky_gamma_0": ("train_segmenter", (), "segmenter.tversky_gamma", 0, "must be in (0, 5], got 0.0"),
+    "tversky_gamma_0": ("train_segmenter", (), "segmenter.tversky_gamma", 0, "must be in (0, 5], got 0"),
     "lesion_tversky_alpha_above_1": ("train_lesion", (), "lesion.tversky_alpha", 1.5, "must be in [0, 1], got 1.5"),
-    "crop_margin_r_500": ("crop_images", (), "crop.margin", 500, "must be in [-200, 200] px, got 500"),
+    "crop_margin_r_500": ("crop_images", (), "crop.margin", 500, "must be in [-200, 200], got 500"),
 }
 
 

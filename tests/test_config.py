@@ -67,7 +67,7 @@ def test_a_config_is_frozen_and_replace_checks_the_change(params: dict[str, Any]
     with pytest.raises(ValidationError):
         crop.margin = 3  # type: ignore[misc]
     assert crop.replace(margin=3).margin == 3 and crop.margin == params["crop"]["margin"]
-    with pytest.raises(ConfigError, match=r"CropConfig: margin must be <= 200, got 500"):
+    with pytest.raises(ConfigError, match=r"CropConfig: margin must be in \[-200, 200\], got 500"):
         crop.replace(margin=500)
 
 

@@ -63,8 +63,7 @@ def _describe(error: Mapping[str, Any], model: type[BaseModel]) -> tuple[list[st
         return loc, f"must be one of {ctx['expected'].replace(chr(39), '').replace(' or ', ', ')}{got}"
     bounds = {"greater_than_equal": ">=", "less_than_equal": "<=", "greater_than": ">", "less_than": "<"}
     if kind in bounds:
-        bound = next(iter(ctx.values()))
-        return loc, f"must be {bounds[kind]} {bound}{got}"
+        return loc, f"must be {_range(model, loc) or f'{bounds[kind]} {next(iter(ctx.values())):g}'}{got}"
     if kind == "multiple_of":
         return loc, f"must be a multiple of {ctx['multiple_of']}{got}"
     if kind == "string_pattern_mismatch":
@@ -84,6 +83,24 @@ def _describe(error: Mapping[str, Any], model: type[BaseModel]) -> tuple[list[st
     if kind in ("model_type", "dict_type"):
         return loc, f"must be a mapping, got {type(given).__name__}"
     return loc, f"{error['msg'][0].lower()}{error['msg'][1:]}{got}"
+
+
+def _range(model: type[BaseModel], loc: list[str | int]) -> str:
+    """``in [0, 1]`` for a field bounded on both sides (``(`` where the bound is excluded), else ""."""
+    *parents, name = loc
+    for part in parents:
+        field = model.model_fields.get(str(part))
+        inner = field.annotation if field is not None else None
+        if not (isinstance(inner, type) and issubclass(inner, BaseModel)):
+            return ""
+        model = inner
+    field = model.model_fields.get(str(name))
+    found = {type(m).__name__: m for m in (field.metadata if field is not None else [])}
+    low = ("[", found["Ge"].ge) if "Ge" in found else ("(", found["Gt"].gt) if "Gt" in found else None
+    high = ("]", found["Le"].le) if "Le" in found else (")", found["Lt"].lt) if "Lt" in found else None
+    if low is None or high is None:
+        return ""
+    return f"in {low[0]}{low[1]:g}, {high[1]:g}{high[0]}"
 
 
 def _fields_at(model: type[BaseModel], loc: list[str | int]) -> list[str]:

@@ -172,8 +172,9 @@ def make_tiny_repo(repo: Path, env: dict[str, str], data: Path = DATA) -> Path:
         ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
     ).stdout.split()
     for name in files:
-        outputs = name.startswith(("dvc.lock", "reports/", "models/")) and name != "reports/levers/holdout.json"
-        if (REPO / name).is_file() and not outputs:  # the study's metrics are an input of register_model
+        inputs = name == "reports/levers/holdout.json" or name.startswith("reports/sweeps/confirmations/")
+        outputs = name.startswith(("dvc.lock", "reports/", "models/")) and not inputs
+        if (REPO / name).is_file() and not outputs:  # the studies' reports are inputs of register_model
             (repo / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, repo / name)
     apply_profile(repo, "tiny")
