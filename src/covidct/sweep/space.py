@@ -32,10 +32,10 @@ def decode(space: dict[str, Distribution], stored: dict[str, Any]) -> dict[str, 
     return values
 
 
-def expand(values: dict[str, Any]) -> dict[str, Any]:
-    """A mapping choice under a key sets several keys below it at once (a network and the weights
-    that fit it): ``classifier: {model: m, pretrained: w}`` as ``classifier.model``, ``classifier.pretrained``."""
-    return dotted_keys(values)
+def as_params(space: dict[str, Distribution], stored: dict[str, Any]) -> dict[str, Any]:
+    """Stored values as params.yaml's dotted keys; a mapping choice sets the keys below its own
+    (``classifier: {model: m, pretrained: w}`` as ``classifier.model``, ``classifier.pretrained``)."""
+    return dotted_keys(decode(space, stored))
 
 
 def suggest(trial: optuna.Trial, space: dict[str, Distribution]) -> dict[str, Any]:
@@ -48,4 +48,4 @@ def suggest(trial: optuna.Trial, space: dict[str, Distribution]) -> dict[str, An
             values[key] = trial.suggest_int(key, dist.low, dist.high, step=int(dist.step or 1), log=dist.log)
         else:
             values[key] = trial.suggest_float(key, float(dist.low), float(dist.high), step=dist.step, log=dist.log)
-    return expand(decode(space, values))
+    return as_params(space, values)

@@ -27,7 +27,7 @@ from covidct.paths import SWEEP_REPORTS
 from covidct.profiles import set_params
 from covidct.sweep.config import SweepConfig
 from covidct.sweep.objective import TrialObjective, study_parent
-from covidct.sweep.space import decode, expand
+from covidct.sweep.space import as_params
 from covidct.tracking import child_run
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -201,7 +201,7 @@ def _summary(config: SweepConfig, study: optuna.Study) -> dict[str, Any]:
         summary |= {
             "best_trial": best.number,
             "best_value": best.value,
-            "best_params": expand(decode(config.space, best.params)),
+            "best_params": as_params(config.space, best.params),
         }
     return summary
 
@@ -214,7 +214,7 @@ def report_dir(root: Path, config: SweepConfig) -> Path:
 def best_overrides(study: optuna.Study, config: SweepConfig) -> dict[str, Any]:
     """The best trial's suggested values, as params.yaml dotted keys (budget keys excluded)."""
     try:
-        return expand(decode(config.space, study.best_trial.params))
+        return as_params(config.space, study.best_trial.params)
     except ValueError as exc:
         raise ConfigError(f"study {study.study_name}: no completed trial yet") from exc
 
