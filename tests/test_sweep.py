@@ -13,13 +13,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
+import optuna
 import pytest
 import sqlalchemy.exc
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 from ruamel.yaml import YAML
 
-import optuna
 from covidct.sweep.config import load_sweep
 from covidct.sweep.study import apply_best, best_overrides, finished_trials, run_sweep, summarise
 from helpers.servers import Postgres, running_mlflow_server

@@ -5,9 +5,9 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+import optuna
 import pytest
 
-import optuna
 from covidct.config import ConfigError, Params, load_params
 from covidct.experiments.overrides import with_overrides
 from covidct.sweep.config import load_sweep

@@ -18,11 +18,11 @@ from typing import Any
 
 import mlflow
 import numpy as np
+import optuna
 import pandas as pd
 import torch
 import yaml
 
-import optuna
 from covidct.atomic import write_text_atomic
 from covidct.config import DataConfig, PreprocessConfig, SegmenterConfig, load_params
 from covidct.experiments.cache import cache_key

@@ -14,9 +14,9 @@ from typing import Any
 
 import mlflow
 import numpy as np
+import optuna
 import pandas as pd
 
-import optuna
 from covidct.catalog import load_source
 from covidct.classification.inputs import load_views
 from covidct.classification.table import checkpoint_meta, classifier_table, load_classifier_inputs

@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 import optuna
+
 from covidct.schema import dotted_keys
 from covidct.sweep.config import Distribution
 

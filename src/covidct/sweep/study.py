@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import optuna
 import sqlalchemy
 from optuna.storages import JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 
-import optuna
 from covidct.atomic import atomic_path, write_text_atomic
 from covidct.config import ConfigError, load_params
 from covidct.paths import SWEEP_REPORTS
