@@ -271,12 +271,15 @@ def test_leave_one_source_out_folds_score_the_held_out_source_whole(
     assert (root / "reports" / "levers" / "h.png").read_bytes()[:4] == b"\x89PNG"
     # the registry tags a recipe with its own folds: the baseline's for params.yaml's settings (any sources or seed)
     recipe = with_overrides(base, {"classifier.epochs": 1, "classifier.sources": ["covid-ct"], "classifier.seed": 5})
-    tags = holdout_tags(metrics, recipe["classifier"])
+    tags = holdout_tags(metrics, recipe)
     assert (
         tags["holdout.lever"] == "baseline"
         and tags["holdout.worst_fold"] == metrics["levers"]["baseline"]["worst_fold"]
     )
     baseline = metrics["levers"]["baseline"]["folds"]["cc-ccii"]["auc_mean"]
     assert float(tags["holdout.cc-ccii.auc_mean"]) == pytest.approx(baseline, abs=1e-5)
-    assert holdout_tags(metrics, with_overrides(base, {"classifier.epochs": 2})["classifier"]) == {}
+    assert holdout_tags(metrics, with_overrides(base, {"classifier.epochs": 2})) == {}
+    # the same classifier on another segmenter's crops: those figures are not its own
+    assert holdout_tags(metrics, with_overrides(base, {"segmenter.epochs": base["segmenter"]["epochs"] + 1})) == {}
+    assert holdout_tags(metrics, with_overrides(base, {"crop.margin": base["crop"]["margin"] + 1})) == {}
     assert "reused" in levers_here("h.yaml", "--only", "baseline")

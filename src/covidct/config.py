@@ -287,6 +287,12 @@ SECTIONS: dict[str, type[Section]] = {
 }
 
 
+def crop_settings(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The sections that decide the cropped pixels a classifier sees (the segmenter's input, its
+    training, the crop): a figure measured on crops holds for another run only where these agree."""
+    return {key: params[key] for key in ("preprocess", "segmenter", "crop")}
+
+
 def declared_sources(params: Mapping[str, Any]) -> dict[str, SourceConfig]:
     """``sources``: each labelled dataset's declaration, by its folder name, in params.yaml's order."""
     raw = params.get("sources")

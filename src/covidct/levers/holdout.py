@@ -123,10 +123,16 @@ def holdout_summary(root: Path, study: LeverStudy, runs: pd.DataFrame, evaluate:
     return pd.DataFrame(rows)
 
 
-def holdout_metrics(study: LeverStudy, summary: pd.DataFrame, recipes: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def holdout_metrics(
+    study: LeverStudy,
+    summary: pd.DataFrame,
+    recipes: dict[str, dict[str, Any]],
+    crops: dict[str, dict[str, Any] | None],
+) -> dict[str, Any]:
     """What ``dvc metrics`` and the registry read: per lever with every run finished, each fold's
-    seed-mean figures, the mean over folds and the worst fold, with the classifier settings the lever trained with
-    (``recipes``; sources and seed left out) so a registered recipe can find its own figures."""
+    seed-mean figures, the mean over folds and the worst fold, with the classifier settings the lever
+    trained with (``recipes``; sources and seed left out) and the crop settings its runs' pixels came
+    from (``crops``; None where they differ or are unknown), so a registered recipe finds its own figures."""
     out: dict[str, Any] = {"study": study.study, "folds": list(study.folds), "levers": {}}
     seeds = len(study.seeds) or 1
     for lever in study.levers:  # only a lever with every seed of every fold: no figure from part of a study
@@ -149,6 +155,7 @@ def holdout_metrics(study: LeverStudy, summary: pd.DataFrame, recipes: dict[str,
             "worst_auc": float(worst["auc_mean"]),
             "worst_fold": str(worst["fold"]),
             "classifier": recipes.get(lever, {}),
+            "crops": crops.get(lever),
         }
     return out
 
@@ -269,6 +276,16 @@ def recipe(params: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in params["classifier"].items() if k not in ("sources", "seed")}
 
 
+def _crops_per_lever(study: LeverStudy, records: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any] | None]:
+    """Each lever's crop settings, where all its finished runs agree on them (runs from before the
+    record kept them have none)."""
+    seen: dict[str, list[Any]] = {}
+    for run in study.runs(sources=list(study.folds)):
+        if run.name in records:
+            seen.setdefault(run.lever, []).append(records[run.name].get("crops"))
+    return {lever: crops[0] if all(c == crops[0] for c in crops) else None for lever, crops in seen.items()}
+
+
 def summarise_holdout(root: Path, study: LeverStudy, base: dict[str, Any]) -> Path:
     """reports/levers/<study>.{md,csv,json,png} from every finished fold run."""
     evaluate = EvaluateConfig.of(base)
@@ -280,7 +297,7 @@ def summarise_holdout(root: Path, study: LeverStudy, base: dict[str, Any]) -> Pa
     runs = holdout_runs(root, study, records)
     summary = holdout_summary(root, study, runs, evaluate)
     recipes = {lever: recipe(with_overrides(base, study.base | overrides)) for lever, overrides in study.levers.items()}
-    metrics = holdout_metrics(study, summary, recipes)
+    metrics = holdout_metrics(study, summary, recipes, _crops_per_lever(study, records))
     titles = {name: source.title for name, source in declared_sources(base).items()}
     out = root / "reports" / "levers"
     write_text_atomic(out / f"{study.study}.csv", runs.to_csv(index=False))

@@ -17,7 +17,7 @@ from covidct.checkpoints import clear_stage_resume, resume_dir
 from covidct.classification.model import load_classifier
 from covidct.classification.table import checkpoint_meta, classifier_table, load_classifier_inputs
 from covidct.classification.train import fit_and_predict, predict_scores
-from covidct.config import ClassifierConfig, EvaluateConfig, declared_sources
+from covidct.config import ClassifierConfig, EvaluateConfig, crop_settings, declared_sources
 from covidct.experiments.cache import cache_key
 from covidct.experiments.overrides import with_overrides
 from covidct.levers.holdout import score_fold, summarise_holdout
@@ -45,8 +45,9 @@ def _fingerprint(params: dict[str, Any], images: np.ndarray) -> str:
     )
 
 
-def _reuse(root: Path, out: Path, key: str, run: LeverRun) -> dict[str, Any] | None:
-    """A finished run with these settings and pixels: this one, or another study's (copied here)."""
+def _reuse(root: Path, out: Path, key: str, run: LeverRun, crops: dict[str, Any]) -> dict[str, Any] | None:
+    """A finished run with these settings and pixels: this one, or another study's (copied here).
+    Its record is stamped with the crop settings at hand: the pixels matched, so they made them."""
     mine = out / "metrics.json"
     for path in [mine, *sorted((root / "levers").glob("*/*/metrics.json"))]:
         if not path.is_file() or json.loads(path.read_text()).get("fingerprint") != key:
@@ -57,6 +58,8 @@ def _reuse(root: Path, out: Path, key: str, run: LeverRun) -> dict[str, Any] | N
         if path != mine:
             shutil.copytree(path.parent, out, ignore=shutil.ignore_patterns("metrics.json"), dirs_exist_ok=True)
             record |= {"lever": run.lever, "run": run.name, "seed": run.seed, "overrides": run.overrides}
+        if path != mine or record.get("crops") != crops:
+            record["crops"] = crops
             write_text_atomic(mine, json.dumps(record, indent=2))  # last: a half-copied run is not a finished one
         print(f"lever {run.name}: reused ({path.parent})")
         return record
@@ -72,7 +75,7 @@ def run_lever(
     table = classifier_table(root, config, declared_sources(params))
     images = load_classifier_inputs(root, table, study.variant, config, progress=f"decode {study.variant} images")
     out, key = lever_dir(root, study.study, run.name), _fingerprint(params, images)
-    record = _reuse(root, out, key, run)
+    record = _reuse(root, out, key, run, crop_settings(params))
     if record is not None:
         return record
     tags = {"covidct.role": "lever", "covidct.lever": run.lever, "covidct.levers": study.study}
@@ -105,6 +108,7 @@ def run_lever(
             "seed": run.seed,
             "overrides": run.overrides,
             "fingerprint": key,
+            "crops": crop_settings(params),
             "best_epoch": int(meta["epoch"]),
             "train_seconds": float(history["epoch_seconds"].sum()),
         }

@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 
 import covidct
 from covidct.atomic import atomic_dir
-from covidct.config import ConfigError, CropConfig, GateConfig
+from covidct.config import ConfigError, CropConfig, GateConfig, crop_settings
 from covidct.paths import CONFIRMATIONS, RAW
 from covidct.registry.pipeline_model import ARTIFACTS, IMAGE, NAME, SIGNATURE, settings
 from covidct.registry.promote import VARIANT_TAG
@@ -64,12 +64,13 @@ def dataset_hashes(root: Path) -> dict[str, str]:
     return {path.parent.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in lists}
 
 
-def holdout_tags(holdout: Mapping[str, Any], classifier: Mapping[str, Any]) -> dict[str, str]:
-    """The leave-one-source-out figures of the lever whose recipe is ``classifier`` (params.yaml's
-    section; the folds vary only its sources and seed), or none when the study never ran it."""
-    mine = {k: v for k, v in classifier.items() if k not in ("sources", "seed")}
+def holdout_tags(holdout: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str, str]:
+    """The leave-one-source-out figures of the lever whose recipe is ``params``' (its classifier
+    section, less the sources and seed the folds vary, on crops from the same segmenter and crop
+    settings), or none when the study never ran it."""
+    mine = {k: v for k, v in params["classifier"].items() if k not in ("sources", "seed")}
     for lever, figures in holdout.get("levers", {}).items():
-        if figures.get("classifier") == mine:
+        if figures.get("classifier") == mine and figures.get("crops") == crop_settings(params):
             tags = {"holdout.study": str(holdout["study"]), "holdout.lever": lever}
             tags |= {"holdout.worst_fold": figures["worst_fold"]}
             tags |= {f"holdout.{k}": f"{figures[k]:.6g}" for k in ("worst_auc", "mean_auc")}
@@ -124,7 +125,7 @@ def version_tags(
     tags |= {f"param.{k}": str(v) for k, v in flatten(params).items()}
     tags |= {f"lesion.{k}": f"{v:.6g}" for k, v in (lesion or {}).items()}
     tags |= dict(sweeps or {})
-    return tags | holdout_tags(holdout or {}, params.get("classifier", {}))
+    return tags | holdout_tags(holdout or {}, params)
 
 
 def model_kwargs(
