@@ -5,7 +5,7 @@ validation slices, never on the test patients ``evaluate_lesion`` reports.
 
     python scripts/compare_lesion_nets.py A.safetensors B.safetensors --names scratch lung-init
 
-Writes ``reports/lesion/comparison.json`` (B minus A).
+Writes ``reports/lesion/comparison.json`` (B minus A), or ``--out``.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ def main() -> None:
     parser.add_argument("a", type=Path)
     parser.add_argument("b", type=Path)
     parser.add_argument("--names", nargs=2, default=["a", "b"])
+    parser.add_argument("--out", type=Path, default=LESION_REPORTS / "comparison.json", help="relative to the root")
     args = parser.parse_args()
     root = Path.cwd()
     configure_threads()
@@ -59,7 +60,7 @@ def main() -> None:
         "difference_slices": mean_with_ci(b - a, **boot),
         "difference_patients": mean_with_ci(b - a, groups, **boot),
     }
-    write_text_atomic(root / LESION_REPORTS / "comparison.json", json.dumps(record, indent=2) + "\n")
+    write_text_atomic(root / args.out, json.dumps(record, indent=2) + "\n")
     print(json.dumps(record, indent=2))
 
 

@@ -25,7 +25,7 @@ from covidct.config import (
     SegmenterConfig,
     load_params,
 )
-from covidct.profiles import PROFILES, apply_profile, available
+from covidct.profiles import PROFILES, apply_profile, available, set_params
 from covidct.schema import set_dotted
 from helpers.configs import yaml_like
 from helpers.paths import REPO
@@ -309,14 +309,29 @@ def test_apply_profile(root: Path, profile: Path) -> None:
     assert (root / "params.yaml").read_text(encoding="utf-8") == after_text
 
 
+def test_set_params_rewrites_only_the_keys_it_sets(root: Path) -> None:
+    """`sweep-best --apply` and profiles edit a file people read: quotes, block lists and long
+    lines stay as written, and a list set lands on its key's line, beside its comment."""
+    before = (root / "params.yaml").read_text(encoding="utf-8")
+    segmenter = load_params(root / "params.yaml")["segmenter"]
+    set_params(root, {"segmenter.epochs": segmenter["epochs"]})
+    assert (root / "params.yaml").read_text(encoding="utf-8") == before
+    wider = [2 * c for c in segmenter["channels"]]
+    set_params(root, {"segmenter.channels": wider})
+    after = (root / "params.yaml").read_text(encoding="utf-8").splitlines()
+    changed = [line for line in after if line not in before.splitlines()]
+    assert len(changed) == 1 and changed[0].startswith(f"  channels: {wider}") and "#" in changed[0]
+
+
 def test_tiny_profile_values(root: Path) -> None:
+    alpha = SegmenterConfig.of(load_params(root / "params.yaml")).tversky_alpha
     apply_profile(root, "tiny")
     params = load_params(root / "params.yaml")
     assert SegmenterConfig.of(params).channels == (4, 8, 16)
     assert SegmenterConfig.of(params).epochs == 1
     assert ClassifierConfig.of(params).image_size == 64
     assert DataConfig.of(params).subset_per_class == 3
-    assert SegmenterConfig.of(params).tversky_alpha == 0.7  # untouched
+    assert SegmenterConfig.of(params).tversky_alpha == alpha  # untouched
 
 
 def test_profile_with_unknown_key_leaves_params_unchanged(root: Path) -> None:

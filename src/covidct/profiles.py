@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedSeq
 
 from covidct.atomic import write_text_atomic
 from covidct.config import Params
@@ -40,11 +41,22 @@ def set_params(
     """Set dotted keys (``crop.margin``) in ``params_file``, keeping its comments; nothing is
     written unless the result validates."""
     yaml = YAML()
+    yaml.preserve_quotes, yaml.width = True, 4096  # a file read by people: as it was written, but for the keys set
+    yaml.indent(mapping=2, sequence=4, offset=2)
     params = yaml.load((root / params_file).read_text(encoding="utf-8"))
-    set_dotted(params, overrides, what)
+    set_dotted(params, {key: _flow(value) for key, value in overrides.items()}, what)
     Params.of(YAML(typ="safe").load(_dump(yaml, params)))
     write_text_atomic(root / params_file, _dump(yaml, params))
     return params
+
+
+def _flow(value: Any) -> Any:
+    """A list set from the command line or a sweep stays on its key's line, like the file's own."""
+    if not isinstance(value, list | tuple):
+        return value
+    seq = CommentedSeq(_flow(v) for v in value)
+    seq.fa.set_flow_style()
+    return seq
 
 
 def _dump(yaml: YAML, data: Any) -> str:
