@@ -4,6 +4,7 @@ that changes them cannot leave the front door or a docs page stale."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 
@@ -11,7 +12,10 @@ import pytest
 
 from helpers.paths import REPO
 
-ROW = re.compile(r"^\| (?P<measure>[^|]+) \| (?P<value>[^|]+) \| `(?P<file>reports/[^`]+\.json)`: (?P<keys>.+) \|$")
+_SPEC = importlib.util.spec_from_file_location("refresh_figures", REPO / "scripts/refresh_figures.py")
+refresh = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(refresh)  # the row form and the key lookup, shared with the script that rewrites rows
+ROW = refresh.ROW
 DOCS = sorted((REPO / "docs").glob("*.md"))
 
 
@@ -27,18 +31,10 @@ def _doc_rows() -> list[tuple[str, re.Match[str]]]:
 
 
 def _lookup(data: dict, dotted: str) -> float:
-    """``cropped.test.auc`` in nested JSON, or a flat key that itself holds dots (``cc-ccii.studies``)."""
-    node = data
-    parts = dotted.split(".")
-    while parts:
-        for n in range(len(parts), 0, -1):
-            key = ".".join(parts[:n])
-            if isinstance(node, dict) and key in node:
-                node, parts = node[key], parts[n:]
-                break
-        else:
-            raise KeyError(dotted)
-    return float(node)
+    value = refresh.lookup(data, dotted)
+    if value is None:
+        raise KeyError(dotted)
+    return value
 
 
 def test_the_results_table_has_its_rows() -> None:
@@ -91,3 +87,14 @@ def test_the_suite_times_quoted_are_the_benchmarks() -> None:
         tests = runs[label]["summary"].split()[0]
         took = f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
         assert f"{tests} tests in {took}" in text, label
+
+
+def test_refresh_figures_rewrites_each_number_in_the_form_it_was_quoted() -> None:
+    """scripts/refresh_figures.py: a percent stays a percent, a fraction keeps its decimals, an
+    interval's bounds follow their key, and a sign that flips is rewritten."""
+    old = {"a": {"auc": 0.772, "auc_ci_low": 0.707, "auc_ci_high": 0.832}, "dice": 0.955, "gain": -0.032, "n": 101}
+    new = {"a": {"auc": 0.801, "auc_ci_low": 0.75, "auc_ci_high": 0.86}, "dice": 0.9668, "gain": 0.011, "n": 99}
+    keys = "`a.auc`, `dice`, `gain`, `n`"
+    value, missed = refresh.refresh_value("77.2 (70.7–83.2), 0.955, −3.2, 101", refresh.pairs(old, new, keys))
+    assert (value, missed) == ("80.1 (75.0–86.0), 0.967, 1.1, 99", 0)
+    assert refresh.refresh_value("12.5", refresh.pairs(old, new, keys)) == ("12.5", 1)  # not a figure of the file
