@@ -93,6 +93,8 @@ def refresh_page(path: Path, since: str, section: str | None = None) -> int:
         if shown.returncode != 0:
             continue
         old, new = json.loads(shown.stdout), json.loads(Path(match["file"]).read_text())
+        if not refresh_value(match["value"], pairs(new, new, match["keys"]))[1]:
+            continue  # already quotes the file as it is (a second run would match old values again)
         value, missed = refresh_value(match["value"], pairs(old, new, match["keys"]))
         if missed:
             print(f"{path}: {match['measure'][:60]}: {missed} number(s) not found in {since}'s file; left as they were")
