@@ -287,6 +287,12 @@ SECTIONS: dict[str, type[Section]] = {
 }
 
 
+def classifier_recipe(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The classifier settings less what leave-one-source-out folds and seeds vary: the key a
+    registered pipeline's own settings are matched on against a lever study's."""
+    return {k: v for k, v in params["classifier"].items() if k not in ("sources", "seed")}
+
+
 def crop_settings(params: Mapping[str, Any]) -> dict[str, Any]:
     """The sections that decide the cropped pixels a classifier sees (the segmenter's input, its
     training, the crop): a figure measured on crops holds for another run only where these agree."""

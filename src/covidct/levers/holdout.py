@@ -18,7 +18,7 @@ import pandas as pd
 from sklearn.metrics import roc_auc_score
 
 from covidct.atomic import write_text_atomic
-from covidct.config import EvaluateConfig, declared_sources
+from covidct.config import EvaluateConfig, classifier_recipe, declared_sources
 from covidct.experiments.overrides import as_overrides, with_overrides
 from covidct.levers.plan import BASELINE, LeverStudy, lever_dir
 from covidct.metrics import flatten_metrics, paired_auc_difference, patient_metrics_with_ci
@@ -270,12 +270,6 @@ def holdout_markdown(
     return "\n".join(lines)
 
 
-def recipe(params: dict[str, Any]) -> dict[str, Any]:
-    """The classifier settings a fold trains with, less what the folds and seeds vary: the key a
-    registered pipeline's own settings are matched on."""
-    return {k: v for k, v in params["classifier"].items() if k not in ("sources", "seed")}
-
-
 def _crops_per_lever(study: LeverStudy, records: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any] | None]:
     """Each lever's crop settings, where all its finished runs agree on them (runs from before the
     record kept them have none)."""
@@ -296,7 +290,10 @@ def summarise_holdout(root: Path, study: LeverStudy, base: dict[str, Any]) -> Pa
             records[run.name] = json.loads(path.read_text())
     runs = holdout_runs(root, study, records)
     summary = holdout_summary(root, study, runs, evaluate)
-    recipes = {lever: recipe(with_overrides(base, study.base | overrides)) for lever, overrides in study.levers.items()}
+    recipes = {
+        lever: classifier_recipe(with_overrides(base, study.base | overrides))
+        for lever, overrides in study.levers.items()
+    }
     metrics = holdout_metrics(study, summary, recipes, _crops_per_lever(study, records))
     titles = {name: source.title for name, source in declared_sources(base).items()}
     out = root / "reports" / "levers"

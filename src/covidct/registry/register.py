@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 
 import covidct
 from covidct.atomic import atomic_dir
-from covidct.config import ConfigError, CropConfig, GateConfig, crop_settings
+from covidct.config import ConfigError, CropConfig, GateConfig, classifier_recipe, crop_settings
 from covidct.paths import CONFIRMATIONS, RAW
 from covidct.registry.pipeline_model import ARTIFACTS, IMAGE, NAME, SIGNATURE, settings
 from covidct.registry.promote import VARIANT_TAG
@@ -68,9 +68,8 @@ def holdout_tags(holdout: Mapping[str, Any], params: Mapping[str, Any]) -> dict[
     """The leave-one-source-out figures of the lever whose recipe is ``params``' (its classifier
     section, less the sources and seed the folds vary, on crops from the same segmenter and crop
     settings), or none when the study never ran it."""
-    mine = {k: v for k, v in params["classifier"].items() if k not in ("sources", "seed")}
     for lever, figures in holdout.get("levers", {}).items():
-        if figures.get("classifier") == mine and figures.get("crops") == crop_settings(params):
+        if figures.get("classifier") == classifier_recipe(params) and figures.get("crops") == crop_settings(params):
             tags = {"holdout.study": str(holdout["study"]), "holdout.lever": lever}
             tags |= {"holdout.worst_fold": figures["worst_fold"]}
             tags |= {f"holdout.{k}": f"{figures[k]:.6g}" for k in ("worst_auc", "mean_auc")}
