@@ -199,6 +199,11 @@ def test_levers_over_seeds_reuse_other_studies_and_ensemble(root: Path, levers_h
         ("levers:\n  baseline: {}\n  bad: {classifier.lr: -1}\n", (), "classifier.lr"),
         ("seeds: [0, 0]\nlevers:\n  baseline: {}\n", (), "bad.yaml: seeds must not repeat a value"),
         (
+            "seeds: [0, 1]\nlevers:\n  baseline: {}\n",
+            ("--seeds", "1", "2"),
+            "--seeds: 2 is not one of the study's seeds",
+        ),
+        (
             "seeds: [0, 1]\nlevers:\n  baseline: {}\n  bad: {classifier.seed: 3}\n",
             (),
             "levers.bad sets classifier.seed, which seeds: sets",
@@ -243,7 +248,11 @@ def test_leave_one_source_out_folds_score_the_held_out_source_whole(
     from covidct.thresholds import decision_threshold
 
     (root / "h.yaml").write_text(HOLDOUT)
-    levers_here("h.yaml")
+    levers_here("h.yaml", "--seeds", "0")  # a short session: one seed now, the rest later
+    part = json.loads((root / "reports" / "levers" / "h.json").read_text())
+    assert part["levers"] == {}  # no figure from part of a study
+    assert "| equalise | SARS-CoV-2 CT | 1 |" in (root / "reports" / "levers" / "h.md").read_text()
+    assert levers_here("h.yaml").count("reused") == 6  # seed 0's six runs, kept
     base = load_params(root / "params.yaml")
     for fold in ("covid-ct", "cc-ccii", "sars-cov-2-ct"):
         for seed in (0, 1):

@@ -165,7 +165,7 @@ def _levers(args: argparse.Namespace, root: Path) -> None:
     from covidct.levers.plan import load_levers
 
     study, base = load_levers(args.config), load_params(root / "params.yaml")
-    runs = study.checked_runs(base, args.only.split(",") if args.only else None)  # before the heavy imports
+    runs = study.checked_runs(base, args.only.split(",") if args.only else None, args.seeds)  # before heavy imports
 
     from covidct.levers.runner import run_levers
     from covidct.runtime import configure_threads, select_device
@@ -277,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     levers.set_defaults(run=_levers)
     levers.add_argument("config", help="lever study, e.g. pipelines/levers/cpu.yaml")
     levers.add_argument("--only", help="comma-separated lever names (default: all; finished ones are reused)")
+    levers.add_argument("--seeds", type=int, nargs="+", help="a part of the study's seeds (default: all of them)")
     return parser
 
 

@@ -53,21 +53,31 @@ class LeverStudy(Model):
         name = lever if fold is None else f"{lever}_without_{fold}"
         return name if seed is None else f"{name}_seed{seed}"
 
-    def runs(self, levers: list[str] | None = None, sources: list[str] | None = None) -> list[LeverRun]:
-        """``sources``: every declared source (a fold trains on all but the one it holds out)."""
+    def runs(
+        self, levers: list[str] | None = None, sources: list[str] | None = None, seeds: list[int] | None = None
+    ) -> list[LeverRun]:
+        """``sources``: every declared source (a fold trains on all but the one it holds out).
+        ``seeds``: a part of the study's seeds, for a session too short for all of them (the rest
+        run later, the finished ones reused)."""
         unknown = sorted(set(levers or []) - set(self.levers))
         if unknown:
             raise ConfigError(f"--only: no lever named {unknown[0]!r} (levers: {', '.join(self.levers)})")
+        stray = sorted(set(seeds or []) - set(self.seeds))
+        if stray:
+            raise ConfigError(f"--seeds: {stray[0]} is not one of the study's seeds ({list(self.seeds)})")
+        chosen = [s for s in self.seeds if not seeds or s in seeds] or [None]  # None: the recipe's own seed
         runs = []
         for lever in levers or list(self.levers):
-            for seed in self.seeds or (None,):  # every fold of a seed before the next seed: early reads span the folds
+            for seed in chosen:  # every fold of a seed before the next seed: early reads span the folds
                 for fold in self.folds or (None,):
                     held = {} if fold is None else {"classifier.sources": [s for s in sources or [] if s != fold]}
                     overrides = self.levers[lever] | held | ({} if seed is None else {"classifier.seed": seed})
                     runs.append(LeverRun(self.run_name(lever, seed, fold), lever, seed, overrides, fold))
         return runs
 
-    def checked_runs(self, base: dict[str, Any], levers: list[str] | None = None) -> list[LeverRun]:
+    def checked_runs(
+        self, base: dict[str, Any], levers: list[str] | None = None, seeds: list[int] | None = None
+    ) -> list[LeverRun]:
         """Every run, each override applied to ``base`` and validated: a bad study fails in a
         second, before torch is imported or the first lever trains."""
         declared = list(declared_sources(with_overrides(base, self.base)))
@@ -76,7 +86,7 @@ class LeverStudy(Model):
             raise ConfigError(
                 f"holdout must list two or more declared sources ({', '.join(declared)}), got {list(self.folds)}"
             )
-        runs = self.runs(levers, declared)
+        runs = self.runs(levers, declared, seeds)
         for run in runs:
             with_overrides(base, self.base | run.overrides)
         return runs
