@@ -8,8 +8,10 @@ import os
 import socket
 from pathlib import Path
 
+import pytest
 from optuna.trial import TrialState
 
+from covidct.config import ConfigError
 from covidct.sweep.config import SweepConfig
 from covidct.sweep.study import finished_trials, open_study
 
@@ -41,3 +43,9 @@ def test_journal_study_reopens_and_fails_orphaned_trials(tmp_path: Path) -> None
     }
     assert again.trials[done.number].value == 0.7 and finished_trials(again) == 1
     assert again.metric_names == ["val_auc"]
+
+    journal = (tmp_path / "studies" / "s.log").read_bytes()
+    read = open_study(tmp_path, config, read_only=True)  # what sweep-best and sweep-confirm open
+    assert read.best_value == 0.7 and (tmp_path / "studies" / "s.log").read_bytes() == journal
+    with pytest.raises(ConfigError, match="no study 'elsewhere' in journal:"):
+        open_study(tmp_path, _config("elsewhere"), read_only=True)

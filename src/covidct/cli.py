@@ -31,14 +31,14 @@ def _sweep(args: argparse.Namespace, root: Path) -> None:
     elif args.command == "sweep-confirm":
         from covidct.sweep.confirm import confirm_segmenter, confirmation_levers
 
-        study = open_study(root, config, args.storage)
+        study = open_study(root, config, args.storage, read_only=True)
         if config.trains == "segmenter":
             print(f"confirmation: {confirm_segmenter(root, config, study, args.seeds)}")
         else:
             plan = confirmation_levers(root, config, study, args.seeds)
             print(f"lever study {plan}: run it with `covidct levers {plan.relative_to(root)}`")
     else:
-        study = open_study(root, config, args.storage)
+        study = open_study(root, config, args.storage, read_only=True)
         overrides = apply_best(root, study, config) if args.apply else best_overrides(study, config)
         for key, value in overrides.items():
             print(f"{key}: {value}")

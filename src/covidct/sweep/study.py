@@ -95,13 +95,22 @@ def _rdb_storage(url: str, engine: dict[str, Any], config: SweepConfig, attempts
     raise AssertionError("unreachable")
 
 
-def open_study(root: Path, config: SweepConfig, storage: str | None = None, worker_index: int = 0) -> optuna.Study:
+def open_study(
+    root: Path, config: SweepConfig, storage: str | None = None, worker_index: int = 0, read_only: bool = False
+) -> optuna.Study:
+    """``read_only`` (sweep-best, sweep-confirm): an existing study, opened without a write, so
+    reading the best trial leaves a committed journal as it was."""
     url = storage_url(root, storage or config.storage)
     if url.startswith(JOURNAL):
         backend: optuna.storages.BaseStorage = _journal_storage(url[len(JOURNAL) :])
     else:
         engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
         backend = _rdb_storage(url, engine, config)
+    if read_only:
+        try:
+            return optuna.load_study(study_name=config.study, storage=backend)
+        except KeyError:
+            raise ConfigError(f"no study {config.study!r} in {url}: run `covidct sweep` on it first") from None
     # Workers started together must not draw the same random start-up trials.
     sampler = optuna.samplers.TPESampler(seed=config.sampler_seed + worker_index)
     pruner = (
