@@ -21,6 +21,7 @@ from sklearn.metrics import roc_auc_score
 from covidct.cli import main
 from covidct.config import EvaluateConfig, load_params
 from covidct.profiles import set_params
+from helpers.paths import REPO
 from helpers.tiny import prepare_tiny_root
 
 pytestmark = [pytest.mark.slow, pytest.mark.data]
@@ -72,6 +73,14 @@ def levers_here(
     torch.set_num_threads(threads)
 
 
+def _git_ignored(paths: list[Path]) -> list[Path]:
+    """The paths this repository's .gitignore keeps out of git (a clone does not get them)."""
+    listed = subprocess.run(
+        ["git", "check-ignore", "--no-index", *map(str, paths)], cwd=REPO, capture_output=True, text=True
+    )
+    return [Path(line) for line in listed.stdout.splitlines()]
+
+
 def _lever_runs(root: Path) -> list:
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlruns' / 'mlflow.db'}")
     experiments = [e.experiment_id for e in client.search_experiments()]
@@ -117,6 +126,12 @@ def test_levers_table_mlflow_runs_and_reuse(root: Path, levers_here: Callable[..
     assert timm.data.metrics["test_auc"] == pytest.approx(table.loc["timm_head", "test_auc"])
     assert timm.data.metrics["tta_test_auc"] == pytest.approx(table.loc["timm_head+tta", "test_auc"])
 
+    # a clone holds what git keeps of a run (records, predictions), never its weights: enough to reuse it
+    kept = [p for p in (root / "levers").rglob("*") if p.is_file()]
+    ignored = _git_ignored([p.relative_to(root) for p in kept])
+    assert {p.name for p in ignored} == {"model.safetensors"}
+    for path in ignored:
+        (root / path).unlink()
     again = levers_here("t.yaml")
     assert "lever baseline: reused" in again and "lever timm_head: reused" in again
     assert len(_lever_runs(root)) == 2
