@@ -49,3 +49,7 @@ def test_journal_study_reopens_and_fails_orphaned_trials(tmp_path: Path) -> None
     assert read.best_value == 0.7 and (tmp_path / "studies" / "s.log").read_bytes() == journal
     with pytest.raises(ConfigError, match="no study 'elsewhere' in journal:"):
         open_study(tmp_path, _config("elsewhere"), read_only=True)
+    for storage in ("journal:studies/none.log", "sqlite:///studies/none.db"):  # a study never run: nothing made
+        with pytest.raises(ConfigError, match="none.* does not exist"):
+            open_study(tmp_path, _config("travels"), storage, read_only=True)
+    assert sorted(p.name for p in (tmp_path / "studies").iterdir()) == ["s.log"]

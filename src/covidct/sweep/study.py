@@ -101,6 +101,9 @@ def open_study(
     """``read_only`` (sweep-best, sweep-confirm): an existing study, opened without a write, so
     reading the best trial leaves a committed journal as it was."""
     url = storage_url(root, storage or config.storage)
+    local = next((url[len(p) :] for p in (JOURNAL, "sqlite:///") if url.startswith(p)), None)
+    if read_only and local is not None and not Path(local).is_file():  # opening would create an empty one
+        raise ConfigError(f"no study {config.study!r}: {url} does not exist (run `covidct sweep` first)")
     if url.startswith(JOURNAL):
         backend: optuna.storages.BaseStorage = _journal_storage(url[len(JOURNAL) :])
     else:
