@@ -15,6 +15,7 @@ from covidct.metrics import (
     flatten_metrics,
     mean_with_ci,
     metrics_with_ci,
+    paired_mean_difference,
     roc_points,
     threshold_for_recall,
 )
@@ -239,3 +240,17 @@ def test_mean_with_ci_resamples_patients_not_slices_when_told() -> None:
     assert mean_with_ci(values[:30], groups[:30]) == {"value": 0.5, "ci_low": 0.5, "ci_high": 0.5}
     with pytest.raises(ValueError, match="differ in length"):
         mean_with_ci(values, groups[:5])
+
+
+def test_paired_mean_difference_hand_made_seeds():
+    """Seed 0 gains 0.1 on every slice, seed 1 loses 0.02: the mean gain is 0.04, one seed of two
+    is better, and with a constant per-slice difference every resample is that difference."""
+    base = [np.array([0.5, 0.6, 0.7, 0.8]), np.array([0.4, 0.5, 0.6, 0.7])]
+    other = [b + d for b, d in zip(base, (0.1, -0.02), strict=True)]
+    result = paired_mean_difference(base, other, ["p1", "p1", "p2", "p2"])
+    assert result["delta"] == pytest.approx(0.04)
+    assert result["ci_low"] == pytest.approx(0.04) and result["ci_high"] == pytest.approx(0.04)
+    assert result["patient_ci_low"] == pytest.approx(0.04) and result["patient_ci_high"] == pytest.approx(0.04)
+    assert result["seeds_better"] == 1 and result["n_patients"] == 2
+    with pytest.raises(ValueError):
+        paired_mean_difference(base, other[:1], ["p1"] * 4)  # an arm missing a seed is no pairing

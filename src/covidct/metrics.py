@@ -7,6 +7,7 @@ score is ``>= threshold``.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -318,6 +319,25 @@ def mean_with_ci(
         means = sums[picked].sum(axis=1) / counts[picked].sum(axis=1)
     low, high = np.percentile(means, [2.5, 97.5])
     return {"value": float(v.mean()), "ci_low": float(low), "ci_high": float(high)}
+
+
+def paired_mean_difference(base: list[np.ndarray], other: list[np.ndarray], groups: ArrayLike) -> dict[str, Any]:
+    """``other`` minus ``base`` item by item (a Dice per slice), each seed's run against the same
+    seed's, averaged over the seeds; 95 % intervals from resampling items and from resampling
+    whole groups (patients). Seeds are paired, not resampled: the interval holds the slices'
+    noise, the spread of ``seeds_better`` some of the training noise."""
+    per_seed = [np.asarray(o, dtype=float) - np.asarray(b, dtype=float) for b, o in zip(base, other, strict=True)]
+    diff = np.mean(per_seed, axis=0)
+    slices, by_group = mean_with_ci(diff), mean_with_ci(diff, groups)
+    return {
+        "delta": slices["value"],
+        "ci_low": slices["ci_low"],
+        "ci_high": slices["ci_high"],
+        "patient_ci_low": by_group["ci_low"],
+        "patient_ci_high": by_group["ci_high"],
+        "seeds_better": int(sum(d.mean() > 0 for d in per_seed)),
+        "n_patients": int(len(set(np.asarray(groups).tolist()))),
+    }
 
 
 def flatten_metrics(nested: dict[str, dict[str, float]], prefix: str = "") -> dict[str, float]:

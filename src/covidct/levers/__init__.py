@@ -9,5 +9,6 @@ mean over seeds and the ensemble of its seeds.
 A lever's row is reproduced in the full pipeline by ``dvc exp run -S key=value ...``.
 
 Modules: ``study`` (the YAML study and its runs), ``runner`` (train or reuse each run),
-``statistics`` (scores, paired differences, seed tables), ``report`` (the Markdown table).
+``statistics`` (scores, paired differences, seed tables), ``report`` (the Markdown table);
+``segmenter_budget`` does the same for the lung and lesion nets' epoch budgets.
 """

@@ -27,7 +27,7 @@ from covidct.atomic import write_text_atomic
 from covidct.config import DataConfig, PreprocessConfig, SegmenterConfig, load_params
 from covidct.experiments.cache import cache_key
 from covidct.experiments.overrides import as_overrides, with_overrides
-from covidct.metrics import dice_score, mean_with_ci
+from covidct.metrics import dice_score, paired_mean_difference
 from covidct.paths import CONFIRMATIONS
 from covidct.reports import markdown_table
 from covidct.runtime import select_device
@@ -99,26 +99,17 @@ def _mean(dice: pd.DataFrame, split: str) -> float:
 
 
 def _paired(runs: dict[tuple[str, int], pd.DataFrame], arm: str, seeds: list[int], split: str) -> dict[str, Any]:
-    """The trial minus params.yaml, per slice, averaged over seeds (each seed against the same seed),
-    with intervals from resampling slices and from resampling patients."""
+    """The trial minus params.yaml, per slice, seed against seed."""
 
     def part(arm_: str, seed: int) -> pd.DataFrame:
         dice = runs[(arm_, seed)]
         return dice[dice["split"] == split]
 
-    per_seed = [part(arm, s)["dice"].to_numpy() - part(DEFAULTS, s)["dice"].to_numpy() for s in seeds]
-    diff = np.mean(per_seed, axis=0)
-    patients = part(DEFAULTS, seeds[0])["patient_id"].to_numpy()
-    slices, by_patient = mean_with_ci(diff), mean_with_ci(diff, patients)
-    return {
-        "delta": slices["value"],
-        "ci_low": slices["ci_low"],
-        "ci_high": slices["ci_high"],
-        "patient_ci_low": by_patient["ci_low"],
-        "patient_ci_high": by_patient["ci_high"],
-        "seeds_better": int(sum(d.mean() > 0 for d in per_seed)),
-        "n_patients": int(len(set(patients))),
-    }
+    return paired_mean_difference(
+        [part(DEFAULTS, s)["dice"].to_numpy() for s in seeds],
+        [part(arm, s)["dice"].to_numpy() for s in seeds],
+        part(DEFAULTS, seeds[0])["patient_id"].to_numpy(),
+    )
 
 
 def confirm_segmenter(root: Path, config: SweepConfig, study: optuna.Study, seeds: list[int]) -> Path:
