@@ -41,6 +41,7 @@ def test_arms_over_seeds_paired_and_reused(root: Path) -> None:
     means = {name: r["segmenter_val"] for name, r in record["runs"].items()}
     expected = (means["two seed 0"] - means["one seed 0"] + means["two seed 1"] - means["one seed 1"]) / 2
     assert lung == pytest.approx(expected)
+    assert record["means"]["two"]["segmenter_val"] == pytest.approx((means["two seed 0"] + means["two seed 1"]) / 2)
     assert "**two**" in budget_markdown(record)
 
     stamps = {p: p.stat().st_mtime_ns for p in (root / RUNS).glob("*/run.json")}

@@ -180,6 +180,14 @@ def compare_budgets(
             }
             for (arm, seed), dice in runs.items()
         },
+        "means": {  # over the seeds
+            arm: {
+                f"{net}_{split}": float(np.mean([_mean(runs[(arm, s)], net, split) for s in seeds]))
+                for net in NETS
+                for split in SPLITS
+            }
+            for arm in arms
+        },
         "deltas": deltas,
     }
 
@@ -190,16 +198,20 @@ def budget_markdown(record: dict[str, Any]) -> str:
     def delta(d: dict[str, Any]) -> str:
         return (
             f"{100 * d['delta']:+.2f} ({100 * d['ci_low']:+.2f} to {100 * d['ci_high']:+.2f}; "
-            f"patients {100 * d['patient_ci_low']:+.2f} to {100 * d['patient_ci_high']:+.2f})"
+            f"{d['n_patients']} patients {100 * d['patient_ci_low']:+.2f} to {100 * d['patient_ci_high']:+.2f})"
         )
 
+    means = [
+        [f"{arm}, mean"] + [f"{100 * mean[f'{net}_{split}']:.2f}" for net in NETS for split in SPLITS] + [""]
+        for arm, mean in record["means"].items()
+    ]
     runs = [
         [name]
         + [f"{100 * run[f'{net}_{split}']:.2f}" for net in NETS for split in SPLITS]
         + [" + ".join(f"{run['minutes'][net]:.1f}" for net in NETS) if run["minutes"] else "dvc repro"]
         for name, run in record["runs"].items()
     ]
-    head = ["run", "lung val", "lung test", "lesion val", "lesion test", "minutes (lung + lesion)"]
+    head = ["run", "lung val", "lung test", "lesion val", "lesion test", "training minutes (lung + lesion)"]
     lines = [
         "# Epoch budgets of the lung and lesion nets",
         "",
@@ -208,10 +220,10 @@ def budget_markdown(record: dict[str, Any]) -> str:
         + "; ".join(f"**{arm}** `{o or 'params.yaml'}`" for arm, o in record["arms"].items())
         + ". Runs marked `dvc repro` are the weights that pipeline run wrote for those settings.",
         "",
-        markdown_table(head, runs),
+        markdown_table(head, runs + means),
         "",
         f"Δ Dice (points), each arm minus **{record['base']}**, slice by slice and seed against seed, averaged over "
-        "the seeds; 95 % intervals resampling slices, then patients (2 validation and 3 test patients: coarse). "
+        "the seeds; 95 % intervals resampling slices, then whole patients (few patients: coarse). "
         "Validation decides; test is the record.",
         "",
     ]
