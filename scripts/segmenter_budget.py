@@ -22,9 +22,9 @@ import yaml
 
 from covidct.atomic import write_text_atomic
 from covidct.config import ConfigError
+from covidct.levers.segmenter_budget import budget_markdown, compare_budgets
 from covidct.paths import SEGMENTER_REPORTS
 from covidct.runtime import configure_threads, select_device
-from covidct.levers.segmenter_budget import budget_markdown, compare_budgets
 
 
 def arm(text: str) -> tuple[str, dict[str, Any]]:
