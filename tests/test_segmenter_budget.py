@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from covidct.config import ConfigError
 from covidct.levers.segmenter_budget import RUNS, budget_markdown, compare_budgets
 from helpers.tiny import prepare_tiny_root
 
@@ -67,6 +68,12 @@ def test_weights_from_a_pipeline_run_are_scored_not_trained(root: Path, tmp_path
     for key in ("segmenter_val", "segmenter_test", "lesion_val", "lesion_test"):
         assert run[key] == record["runs"]["one seed 0"][key]
         assert record["deltas"]["three"][key]["delta"] == 0
+
+
+def test_weights_from_a_folder_without_them_is_one_error(root: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no segmenter weights to score"):
+        compare_budgets(root, {"one": ARMS["one"]}, [5], torch.device("cpu"), {("one", 5): tmp_path})
+    assert not (root / RUNS / "one_seed5").exists()
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,7 @@ import torch
 
 from covidct.atomic import write_text_atomic
 from covidct.checkpoints import load_checkpoint
-from covidct.config import DataConfig, LesionConfig, PreprocessConfig, SegmenterConfig, load_params
+from covidct.config import ConfigError, DataConfig, LesionConfig, PreprocessConfig, SegmenterConfig, load_params
 from covidct.experiments.overrides import as_overrides, with_overrides
 from covidct.metrics import dice_score, paired_mean_difference
 from covidct.reports import markdown_table
@@ -110,6 +110,10 @@ def budget_run(
     if (out / "dice.csv").is_file() and record.is_file():
         if json.loads(record.read_text())["settings"] == settings:
             return pd.read_csv(out / "dice.csv")
+    if weights_from is not None:  # checked before anything is written
+        for net in NETS:
+            if not (weights_from / net / "model.safetensors").is_file():
+                raise ConfigError(f"{weights_from / net / 'model.safetensors'}: no {net} weights to score")
     out.mkdir(parents=True, exist_ok=True)
     data = _load(root, PreprocessConfig.of(params))
     if weights_from is not None:
