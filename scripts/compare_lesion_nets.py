@@ -14,26 +14,15 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from covidct.atomic import write_text_atomic
 from covidct.config import EvaluateConfig, PreprocessConfig, load_params
-from covidct.metrics import dice_score, mean_with_ci
+from covidct.experiments.scoring import slice_dice
+from covidct.metrics import mean_with_ci
 from covidct.paths import LESION_REPORTS
 from covidct.runtime import configure_threads
 from covidct.segmentation.data import load_lung_split
-from covidct.segmentation.inference import predict_probabilities, segmenter_dtype
-from covidct.segmentation.model import load_segmenter
-
-
-def per_slice_dice(path: Path, images: np.ndarray, lesions: np.ndarray) -> np.ndarray:
-    device = torch.device("cpu")
-    model, meta = load_segmenter(path, device)
-    probabilities = predict_probabilities(
-        model, images, device, dtype=segmenter_dtype(device, meta.get("precision", "auto"))
-    )
-    return np.array([dice_score(p > 0.5, m) for p, m in zip(probabilities, lesions, strict=True)])
 
 
 def main() -> None:
@@ -48,7 +37,8 @@ def main() -> None:
     params = load_params(root / "params.yaml")
     evaluate = EvaluateConfig.of(params)
     table, images, _, lesions = load_lung_split(root, "val", PreprocessConfig.of(params), lesions=True)
-    a, b = per_slice_dice(args.a, images, lesions), per_slice_dice(args.b, images, lesions)
+    cpu = torch.device("cpu")
+    a, b = slice_dice(args.a, images, lesions, cpu), slice_dice(args.b, images, lesions, cpu)
     groups = table["patient_id"].to_numpy()
     boot = {"n_boot": evaluate.n_bootstrap, "seed": evaluate.seed}
     record = {

@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 from ruamel.yaml import YAML
 
+from covidct.config import load_params
 from covidct.sweep.config import load_sweep
 from covidct.sweep.study import apply_best, best_overrides, finished_trials, run_sweep, summarise
 from helpers.servers import Postgres, running_mlflow_server
@@ -200,7 +201,7 @@ def test_segmenter_study_in_a_journal_then_its_confirmation(
     root: Path, env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A segmenter study (objective val_dice) kept in a journal file, then its best trial trained
-    against params.yaml (alpha 0.7: the trial differs) over two seeds and compared slice by
+    against params.yaml (its alpha is 0.6, the study's 0.5 or 0.7: the trial always differs) over two seeds and compared slice by
     slice; a second confirmation reuses the runs."""
     from covidct.sweep.confirm import confirm_segmenter
 
@@ -210,11 +211,14 @@ def test_segmenter_study_in_a_journal_then_its_confirmation(
     path.write_text(
         "study: seg\nstorage: journal:reports/sweeps/seg/journal.log\ntrains: segmenter\nobjective: val_dice\nn_trials: 2\n"
         "pruner_startup_trials: 1\npruner_warmup_epochs: 0\n"
-        "space:\n  segmenter.tversky_alpha: {choices: [0.5, 0.6]}\n  segmenter.channels: {choices: [[4, 8, 16], [8, 16, 32]]}\n"
+        "space:\n  segmenter.tversky_alpha: {choices: [0.5, 0.7]}\n  segmenter.channels: {choices: [[4, 8, 16], [8, 16, 32]]}\n"
     )
     config = load_sweep(path)
     study = run_sweep(root, config)
     assert finished_trials(study) == 2 and study.metric_names == ["val_dice"]
+    assert (
+        study.best_params["segmenter.tversky_alpha"] != load_params(root / "params.yaml")["segmenter"]["tversky_alpha"]
+    )
     assert (root / "reports" / "sweeps" / "seg" / "journal.log").stat().st_size > 0
     assert all(0.0 <= t.value <= 1.0 for t in study.trials if t.state == TrialState.COMPLETE)
 

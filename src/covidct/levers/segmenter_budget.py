@@ -27,11 +27,10 @@ from covidct.atomic import write_text_atomic
 from covidct.checkpoints import load_checkpoint
 from covidct.config import ConfigError, DataConfig, LesionConfig, PreprocessConfig, SegmenterConfig, load_params
 from covidct.experiments.overrides import as_overrides, with_overrides
-from covidct.metrics import dice_score, paired_mean_difference
+from covidct.experiments.scoring import slice_dice
+from covidct.metrics import paired_mean_difference
 from covidct.reports import markdown_table
 from covidct.segmentation.data import load_lung_split
-from covidct.segmentation.inference import predict_probabilities, segmenter_dtype
-from covidct.segmentation.model import load_segmenter
 from covidct.segmentation.train import segmenter_meta, train_segmenter
 
 RUNS = Path("levers/segmenter_budget")
@@ -86,13 +85,9 @@ def _train(params: dict[str, Any], data: dict, out: Path, device: torch.device) 
 def _score(data: dict, out: Path, device: torch.device) -> pd.DataFrame:
     rows = []
     for net in NETS:
-        model, meta = load_segmenter(out / f"{net}.safetensors", device)
-        dtype = segmenter_dtype(device, meta.get("precision", "auto"))
         for split in SPLITS:
             table, images, lungs, lesions = data[split]
-            masks = lungs if net == "segmenter" else lesions
-            predicted = predict_probabilities(model, images, device, dtype=dtype) > 0.5
-            dice = [dice_score(p, m) for p, m in zip(predicted, masks, strict=True)]
+            dice = slice_dice(out / f"{net}.safetensors", images, lungs if net == "segmenter" else lesions, device)
             rows.append(table[["patient_id"]].assign(net=net, split=split, slice=np.arange(len(table)), dice=dice))
     return pd.concat(rows, ignore_index=True)
 

@@ -27,13 +27,12 @@ from covidct.atomic import write_text_atomic
 from covidct.config import DataConfig, PreprocessConfig, SegmenterConfig, load_params
 from covidct.experiments.cache import cache_key
 from covidct.experiments.overrides import as_overrides, with_overrides
-from covidct.metrics import dice_score, paired_mean_difference
+from covidct.experiments.scoring import slice_dice
+from covidct.metrics import paired_mean_difference
 from covidct.paths import CONFIRMATIONS
 from covidct.reports import markdown_table
 from covidct.runtime import select_device
 from covidct.segmentation.data import first_per_patient, load_lung_split
-from covidct.segmentation.inference import predict_probabilities, segmenter_dtype
-from covidct.segmentation.model import load_segmenter
 from covidct.segmentation.train import segmenter_meta, train_segmenter
 from covidct.sweep.config import SweepConfig
 from covidct.sweep.objective import study_parent
@@ -75,19 +74,11 @@ def _dice_per_slice(
     meta = segmenter_meta(pre, seg)
     with child_run(*parent, tags["run"], {"preprocess": params["preprocess"], "segmenter": params["segmenter"]}, tags):
         train_segmenter(sets["train"], sets["val"], seg, device, out / "model.safetensors", meta, log_epoch)
-        model, chosen = load_segmenter(out / "model.safetensors", device)
         rows = []
         for split in ("val", "test"):
             table, images, masks = splits[split]
-            dtype = segmenter_dtype(device, chosen.get("precision", "auto"))
-            predicted = predict_probabilities(model, images, device, dtype=dtype) > 0.5
-            rows.append(
-                table[["patient_id"]].assign(
-                    split=split,
-                    slice=np.arange(len(table)),
-                    dice=[dice_score(p, m) for p, m in zip(predicted, masks, strict=True)],
-                )
-            )
+            dice = slice_dice(out / "model.safetensors", images, masks, device)
+            rows.append(table[["patient_id"]].assign(split=split, slice=np.arange(len(table)), dice=dice))
         dice = pd.concat(rows, ignore_index=True)
         mlflow.log_metrics({f"{split}_dice": _mean(dice, split) for split in ("val", "test")})
     write_text_atomic(out / "dice.csv", dice.to_csv(index=False))  # last: a run killed before it trains again
