@@ -33,6 +33,7 @@ from covidct.images import LUNG_WINDOW_HU, ImageReadError, decode_grayscale, rea
 from covidct.predict import collect_scans, group_studies, predict_files, studies_csv, write_predictions
 from covidct.registry.pipeline_model import PipelineModel, TwoStagePipeline
 from covidct.series import ORDER_KEYS, read_series
+from covidct.verdicts import TopSlices
 from helpers.configs import make_config
 from helpers.paths import DATA
 from helpers.tiny import save_tiny_lesion, save_tiny_networks
@@ -309,7 +310,7 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> TwoStagePipeline:
         make_config("crop", min_lung_fraction=0.0),
         0.5,
         device=torch.device("cpu"),
-        study_top_k=2,
+        study_top=TopSlices(2),
         lesion_path=save_tiny_lesion(root),
     )
 
@@ -340,14 +341,16 @@ def test_a_folder_series_is_one_study_in_slice_order(pipeline: TwoStagePipeline,
     assert len(set(studies[:4])) == 1 and studies[:4][0] and studies[4] == ""
 
     predictions = predict_files(pipeline, files)
-    table = write_predictions(predictions, tmp_path / "p.csv", studies, pipeline.study_top_k)
+    table = write_predictions(predictions, tmp_path / "p.csv", studies, pipeline.study_top)
     top_two = np.sort([p.probability for p in predictions[:4]])[-2:].mean()
     assert (
         table["study_probability"][:4].tolist() == pytest.approx([top_two] * 4)
         and table["study_probability"][4] is None
     )
     per_study = pd.read_csv(studies_csv(tmp_path / "p.csv"))
-    assert per_study[["slices", "slices_scored", "slices_outside_lungs", "top_k"]].values.tolist() == [[4, 4, 0, 2]]
+    assert per_study[["slices", "slices_scored", "slices_outside_lungs", "top_k", "top_share"]].values.tolist() == [
+        [4, 4, 0, 2, 0.0]
+    ]
     summed = sum((p.burden for p in predictions[1:4]), predictions[0].burden)  # the series' lung volume involved
     assert per_study["study_lesion_burden"][0] == pytest.approx(summed.lesion / summed.lung)
     assert per_study["study_probability"][0] == pytest.approx(top_two)

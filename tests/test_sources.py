@@ -15,7 +15,8 @@ from covidct.metrics import (
     patient_metrics_with_ci,
 )
 from covidct.source_figures import (
-    choose_top_k,
+    TOP_SLICES_CANDIDATES,
+    choose_top_slices,
     diluted_series,
     figure_rows,
     rows_to_score,
@@ -23,7 +24,7 @@ from covidct.source_figures import (
     study_scores,
     with_diluted,
 )
-from covidct.verdicts import study_probabilities, top_k_mean
+from covidct.verdicts import TopSlices, study_probabilities, top_mean
 from helpers.paths import DATA, REPO
 
 pytestmark = pytest.mark.data  # reads the real data (skipped without it)
@@ -91,16 +92,38 @@ def test_patient_bootstrap_needs_both_classes() -> None:
         patient_metrics_with_ci([1, 1], [0.2, 0.4], ["a", "b"], 0.5, 10, 0)
 
 
-def test_top_k_mean_skips_refused_slices_and_none_means_nothing_scored() -> None:
-    assert top_k_mean([0.1, None, 0.9, 0.5, float("nan")], 2) == pytest.approx(0.7)
-    assert top_k_mean([0.1, 0.9, 0.5], 0) == pytest.approx(0.5)  # 0: all slices
-    assert top_k_mean([None, None], 3) is None
-    assert study_probabilities(["a", "a", "", "b"], [0.2, 0.8, 0.9, None], 1) == {"a": 0.8, "b": None}
+def test_top_mean_skips_refused_slices_and_none_means_nothing_scored() -> None:
+    assert top_mean([0.1, None, 0.9, 0.5, float("nan")], TopSlices(2)) == pytest.approx(0.7)
+    assert top_mean([0.1, 0.9, 0.5], TopSlices()) == pytest.approx(0.5)  # all slices
+    assert top_mean([None, None], TopSlices(3)) is None
+    assert study_probabilities(["a", "a", "", "b"], [0.2, 0.8, 0.9, None], TopSlices(1)) == {"a": 0.8, "b": None}
+
+
+def test_a_share_of_slices_grows_with_the_series_and_a_count_does_not() -> None:
+    tenth = TopSlices(share=0.1)
+    assert [tenth.of(n) for n in (1, 6, 10, 11, 300)] == [1, 1, 1, 2, 30]  # at least one, rounded up
+    assert [TopSlices(3).of(n) for n in (2, 300)] == [2, 3] and TopSlices().of(7) == 7
+    # a scan's 3 diseased slices (0.9) and its series of 30, the rest healthy (0.1) but for one chance 0.8:
+    # the top slice barely tells them from a healthy series with the same chance slice; the top 10 % does
+    scan, series = [0.9] * 3, [0.9] * 3 + [0.8] + [0.1] * 26
+    healthy = [0.8] + [0.1] * 29
+    assert top_mean(series, TopSlices(1)) - top_mean(healthy, TopSlices(1)) == pytest.approx(0.1)
+    assert top_mean(series, tenth) == pytest.approx(0.9) == top_mean(scan, tenth)
+    assert top_mean(healthy, tenth) == pytest.approx(1.0 / 3)
+    assert TopSlices.from_settings({"top_k": 3}) == TopSlices(3)  # reports and versions from before shares
+    assert TopSlices.from_settings(tenth.settings()) == tenth
+    assert [str(t) for t in (TopSlices(3), tenth, TopSlices())] == ["top 3", "top 10 %", "all"]
+
+
+@pytest.mark.parametrize("bad", [{"count": -1}, {"share": 1.0}, {"share": -0.1}, {"count": 2, "share": 0.1}])
+def test_a_bad_aggregation_is_one_error_naming_it(bad: dict) -> None:
+    with pytest.raises(ValueError, match="top slices"):
+        TopSlices(**bad)
 
 
 def test_study_scores_and_the_validation_choice_of_k() -> None:
     table = _clustered(n_patients=6, slices=5)
-    studies = study_scores(table, 2)
+    studies = study_scores(table, TopSlices(2))
     assert len(studies) == 6 and studies["slices"].eq(5).all()
     top = (
         table.sort_values("probability", ascending=False)
@@ -108,7 +131,7 @@ def test_study_scores_and_the_validation_choice_of_k() -> None:
         .apply(lambda p: p.iloc[:2].mean())
     )
     assert studies.set_index("study")["probability"].to_dict() == pytest.approx(top.to_dict())
-    assert choose_top_k(table) in (1, 3, 5, 10, 0)
+    assert choose_top_slices(table) in TOP_SLICES_CANDIDATES
 
 
 def test_source_figures_count_refusals_and_cc_ccii_contrasts() -> None:
@@ -187,9 +210,9 @@ def test_study_label_uses_the_study_threshold_chosen_on_validation_scans() -> No
         ScanPrediction(f"s{i}", probability=p, threshold=0.5, box=(0, 0, 1, 1)) for i, p in enumerate([0.3, 0.4, 0.9])
     ]
     studies = ["a", "a", "b"]
-    at_slice = predictions_table(scans, studies, top_k=0)
+    at_slice = predictions_table(scans, studies)
     assert at_slice["study_label"].tolist() == ["non-COVID", "non-COVID", "COVID"]  # study a: 0.35 < 0.5
-    at_study = predictions_table(scans, studies, top_k=0, study_threshold=0.3)
+    at_study = predictions_table(scans, studies, study_threshold=0.3)
     assert at_study["study_label"].tolist() == ["COVID", "COVID", "COVID"]
     assert at_study["label"].tolist() == at_slice["label"].tolist()  # slice labels keep the slice threshold
 
@@ -221,10 +244,14 @@ def test_diluted_series_keep_the_share_and_fill_with_other_normal_scans() -> Non
 
 def test_a_diluted_series_still_called_covid_by_its_top_slices_not_by_the_mean() -> None:
     diluted = diluted_series(_series_table(), 0.1, seed=0)
-    mean_all, top_1 = study_scores(diluted, 0), study_scores(diluted, 1)
+    mean_all, top_1 = study_scores(diluted, TopSlices()), study_scores(diluted, TopSlices(1))
     assert mean_all.loc[mean_all["label"] == 1, "probability"].max() < 0.2  # 90 % Normal slices: the mean sinks
     assert top_1.loc[top_1["label"] == 1, "probability"].min() == pytest.approx(0.9)
     assert top_1.loc[top_1["label"] == 0, "probability"].max() == pytest.approx(0.6)  # the CP scan
+    tenth = study_scores(diluted, TopSlices(share=0.1))  # 40 slices: the top 4, the scan's own
+    assert tenth.set_index("study")["probability"].to_dict() == pytest.approx(
+        top_1.set_index("study")["probability"].to_dict()
+    )
 
 
 def test_slices_outside_the_lungs_are_marked_left_out_of_the_verdict_and_not_errors() -> None:
@@ -235,7 +262,7 @@ def test_slices_outside_the_lungs_are_marked_left_out_of_the_verdict_and_not_err
         ScanPrediction("base", probability=0.9, threshold=0.5, box=(0, 0, 1, 1), lung_fraction=0.03),
         ScanPrediction("neck", lung_fraction=0.001, error="input gate: the lung mask covers 0.10 %", no_lung=True),
     ]
-    table = predictions_table(scans, ["s", "s", "s"], top_k=0, study_threshold=0.5, outside_below=0.05)
+    table = predictions_table(scans, ["s", "s", "s"], study_threshold=0.5, outside_below=0.05)
     assert table["outside_lungs"].tolist() == [False, True, True]
     assert table["study_probability"].tolist() == [0.2, 0.2, 0.2]  # the base's 0.9 is not the series' evidence
     assert table["error"].tolist() == ["", "", ""] and table.loc[1, "probability"] == 0.9  # its own score stays

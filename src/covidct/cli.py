@@ -125,7 +125,7 @@ def _predict(args: argparse.Namespace, root: Path) -> None:
     pipeline = load_pipeline(model)
     predictions = predict_files(pipeline, files, args.batch_size)
     table = write_predictions(
-        predictions, args.out, studies, pipeline.study_top_k, pipeline.study_threshold, pipeline.outside_lungs
+        predictions, args.out, studies, pipeline.study_top, pipeline.study_threshold, pipeline.outside_lungs
     )
     refused = int(table["error"].str.startswith(REFUSED).sum())
     failed = int((table["error"] != "").sum()) - refused
@@ -134,7 +134,7 @@ def _predict(args: argparse.Namespace, root: Path) -> None:
     )
     if any(studies):
         print(
-            f"{len(set(filter(None, studies)))} DICOM series scored as studies (top-{pipeline.study_top_k or 'all'} mean; "
+            f"{len(set(filter(None, studies)))} DICOM series scored as studies (each the mean of {pipeline.study_top.describe()}; "
             f"{int(table['outside_lungs'].fillna(False).sum())} slices outside the lungs left out) -> {studies_csv(args.out)}"
         )
     if args.overlays:

@@ -17,6 +17,7 @@ from covidct.images import ImageReadError, decode_grayscale, is_dicom, is_image,
 from covidct.overlays import draw_lesion, draw_overlay
 from covidct.registry.pipeline_model import OUTPUT, STUDY, ScanPrediction, TwoStagePipeline, predictions_table
 from covidct.series import read_series
+from covidct.verdicts import ALL_SLICES, TopSlices
 
 #: What folders are searched for: pictures and DICOM, recognised by content whatever the name.
 SCAN_KINDS = "PNG, JPEG, TIFF, GIF, BMP, WebP or DICOM"
@@ -116,12 +117,12 @@ def write_predictions(
     predictions: Sequence[ScanPrediction],
     out_csv: Path,
     studies: Sequence[str] | None = None,
-    top_k: int = 0,
+    top: TopSlices = ALL_SLICES,
     study_threshold: float | None = None,
     outside_lungs: float = 0.0,
 ) -> pd.DataFrame:
     """One row per scan in ``out_csv``; with studies, one row per study beside it (``<name>_studies.csv``)."""
-    table = predictions_table(predictions, studies, top_k, study_threshold, outside_lungs)
+    table = predictions_table(predictions, studies, top, study_threshold, outside_lungs)
     table.insert(0, "file", [p.name for p in predictions])
     write_text_atomic(out_csv, table[["file", *OUTPUT]].to_csv(index=False))
     if table[STUDY].notna().any():
@@ -134,7 +135,7 @@ def write_predictions(
             study_label=("study_label", "first"),
             study_lesion_burden=("study_lesion_burden", "first"),
         ).reset_index()
-        write_text_atomic(studies_csv(out_csv), studies_table.assign(top_k=top_k).to_csv(index=False))
+        write_text_atomic(studies_csv(out_csv), studies_table.assign(**top.settings()).to_csv(index=False))
     return table
 
 

@@ -20,13 +20,17 @@ from covidct.catalog import load_source
 from covidct.datasets import LUNG_SEG
 from covidct.metrics import binary_metrics, flatten_metrics, patient_metrics_with_ci
 from covidct.paths import LUNG_SPLIT, raw
-from covidct.verdicts import top_k_mean
+from covidct.verdicts import TopSlices, top_mean
 
 NORMAL = "Normal"  # the subclass of lesion-free scans (CC-CCII's), which diluted series are filled with
 #: Test series are diluted with other draws than the validation ones (the seed offset between them).
 TEST_SEED_OFFSET = 100
-#: Slices averaged into a study's score (0: all of them), the candidates the validation scans choose from.
-TOP_K_CANDIDATES = (1, 3, 5, 10, 0)
+#: Slices averaged into a study's score, the candidates the validation scans choose from (on a tie, the first).
+TOP_SLICES_CANDIDATES = (
+    *(TopSlices(count=k) for k in (1, 3, 5, 10)),
+    *(TopSlices(share=s) for s in (0.05, 0.1, 0.2, 0.3)),
+    TopSlices(),
+)
 
 
 def source_table(root: Path, name: str) -> pd.DataFrame:
@@ -94,8 +98,8 @@ def source_figures(scored: pd.DataFrame, name: str, threshold: float, n_boot: in
     return out
 
 
-def study_scores(scored: pd.DataFrame, top_k: int) -> pd.DataFrame:
-    """One row per study: the mean of its ``top_k`` highest slice scores (0: all), over the
+def study_scores(scored: pd.DataFrame, top: TopSlices) -> pd.DataFrame:
+    """One row per study: the mean of its ``top`` highest slice scores, over the
     slices the gate let through and that are not outside the lungs (``outside_lungs``, where the
     table has it); COVID when any slice's label is."""
     kept = scored[scored["probability"].notna()]
@@ -103,7 +107,7 @@ def study_scores(scored: pd.DataFrame, top_k: int) -> pd.DataFrame:
         kept = kept[~kept["outside_lungs"].astype(bool)]
     rows = []
     for study, part in kept.groupby("study", sort=True):
-        probability = top_k_mean(part["probability"].tolist(), top_k)
+        probability = top_mean(part["probability"].tolist(), top)
         rows.append(
             {
                 "study": study,
@@ -157,10 +161,10 @@ def with_diluted(scored: pd.DataFrame, shares: Sequence[float], seed: int) -> pd
     return pd.concat([scored, diluted_at(scored, shares, seed)], ignore_index=True)
 
 
-def choose_top_k(val: pd.DataFrame) -> int:
-    """The aggregation that ranks the validation studies best (AUC; fewer slices on a tie)."""
-    aucs = {k: binary_metrics(*_labels_scores(study_scores(val, k)))["auc"] for k in TOP_K_CANDIDATES}
-    return max(TOP_K_CANDIDATES, key=lambda k: (aucs[k], -(k or 10**6)))
+def choose_top_slices(val: pd.DataFrame) -> TopSlices:
+    """The aggregation that ranks the validation studies best (AUC)."""
+    aucs = {top: binary_metrics(*_labels_scores(study_scores(val, top)))["auc"] for top in TOP_SLICES_CANDIDATES}
+    return max(TOP_SLICES_CANDIDATES, key=aucs.__getitem__)
 
 
 def _labels_scores(studies: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:

@@ -35,7 +35,7 @@ from covidct.lesions import LesionBurden, lesion_burden, segment_lesions, study_
 from covidct.lung_crop import segment_and_crop
 from covidct.runtime import autocast_dtype, select_device
 from covidct.segmentation.model import load_segmenter
-from covidct.verdicts import study_probabilities
+from covidct.verdicts import ALL_SLICES, TopSlices, study_probabilities
 
 IMAGE, NAME, STUDY = "image", "name", "study"
 LABELS = ("non-COVID", "COVID")
@@ -112,7 +112,7 @@ class ScanPrediction:
 def predictions_table(
     predictions: Sequence[ScanPrediction],
     studies: Sequence[str] | None = None,
-    top_k: int = 0,
+    top: TopSlices = ALL_SLICES,
     study_threshold: float | None = None,
     outside_below: float = 0.0,
 ) -> pd.DataFrame:
@@ -124,7 +124,7 @@ def predictions_table(
     studies = list(studies) if studies is not None else [""] * len(predictions)
     outside = [bool(s) and p.outside_lungs(outside_below) for p, s in zip(predictions, studies, strict=True)]
     inside = [p if not out else replace(p, probability=None) for p, out in zip(predictions, outside, strict=True)]
-    verdicts = study_probabilities(studies, [p.probability for p in inside], top_k)
+    verdicts = study_probabilities(studies, [p.probability for p in inside], top)
     burdens = {
         study: study_burden(
             p.burden for p, s in zip(inside, studies, strict=True) if s == study and p.probability is not None
@@ -167,7 +167,7 @@ class TwoStagePipeline:
         threshold: float,
         gate: GateConfig | None = None,
         device: torch.device | None = None,
-        study_top_k: int = 0,
+        study_top: TopSlices = ALL_SLICES,
         study_threshold: float | None = None,
         lesion_path: Path | None = None,
         outside_lungs: float = 0.0,
@@ -177,11 +177,11 @@ class TwoStagePipeline:
         self.lesion, self.lesion_meta = load_segmenter(lesion_path, self.device) if lesion_path else (None, {})
         self.outside_lungs = outside_lungs  # a series' slice with less lung is outside the lungs
         self.classifier, self.classifier_meta = load_classifier(classifier_path, self.device)
-        self.crop, self.threshold, self.gate, self.study_top_k, self.study_threshold = (
+        self.crop, self.threshold, self.gate, self.study_top, self.study_threshold = (
             crop,
             threshold,
             gate,
-            study_top_k,
+            study_top,
             study_threshold,
         )
 
@@ -199,7 +199,7 @@ class TwoStagePipeline:
             float(settings["threshold"]),
             gate,
             device,
-            int(settings.get("study_top_k", 0)),
+            TopSlices.from_settings(settings, prefix="study_"),
             study_threshold,
             Path(artifacts["lesion"]) if "lesion" in artifacts else None,
             float(settings.get("outside_lungs", 0.0)),  # absent in versions registered before issue 27
@@ -325,7 +325,7 @@ class PipelineModel(mlflow.pyfunc.PythonModel):
         return predictions_table(
             self.pipeline.predict_encoded(names, list(frame[IMAGE])),
             studies,
-            self.pipeline.study_top_k,
+            self.pipeline.study_top,
             self.pipeline.study_threshold,
             self.pipeline.outside_lungs,
         )
@@ -335,7 +335,7 @@ def settings(
     crop: CropConfig,
     threshold: float,
     gate: GateConfig,
-    study_top_k: int = 0,
+    study_top: TopSlices = ALL_SLICES,
     study_threshold: float | None = None,
     outside_lungs: float = 0.0,
 ) -> dict[str, Any]:
@@ -344,7 +344,7 @@ def settings(
         "crop": crop.model_dump(),
         "threshold": threshold,
         "gate": gate.model_dump(),
-        "study_top_k": study_top_k,
+        **{f"study_{key}": value for key, value in study_top.settings().items()},
         "study_threshold": study_threshold,
         "outside_lungs": outside_lungs,
     }

@@ -28,6 +28,7 @@ from covidct.paths import CONFIRMATIONS, RAW
 from covidct.registry.pipeline_model import ARTIFACTS, IMAGE, NAME, SIGNATURE, settings
 from covidct.registry.promote import VARIANT_TAG
 from covidct.tracking import flatten, git_commit
+from covidct.verdicts import ALL_SLICES, TopSlices
 
 #: Distributions the model's code imports, pinned to the versions that trained it.
 REQUIREMENTS = (
@@ -136,7 +137,7 @@ def model_kwargs(
     gate: GateConfig,
     example: tuple[str, bytes],
     workdir: Path,
-    study_top_k: int = 0,
+    study_top: TopSlices = ALL_SLICES,
     study_threshold: float | None = None,
     outside_lungs: float = 0.0,
 ) -> dict[str, Any]:
@@ -144,7 +145,7 @@ def model_kwargs(
     registered one are built the same way."""
     settings_file = workdir / "settings.json"
     settings_file.write_text(
-        json.dumps(settings(crop, threshold, gate, study_top_k, study_threshold, outside_lungs), indent=2)
+        json.dumps(settings(crop, threshold, gate, study_top, study_threshold, outside_lungs), indent=2)
     )
     return {
         "python_model": str(Path(__file__).with_name("model_code.py")),  # no pickle in the model
@@ -231,10 +232,10 @@ def build_and_register(
     with tempfile.TemporaryDirectory() as workdir:
         # aggregation and threshold chosen on the validation scans of the sources trained on
         studies = (sources or {}).get("studies", {})
-        top_k, study_threshold = int(studies.get("top_k", 0)), studies.get("threshold")
+        top, study_threshold = TopSlices.from_settings(studies), studies.get("threshold")
         outside = float(studies.get("outside_lungs", 0.0))
         kwargs = model_kwargs(
-            *files, crop, float(metrics["threshold"]), gate, example, Path(workdir), top_k, study_threshold, outside
+            *files, crop, float(metrics["threshold"]), gate, example, Path(workdir), top, study_threshold, outside
         )
         save_pipeline(out, kwargs, root)
         variant = str(params["classifier"]["model"])

@@ -26,7 +26,8 @@ from covidct.reports import format_cell, markdown_table
 from covidct.runtime import configure_threads
 from covidct.source_figures import (
     TEST_SEED_OFFSET,
-    choose_top_k,
+    TOP_SLICES_CANDIDATES,
+    choose_top_slices,
     contrasts,
     diluted_at,
     figure_rows,
@@ -38,6 +39,7 @@ from covidct.source_figures import (
 )
 from covidct.thresholds import decision_threshold
 from covidct.tracking import log_pipeline_metrics, stage_run
+from covidct.verdicts import TopSlices
 
 REPORTS, MODEL = SOURCE_REPORTS, SEGMENTER
 LUNG_TITLE = "lung set"
@@ -100,7 +102,10 @@ def report(
             + [_cell(f, m) for m in ("auc", "recall", "specificity")]
         )
     studies = figures["studies"]
-    aggregate = f"its {studies['top_k']:.0f} highest slice scores" if studies["top_k"] else "all its slice scores"
+    aggregate = TopSlices.from_settings(studies).describe()
+    counts = ", ".join(str(t.count) for t in TOP_SLICES_CANDIDATES if t.count)
+    shares = ", ".join(f"{100 * t.share:g}" for t in TOP_SLICES_CANDIDATES if t.share)
+    candidates = f"{counts} slice scores, the top {shares} % of a scan's slices, and all"
     lines = [
         "# Results by source",
         "",
@@ -132,7 +137,7 @@ def report(
         "## Studies (scans)",
         "",
         f"A scan's score is the mean of {aggregate}, over its slices with lung (under {100 * studies['outside_lungs']:g} % of "
-        "the image is outside the lungs: left out). The aggregation was chosen among the top 1, 3, 5, 10 and all by AUC on the "
+        f"the image is outside the lungs: left out). The aggregation was chosen among the top {candidates} by AUC on the "
         "validation scans of the sources trained on and on series diluted from them (each scan only "
         f"{', '.join(f'{100 * s:g}' for s in dilution)} % of a series, the rest other scans' Normal slices, as in a whole chest CT), "
         f"pooled; sensitivity and specificity at the study threshold {studies['threshold']:.4f}, chosen on the same series by "
@@ -179,18 +184,18 @@ def study_figures(
     series diluted alike (``<name>.diluted``), at them. Slices outside the lungs count in neither."""
     val = scored[scored["source"].isin(trained_on) & (scored["split"] == "val")]
     val = with_diluted(val.assign(study=val["source"] + "/" + val["study"].astype(str)), study.dilution, study.seed)
-    top_k = choose_top_k(val)
-    threshold = decision_threshold(study_scores(val, top_k).rename(columns={"probability": "score"}), config)
+    top = choose_top_slices(val)
+    threshold = decision_threshold(study_scores(val, top).rename(columns={"probability": "score"}), config)
     out: dict[str, dict[str, float]] = {
-        "studies": {"top_k": top_k, "threshold": threshold, "outside_lungs": study.outside_lungs}
+        "studies": top.settings() | {"threshold": threshold, "outside_lungs": study.outside_lungs}
     }
     for name in trained_on:
         test = scored[(scored["source"] == name) & (scored["split"] == "test")]
-        studies = study_scores(test, top_k)
+        studies = study_scores(test, top)
         if len(studies) == 0 or studies["label"].nunique() < 2:
             continue
         out[f"{name}.studies"] = _study_metrics(studies, threshold, config)
-        diluted = study_scores(diluted_at(test, study.dilution, study.seed + TEST_SEED_OFFSET), top_k)
+        diluted = study_scores(diluted_at(test, study.dilution, study.seed + TEST_SEED_OFFSET), top)
         if len(diluted) and diluted["label"].nunique() == 2:  # only a source with a Normal class is diluted
             out[f"{name}.diluted"] = _study_metrics(diluted, threshold, config)
     return out
