@@ -307,3 +307,31 @@ def test_leave_one_source_out_folds_score_the_held_out_source_whole(
     assert holdout_tags(metrics, with_overrides(base, {"segmenter.epochs": base["segmenter"]["epochs"] + 1})) == {}
     assert holdout_tags(metrics, with_overrides(base, {"crop.margin": base["crop"]["margin"] + 1})) == {}
     assert "reused" in levers_here("h.yaml", "--only", "baseline")
+    # a run on another lung segmenter's crops is named, and left out of every figure
+    from covidct.levers.holdout import summarise_holdout
+    from covidct.levers.plan import load_levers
+
+    moved = root / "levers" / "h" / "equalise_without_cc-ccii_seed1" / "metrics.json"
+    record = json.loads(moved.read_text())
+    record["crops"]["segmenter"]["epochs"] += 1
+    moved.write_text(json.dumps(record))
+    summarise_holdout(root, load_levers(root / "h.yaml"), base)
+    metrics = json.loads((root / "reports" / "levers" / "h.json").read_text())
+    assert "equalise" not in metrics["levers"] and "baseline" in metrics["levers"]  # no figure from part of it
+    assert "so not comparable: equalise_without_cc-ccii_seed1." in (root / "reports" / "levers" / "h.md").read_text()
+    assert "| equalise | CC-CCII | 1 |" in (root / "reports" / "levers" / "h.md").read_text()
+
+
+def test_an_augmentation_that_is_off_keeps_the_runs_from_before_it() -> None:
+    """Runs trained before ``downscale`` and ``jpeg_quality`` existed are reused while both are off."""
+    from covidct.levers.runner import _fingerprint
+
+    params = load_params(REPO / "params.yaml")
+    images = np.zeros((2, 4, 4), dtype=np.uint8)
+    before = json.loads(json.dumps(params))
+    for key in ("downscale", "jpeg_quality"):
+        del before["classifier"]["augment"][key]
+    assert _fingerprint(params, images) == _fingerprint(before, images)
+    blurred = json.loads(json.dumps(params))
+    blurred["classifier"]["augment"]["downscale"] = 0.5
+    assert _fingerprint(blurred, images) != _fingerprint(params, images)

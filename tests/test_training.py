@@ -350,6 +350,13 @@ def test_extra_augmentation_only_when_asked() -> None:
     image = np.tile(np.arange(64, dtype=np.uint8) * 4, (64, 1))
     outputs = {stronger(image=image)["image"].mean().round(3) for _ in range(5)}
     assert len(outputs) > 1
+    blurred = paper_augmentation(augment(rotate=0.0, scale=0.0, hflip=0.0, downscale=0.25, jpeg_quality=20), seed=0)
+    assert [type(t).__name__ for t in blurred.transforms][2:] == ["Downscale", "ImageCompression"]
+    checks = np.indices((64, 64)).sum(axis=0) % 2 * 255  # the finest detail a 64 px image holds
+    detail = [
+        np.abs(np.diff(blurred(image=checks.astype(np.uint8))["image"].astype(float), axis=1)).mean() for _ in range(20)
+    ]
+    assert max(detail) == pytest.approx(255) and min(detail) < 128  # half the time each: kept, or blurred away
 
 
 def test_moving_average_of_the_weights_is_what_gets_scored_and_kept(covid_data, tmp_path: Path) -> None:

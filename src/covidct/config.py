@@ -148,6 +148,10 @@ class AugmentConfig(Model):
     hflip: Fraction  # probability
     translate: Annotated[float, Field(ge=0.0, lt=0.5)]  # beyond the paper: random shift, fraction of the side
     brightness_contrast: Annotated[float, Field(ge=0.0, lt=1.0)]  # beyond the paper: up to this fraction
+    downscale: Annotated[float, Field(ge=0.0, lt=1.0)]  # beyond the paper: down to this fraction of the side (0: off)
+    jpeg_quality: Annotated[
+        int, Field(ge=0, le=100)
+    ]  # beyond the paper: JPEG re-encoding down to this quality (0: off)
 
 
 def _no_repeats(sources: tuple[str, ...]) -> tuple[str, ...]:

@@ -40,7 +40,10 @@ def load_resized(paths: Sequence[Path], size: int, progress: str | None = "decod
 def paper_augmentation(config: AugmentConfig, seed: int) -> A.Compose:
     """The paper's label-safe augmentation (scale +-0.1, rotation under 5 degrees, horizontal
     flip), optionally with a shift and a brightness/contrast change: moves that keep every
-    lesion in the picture, where crops and cut-outs could remove the only one."""
+    lesion in the picture, where crops and cut-outs could remove the only one. Optionally, half
+    the time each, down- and up-sampling and JPEG re-encoding: the sources differ in resolution
+    (CC-CCII's 128 px) and format (COVID-CT's figures are JPEG), which a model can otherwise tell
+    them apart by."""
     shift = {"translate_percent": (-config.translate, config.translate)} if config.translate else {}
     transforms = [
         A.Affine(
@@ -56,6 +59,11 @@ def paper_augmentation(config: AugmentConfig, seed: int) -> A.Compose:
     if config.brightness_contrast:  # only when asked: the paper's transforms keep their random streams
         limit = config.brightness_contrast
         transforms.append(A.RandomBrightnessContrast(brightness_limit=limit, contrast_limit=limit, p=1.0))
+    if config.downscale:
+        linear = {"downscale": cv2.INTER_AREA, "upscale": cv2.INTER_LINEAR}
+        transforms.append(A.Downscale(scale_range=(config.downscale, 1.0), interpolation_pair=linear, p=0.5))
+    if config.jpeg_quality:
+        transforms.append(A.ImageCompression(quality_range=(config.jpeg_quality, 100), p=0.5))
     return A.Compose(transforms, seed=seed)
 
 

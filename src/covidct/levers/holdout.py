@@ -18,7 +18,7 @@ import pandas as pd
 from sklearn.metrics import roc_auc_score
 
 from covidct.atomic import write_text_atomic
-from covidct.config import EvaluateConfig, classifier_recipe, declared_sources
+from covidct.config import EvaluateConfig, classifier_recipe, crop_settings, declared_sources
 from covidct.experiments.overrides import as_overrides, with_overrides
 from covidct.levers.plan import BASELINE, LeverStudy, lever_dir
 from covidct.metrics import flatten_metrics, paired_auc_difference, patient_metrics_with_ci
@@ -191,7 +191,12 @@ def _delta_cell(row: Any) -> str:
 
 
 def holdout_markdown(
-    study: LeverStudy, runs: pd.DataFrame, summary: pd.DataFrame, metrics: dict[str, Any], titles: dict[str, str]
+    study: LeverStudy,
+    runs: pd.DataFrame,
+    summary: pd.DataFrame,
+    metrics: dict[str, Any],
+    titles: dict[str, str],
+    elsewhere: list[str] | None = None,
 ) -> str:
     seeds = ", ".join(map(str, study.seeds)) or "the recipe's"
     lines = [
@@ -206,6 +211,15 @@ def holdout_markdown(
         "",
         f"Base: params.yaml with `{as_overrides(study.base) or 'nothing changed'}`.",
         "",
+        *(
+            [
+                "Left out, finished on other crops than params.yaml's (another lung segmenter), so not comparable: "
+                f"{', '.join(elsewhere)}.",
+                "",
+            ]
+            if elsewhere
+            else []
+        ),
         "## Per fold, over seeds",
         "",
     ]
@@ -281,13 +295,20 @@ def _crops_per_lever(study: LeverStudy, records: dict[str, dict[str, Any]]) -> d
 
 
 def summarise_holdout(root: Path, study: LeverStudy, base: dict[str, Any]) -> Path:
-    """reports/levers/<study>.{md,csv,json,png} from every finished fold run."""
+    """reports/levers/<study>.{md,csv,json,png} from every finished fold run on the crops that
+    ``base`` makes: a run on another lung segmenter's crops saw other pixels, so pairing it with
+    these would compare crops as much as levers (it stays on disk, and is named in the report)."""
     evaluate = EvaluateConfig.of(base)
-    records = {}
+    crops = crop_settings(with_overrides(base, study.base))
+    records, elsewhere = {}, []
     for run in study.runs(sources=list(study.folds)):
         path = lever_dir(root, study.study, run.name) / "metrics.json"
         if path.is_file():
-            records[run.name] = json.loads(path.read_text())
+            record = json.loads(path.read_text())
+            if record.get("crops") == crops:
+                records[run.name] = record
+            else:
+                elsewhere.append(run.name)
     runs = holdout_runs(root, study, records)
     summary = holdout_summary(root, study, runs, evaluate)
     recipes = {
@@ -299,7 +320,7 @@ def summarise_holdout(root: Path, study: LeverStudy, base: dict[str, Any]) -> Pa
     out = root / "reports" / "levers"
     write_text_atomic(out / f"{study.study}.csv", runs.to_csv(index=False))
     write_text_atomic(out / f"{study.study}.json", json.dumps(metrics, indent=2) + "\n")
-    write_text_atomic(out / f"{study.study}.md", holdout_markdown(study, runs, summary, metrics, titles))
+    write_text_atomic(out / f"{study.study}.md", holdout_markdown(study, runs, summary, metrics, titles, elsewhere))
     if len(runs):
         plot_holdout(runs, [titles.get(f, f) for f in study.folds], list(study.folds), out / f"{study.study}.png")
     return out / f"{study.study}.md"
