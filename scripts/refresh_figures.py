@@ -72,8 +72,11 @@ def refresh_value(value: str, known: list[tuple[float, float]]) -> tuple[str, in
         i, form = hit
         then, now = known[i]
         prefix = value[last : token.start()]
-        if prefix[-1:] in "−-+" and prefix and (then < 0) != (now < 0):
-            prefix = prefix[:-1] + ("−" if now < 0 else "+" if prefix[-1] == "+" else "")
+        if (then < 0) != (now < 0):  # a sign that flips is rewritten, and one that appears is written
+            if prefix[-1:] in ("−", "-", "+"):
+                prefix = prefix[:-1] + ("−" if now < 0 else "+" if prefix[-1] == "+" else "")
+            elif now < 0:
+                prefix += "−"
         pieces += [prefix, form(now)]
         last, start = token.end(), i + 1
     return "".join(pieces) + value[last:], missed

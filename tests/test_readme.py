@@ -98,3 +98,7 @@ def test_refresh_figures_rewrites_each_number_in_the_form_it_was_quoted() -> Non
     value, missed = refresh.refresh_value("77.2 (70.7–83.2), 0.955, −3.2, 101", refresh.pairs(old, new, keys))
     assert (value, missed) == ("80.1 (75.0–86.0), 0.967, 1.1, 99", 0)
     assert refresh.refresh_value("12.5", refresh.pairs(old, new, keys)) == ("12.5", 1)  # not a figure of the file
+    low = {"d": {"value": 0.072, "value_ci_low": 0.001, "value_ci_high": 0.143}}
+    lower = {"d": {"value": 0.052, "value_ci_low": -0.026, "value_ci_high": 0.134}}
+    value, _ = refresh.refresh_value("7.2 (0.1 to 14.3)", refresh.pairs(low, lower, "`d.value`"))
+    assert value == "5.2 (−2.6 to 13.4)"  # a bound that turns negative gets its minus

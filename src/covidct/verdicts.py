@@ -24,7 +24,7 @@ class TopSlices:
 
     def __post_init__(self) -> None:
         if self.count < 0 or not 0.0 <= self.share < 1.0 or (self.count and self.share):
-            raise ValueError(f"top slices: a count >= 0 or a share in (0, 1), not both; got {self}")
+            raise ValueError(f"top slices: a count >= 0 or a share in (0, 1), not both; got {self!r}")
 
     def of(self, slices: int) -> int:
         """How many of ``slices`` scores are averaged."""
