@@ -42,7 +42,7 @@ class TopSlices:
             return f"the highest {100 * self.share:g} % of its slice scores"
         return f"its {self.count} highest slice scores" if self.count else "all its slice scores"
 
-    def settings(self) -> dict[str, float]:
+    def settings(self) -> dict[str, int | float]:
         return {"top_k": self.count, "top_share": self.share}
 
     @classmethod

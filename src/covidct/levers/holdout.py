@@ -127,12 +127,12 @@ def holdout_metrics(
     study: LeverStudy,
     summary: pd.DataFrame,
     recipes: dict[str, dict[str, Any]],
-    crops: dict[str, dict[str, Any] | None],
+    crops: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:
     """What ``dvc metrics`` and the registry read: per lever with every run finished, each fold's
     seed-mean figures, the mean over folds and the worst fold, with the classifier settings the lever
     trained with (``recipes``; sources and seed left out) and the crop settings its runs' pixels came
-    from (``crops``; None where they differ or are unknown), so a registered recipe finds its own figures."""
+    from (``crops``), so a registered recipe finds its own figures."""
     out: dict[str, Any] = {"study": study.study, "folds": list(study.folds), "levers": {}}
     seeds = len(study.seeds) or 1
     for lever in study.levers:  # only a lever with every seed of every fold: no figure from part of a study
@@ -284,38 +284,26 @@ def holdout_markdown(
     return "\n".join(lines)
 
 
-def _crops_per_lever(study: LeverStudy, records: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any] | None]:
-    """Each lever's crop settings, where all its finished runs agree on them (runs from before the
-    record kept them have none)."""
-    seen: dict[str, list[Any]] = {}
-    for run in study.runs(sources=list(study.folds)):
-        if run.name in records:
-            seen.setdefault(run.lever, []).append(records[run.name].get("crops"))
-    return {lever: crops[0] if all(c == crops[0] for c in crops) else None for lever, crops in seen.items()}
-
-
 def summarise_holdout(root: Path, study: LeverStudy, base: dict[str, Any]) -> Path:
-    """reports/levers/<study>.{md,csv,json,png} from every finished fold run on the crops that
-    ``base`` makes: a run on another lung segmenter's crops saw other pixels, so pairing it with
-    these would compare crops as much as levers (it stays on disk, and is named in the report)."""
+    """reports/levers/<study>.{md,csv,json,png} from every finished fold run on the crops its
+    settings make today: a run on another lung segmenter's crops saw other pixels, so pairing it
+    with today's would compare crops as much as levers (it stays on disk, and is named in the report)."""
     evaluate = EvaluateConfig.of(base)
-    crops = crop_settings(with_overrides(base, study.base))
+    settings = {lever: with_overrides(base, study.base | overrides) for lever, overrides in study.levers.items()}
+    crops = {lever: crop_settings(params) for lever, params in settings.items()}  # as the runner records them
     records, elsewhere = {}, []
     for run in study.runs(sources=list(study.folds)):
         path = lever_dir(root, study.study, run.name) / "metrics.json"
         if path.is_file():
             record = json.loads(path.read_text())
-            if record.get("crops") == crops:
+            if record.get("crops") == crops[run.lever]:
                 records[run.name] = record
             else:
                 elsewhere.append(run.name)
     runs = holdout_runs(root, study, records)
     summary = holdout_summary(root, study, runs, evaluate)
-    recipes = {
-        lever: classifier_recipe(with_overrides(base, study.base | overrides))
-        for lever, overrides in study.levers.items()
-    }
-    metrics = holdout_metrics(study, summary, recipes, _crops_per_lever(study, records))
+    recipes = {lever: classifier_recipe(params) for lever, params in settings.items()}
+    metrics = holdout_metrics(study, summary, recipes, crops)
     titles = {name: source.title for name, source in declared_sources(base).items()}
     out = root / "reports" / "levers"
     write_text_atomic(out / f"{study.study}.csv", runs.to_csv(index=False))
