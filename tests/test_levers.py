@@ -292,6 +292,22 @@ def test_leave_one_source_out_folds_score_the_held_out_source_whole(
     assert "auc_delta" not in metrics["levers"]["baseline"]["folds"]["cc-ccii"]
     markdown = (root / "reports" / "levers" / "h.md").read_text()
     assert "| equalise | SARS-CoV-2 CT | 2 |" in markdown and "worst fold" in markdown
+    held = [
+        p[p["source"] == "cc-ccii"]
+        for p in (
+            pd.read_csv(root / "levers" / "h" / f"baseline_without_cc-ccii_seed{s}" / "predictions.csv") for s in (0, 1)
+        )
+    ]
+    for name in ("CP", "Normal"):  # COVID against common pneumonia, and against normal lungs
+        aucs = [
+            roc_auc_score(h["label"], h["score"])
+            for h in (h[(h["label"] == 1) | (h["subclass"] == name)] for h in held)
+        ]
+        cell = f"{100 * np.mean(aucs):.1f} ± {100 * np.std(aucs, ddof=1):.1f} (2)"
+        assert f"| baseline | CC-CCII | {name} | {cell} |" in markdown
+    aucs_normal = np.mean(aucs)  # the last: Normal
+    assert "| baseline | COVID-CT | CT_NonCOVID |" not in markdown  # one non-COVID class: its AUC says it
+    assert metrics["levers"]["baseline"]["folds"]["cc-ccii"]["auc_against_Normal_mean"] == pytest.approx(aucs_normal)
     assert (root / "reports" / "levers" / "h.png").read_bytes()[:4] == b"\x89PNG"
     # the registry tags a recipe with its own folds: the baseline's for params.yaml's settings (any sources or seed)
     recipe = with_overrides(base, {"classifier.epochs": 1, "classifier.sources": ["covid-ct"], "classifier.seed": 5})
@@ -323,13 +339,13 @@ def test_leave_one_source_out_folds_score_the_held_out_source_whole(
 
 
 def test_an_augmentation_that_is_off_keeps_the_runs_from_before_it() -> None:
-    """Runs trained before ``downscale`` and ``jpeg_quality`` existed are reused while both are off."""
+    """Runs trained before ``downscale``, ``jpeg_quality``, ``mixup`` and ``cutmix`` existed are reused while they are off."""
     from covidct.levers.runner import _fingerprint
 
     params = load_params(REPO / "params.yaml")
     images = np.zeros((2, 4, 4), dtype=np.uint8)
     before = json.loads(json.dumps(params))
-    for key in ("downscale", "jpeg_quality"):
+    for key in ("downscale", "jpeg_quality", "mixup", "cutmix"):
         del before["classifier"]["augment"][key]
     assert _fingerprint(params, images) == _fingerprint(before, images)
     blurred = json.loads(json.dumps(params))

@@ -359,6 +359,45 @@ def test_predict_cli_loads_by_alias_and_reports_errors_per_file(
         assert image.mode == "RGB" and image.size == Image.open(SCANS[0]).size
 
 
+def test_adapting_to_a_site_moves_batchnorm_statistics_not_weights(weights: tuple[Path, Path], tmp_path: Path) -> None:
+    """``predict --adapt-batchnorm``'s first pass: the site's readable scans set the classifier's
+    BatchNorm statistics, every later score uses them, and no weight moves."""
+    from covidct.predict import adapt_to_site
+
+    pipeline = TwoStagePipeline(*weights, CROP, 0.5, device=torch.device("cpu"))
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(SCANS[2].read_bytes()[:300])
+    site = [*sorted(NONCOVID.glob("*.png"))[:33], broken, tmp_path / "missing.png"]
+    before = {k: v.clone() for k, v in pipeline.classifier.state_dict().items()}
+    scores = [p.probability for p in pipeline.predict_encoded([p.name for p in SCANS], [p.read_bytes() for p in SCANS])]
+    assert adapt_to_site(pipeline, site, batch_size=16) == 33  # the broken and the missing file are left out
+    after = pipeline.classifier.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(k.endswith(("running_mean", "running_var", "num_batches_tracked")) for k in moved)
+    adapted = [
+        p.probability for p in pipeline.predict_encoded([p.name for p in SCANS], [p.read_bytes() for p in SCANS])
+    ]
+    assert adapted != pytest.approx(scores, abs=1e-4)
+
+
+def test_predict_refuses_to_adapt_on_too_few_scans(store: tuple[str, Path], tmp_path: Path) -> None:
+    uri, _ = store
+    MlflowClient(uri).set_registered_model_alias(NAME, "serving", "1")
+    args = [
+        *map(str, SCANS),
+        "--model",
+        f"models:/{NAME}@serving",
+        "--out",
+        str(tmp_path / "p.csv"),
+        "--adapt-batchnorm",
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "covidct", "predict", *args], env=_env(uri), capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 2 and "--adapt-batchnorm" in result.stderr and "at least 32 scans" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "p.csv").exists()
+
+
 def _post(port: int, body: bytes, content_type: str = "application/json") -> tuple[int, dict]:
     request = urllib.request.Request(
         f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": content_type}

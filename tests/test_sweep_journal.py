@@ -53,3 +53,20 @@ def test_journal_study_reopens_and_fails_orphaned_trials(tmp_path: Path) -> None
         with pytest.raises(ConfigError, match="none.* does not exist"):
             open_study(tmp_path, _config("travels"), storage, read_only=True)
     assert sorted(p.name for p in (tmp_path / "studies").iterdir()) == ["s.log"]
+
+
+def test_a_resumed_study_does_not_draw_its_first_trials_again(tmp_path: Path) -> None:
+    """A new process on a study (``covidct sweep`` again, on any clone) draws start-up trials the
+    study has not had: with the sampler seeded as in the first process, its first trial would
+    repeat trial 0's values exactly (it did, on the classifier study)."""
+    config = _config("resumed")
+    first = open_study(tmp_path, config)
+    drawn = []
+    for _ in range(3):
+        trial = first.ask()
+        drawn.append(trial.suggest_float("x", 0.0, 1.0))
+        first.tell(trial, 0.5)
+    resumed = open_study(tmp_path, config).ask().suggest_float("x", 0.0, 1.0)
+    assert resumed not in drawn
+    fresh = open_study(tmp_path / "elsewhere", config).ask().suggest_float("x", 0.0, 1.0)
+    assert fresh == drawn[0]  # a new study with the same seed draws as before

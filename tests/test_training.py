@@ -359,6 +359,53 @@ def test_extra_augmentation_only_when_asked() -> None:
     assert max(detail) == pytest.approx(255) and min(detail) < 128  # half the time each: kept, or blurred away
 
 
+def test_mixing_blends_images_and_labels_alike() -> None:
+    """Mixup: image i becomes lam x_i + (1 - lam) x_(n-1-i), its label likewise; CutMix: a patch
+    of x_(n-1-i), the label the share of the image still x_i; an odd batch is left as it is."""
+    from covidct.classification.data import batch_mixing
+
+    assert batch_mixing(augment()) is None
+    np.random.seed(0)
+    images, labels = torch.randn(4, 3, 16, 16), torch.tensor([1.0, 0.0, 0.0, 0.0])
+    mixed, soft = batch_mixing(augment(mixup=0.4))(images.clone(), labels)
+    lam = float(soft[0])  # image 0 (COVID) is mixed with image 3 (not)
+    assert 0 < lam < 1 and soft.tolist() == pytest.approx([lam, 0.0, 0.0, 1 - lam])
+    torch.testing.assert_close(mixed, lam * images + (1 - lam) * images.flip(0))
+    pasted, share = batch_mixing(augment(cutmix=1.0))(images.clone(), labels)
+    kept = (pasted[0] == images[0]).all(dim=0).float().mean()
+    assert 0 < float(share[0]) < 1 and float(share[0]) == pytest.approx(float(kept))
+    assert ((pasted[0] == images[0]) | (pasted[0] == images[3])).all()
+    odd = torch.randn(3, 3, 16, 16)
+    same, hard = batch_mixing(augment(mixup=0.4))(odd.clone(), labels[:3])
+    assert torch.equal(same, odd) and torch.equal(hard, labels[:3])
+
+
+def test_mixup_reaches_the_loss(covid_data, tmp_path: Path) -> None:
+    """With ``mixup`` on, the loss sees blended labels; off, only 0 and 1."""
+    from covidct.classification import train as train_module
+
+    def targets_seen(config) -> torch.Tensor:
+        seen: list[torch.Tensor] = []
+        real = train_module.train_one_epoch
+
+        def spy(model, batches, to_device, *args, **kwargs):
+            def recorded(batch):
+                inputs, targets = to_device(batch)
+                seen.append(targets.clone())
+                return inputs, targets
+
+            return real(model, batches, recorded, *args, **kwargs)
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(train_module, "train_one_epoch", spy)
+            train_classifier(*covid_data, config, CPU, tmp_path / "model.safetensors", {})
+        return torch.cat(seen)
+
+    assert set(targets_seen(CLF_CONFIG).tolist()) <= {0.0, 1.0}
+    blended = targets_seen(CLF_CONFIG.replace(augment=augment(mixup=1.0)))
+    assert ((blended > 0) & (blended < 1)).any()
+
+
 def test_moving_average_of_the_weights_is_what_gets_scored_and_kept(covid_data, tmp_path: Path) -> None:
     """With ``ema_decay`` d the checkpoint holds the per-step average avg <- d avg + (1 - d) w,
     started from the initial weights, and validation scored those averaged weights."""

@@ -105,6 +105,7 @@ def _predict(args: argparse.Namespace, root: Path) -> None:
     from covidct.gate import REFUSED
     from covidct.predict import (
         SCAN_KINDS,
+        adapt_to_site,
         collect_scans,
         group_studies,
         load_pipeline,
@@ -123,6 +124,13 @@ def _predict(args: argparse.Namespace, root: Path) -> None:
     if not files:
         raise FileNotFoundError(f"no scans ({SCAN_KINDS}) under {', '.join(map(str, args.paths))}")
     pipeline = load_pipeline(model)
+    if args.adapt_batchnorm:
+        try:
+            adapted = adapt_to_site(pipeline, files, args.batch_size)
+        except ValueError as exc:
+            print(f"error: --adapt-batchnorm: {exc}", file=sys.stderr)
+            sys.exit(2)
+        print(f"classifier BatchNorm statistics re-estimated on {adapted} of these scans (--adapt-batchnorm)")
     predictions = predict_files(pipeline, files, args.batch_size)
     table = write_predictions(
         predictions, args.out, studies, pipeline.study_top, pipeline.study_threshold, pipeline.outside_lungs
@@ -257,6 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--overlays", type=Path, help="folder for overlays (lung mask, lesion, crop box), one PNG per scan"
     )
     predict.add_argument("--batch-size", type=int, default=64, help="scans decoded and scored together")
+    predict.add_argument(
+        "--adapt-batchnorm",
+        action="store_true",
+        help="scans of one new site, at least 32: first re-estimate the classifier's BatchNorm statistics on them "
+        "(unlabelled; each score then depends on the whole batch; docs/levers.md)",
+    )
     verify = sub.add_parser(
         "verify-model", help="run a registered pipeline on a split's raw scans and compare with the evaluate stage"
     )

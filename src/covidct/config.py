@@ -152,6 +152,8 @@ class AugmentConfig(Model):
     jpeg_quality: Annotated[
         int, Field(ge=0, le=100)
     ]  # beyond the paper: JPEG re-encoding down to this quality (0: off)
+    mixup: Annotated[float, Field(ge=0.0)]  # beyond the paper: mixup's Beta(a, a) over batch pairs (0: off)
+    cutmix: Annotated[float, Field(ge=0.0)]  # beyond the paper: CutMix's Beta(a, a) (0: off; with mixup, half each)
 
 
 def _no_repeats(sources: tuple[str, ...]) -> tuple[str, ...]:

@@ -45,6 +45,8 @@ BASE: dict[str, dict[str, Any]] = {
             "brightness_contrast": 0.0,
             "downscale": 0.0,
             "jpeg_quality": 0,
+            "mixup": 0.0,
+            "cutmix": 0.0,
         },
         "pretrained": "none",
         "sources": ["covid-ct"],

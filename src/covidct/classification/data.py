@@ -6,13 +6,14 @@ cache keeps training bound by the network, not by the decoder.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import albumentations as A
 import cv2
 import numpy as np
 import torch
+from timm.data import Mixup
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
@@ -65,6 +66,32 @@ def paper_augmentation(config: AugmentConfig, seed: int) -> A.Compose:
     if config.jpeg_quality:
         transforms.append(A.ImageCompression(quality_range=(config.jpeg_quality, 100), p=0.5))
     return A.Compose(transforms, seed=seed)
+
+
+# (normalised batch, 0/1 labels) -> (mixed batch, soft labels)
+Mixing = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def batch_mixing(config: AugmentConfig) -> Mixing | None:
+    """timm's mixup / CutMix on a normalised batch and its 0/1 labels, or None when both are off.
+
+    A mixed image's label is the COVID share of what it shows, so a blend of two sources' slices
+    cannot be told apart by its source: a leave-one-source-out candidate. timm pairs image i with
+    image n-1-i (the balanced sampler has already shuffled), which needs an even batch, so an odd
+    one (a split smaller than the batch) is left unmixed. Draws come from numpy's global stream,
+    which a resumed run restores.
+    """
+    if not (config.mixup or config.cutmix):
+        return None
+    mixer = Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix, label_smoothing=0.0, num_classes=2)
+
+    def mix(inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(inputs) % 2:
+            return inputs, labels
+        mixed, targets = mixer(inputs, labels.long())
+        return mixed, targets[:, 1]
+
+    return mix
 
 
 class CachedImages(Dataset):

@@ -16,7 +16,7 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader, WeightedRandomSampler
 from tqdm.auto import tqdm
 
-from covidct.classification.data import CachedImages, paper_augmentation, to_model_input
+from covidct.classification.data import CachedImages, Mixing, batch_mixing, paper_augmentation, to_model_input
 from covidct.classification.model import build_classifier, load_classifier, normalisation, zero_head
 from covidct.config import ClassifierConfig
 from covidct.metrics import binary_metrics
@@ -73,15 +73,22 @@ def classifier_epoch(
     pos_weight: float | None = None,
     after_step: Callable[[], None] | None = None,
     dtype: torch.dtype | None | str = "auto",
+    mix: Mixing | None = None,
 ) -> tuple[float, int]:
-    """One BCE epoch over uint8 batches; the trainer and the throughput benchmark both run it."""
+    """One BCE epoch over uint8 batches; the trainer and the throughput benchmark both run it.
+    ``mix``: :func:`covidct.classification.data.batch_mixing`'s, applied to each batch on the device."""
     loss_fn = torch.nn.BCEWithLogitsLoss(
         pos_weight=None if pos_weight is None else torch.tensor(pos_weight, device=device)
     )
+
+    def prepare(batch) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, labels = to_model_input(batch[0], *normalise, device), batch[1].to(device)
+        return (inputs, labels) if mix is None else mix(inputs, labels)
+
     return train_one_epoch(
         model,
         loader,
-        lambda batch: (to_model_input(batch[0], *normalise, device), batch[1].to(device)),
+        prepare,
         lambda logits, labels: loss_fn(logits[:, 0], labels),
         optimiser,
         scaler,
@@ -131,6 +138,7 @@ class _Setup:
     schedule: torch.optim.lr_scheduler.LRScheduler | None
     pos_weight: float | None
     after_step: Callable[[], None] | None  # the weight average's update
+    mix: Mixing | None  # mixup / CutMix
     dtype: torch.dtype | None
     scoring: dict[str, Any]  # how the kept weights score: checkpoint meta
 
@@ -196,6 +204,7 @@ def _setup(
         schedule=schedule,
         pos_weight=positive_weight(train[1], config.class_weight),
         after_step=(lambda: ema.update(model)) if ema is not None else None,
+        mix=batch_mixing(config.augment),
         dtype=dtype,
         # absent means no TTA, so checkpoints written before the option read the same
         scoring=({"tta": True} if config.tta else {}) | {"precision": config.precision},
@@ -254,6 +263,7 @@ def train_classifier(
             setup.pos_weight,
             setup.after_step,
             dtype=setup.dtype,
+            mix=setup.mix,
         )
         train_seconds = time.perf_counter() - started
         val_loss, val_metrics, score = _validate(run.scored, val, config, setup, device)

@@ -28,6 +28,8 @@ from covidct.thresholds import decision_threshold
 
 #: Per-fold figures kept for each run (slices of the held-out source, at the validation threshold).
 FIGURES = ("auc", "recall", "specificity")
+#: + a non-COVID sub-class of the held-out source: its COVID slices' AUC against that sub-class alone.
+AGAINST = "auc_against_"
 
 
 def held_out_rows(predictions: pd.DataFrame, fold: str) -> pd.DataFrame:
@@ -66,6 +68,21 @@ def trained_test_aucs(predictions: pd.DataFrame) -> dict[str, float]:
     }
 
 
+def held_out_subclass_aucs(predictions: pd.DataFrame, fold: str) -> dict[str, float]:
+    """COVID against each non-COVID sub-class of the held-out source (CC-CCII: common pneumonia,
+    normal lungs): whether a fold tells COVID from other disease, or only from healthy lungs.
+    Empty for a source with one non-COVID class (its AUC says it already)."""
+    held = held_out_rows(predictions, fold)
+    negative, covid = held[held["label"] == 0], held[held["label"] == 1]
+    if "subclass" not in held or negative["subclass"].nunique() < 2:
+        return {}
+    return {
+        f"{AGAINST}{name}": float(roc_auc_score(both["label"], both["score"]))
+        for name, part in negative.groupby("subclass")
+        if len(both := pd.concat([covid, part]))
+    }
+
+
 def holdout_runs(root: Path, study: LeverStudy, records: dict[str, dict[str, Any]]) -> pd.DataFrame:
     """One row per finished run: its fold's figures, the trained sources' test AUCs, epoch and time."""
     rows = []
@@ -77,6 +94,7 @@ def holdout_runs(root: Path, study: LeverStudy, records: dict[str, dict[str, Any
                 {"lever": run.lever, "fold": run.fold, "seed": run.seed, "run": run.name}
                 | {k: v for k, v in record["holdout"].items() if k != "fold"}
                 | trained_test_aucs(predictions)
+                | held_out_subclass_aucs(predictions, run.fold)
                 | {"best_epoch": record["best_epoch"], "train_minutes": record["train_seconds"] / 60}
             )
     return pd.DataFrame(rows)
@@ -95,6 +113,9 @@ def holdout_summary(root: Path, study: LeverStudy, runs: pd.DataFrame, evaluate:
             row: dict[str, Any] = {"lever": lever, "fold": fold, "seeds": len(part)}
             for key in FIGURES:
                 row |= {f"{key}_mean": part[key].mean(), f"{key}_sd": part[key].std(ddof=1) if len(part) > 1 else 0.0}
+            row |= {
+                f"{c}_mean": part[c].mean() for c in part.columns if c.startswith(AGAINST) and part[c].notna().any()
+            }
             row["train_minutes"] = part["train_minutes"].sum()
             base = runs[(runs["lever"] == BASELINE) & (runs["fold"] == fold)]
             common = [s for s in part["seed"] if s in set(base["seed"])]
@@ -140,13 +161,13 @@ def holdout_metrics(
         if len(part) != len(study.folds) or (part["seeds"] != seeds).any():
             continue
         folds = {
-            row.fold: {
-                k: float(getattr(row, k))
+            row["fold"]: {
+                k: float(row[k])
                 for k in summary.columns
-                if k.endswith(("_mean", "_sd", "_delta", "_ci_low", "_ci_high")) and pd.notna(getattr(row, k))
+                if k.endswith(("_mean", "_sd", "_delta", "_ci_low", "_ci_high")) and pd.notna(row[k])
             }
-            | {"seeds": int(row.seeds)}
-            for row in part.itertuples()
+            | {"seeds": int(row["seeds"])}
+            for row in part.to_dict("records")  # sub-class names need not be identifiers
         }
         worst = part.loc[part["auc_mean"].idxmin()]
         out["levers"][lever] = {
@@ -188,6 +209,27 @@ def _delta_cell(row: Any) -> str:
     return format_delta(
         {"value": row["auc_delta"], "ci_low": row["auc_delta_ci_low"], "ci_high": row["auc_delta_ci_high"]}
     )
+
+
+def _subclass_section(runs: pd.DataFrame, titles: dict[str, str]) -> list[str]:
+    columns = sorted(c for c in runs.columns if c.startswith(AGAINST))
+    if not columns:
+        return []
+    cells = [
+        [lever, titles.get(fold, fold), column.removeprefix(AGAINST), _mean_sd_cell(part, column)]
+        for (lever, fold), part in runs.groupby(["lever", "fold"], sort=False)
+        for column in columns
+        if part[column].notna().any()
+    ]
+    return [
+        "## COVID against each non-COVID sub-class of the held-out source",
+        "",
+        "AUC of the held-out source's COVID slices against one of its non-COVID sub-classes at a time (mean ± SD "
+        "over seeds, slices): does a fold tell COVID from other disease, or only from healthy lungs?",
+        "",
+        markdown_table(["lever", "held out", "COVID against", "AUC"], cells),
+        "",
+    ]
 
 
 def holdout_markdown(
@@ -246,6 +288,7 @@ def holdout_markdown(
             ],
         ),
         "",
+        *_subclass_section(runs, titles),
         "## The trained sources' own test splits",
         "",
         "What each fold's model scores on the test split of each source it trained on (mean ± SD over seeds, "

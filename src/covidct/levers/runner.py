@@ -36,7 +36,7 @@ def _fingerprint(params: dict[str, Any], images: np.ndarray) -> str:
     """
     before = {"ema_decay": 0, "precision": "auto"}
     classifier = {k: v for k, v in params["classifier"].items() if not (k in before and v == before[k])}
-    off = {"downscale": 0.0, "jpeg_quality": 0}
+    off = {"downscale": 0.0, "jpeg_quality": 0, "mixup": 0.0, "cutmix": 0.0}
     classifier["augment"] = {k: v for k, v in classifier["augment"].items() if not (k in off and v == off[k])}
     return cache_key(
         {

@@ -25,6 +25,7 @@ import torch
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
+from covidct.classification.adaptation import adapt_batchnorm
 from covidct.classification.inputs import classifier_view
 from covidct.classification.model import load_classifier
 from covidct.classification.train import predict_scores
@@ -208,6 +209,26 @@ class TwoStagePipeline:
     def predict_arrays(self, names: Sequence[str], images: Sequence[np.ndarray]) -> list[ScanPrediction]:
         """uint8 grayscale scans -> predictions; segmented in batches of ``crop.batch_size``;
         what the gate refuses gets its reason and no score."""
+        kept, crops, refused = self._gated_crops(names, images)
+        scored = self._with_burden(self._classify([names[i] for i in kept], crops), [images[i] for i in kept])
+        by_index = dict(zip(kept, scored, strict=True)) | refused
+        return [by_index[i] for i in range(len(images))]
+
+    def classifier_inputs(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """The classifier's uint8 inputs for the scans the gate lets through (segmented, cropped)."""
+        _, crops, _ = self._gated_crops([f"scan {i}" for i in range(len(images))], images)
+        return self._classifier_inputs(crops)
+
+    def adapt_batchnorm(self, inputs: np.ndarray) -> None:
+        """Every later score uses BatchNorm statistics from a site's own scans
+        (:mod:`covidct.classification.adaptation`); ``inputs``: :meth:`classifier_inputs` of them."""
+        meta = self.classifier_meta
+        adapt_batchnorm(self.classifier, inputs, meta["mean"], meta["std"], self.device, CLASSIFIER_BATCH)
+
+    def _gated_crops(
+        self, names: Sequence[str], images: Sequence[np.ndarray]
+    ) -> tuple[list[int], list, dict[int, ScanPrediction]]:
+        """The indices of the scans the gate lets through, their crops, and the refused ones' predictions."""
         refused = {
             i: ScanPrediction(names[i], error=why)
             for i, image in enumerate(images)
@@ -231,24 +252,25 @@ class TwoStagePipeline:
                     )
             crops = [c for i, c in zip(kept, crops, strict=True) if i not in refused]
             kept = [i for i in kept if i not in refused]
-        scored = self._with_burden(self._classify([names[i] for i in kept], crops), [images[i] for i in kept])
-        by_index = dict(zip(kept, scored, strict=True)) | refused
-        return [by_index[i] for i in range(len(images))]
+        return kept, crops, refused
 
-    def _classify(self, names: Sequence[str], crops: Sequence) -> list[ScanPrediction]:
+    def _classifier_inputs(self, crops: Sequence) -> np.ndarray:
         size, meta = self.classifier_meta["image_size"], self.classifier_meta
         views = (
             meta.get("lung_mask", False),
             meta.get("standardise", False),
         )  # absent in checkpoints from before the options
         equalise = meta.get("equalise", False)
-        inputs = (
+        return (
             np.stack(
                 [classifier_view(c.crop.image, c.lung if any(views) else None, size, *views, equalise) for c in crops]
             )
             if crops
             else np.empty((0, size, size), np.uint8)
         )
+
+    def _classify(self, names: Sequence[str], crops: Sequence) -> list[ScanPrediction]:
+        inputs = self._classifier_inputs(crops)
         scores = (
             predict_scores(
                 self.classifier,

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 import optuna
 import sqlalchemy
 from optuna.storages import JournalStorage, RDBStorage
@@ -95,6 +96,16 @@ def _rdb_storage(url: str, engine: dict[str, Any], config: SweepConfig, attempts
     raise AssertionError("unreachable")
 
 
+def resumed_sampler(seed: int, worker_index: int, trials_so_far: int) -> optuna.samplers.TPESampler:
+    """TPE seeded by the study's seed, the worker and the trials already in the study: workers
+    started together, and a study resumed in a new process, must not draw the start-up trials
+    already drawn (a fixed seed would repeat the first process's draws from trial one)."""
+    if worker_index == 0 and trials_so_far == 0:
+        return optuna.samplers.TPESampler(seed=seed)  # a new study draws as it always did
+    entropy = np.random.SeedSequence([seed, worker_index, trials_so_far]).generate_state(1)[0]
+    return optuna.samplers.TPESampler(seed=int(entropy))
+
+
 def open_study(
     root: Path, config: SweepConfig, storage: str | None = None, worker_index: int = 0, read_only: bool = False
 ) -> optuna.Study:
@@ -114,8 +125,6 @@ def open_study(
             return optuna.load_study(study_name=config.study, storage=backend)
         except KeyError:
             raise ConfigError(f"no study {config.study!r} in {url}: run `covidct sweep` on it first") from None
-    # Workers started together must not draw the same random start-up trials.
-    sampler = optuna.samplers.TPESampler(seed=config.sampler_seed + worker_index)
     pruner = (
         optuna.pruners.MedianPruner(
             n_startup_trials=config.pruner_startup_trials, n_warmup_steps=config.pruner_warmup_epochs
@@ -127,10 +136,10 @@ def open_study(
         study_name=config.study,
         storage=backend,
         direction="maximize",
-        sampler=sampler,
         pruner=pruner,
         load_if_exists=True,
     )
+    study.sampler = resumed_sampler(config.sampler_seed, worker_index, len(study.trials))
     if study.metric_names != [config.objective]:  # optuna-dashboard and the trials table show it by name
         study.set_metric_names([config.objective])
     if url.startswith(JOURNAL):
