@@ -351,3 +351,14 @@ def test_an_augmentation_that_is_off_keeps_the_runs_from_before_it() -> None:
     blurred = json.loads(json.dumps(params))
     blurred["classifier"]["augment"]["downscale"] = 0.5
     assert _fingerprint(blurred, images) != _fingerprint(params, images)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "pipelines" / "levers").glob("*.yaml")), ids=lambda p: p.name)
+def test_each_shipped_lever_study_applies_to_params_yaml(path: Path) -> None:
+    """Every run of every lever study in the repository is a valid params.yaml, checked as
+    ``covidct levers`` checks it before anything trains, so none rots as keys change."""
+    from covidct.levers.plan import load_levers
+
+    study = load_levers(path)
+    runs = study.checked_runs(load_params(REPO / "params.yaml"))
+    assert len(runs) == len(study.levers) * max(len(study.seeds), 1) * max(len(study.folds), 1)

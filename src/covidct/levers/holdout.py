@@ -76,11 +76,11 @@ def held_out_subclass_aucs(predictions: pd.DataFrame, fold: str) -> dict[str, fl
     negative, covid = held[held["label"] == 0], held[held["label"] == 1]
     if "subclass" not in held or negative["subclass"].nunique() < 2:
         return {}
-    return {
-        f"{AGAINST}{name}": float(roc_auc_score(both["label"], both["score"]))
-        for name, part in negative.groupby("subclass")
-        if len(both := pd.concat([covid, part]))
-    }
+    aucs = {}
+    for name, part in negative.groupby("subclass"):
+        both = pd.concat([covid, part])
+        aucs[f"{AGAINST}{name}"] = float(roc_auc_score(both["label"], both["score"]))
+    return aucs
 
 
 def holdout_runs(root: Path, study: LeverStudy, records: dict[str, dict[str, Any]]) -> pd.DataFrame:
