@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
 from covidct.atomic import write_text_atomic
@@ -35,7 +34,7 @@ from covidct.classification.train import predict_scores
 from covidct.config import ClassifierConfig, EvaluateConfig, load_params
 from covidct.experiments.overrides import with_overrides
 from covidct.levers.holdout import held_out_rows
-from covidct.metrics import paired_auc_difference
+from covidct.metrics import binary_metrics, paired_auc_difference
 from covidct.reports import format_delta, markdown_table
 from covidct.runtime import configure_threads
 
@@ -79,12 +78,10 @@ def main() -> None:
         row = {"fold": fold, "seed": seed}
         for name, score in scores.items():
             suffix = "" if name == "trained" else f"_{name}"
-            called = score >= threshold  # the fold's threshold, from the training sources' validation
-            row |= {
-                f"auc{suffix}": roc_auc_score(labels, score),
-                f"recall{suffix}": float(called[labels == 1].mean()),
-                f"specificity{suffix}": float((~called)[labels == 0].mean()),
-            }
+            figures = binary_metrics(
+                labels, score, threshold
+            )  # the fold's threshold, from the training sources' validation
+            row |= {f"{key}{suffix}": figures[key] for key in ("auc", "recall", "specificity")}
         rows.append(row)
         part = stacked.setdefault(fold, {"labels": [], "groups": []} | {name: [] for name in scores})
         part["labels"].append(labels)

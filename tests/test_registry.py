@@ -360,24 +360,26 @@ def test_predict_cli_loads_by_alias_and_reports_errors_per_file(
 
 
 def test_adapting_to_a_site_moves_batchnorm_statistics_not_weights(weights: tuple[Path, Path], tmp_path: Path) -> None:
-    """``predict --adapt-batchnorm``'s first pass: the site's readable scans set the classifier's
-    BatchNorm statistics, every later score uses them, and no weight moves."""
-    from covidct.predict import adapt_to_site
+    """``predict --adapt-batchnorm``: the site's scored scans set the classifier's BatchNorm
+    statistics and are scored again from the inputs they were scored on (nothing decoded or
+    segmented twice): the same probabilities as scoring them afresh; error rows stay; no weight moves."""
+    from covidct.predict import predict_files
 
     pipeline = TwoStagePipeline(*weights, CROP, 0.5, device=torch.device("cpu"))
     broken = tmp_path / "broken.png"
     broken.write_bytes(SCANS[2].read_bytes()[:300])
     site = [*sorted(NONCOVID.glob("*.png"))[:33], broken, tmp_path / "missing.png"]
     before = {k: v.clone() for k, v in pipeline.classifier.state_dict().items()}
-    scores = [p.probability for p in pipeline.predict_encoded([p.name for p in SCANS], [p.read_bytes() for p in SCANS])]
-    assert adapt_to_site(pipeline, site, batch_size=16) == 33  # the broken and the missing file are left out
+    first = predict_files(pipeline, site, batch_size=16)
+    adapted = pipeline.adapt_batchnorm(first)
     after = pipeline.classifier.state_dict()
     moved = {k for k in before if not torch.equal(before[k], after[k])}
     assert moved and all(k.endswith(("running_mean", "running_var", "num_batches_tracked")) for k in moved)
-    adapted = [
-        p.probability for p in pipeline.predict_encoded([p.name for p in SCANS], [p.read_bytes() for p in SCANS])
-    ]
-    assert adapted != pytest.approx(scores, abs=1e-4)
+    assert [p.error for p in adapted] == [p.error for p in first] and adapted[-1].error == "file not found"
+    scores = [p.probability for p in adapted[:33]]
+    assert scores != pytest.approx([p.probability for p in first[:33]], abs=1e-4)
+    afresh = predict_files(pipeline, site[:33], batch_size=16)
+    assert scores == pytest.approx([p.probability for p in afresh], abs=1e-6)
 
 
 def test_predict_refuses_to_adapt_on_too_few_scans(store: tuple[str, Path], tmp_path: Path) -> None:

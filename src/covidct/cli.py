@@ -105,7 +105,6 @@ def _predict(args: argparse.Namespace, root: Path) -> None:
     from covidct.gate import REFUSED
     from covidct.predict import (
         SCAN_KINDS,
-        adapt_to_site,
         collect_scans,
         group_studies,
         load_pipeline,
@@ -124,14 +123,15 @@ def _predict(args: argparse.Namespace, root: Path) -> None:
     if not files:
         raise FileNotFoundError(f"no scans ({SCAN_KINDS}) under {', '.join(map(str, args.paths))}")
     pipeline = load_pipeline(model)
+    predictions = predict_files(pipeline, files, args.batch_size)
     if args.adapt_batchnorm:
         try:
-            adapted = adapt_to_site(pipeline, files, args.batch_size)
+            predictions = pipeline.adapt_batchnorm(predictions)
         except ValueError as exc:
             print(f"error: --adapt-batchnorm: {exc}", file=sys.stderr)
             sys.exit(2)
-        print(f"classifier BatchNorm statistics re-estimated on {adapted} of these scans (--adapt-batchnorm)")
-    predictions = predict_files(pipeline, files, args.batch_size)
+        adapted = sum(p.classifier_input is not None for p in predictions)
+        print(f"classifier BatchNorm statistics re-estimated on {adapted} of these scans, then they were scored again")
     table = write_predictions(
         predictions, args.out, studies, pipeline.study_top, pipeline.study_threshold, pipeline.outside_lungs
     )

@@ -9,7 +9,6 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import mlflow.pyfunc
-import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
@@ -90,25 +89,6 @@ def group_studies(files: Sequence[Path]) -> tuple[list[Path], list[str]]:
 def load_pipeline(model_uri: str) -> TwoStagePipeline:
     """The registered model's own pipeline object, for the masks the REST answer leaves out."""
     return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().pipeline
-
-
-def adapt_to_site(pipeline: TwoStagePipeline, files: Sequence[Path], batch_size: int = 64) -> int:
-    """``predict --adapt-batchnorm``'s first pass: the classifier's BatchNorm statistics from
-    ``files``, one site's scans, read in batches (only their classifier inputs are kept); returns
-    how many set them. A file that cannot be read or that the gate refuses is left out here and
-    gets its error row in the scoring pass."""
-    inputs = []
-    for start in tqdm(range(0, len(files), batch_size), desc="adapt to the site", unit="batch"):
-        images = []
-        for path in files[start : start + batch_size]:
-            try:
-                images.append(decode_grayscale(path.read_bytes(), str(path)))
-            except (OSError, ImageReadError):
-                continue
-        inputs.append(pipeline.classifier_inputs(images))
-    stacked = np.concatenate(inputs)
-    pipeline.adapt_batchnorm(stacked)
-    return len(stacked)
 
 
 def predict_files(pipeline: TwoStagePipeline, files: Sequence[Path], batch_size: int = 64) -> list[ScanPrediction]:

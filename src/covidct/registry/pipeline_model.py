@@ -87,6 +87,7 @@ class ScanPrediction:
     burden: LesionBurden | None = None
     lesion: np.ndarray | None = None
     no_lung: bool = False  # refused by the gate for too little lung: in a series, a slice outside the lungs
+    classifier_input: np.ndarray | None = None  # what the classifier scored: re-scored after BatchNorm adaptation
 
     def outside_lungs(self, below: float) -> bool:
         """A slice of a series that shows (almost) no lung: the apex, the bases, the neck or the abdomen."""
@@ -214,16 +215,16 @@ class TwoStagePipeline:
         by_index = dict(zip(kept, scored, strict=True)) | refused
         return [by_index[i] for i in range(len(images))]
 
-    def classifier_inputs(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        """The classifier's uint8 inputs for the scans the gate lets through (segmented, cropped)."""
-        _, crops, _ = self._gated_crops([f"scan {i}" for i in range(len(images))], images)
-        return self._classifier_inputs(crops)
-
-    def adapt_batchnorm(self, inputs: np.ndarray) -> None:
-        """Every later score uses BatchNorm statistics from a site's own scans
-        (:mod:`covidct.classification.adaptation`); ``inputs``: :meth:`classifier_inputs` of them."""
+    def adapt_batchnorm(self, predictions: Sequence[ScanPrediction]) -> list[ScanPrediction]:
+        """BatchNorm statistics from one site's scored scans (:mod:`covidct.classification.adaptation`),
+        then those scans' probabilities again from the inputs the classifier already saw: nothing is
+        decoded or segmented twice. Every later score uses the new statistics too."""
+        scored = [i for i, p in enumerate(predictions) if p.classifier_input is not None]
+        inputs = np.stack([predictions[i].classifier_input for i in scored]) if scored else np.empty((0, 1, 1))
         meta = self.classifier_meta
         adapt_batchnorm(self.classifier, inputs, meta["mean"], meta["std"], self.device, CLASSIFIER_BATCH)
+        again = dict(zip(scored, self._scores(inputs), strict=True))
+        return [replace(p, probability=float(again[i])) if i in again else p for i, p in enumerate(predictions)]
 
     def _gated_crops(
         self, names: Sequence[str], images: Sequence[np.ndarray]
@@ -269,22 +270,23 @@ class TwoStagePipeline:
             else np.empty((0, size, size), np.uint8)
         )
 
+    def _scores(self, inputs: np.ndarray) -> np.ndarray:
+        if not len(inputs):
+            return np.empty(0)
+        return predict_scores(
+            self.classifier,
+            inputs,
+            self.device,
+            self.classifier_meta["mean"],
+            self.classifier_meta["std"],
+            CLASSIFIER_BATCH,
+            tta=self.classifier_meta.get("tta", False),
+            dtype=autocast_dtype(self.device, self.classifier_meta.get("precision", "auto")),
+        )
+
     def _classify(self, names: Sequence[str], crops: Sequence) -> list[ScanPrediction]:
         inputs = self._classifier_inputs(crops)
-        scores = (
-            predict_scores(
-                self.classifier,
-                inputs,
-                self.device,
-                self.classifier_meta["mean"],
-                self.classifier_meta["std"],
-                CLASSIFIER_BATCH,
-                tta=self.classifier_meta.get("tta", False),
-                dtype=autocast_dtype(self.device, self.classifier_meta.get("precision", "auto")),
-            )
-            if crops
-            else []
-        )
+        scores = self._scores(inputs)
         return [
             ScanPrediction(
                 name,
@@ -294,8 +296,9 @@ class TwoStagePipeline:
                 float(c.crop.lung_fraction),
                 c.crop.fallback or "",
                 mask=c.mask,
+                classifier_input=image,
             )
-            for name, c, score in zip(names, crops, scores, strict=True)
+            for name, c, score, image in zip(names, crops, scores, inputs, strict=True)
         ]
 
     def _with_burden(self, scored: list[ScanPrediction], images: Sequence[np.ndarray]) -> list[ScanPrediction]:
