@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -20,9 +21,12 @@ from sklearn.metrics import roc_auc_score
 
 from covidct.cli import main
 from covidct.config import EvaluateConfig, load_params
+from covidct.experiments.cache import CACHE
+from covidct.images import read_grayscale
+from covidct.paths import SEGMENTER
 from covidct.profiles import set_params
 from helpers.paths import REPO
-from helpers.tiny import prepare_tiny_root
+from helpers.tiny import prepare_tiny_root, save_tiny_networks
 
 pytestmark = [pytest.mark.slow, pytest.mark.data]
 COVIDCT = str(Path(sys.executable).parent / "covidct")
@@ -204,6 +208,44 @@ def test_levers_over_seeds_reuse_other_studies_and_ensemble(root: Path, levers_h
     ]
 
 
+MARGINS = """\
+study: m
+base: {classifier.epochs: 1, classifier.sources: [covid-ct]}
+levers:
+  baseline: {}
+  narrow: {crop.margin: 12}
+"""
+
+
+def test_a_margin_lever_trains_on_crops_at_its_own_margin(root: Path, levers_here: Callable[..., str]) -> None:
+    """A lever that changes crop.* sees the crops its margin makes (by the pipeline's segmenter,
+    kept for the next study), not the crop stage's at params.yaml's margin."""
+    segmenter, _ = save_tiny_networks(root / "tiny-nets")
+    (root / SEGMENTER).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(segmenter, root / SEGMENTER)
+    (root / "m.yaml").write_text(MARGINS)
+    done = levers_here("m.yaml")
+    assert "reused" not in done
+    records = {
+        lever: json.loads((root / "levers" / "m" / lever / "metrics.json").read_text())
+        for lever in ("baseline", "narrow")
+    }
+    margin = load_params(root / "params.yaml")["crop"]["margin"]
+    assert (records["baseline"]["crops"]["crop"]["margin"], records["narrow"]["crops"]["crop"]["margin"]) == (
+        margin,
+        12,
+    )
+    assert records["baseline"]["fingerprint"] != records["narrow"]["fingerprint"]
+    entries = sorted((root / CACHE / "source-crops").glob("*/images"))
+    assert len(entries) == 2  # no crop stage ran here: params.yaml's margin is made and kept too
+    crops = [sorted(e.rglob("*.png")) for e in entries]
+    assert [p.relative_to(entries[0]) for p in crops[0]] == [p.relative_to(entries[1]) for p in crops[1]]
+    differ = [not np.array_equal(read_grayscale(a), read_grayscale(b)) for a, b in zip(*crops, strict=True)]
+    assert any(differ), "the two margins made the same crops"
+    again = levers_here("m.yaml")
+    assert "lever narrow: reused" in again and len(list((root / CACHE / "source-crops").glob("*/images"))) == 2
+
+
 @pytest.mark.parametrize(
     ("study", "args", "message"),
     [
@@ -212,6 +254,7 @@ def test_levers_over_seeds_reuse_other_studies_and_ensemble(root: Path, levers_h
         ("levers:\n  bad: {classifier.lr: 0.001}\n", (), "'baseline'"),
         ("base: {classifier.nope: 1}\nlevers:\n  baseline: {}\n", (), "classifier.nope"),
         ("levers:\n  baseline: {}\n  bad: {classifier.lr: -1}\n", (), "classifier.lr"),
+        ("levers:\n  baseline: {}\n  bad: {segmenter.epochs: 3}\n", (), "levers.bad sets segmenter.epochs"),
         ("seeds: [0, 0]\nlevers:\n  baseline: {}\n", (), "bad.yaml: seeds must not repeat a value"),
         (
             "seeds: [0, 1]\nlevers:\n  baseline: {}\n",
@@ -232,11 +275,20 @@ def test_levers_over_seeds_reuse_other_studies_and_ensemble(root: Path, levers_h
         ),
     ],
 )
-def test_levers_bad_study(root: Path, study: str, args: tuple[str, ...], message: str) -> None:
+def test_levers_bad_study(
+    root: Path,
+    study: str,
+    args: tuple[str, ...],
+    message: str,
+    levers_here: Callable[..., str],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     (root / "bad.yaml").write_text(study)
-    done = _levers(root, "bad.yaml", *args)
-    assert done.returncode == 2 and message in done.stderr, done.stderr
-    assert done.stderr.count("\n") == 1
+    with pytest.raises(SystemExit) as exited:
+        levers_here("bad.yaml", *args)
+    stderr = capsys.readouterr().err
+    assert exited.value.code == 2 and message in stderr, stderr
+    assert stderr.count("\n") == 1
 
 
 HOLDOUT = """\

@@ -18,6 +18,8 @@ from typing import Any
 
 from filelock import FileLock
 
+CACHE = Path("optuna/cache")  # under the repo root; ignored by git, kept between sessions on one machine
+
 
 def cache_key(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]

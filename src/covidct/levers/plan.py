@@ -15,6 +15,9 @@ from covidct.experiments.overrides import with_overrides
 from covidct.schema import ConfigError, FieldError, Model, read_yaml_mapping, validated
 
 BASELINE = "baseline"
+#: What a lever may change: it trains a classifier on crops by the pipeline's segmenter (made again
+#: at its own crop.* settings), so a segmenter or data setting would change nothing it trains on.
+OVERRIDABLE = ("classifier", "crop", "evaluate")
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,13 @@ class LeverStudy(Model):
     def _consistent(self) -> Self:
         if BASELINE not in self.levers or self.levers[BASELINE]:
             raise FieldError("levers", f"must include {BASELINE!r} with no overrides (common settings go under base:)")
+        for where, overrides in [("base", self.base), *((f"levers.{n}", o) for n, o in self.levers.items())]:
+            for key in overrides:
+                if key.split(".")[0] not in OVERRIDABLE:
+                    sections = ", ".join(f"{s}.*" for s in OVERRIDABLE)
+                    raise FieldError(
+                        where, f"sets {key}: a lever study trains the classifier, so it changes {sections} only"
+                    )
         for key, values in (("seeds", self.seeds), ("holdout", self.folds)):
             if len(set(values)) != len(values):
                 raise FieldError(key, f"must not repeat a value, got {list(values)}")

@@ -19,12 +19,14 @@ from covidct.classification.table import checkpoint_meta, classifier_table, load
 from covidct.classification.train import fit_and_predict, predict_scores
 from covidct.config import ClassifierConfig, EvaluateConfig, crop_settings, declared_sources
 from covidct.experiments.cache import cache_key
+from covidct.experiments.crops import crops_for
 from covidct.experiments.overrides import with_overrides
 from covidct.levers.holdout import score_fold, summarise_holdout
 from covidct.levers.plan import LeverRun, LeverStudy, lever_dir
 from covidct.levers.report import summarise
 from covidct.levers.statistics import PARTS, SCORINGS, score_lever
 from covidct.metrics import flatten_metrics
+from covidct.paths import CROPS
 from covidct.tracking import child_run, log_epoch
 
 
@@ -75,7 +77,8 @@ def run_lever(
     params = with_overrides(base, study.base | run.overrides)
     config, evaluate = ClassifierConfig.of(params), EvaluateConfig.of(params)
     table = classifier_table(root, config, declared_sources(params))
-    images = load_classifier_inputs(root, table, study.variant, config, progress=f"decode {study.variant} images")
+    crops = crops_for(root, base, params, device)[0] if study.variant == "cropped" else CROPS  # a margin lever's own
+    images = load_classifier_inputs(root, table, study.variant, config, f"decode {study.variant} images", crops)
     out, key = lever_dir(root, study.study, run.name), _fingerprint(params, images)
     record = _reuse(root, out, key, run, crop_settings(params))
     if record is not None:

@@ -6,7 +6,6 @@ The objective is a validation score; test metrics are logged for the record, nev
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,11 +22,12 @@ from covidct.classification.table import checkpoint_meta, classifier_table, load
 from covidct.classification.train import fit_and_predict
 from covidct.config import ClassifierConfig, CropConfig, DataConfig, PreprocessConfig, SegmenterConfig, declared_sources
 from covidct.datasets import COVID_CT, take_per_group
-from covidct.experiments.cache import cache_key, get_or_build
+from covidct.experiments.cache import CACHE, cache_key, get_or_build
+from covidct.experiments.crops import crops_for
 from covidct.experiments.overrides import with_overrides
 from covidct.lung_crop import crop_dataset
 from covidct.metrics import binary_metrics
-from covidct.paths import CROPS, RAW, SEGMENTER, raw
+from covidct.paths import RAW
 from covidct.runtime import select_device
 from covidct.segmentation.data import first_per_patient, load_lung_split
 from covidct.segmentation.model import load_segmenter
@@ -45,7 +45,7 @@ def study_parent(config: SweepConfig) -> tuple[dict[str, str], str]:
 class TrialObjective:
     def __init__(self, root: Path, base_params: dict[str, Any], config: SweepConfig, worker: str) -> None:
         self.root, self.base, self.config, self.worker = root, base_params, config, worker
-        self.cache = root / "optuna" / "cache"
+        self.cache = root / CACHE
         self.device = select_device()
 
     def segmenter(self, params: dict[str, Any]) -> tuple[Path, str, bool, float]:
@@ -167,35 +167,12 @@ class TrialObjective:
         crop stage's segmenter: its objective is the validation score pooled over those sources,
         the score the pipeline chooses its checkpoint on."""
         config = ClassifierConfig.of(params)
-        crops, reused, seconds = self.source_crops(params)
+        crops, reused, seconds = crops_for(self.root, self.base, params, self.device)
         trial.set_user_attr("crops_reused", reused)
         mlflow.log_metrics({"crops_reused": float(reused), "crops_seconds": seconds})
         table = classifier_table(self.root, config, declared_sources(params))
         images = load_classifier_inputs(self.root, table, "cropped", config, progress=None, crops=crops)
         return self.fit_classifier(trial, images, table, config)
-
-    def source_crops(self, params: dict[str, Any]) -> tuple[Path, bool, float]:
-        """The crop stage's folder when the crop settings are params.yaml's; else every declared
-        source cropped again by the same segmenter at the trial's settings, kept for later trials."""
-        crop, segmenter = CropConfig.of(params), self.root / SEGMENTER
-        if crop == CropConfig.of(self.base) and (self.root / CROPS).is_dir():
-            return self.root / CROPS, True, 0.0
-        if not segmenter.is_file():
-            raise FileNotFoundError(
-                f"{segmenter}: a classifier study crops with the pipeline's segmenter; run `dvc repro train_segmenter` first"
-            )
-        sources = declared_sources(params)
-        weights = hashlib.sha256(segmenter.read_bytes()).hexdigest()
-        key = cache_key({"segmenter": weights, "crop": crop.model_dump(), "sources": list(sources)})
-
-        def build(out: Path) -> None:
-            model, meta = load_segmenter(segmenter, self.device)
-            for name in sources:
-                crop_dataset(
-                    load_source(self.root, name), self.root / raw(name), out, model, meta, crop, self.device, name
-                )
-
-        return get_or_build(self.cache, "source-crops", key, build)
 
     def trial_dir(self, trial: optuna.Trial) -> Path:
         return self.root / "optuna" / "trials" / self.config.study / str(trial.number)
