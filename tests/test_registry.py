@@ -28,6 +28,7 @@ from PIL import Image
 from covidct.checkpoints import load_checkpoint, save_state_dict
 from covidct.classification.data import load_resized
 from covidct.classification.train import predict_scores
+from covidct.cli import main
 from covidct.config import GateConfig
 from covidct.images import read_grayscale
 from covidct.lung_crop import crop_dataset, crop_relpath
@@ -382,9 +383,16 @@ def test_adapting_to_a_site_moves_batchnorm_statistics_not_weights(weights: tupl
     assert scores == pytest.approx([p.probability for p in afresh], abs=1e-6)
 
 
-def test_predict_refuses_to_adapt_on_too_few_scans(store: tuple[str, Path], tmp_path: Path) -> None:
+def test_predict_refuses_to_adapt_on_too_few_scans(
+    store: tuple[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """In this process, as the CLI runs it (a fresh interpreter's imports would take ~15 s)."""
     uri, _ = store
     MlflowClient(uri).set_registered_model_alias(NAME, "serving", "1")
+    for key, value in _env(uri).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
     args = [
         *map(str, SCANS),
         "--model",
@@ -393,11 +401,12 @@ def test_predict_refuses_to_adapt_on_too_few_scans(store: tuple[str, Path], tmp_
         str(tmp_path / "p.csv"),
         "--adapt-batchnorm",
     ]
-    result = subprocess.run(
-        [sys.executable, "-m", "covidct", "predict", *args], env=_env(uri), capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 2 and "--adapt-batchnorm" in result.stderr and "at least 32 scans" in result.stderr
-    assert "Traceback" not in result.stderr and not (tmp_path / "p.csv").exists()
+    with pytest.raises(SystemExit) as exited:
+        main(["predict", *args])
+    torch.set_num_threads(threads)
+    stderr = capsys.readouterr().err
+    assert exited.value.code == 2 and "--adapt-batchnorm" in stderr and "at least 32 scans" in stderr, stderr
+    assert "Traceback" not in stderr and not (tmp_path / "p.csv").exists()
 
 
 def _post(port: int, body: bytes, content_type: str = "application/json") -> tuple[int, dict]:
@@ -487,3 +496,19 @@ def test_a_version_names_the_confirmed_study_its_params_came_from(tmp_path: Path
     assert sweep_tags(tmp_path, params) == {"sweep.seg.trial": "4", "sweep.seg.adopted_on_val": "true"}
     assert sweep_tags(tmp_path, {"segmenter": {"channels": [16, 32]}, "crop": {"margin": 5}}) == {}
     assert sweep_tags(tmp_path, {"segmenter": {"channels": [16, 32]}}) == {}  # a key params no longer has
+    # a classifier study's confirmation has arms: the whole trial and a part of it; the version is
+    # named by the arm with the most values params.yaml holds
+    arms = {
+        "trial_2": {"overrides": {"classifier.lr": 0.001, "classifier.epochs": 10}, "adopt": False},
+        "trial_2_short": {"overrides": {"classifier.lr": 0.001}, "adopt": True},
+    }
+    (tmp_path / "clf.json").write_text(json.dumps({"study": "clf", "trial": 2, "arms": arms}))
+    short, whole = {"classifier": {"lr": 0.001, "epochs": 6}}, {"classifier": {"lr": 0.001, "epochs": 10}}
+    assert sweep_tags(tmp_path, short) == {
+        "sweep.clf.trial": "2",
+        "sweep.clf.adopted_on_val": "true",
+        "sweep.clf.arm": "trial_2_short",
+    }
+    assert sweep_tags(tmp_path, whole)["sweep.clf.arm"] == "trial_2"
+    assert sweep_tags(tmp_path, whole)["sweep.clf.adopted_on_val"] == "false"
+    assert sweep_tags(tmp_path, {"classifier": {"lr": 0.0003, "epochs": 10}}) == {}

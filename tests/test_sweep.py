@@ -13,14 +13,21 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import optuna
+import pandas as pd
 import pytest
 import sqlalchemy.exc
+import torch
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 from ruamel.yaml import YAML
 
+from covidct.cli import main
 from covidct.config import load_params
+from covidct.experiments.overrides import with_overrides
+from covidct.paths import CONFIRMATIONS
+from covidct.registry.register import sweep_tags
 from covidct.sweep.config import load_sweep
 from covidct.sweep.study import apply_best, best_overrides, finished_trials, run_sweep, summarise
 from helpers.servers import Postgres, running_mlflow_server
@@ -243,7 +250,7 @@ def test_segmenter_study_in_a_journal_then_its_confirmation(
 
 
 def test_classifier_study_crops_every_source_once_per_margin(
-    root: Path, env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    root: Path, env: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A classifier study: the pipeline's segmenter crops every declared source at a trial's
     margin (kept, so a later trial at that margin reuses them), and a choice of a network with
@@ -273,3 +280,51 @@ def test_classifier_study_crops_every_source_once_per_margin(
     best = best_overrides(study, config)
     assert set(best) == {"crop.margin", "classifier.model", "classifier.pretrained"}
     assert best["classifier.pretrained"] == "none"
+
+    # confirmed before adopted: the best trial as a lever study over seeds, then its record, which
+    # tags a version whose params.yaml holds the trial's values
+    monkeypatch.chdir(root)
+    threads = torch.get_num_threads()
+    main(["sweep-confirm", "clf.yaml", "--seeds", "0", "1"])
+    plan = root / "pipelines" / "levers" / "confirm-clf.yaml"
+    assert f"`covidct levers {plan.relative_to(root)}`" in capsys.readouterr().out
+    main(["sweep-confirm", "clf.yaml"])  # the plan is kept; nothing to record before it runs
+    assert "has run all its seeds" in capsys.readouterr().out
+    main(["levers", str(plan.relative_to(root))])
+    main(["sweep-confirm", "clf.yaml"])
+    torch.set_num_threads(threads)
+    arm = f"trial_{study.best_trial.number}"
+    record = json.loads((root / CONFIRMATIONS / "clf.json").read_text())["arms"][arm]
+    runs = pd.read_csv(root / "reports" / "levers" / "confirm-clf.csv")
+    runs = runs[runs["scoring"].isna()].set_index(["arm", "seed"])["val_auc"]
+    per_seed = [runs[(arm, s)] - runs[("baseline", s)] for s in (0, 1)]
+    assert record["val"]["delta"] == pytest.approx(np.mean(per_seed))
+    assert record["val"]["ci_low"] <= record["val"]["delta"] <= record["val"]["ci_high"]
+    assert record["val"]["seeds_better"] == sum(d > 0 for d in per_seed)
+    assert record["adopt"] == (record["val"]["ci_low"] > 0) and record["overrides"] == best
+    params = load_params(root / "params.yaml")
+    clf = {k: v for k, v in sweep_tags(root / CONFIRMATIONS, with_overrides(params, best)).items() if ".clf." in k}
+    assert clf == {
+        "sweep.clf.trial": str(study.best_trial.number),
+        "sweep.clf.adopted_on_val": str(record["adopt"]).lower(),
+        "sweep.clf.arm": arm,
+    }
+    assert not [k for k in sweep_tags(root / CONFIRMATIONS, params) if ".clf." in k]
+
+    # `sweep-best --apply --arm` writes an arm's values, only once its confirmation adopted it
+    path, saved = root / CONFIRMATIONS / "clf.json", (root / "params.yaml").read_text()
+    confirmation = json.loads(path.read_text())
+    confirmation["arms"][arm]["adopt"] = False
+    path.write_text(json.dumps(confirmation))
+    with pytest.raises(SystemExit):
+        main(["sweep-best", "clf.yaml", "--apply", "--arm", arm])
+    assert f"arm '{arm}' was not adopted" in capsys.readouterr().err
+    assert (root / "params.yaml").read_text() == saved
+    confirmation["arms"][arm]["adopt"] = True
+    path.write_text(json.dumps(confirmation))
+    main(["sweep-best", "clf.yaml", "--apply", "--arm", arm])
+    assert load_params(root / "params.yaml") == with_overrides(params, best)
+    (root / "params.yaml").write_text(saved)
+    with pytest.raises(SystemExit):
+        main(["sweep-best", "clf.yaml", "--arm", "trial_99"])
+    assert f"no confirmed arm 'trial_99' (arms: {arm})" in capsys.readouterr().err

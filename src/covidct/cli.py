@@ -13,7 +13,15 @@ from covidct.profiles import apply_profile, available
 
 def _sweep(args: argparse.Namespace, root: Path) -> None:
     from covidct.sweep.config import load_sweep
-    from covidct.sweep.study import apply_best, best_overrides, finished_trials, open_study, run_sweep, summarise
+    from covidct.sweep.study import (
+        apply_best,
+        best_overrides,
+        confirmed_arm,
+        finished_trials,
+        open_study,
+        run_sweep,
+        summarise,
+    )
 
     config = load_sweep(args.config)
     if args.n_trials:
@@ -29,17 +37,28 @@ def _sweep(args: argparse.Namespace, root: Path) -> None:
                 f"best validation {config.objective} {study.best_value:.4f} (trial {study.best_trial.number}): {study.best_trial.params}"
             )
     elif args.command == "sweep-confirm":
-        from covidct.sweep.confirm import confirm_segmenter, confirmation_levers
+        from covidct.sweep.confirm import confirm_segmenter, confirmation_levers, lever_plan, record_lever_confirmation
 
         study = open_study(root, config, args.storage, read_only=True)
         if config.trains == "segmenter":
             print(f"confirmation: {confirm_segmenter(root, config, study, args.seeds)}")
-        else:
+        elif not lever_plan(root, config).is_file():
             plan = confirmation_levers(root, config, study, args.seeds)
-            print(f"lever study {plan}: run it with `covidct levers {plan.relative_to(root)}`")
+            print(f"lever study {plan}: run it with `covidct levers {plan.relative_to(root)}`, then this again")
+        else:  # the plan is kept as it is (arms may have been added by hand): its results are recorded
+            report = record_lever_confirmation(root, config, study)
+            plan = lever_plan(root, config).relative_to(root)
+            print(
+                f"confirmation: {report}"
+                if report
+                else f"no arm of {plan} has run all its seeds: `covidct levers {plan}`"
+            )
     else:
         study = open_study(root, config, args.storage, read_only=True)
-        overrides = apply_best(root, study, config) if args.apply else best_overrides(study, config)
+        if args.apply:
+            overrides = apply_best(root, study, config, args.arm)
+        else:
+            overrides = confirmed_arm(root, config, args.arm) if args.arm else best_overrides(study, config)
         for key, value in overrides.items():
             print(f"{key}: {value}")
         if args.apply:
@@ -229,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds each arm trains with")
         else:
             command.add_argument("--apply", action="store_true", help="write them into params.yaml")
+            command.add_argument(
+                "--arm", help="an adopted arm of the study's confirmation instead (a part of the trial, say)"
+            )
     promote = sub.add_parser(
         "promote", help="move the champion alias to a better registered pipeline (validation metric, recall floor)"
     )

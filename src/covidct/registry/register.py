@@ -93,9 +93,13 @@ def sweep_tags(confirmations: Path, params: Mapping[str, Any]) -> dict[str, str]
     tags = {}
     for path in sorted(confirmations.glob("*.json")):
         record = json.loads(path.read_text())
-        if all(_dotted(params, key) == value for key, value in record["overrides"].items()):
-            tags |= {f"sweep.{record['study']}.trial": str(record["trial"])}
-            tags |= {f"sweep.{record['study']}.adopted_on_val": str(record["adopt"]).lower()}
+        # a classifier study's confirmation has arms (the trial, parts of it); a segmenter's is one
+        arms = sorted(record.get("arms", {None: record}).items(), key=lambda arm: len(arm[1]["overrides"]))
+        for arm, confirmed in arms:  # the arm with the most values params.yaml holds names it
+            if all(_dotted(params, key) == value for key, value in confirmed["overrides"].items()):
+                tags |= {f"sweep.{record['study']}.trial": str(record["trial"])}
+                tags |= {f"sweep.{record['study']}.adopted_on_val": str(confirmed["adopt"]).lower()}
+                tags |= {f"sweep.{record['study']}.arm": arm} if arm else {}
     return tags
 
 

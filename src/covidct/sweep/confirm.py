@@ -28,6 +28,7 @@ from covidct.config import DataConfig, PreprocessConfig, SegmenterConfig, load_p
 from covidct.experiments.cache import cache_key
 from covidct.experiments.overrides import as_overrides, with_overrides
 from covidct.experiments.scoring import slice_dice
+from covidct.levers.plan import BASELINE, load_levers
 from covidct.metrics import paired_mean_difference
 from covidct.paths import CONFIRMATIONS
 from covidct.reports import markdown_table
@@ -176,6 +177,10 @@ def _markdown(record: dict[str, Any]) -> str:
     )
 
 
+def lever_plan(root: Path, config: SweepConfig) -> Path:
+    return root / "pipelines" / "levers" / f"confirm-{config.study}.yaml"
+
+
 def confirmation_levers(root: Path, config: SweepConfig, study: optuna.Study, seeds: list[int]) -> Path:
     """A classifier study's best trial as a lever study against params.yaml (``covidct levers``)."""
     trial = study.best_trial
@@ -185,7 +190,86 @@ def confirmation_levers(root: Path, config: SweepConfig, study: optuna.Study, se
         "base": dict(config.budget),  # at the study's budget, as the segmenter's confirmation
         "levers": {"baseline": {}, f"trial_{trial.number}": best_overrides(study, config)},
     }
-    path = root / "pipelines" / "levers" / f"confirm-{config.study}.yaml"
+    path = lever_plan(root, config)
     header = f"# Confirms study {config.study}'s best trial ({trial.number}) against params.yaml over seeds.\n"
     write_text_atomic(path, header + yaml.safe_dump(plan, sort_keys=False))
     return path
+
+
+def record_lever_confirmation(root: Path, config: SweepConfig, study: optuna.Study) -> Path | None:
+    """Once the confirmation lever study has run its seeds: each arm of the best trial (the trial,
+    or a part of it the plan names ``trial_<n>_...``) against params.yaml, paired over seeds on the
+    pooled validation AUC, as ``confirmations/<study>.{json,md}``; adopt where that interval is
+    above 0. register_model tags a version with the arm whose values params.yaml holds. None
+    while an arm has seeds to run."""
+    plan, trial = load_levers(lever_plan(root, config)), study.best_trial
+    seeds_csv = root / "reports" / "levers" / f"{plan.study}_over_seeds.csv"
+    if not seeds_csv.is_file():
+        return None
+    over_seeds = pd.read_csv(seeds_csv).set_index("lever")
+    runs = pd.read_csv(root / "reports" / "levers" / f"{plan.study}.csv")
+    runs = runs[runs["scoring"].isna()].set_index(["arm", "seed"])  # as params.yaml scores (tta: false)
+    prefix = f"trial_{trial.number}"
+    arms = {}
+    for lever, overrides in plan.levers.items():
+        if not (lever == prefix or lever.startswith(prefix + "_")) or lever not in over_seeds.index:
+            continue
+        row = over_seeds.loc[lever]
+        better = [runs.loc[(lever, s), "val_auc"] > runs.loc[(BASELINE, s), "val_auc"] for s in plan.seeds]
+        arms[lever] = {
+            "overrides": overrides,
+            "val": {k: float(row[f"val_auc_delta{s}"]) for k, s in PAIRED} | {"seeds_better": int(sum(better))},
+            "test": {k: float(row[f"test_auc_delta{s}"]) for k, s in PAIRED},
+            "adopt": bool(row["val_auc_delta_ci_low"] > 0),
+        }
+    if not arms:
+        return None
+    record = {
+        "study": config.study,
+        "trial": trial.number,
+        "trial_value": trial.value,
+        "lever_study": plan.study,
+        "seeds": list(plan.seeds),
+        "arms": arms,
+    }
+    out = root / CONFIRMATIONS
+    write_text_atomic(out / f"{config.study}.json", json.dumps(record, indent=2) + "\n")
+    write_text_atomic(out / f"{config.study}.md", _lever_markdown(record))
+    return out / f"{config.study}.md"
+
+
+PAIRED = (("delta", ""), ("ci_low", "_ci_low"), ("ci_high", "_ci_high"))
+
+
+def _lever_markdown(record: dict[str, Any]) -> str:
+    def delta(part: dict[str, Any]) -> str:
+        return f"{100 * part['delta']:+.1f} ({100 * part['ci_low']:+.1f} to {100 * part['ci_high']:+.1f})"
+
+    rows = [
+        [
+            name,
+            f"`{as_overrides(arm['overrides'])}`",
+            delta(arm["val"]),
+            f"{arm['val']['seeds_better']} of {len(record['seeds'])}",
+            delta(arm["test"]),
+            "adopt" if arm["adopt"] else "not adopted (noise, or worse)",
+        ]
+        for name, arm in record["arms"].items()
+    ]
+    header = ["arm", "overrides", "Δ val AUC", "seeds better on val", "Δ test AUC (the record)", "verdict"]
+    return "\n".join(
+        [
+            f"# Confirmation of study {record['study']}: trial {record['trial']} against params.yaml",
+            "",
+            f"Trial {record['trial']} reached validation AUC {100 * record['trial_value']:.1f} in the study. Each arm below "
+            f"trained once per seed ({', '.join(map(str, record['seeds']))}) beside params.yaml's, in lever study "
+            f"`{record['lever_study']}` ([report](../../levers/{record['lever_study']}.md)).",
+            "",
+            "Δ AUC (points): the arm minus params.yaml, each seed against the same seed, averaged over the seeds; 95 %",
+            "intervals from resampling the images with every seed's models scored on the same resamples. The",
+            "validation AUC is pooled over the sources trained on and decides; the test AUC is the record.",
+            "",
+            markdown_table(header, rows),
+            "",
+        ]
+    )

@@ -24,7 +24,7 @@ from optuna.trial import TrialState
 
 from covidct.atomic import atomic_path, write_text_atomic
 from covidct.config import ConfigError, load_params
-from covidct.paths import SWEEP_REPORTS
+from covidct.paths import CONFIRMATIONS, SWEEP_REPORTS
 from covidct.profiles import set_params
 from covidct.sweep.config import SweepConfig
 from covidct.sweep.objective import TrialObjective, study_parent
@@ -240,8 +240,21 @@ def best_overrides(study: optuna.Study, config: SweepConfig) -> dict[str, Any]:
         raise ConfigError(f"study {study.study_name}: no completed trial yet") from exc
 
 
-def apply_best(root: Path, study: optuna.Study, config: SweepConfig) -> dict[str, Any]:
-    """Write the best trial's parameters into params.yaml, so ``dvc repro`` reproduces it."""
-    overrides = best_overrides(study, config)
+def apply_best(root: Path, study: optuna.Study, config: SweepConfig, arm: str | None = None) -> dict[str, Any]:
+    """Write the best trial's parameters into params.yaml, so ``dvc repro`` reproduces it; with
+    ``arm``, the values of that arm of its confirmation (a part of the trial, say)."""
+    overrides = best_overrides(study, config) if arm is None else confirmed_arm(root, config, arm)
     set_params(root, overrides)
     return overrides
+
+
+def confirmed_arm(root: Path, config: SweepConfig, arm: str) -> dict[str, Any]:
+    """An arm's values from the study's confirmation record, if the confirmation adopted it."""
+    path = root / CONFIRMATIONS / f"{config.study}.json"
+    arms = json.loads(path.read_text()).get("arms", {}) if path.is_file() else {}
+    if arm not in arms:
+        named = ", ".join(arms) or "none: run `covidct sweep-confirm` when its lever study has run"
+        raise ConfigError(f"{path}: no confirmed arm {arm!r} (arms: {named})")
+    if not arms[arm]["adopt"]:
+        raise ConfigError(f"{path}: arm {arm!r} was not adopted (its validation interval is not above 0)")
+    return arms[arm]["overrides"]
