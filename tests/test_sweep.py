@@ -22,6 +22,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 from ruamel.yaml import YAML
+from sklearn.metrics import roc_auc_score
 
 from covidct.cli import main
 from covidct.config import load_params
@@ -295,10 +296,16 @@ def test_classifier_study_crops_every_source_once_per_margin(
     torch.set_num_threads(threads)
     arm = f"trial_{study.best_trial.number}"
     record = json.loads((root / CONFIRMATIONS / "clf.json").read_text())["arms"][arm]
-    runs = pd.read_csv(root / "reports" / "levers" / "confirm-clf.csv")
-    runs = runs[runs["scoring"].isna()].set_index(["arm", "seed"])["val_auc"]
-    per_seed = [runs[(arm, s)] - runs[("baseline", s)] for s in (0, 1)]
+    pooled = {}  # the study's objective: validation AUC over every source trained on, each seed's run
+    for lever in ("baseline", arm):
+        for seed in (0, 1):
+            frame = pd.read_csv(root / "levers" / "confirm-clf" / f"{lever}_seed{seed}" / "predictions.csv")
+            val = frame[frame["split"] == "val"]
+            assert val["source"].nunique() == 3
+            pooled[(lever, seed)] = roc_auc_score(val["label"], val["score"])
+    per_seed = [pooled[(arm, s)] - pooled[("baseline", s)] for s in (0, 1)]
     assert record["val"]["delta"] == pytest.approx(np.mean(per_seed))
+    assert record["val"]["auc_mean"] == pytest.approx(np.mean([pooled[(arm, s)] for s in (0, 1)]))
     assert record["val"]["ci_low"] <= record["val"]["delta"] <= record["val"]["ci_high"]
     assert record["val"]["seeds_better"] == sum(d > 0 for d in per_seed)
     assert record["adopt"] == (record["val"]["ci_low"] > 0) and record["overrides"] == best

@@ -22,14 +22,15 @@ import optuna
 import pandas as pd
 import torch
 import yaml
+from sklearn.metrics import roc_auc_score
 
 from covidct.atomic import write_text_atomic
-from covidct.config import DataConfig, PreprocessConfig, SegmenterConfig, load_params
+from covidct.config import DataConfig, EvaluateConfig, PreprocessConfig, SegmenterConfig, load_params
 from covidct.experiments.cache import cache_key
 from covidct.experiments.overrides import as_overrides, with_overrides
 from covidct.experiments.scoring import slice_dice
-from covidct.levers.plan import BASELINE, load_levers
-from covidct.metrics import paired_mean_difference
+from covidct.levers.plan import BASELINE, LeverStudy, lever_dir, load_levers
+from covidct.metrics import paired_auc_difference, paired_mean_difference
 from covidct.paths import CONFIRMATIONS
 from covidct.reports import markdown_table
 from covidct.runtime import select_device
@@ -198,30 +199,23 @@ def confirmation_levers(root: Path, config: SweepConfig, study: optuna.Study, se
 
 def record_lever_confirmation(root: Path, config: SweepConfig, study: optuna.Study) -> Path | None:
     """Once the confirmation lever study has run its seeds: each arm of the best trial (the trial,
-    or a part of it the plan names ``trial_<n>_...``) against params.yaml, paired over seeds on the
-    pooled validation AUC, as ``confirmations/<study>.{json,md}``; adopt where that interval is
-    above 0. register_model tags a version with the arm whose values params.yaml holds. None
-    while an arm has seeds to run."""
+    or a part of it the plan names ``trial_<n>_...``) against params.yaml on the study's own
+    objective, the validation AUC pooled over the sources trained on, paired seed by seed, as
+    ``confirmations/<study>.{json,md}``; adopt where that interval is above 0. register_model tags
+    a version with the arm whose values params.yaml holds. None while no arm has run every seed."""
     plan, trial = load_levers(lever_plan(root, config)), study.best_trial
-    seeds_csv = root / "reports" / "levers" / f"{plan.study}_over_seeds.csv"
-    if not seeds_csv.is_file():
-        return None
-    over_seeds = pd.read_csv(seeds_csv).set_index("lever")
-    runs = pd.read_csv(root / "reports" / "levers" / f"{plan.study}.csv")
-    runs = runs[runs["scoring"].isna()].set_index(["arm", "seed"])  # as params.yaml scores (tta: false)
+    evaluate = EvaluateConfig.of(load_params(root / "params.yaml"))
+    baseline = {split: _pooled(root, plan, BASELINE, split) for split in ("val", "test")}
     prefix = f"trial_{trial.number}"
     arms = {}
     for lever, overrides in plan.levers.items():
-        if not (lever == prefix or lever.startswith(prefix + "_")) or lever not in over_seeds.index:
+        if not (lever == prefix or lever.startswith(prefix + "_")) or baseline["val"] is None:
             continue
-        row = over_seeds.loc[lever]
-        better = [runs.loc[(lever, s), "val_auc"] > runs.loc[(BASELINE, s), "val_auc"] for s in plan.seeds]
-        arms[lever] = {
-            "overrides": overrides,
-            "val": {k: float(row[f"val_auc_delta{s}"]) for k, s in PAIRED} | {"seeds_better": int(sum(better))},
-            "test": {k: float(row[f"test_auc_delta{s}"]) for k, s in PAIRED},
-            "adopt": bool(row["val_auc_delta_ci_low"] > 0),
-        }
+        runs = {split: _pooled(root, plan, lever, split) for split in ("val", "test")}
+        if runs["val"] is None:
+            continue
+        parts = {split: _paired_pooled(baseline[split], runs[split], evaluate) for split in ("val", "test")}
+        arms[lever] = {"overrides": overrides, **parts, "adopt": bool(parts["val"]["ci_low"] > 0)}
     if not arms:
         return None
     record = {
@@ -238,7 +232,44 @@ def record_lever_confirmation(root: Path, config: SweepConfig, study: optuna.Stu
     return out / f"{config.study}.md"
 
 
-PAIRED = (("delta", ""), ("ci_low", "_ci_low"), ("ci_high", "_ci_high"))
+def _pooled(root: Path, plan: LeverStudy, lever: str, split: str) -> list[pd.DataFrame] | None:
+    """One frame per seed: the split's rows of every source the run trained on, or None while a
+    seed has not run."""
+    frames = []
+    for seed in plan.seeds:
+        path = lever_dir(root, plan.study, plan.run_name(lever, seed)) / "predictions.csv"
+        if not path.is_file():
+            return None
+        frame = pd.read_csv(path, dtype={"patient": str})
+        frames.append(frame[(frame["split"] == split) & frame["trained"].astype(bool)].reset_index(drop=True))
+    return frames
+
+
+def _paired_pooled(reference: list[pd.DataFrame], this: list[pd.DataFrame], evaluate: EvaluateConfig) -> dict[str, Any]:
+    """The arm's mean AUC minus the reference's over seeds, whole patients (scans) resampled."""
+    keys = [(f["source"] + "/" + f["relpath"]).to_numpy() for f in reference + this]
+    if not all(np.array_equal(k, keys[0]) for k in keys):
+        raise ValueError("a confirmation arm scored other images than params.yaml's; run both again")
+    labels, groups = (
+        reference[0]["label"].to_numpy(),
+        (reference[0]["source"] + "/" + reference[0]["patient"]).to_numpy(),
+    )
+    stack = lambda frames: np.stack([f["score"].to_numpy() for f in frames])  # noqa: E731
+    delta = paired_auc_difference(
+        labels, stack(reference), stack(this), evaluate.n_bootstrap, evaluate.seed, groups=groups
+    )
+    aucs = [
+        (roc_auc_score(labels, a["score"]), roc_auc_score(labels, b["score"]))
+        for a, b in zip(reference, this, strict=True)
+    ]
+    return {
+        "delta": delta["value"],
+        "ci_low": delta["ci_low"],
+        "ci_high": delta["ci_high"],
+        "auc_mean": float(np.mean([b for _, b in aucs])),
+        "baseline_auc_mean": float(np.mean([a for a, _ in aucs])),
+        "seeds_better": int(sum(b > a for a, b in aucs)),
+    }
 
 
 def _lever_markdown(record: dict[str, Any]) -> str:
@@ -249,6 +280,7 @@ def _lever_markdown(record: dict[str, Any]) -> str:
         [
             name,
             f"`{as_overrides(arm['overrides'])}`",
+            f"{100 * arm['val']['baseline_auc_mean']:.1f} → {100 * arm['val']['auc_mean']:.1f}",
             delta(arm["val"]),
             f"{arm['val']['seeds_better']} of {len(record['seeds'])}",
             delta(arm["test"]),
@@ -256,7 +288,15 @@ def _lever_markdown(record: dict[str, Any]) -> str:
         ]
         for name, arm in record["arms"].items()
     ]
-    header = ["arm", "overrides", "Δ val AUC", "seeds better on val", "Δ test AUC (the record)", "verdict"]
+    header = [
+        "arm",
+        "overrides",
+        "val AUC, params.yaml → arm",
+        "Δ val AUC",
+        "seeds better on val",
+        "Δ test AUC (the record)",
+        "verdict",
+    ]
     return "\n".join(
         [
             f"# Confirmation of study {record['study']}: trial {record['trial']} against params.yaml",
@@ -265,9 +305,10 @@ def _lever_markdown(record: dict[str, Any]) -> str:
             f"trained once per seed ({', '.join(map(str, record['seeds']))}) beside params.yaml's, in lever study "
             f"`{record['lever_study']}` ([report](../../levers/{record['lever_study']}.md)).",
             "",
-            "Δ AUC (points): the arm minus params.yaml, each seed against the same seed, averaged over the seeds; 95 %",
-            "intervals from resampling the images with every seed's models scored on the same resamples. The",
-            "validation AUC is pooled over the sources trained on and decides; the test AUC is the record.",
+            "AUC pooled over the sources trained on (the study's objective, and what the pipeline picks its checkpoint",
+            "on), mean over the seeds. Δ AUC (points): the arm minus params.yaml, each seed against the same seed,",
+            "averaged over the seeds; 95 % intervals from resampling whole patients (scans) with every seed's models",
+            "scored on the same resamples. Validation decides; test is the record.",
             "",
             markdown_table(header, rows),
             "",
