@@ -303,11 +303,16 @@ def test_classifier_study_crops_every_source_once_per_margin(
             val = frame[frame["split"] == "val"]
             assert val["source"].nunique() == 3
             pooled[(lever, seed)] = roc_auc_score(val["label"], val["score"])
+            covid = val[val["source"] == "covid-ct"]
+            pooled[(lever, seed, "covid-ct")] = roc_auc_score(covid["label"], covid["score"])
     per_seed = [pooled[(arm, s)] - pooled[("baseline", s)] for s in (0, 1)]
     assert record["val"]["delta"] == pytest.approx(np.mean(per_seed))
     assert record["val"]["auc_mean"] == pytest.approx(np.mean([pooled[(arm, s)] for s in (0, 1)]))
     assert record["val"]["ci_low"] <= record["val"]["delta"] <= record["val"]["ci_high"]
     assert record["val"]["seeds_better"] == sum(d > 0 for d in per_seed)
+    assert record["val"]["by_source"]["covid-ct"]["auc_mean"] == pytest.approx(
+        np.mean([pooled[(arm, s, "covid-ct")] for s in (0, 1)])
+    )
     assert record["adopt"] == (record["val"]["ci_low"] > 0) and record["overrides"] == best
     params = load_params(root / "params.yaml")
     clf = {k: v for k, v in sweep_tags(root / CONFIRMATIONS, with_overrides(params, best)).items() if ".clf." in k}

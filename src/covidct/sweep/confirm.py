@@ -262,6 +262,19 @@ def _paired_pooled(reference: list[pd.DataFrame], this: list[pd.DataFrame], eval
         (roc_auc_score(labels, a["score"]), roc_auc_score(labels, b["score"]))
         for a, b in zip(reference, this, strict=True)
     ]
+    sources = reference[0]["source"].to_numpy()
+    by_source = {  # a pooled AUC also counts how the sources' scores sit against each other
+        name: {
+            "baseline_auc_mean": float(
+                np.mean([roc_auc_score(labels[sources == name], a["score"][sources == name]) for a in reference])
+            ),
+            "auc_mean": float(
+                np.mean([roc_auc_score(labels[sources == name], b["score"][sources == name]) for b in this])
+            ),
+        }
+        for name in dict.fromkeys(sources)
+        if len(set(labels[sources == name])) == 2
+    }
     return {
         "delta": delta["value"],
         "ci_low": delta["ci_low"],
@@ -269,6 +282,7 @@ def _paired_pooled(reference: list[pd.DataFrame], this: list[pd.DataFrame], eval
         "auc_mean": float(np.mean([b for _, b in aucs])),
         "baseline_auc_mean": float(np.mean([a for a, _ in aucs])),
         "seeds_better": int(sum(b > a for a, b in aucs)),
+        "by_source": by_source,
     }
 
 
@@ -311,6 +325,17 @@ def _lever_markdown(record: dict[str, Any]) -> str:
             "scored on the same resamples. Validation decides; test is the record.",
             "",
             markdown_table(header, rows),
+            "",
+            "Each source's own validation AUC, mean over the seeds, params.yaml → arm:",
+            "",
+            *[
+                f"- {name}: "
+                + ", ".join(
+                    f"{source} {100 * v['baseline_auc_mean']:.1f} → {100 * v['auc_mean']:.1f}"
+                    for source, v in arm["val"]["by_source"].items()
+                )
+                for name, arm in record["arms"].items()
+            ],
             "",
         ]
     )
