@@ -6,8 +6,9 @@ against params.yaml's over several seeds, at the full budget, and compared slice
 - A segmenter study is confirmed here. Every run's Dice per slice on the validation patients
   (what decides) and the test patients (for the record) goes to
   ``reports/sweeps/confirmations/<study>.{json,md}``, with paired intervals.
-- A classifier study is confirmed by a lever study, which already does the same for the
-  classifier: :func:`confirmation_levers` writes it.
+- A classifier study is confirmed by a lever study, which already trains and scores classifiers
+  over seeds: :func:`confirmation_levers` writes it, :func:`record_lever_confirmation` reads its
+  runs into the same report, on the study's own objective.
 """
 
 from __future__ import annotations
@@ -179,6 +180,7 @@ def _markdown(record: dict[str, Any]) -> str:
 
 
 def lever_plan(root: Path, config: SweepConfig) -> Path:
+    """The lever study that confirms a classifier study."""
     return root / "pipelines" / "levers" / f"confirm-{config.study}.yaml"
 
 
@@ -258,19 +260,13 @@ def _paired_pooled(reference: list[pd.DataFrame], this: list[pd.DataFrame], eval
     delta = paired_auc_difference(
         labels, stack(reference), stack(this), evaluate.n_bootstrap, evaluate.seed, groups=groups
     )
-    aucs = [
-        (roc_auc_score(labels, a["score"]), roc_auc_score(labels, b["score"]))
-        for a, b in zip(reference, this, strict=True)
-    ]
     sources = reference[0]["source"].to_numpy()
+    everything = np.ones(len(labels), dtype=bool)
+    reference_aucs, aucs = _aucs(reference, labels, everything), _aucs(this, labels, everything)
     by_source = {  # a pooled AUC also counts how the sources' scores sit against each other
         name: {
-            "baseline_auc_mean": float(
-                np.mean([roc_auc_score(labels[sources == name], a["score"][sources == name]) for a in reference])
-            ),
-            "auc_mean": float(
-                np.mean([roc_auc_score(labels[sources == name], b["score"][sources == name]) for b in this])
-            ),
+            "baseline_auc_mean": float(np.mean(_aucs(reference, labels, sources == name))),
+            "auc_mean": float(np.mean(_aucs(this, labels, sources == name))),
         }
         for name in dict.fromkeys(sources)
         if len(set(labels[sources == name])) == 2
@@ -279,11 +275,16 @@ def _paired_pooled(reference: list[pd.DataFrame], this: list[pd.DataFrame], eval
         "delta": delta["value"],
         "ci_low": delta["ci_low"],
         "ci_high": delta["ci_high"],
-        "auc_mean": float(np.mean([b for _, b in aucs])),
-        "baseline_auc_mean": float(np.mean([a for a, _ in aucs])),
-        "seeds_better": int(sum(b > a for a, b in aucs)),
+        "auc_mean": float(np.mean(aucs)),
+        "baseline_auc_mean": float(np.mean(reference_aucs)),
+        "seeds_better": int(sum(b > a for a, b in zip(reference_aucs, aucs, strict=True))),
         "by_source": by_source,
     }
+
+
+def _aucs(frames: list[pd.DataFrame], labels: np.ndarray, rows: np.ndarray) -> list[float]:
+    """Each seed's AUC on ``rows``."""
+    return [float(roc_auc_score(labels[rows], f["score"].to_numpy()[rows])) for f in frames]
 
 
 def _lever_markdown(record: dict[str, Any]) -> str:
