@@ -250,12 +250,13 @@ def test_segmenter_study_in_a_journal_then_its_confirmation(
     assert len(client.search_runs(experiment, "tags.`covidct.role` = 'confirmation'")) == 4
 
 
-def test_classifier_study_crops_every_source_once_per_margin(
+def test_classifier_study_crops_per_margin_then_its_confirmation_decides(
     root: Path, env: dict[str, str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A classifier study: the pipeline's segmenter crops every declared source at a trial's
     margin (kept, so a later trial at that margin reuses them), and a choice of a network with
-    its weights sets both keys."""
+    its weights sets both keys. Its confirmation, through the CLI, scores the study's objective
+    and gates `sweep-best --apply --arm`."""
     import shutil
 
     from covidct.paths import SEGMENTER
