@@ -78,9 +78,8 @@ def main() -> None:
         row = {"fold": fold, "seed": seed}
         for name, score in scores.items():
             suffix = "" if name == "trained" else f"_{name}"
-            figures = binary_metrics(
-                labels, score, threshold
-            )  # the fold's threshold, from the training sources' validation
+            # at the fold's threshold, from the training sources' validation
+            figures = binary_metrics(labels, score, threshold)
             row |= {f"{key}{suffix}": figures[key] for key in ("auc", "recall", "specificity")}
         rows.append(row)
         part = stacked.setdefault(fold, {"labels": [], "groups": []} | {name: [] for name in scores})
