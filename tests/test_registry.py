@@ -496,6 +496,17 @@ def test_a_version_names_the_confirmed_study_its_params_came_from(tmp_path: Path
     assert sweep_tags(tmp_path, params) == {"sweep.seg.trial": "4", "sweep.seg.adopted_on_val": "true"}
     assert sweep_tags(tmp_path, {"segmenter": {"channels": [16, 32]}, "crop": {"margin": 5}}) == {}
     assert sweep_tags(tmp_path, {"segmenter": {"channels": [16, 32]}}) == {}  # a key params no longer has
+    # epochs cut for the time bound: still the trial, and the cut is named; any other change is not
+    record["overrides"] |= {"segmenter.epochs": 24}
+    (tmp_path / "seg.json").write_text(json.dumps(record))
+    cut = {"segmenter": {"channels": [16, 32], "epochs": 18}, "crop": {"margin": 3}}
+    assert sweep_tags(tmp_path, cut) == {
+        "sweep.seg.trial": "4",
+        "sweep.seg.adopted_on_val": "true",
+        "sweep.seg.cut": "segmenter.epochs=18 (trial: 24)",
+    }
+    assert sweep_tags(tmp_path, {"segmenter": {"channels": [16, 32], "epochs": 18}, "crop": {"margin": 5}}) == {}
+    (tmp_path / "seg.json").unlink()
     # a classifier study's confirmation has arms: the whole trial and a part of it; the version is
     # named by the arm with the most values params.yaml holds
     arms = {

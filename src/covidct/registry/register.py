@@ -30,6 +30,8 @@ from covidct.registry.promote import VARIANT_TAG
 from covidct.tracking import flatten, git_commit
 from covidct.verdicts import ALL_SLICES, TopSlices
 
+#: What a time bound may cut from a confirmed trial and the version still name it (``sweep_tags``).
+BUDGET_KEY = "epochs"
 #: Distributions the model's code imports, pinned to the versions that trained it.
 REQUIREMENTS = (
     "torch",
@@ -89,17 +91,26 @@ def _dotted(params: Mapping[str, Any], key: str) -> Any:
 
 def sweep_tags(confirmations: Path, params: Mapping[str, Any]) -> dict[str, str]:
     """The confirmed studies whose best trial's values are the ones in ``params``: where the
-    recipe came from (``covidct sweep-confirm``, then ``sweep-best --apply``)."""
+    recipe came from (``covidct sweep-confirm``, then ``sweep-best --apply``). A trial's epochs
+    may be cut for the 60-minute bound and the version still names it, with ``sweep.<study>.cut``
+    saying what was cut; any other value params.yaml does not hold means the recipe is not the trial's."""
     tags = {}
     for path in sorted(confirmations.glob("*.json")):
         record = json.loads(path.read_text())
-        # a classifier study's confirmation has arms (the trial, parts of it); a segmenter's is one
-        arms = sorted(record.get("arms", {None: record}).items(), key=lambda arm: len(arm[1]["overrides"]))
-        for arm, confirmed in arms:  # the arm with the most values params.yaml holds names it
-            if all(_dotted(params, key) == value for key, value in confirmed["overrides"].items()):
-                tags |= {f"sweep.{record['study']}.trial": str(record["trial"])}
-                tags |= {f"sweep.{record['study']}.adopted_on_val": str(confirmed["adopt"]).lower()}
-                tags |= {f"sweep.{record['study']}.arm": arm} if arm else {}
+        matches = []  # a classifier study's confirmation has arms (the trial, parts of it); a segmenter's is one
+        for arm, confirmed in record.get("arms", {None: record}).items():
+            cut = {key: value for key, value in confirmed["overrides"].items() if _dotted(params, key) != value}
+            if all(key.rsplit(".", 1)[-1] == BUDGET_KEY for key in cut):
+                matches.append((len(cut), -len(confirmed["overrides"]), arm, confirmed["adopt"], cut))
+        if not matches:
+            continue
+        _, _, arm, adopt, cut = min(matches, key=lambda match: match[:2])  # nothing cut, then the most values held
+        study = record["study"]
+        tags |= {f"sweep.{study}.trial": str(record["trial"]), f"sweep.{study}.adopted_on_val": str(adopt).lower()}
+        tags |= {f"sweep.{study}.arm": arm} if arm else {}
+        if cut:
+            held = ", ".join(f"{key}={_dotted(params, key)} (trial: {value})" for key, value in cut.items())
+            tags |= {f"sweep.{study}.cut": held}
     return tags
 
 
