@@ -506,6 +506,7 @@ def test_a_version_names_the_confirmed_study_its_params_came_from(tmp_path: Path
         "sweep.seg.cut": "segmenter.epochs=18 (trial: 24)",
     }
     assert sweep_tags(tmp_path, {"segmenter": {"channels": [16, 32], "epochs": 18}, "crop": {"margin": 5}}) == {}
+    assert sweep_tags(tmp_path, {"segmenter": {"channels": [16, 32], "epochs": 30}, "crop": {"margin": 3}}) == {}
     (tmp_path / "seg.json").unlink()
     # a classifier study's confirmation has arms: the whole trial and a part of it; the version is
     # named by the arm with the most values params.yaml holds

@@ -27,6 +27,7 @@ from covidct.config import ConfigError, CropConfig, GateConfig, classifier_recip
 from covidct.paths import CONFIRMATIONS, RAW
 from covidct.registry.pipeline_model import ARTIFACTS, IMAGE, NAME, SIGNATURE, settings
 from covidct.registry.promote import VARIANT_TAG
+from covidct.schema import dotted_keys
 from covidct.tracking import flatten, git_commit
 from covidct.verdicts import ALL_SLICES, TopSlices
 
@@ -82,11 +83,9 @@ def holdout_tags(holdout: Mapping[str, Any], params: Mapping[str, Any]) -> dict[
     return {}
 
 
-def _dotted(params: Mapping[str, Any], key: str) -> Any:
-    node: Any = params
-    for part in key.split("."):
-        node = node.get(part) if isinstance(node, Mapping) else None
-    return node
+def _cut(key: str, held: Any, trial: Any) -> bool:
+    """Fewer epochs than the trial trained: what a time bound takes, not another recipe."""
+    return key.rsplit(".", 1)[-1] == BUDGET_KEY and isinstance(held, int) and isinstance(trial, int) and held < trial
 
 
 def sweep_tags(confirmations: Path, params: Mapping[str, Any]) -> dict[str, str]:
@@ -94,14 +93,14 @@ def sweep_tags(confirmations: Path, params: Mapping[str, Any]) -> dict[str, str]
     recipe came from (``covidct sweep-confirm``, then ``sweep-best --apply``). A trial's epochs
     may be cut for the 60-minute bound and the version still names it, with ``sweep.<study>.cut``
     saying what was cut; any other value params.yaml does not hold means the recipe is not the trial's."""
-    tags = {}
+    tags, flat = {}, dotted_keys(params)
     for path in sorted(confirmations.glob("*.json")):
         record = json.loads(path.read_text())
         matches = []  # a classifier study's confirmation has arms (the trial, parts of it); a segmenter's is one
         for arm, confirmed in record.get("arms", {None: record}).items():
-            cut = {key: value for key, value in confirmed["overrides"].items() if _dotted(params, key) != value}
-            if all(key.rsplit(".", 1)[-1] == BUDGET_KEY for key in cut):
-                matches.append((len(cut), -len(confirmed["overrides"]), arm, confirmed["adopt"], cut))
+            differs = {key: value for key, value in confirmed["overrides"].items() if flat.get(key) != value}
+            if all(_cut(key, flat.get(key), value) for key, value in differs.items()):
+                matches.append((len(differs), -len(confirmed["overrides"]), arm, confirmed["adopt"], differs))
         if not matches:
             continue
         _, _, arm, adopt, cut = min(matches, key=lambda match: match[:2])  # nothing cut, then the most values held
@@ -109,8 +108,9 @@ def sweep_tags(confirmations: Path, params: Mapping[str, Any]) -> dict[str, str]
         tags |= {f"sweep.{study}.trial": str(record["trial"]), f"sweep.{study}.adopted_on_val": str(adopt).lower()}
         tags |= {f"sweep.{study}.arm": arm} if arm else {}
         if cut:
-            held = ", ".join(f"{key}={_dotted(params, key)} (trial: {value})" for key, value in cut.items())
-            tags |= {f"sweep.{study}.cut": held}
+            tags |= {
+                f"sweep.{study}.cut": ", ".join(f"{key}={flat[key]} (trial: {value})" for key, value in cut.items())
+            }
     return tags
 
 
