@@ -578,6 +578,13 @@ PARAM_CASES = {
     "tversky_gamma_0": ("train_segmenter", (), "segmenter.tversky_gamma", 0, "must be in (0, 5], got 0"),
     "lesion_tversky_alpha_above_1": ("train_lesion", (), "lesion.tversky_alpha", 1.5, "must be in [0, 1], got 1.5"),
     "crop_margin_r_500": ("crop_images", (), "crop.margin", 500, "must be in [-200, 200], got 500"),
+    "source_batchnorm_in_the_pipeline": (
+        "train_classifier",
+        ("--variant", "cropped"),
+        "classifier.source_batchnorm",
+        True,
+        "is a lever-study candidate",
+    ),
 }
 
 

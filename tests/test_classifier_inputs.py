@@ -3,6 +3,7 @@ the source-balanced sampler, and that training, evaluation and the registered pi
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -11,10 +12,18 @@ import pytest
 import torch
 
 from covidct.checkpoints import load_checkpoint, save_state_dict
+from covidct.classification.adaptation import adapt_batchnorm
 from covidct.classification.data import resize_for_classifier
 from covidct.classification.inputs import STANDARD_MEAN, STANDARD_SD, classifier_view
+from covidct.classification.model import build_classifier
 from covidct.classification.table import checkpoint_meta, classifier_table, evenly_spaced
-from covidct.classification.train import balanced_sampler, fit_and_predict, predict_scores
+from covidct.classification.train import (
+    SourceBatches,
+    balanced_sampler,
+    fit_and_predict,
+    predict_per_group,
+    predict_scores,
+)
 from covidct.config import ConfigError, declared_sources, load_params
 from covidct.images import read_grayscale
 from covidct.lung_box import crop_to_lung_bbox
@@ -124,6 +133,70 @@ def test_balanced_sampler_draws_every_source_and_class_alike() -> None:
     assert len(draws) == 1000 and cells.between(0.2, 0.3).all() and len(cells) == 4
     assert np.array_equal(draws, np.array(list(balanced_sampler(sources, labels, seed=0))))  # seeded
     assert balanced_sampler(sources[:100], labels[:100], seed=0) is None  # one source: plain shuffling
+
+
+def test_source_batches_hold_one_source_each_in_turn_and_both_classes() -> None:
+    sources = np.array(["covid-ct"] * 100 + ["cc-ccii"] * 900 + ["sars-cov-2-ct"] * 40)
+    labels = np.array([1] * 50 + [0] * 50 + [1] * 100 + [0] * 800 + [1] * 30 + [0] * 10)
+    batches = list(SourceBatches(sources, labels, 8, torch.Generator().manual_seed(0)))
+    assert len(batches) == 1040 // 8 and all(len(b) == 8 for b in batches)
+    assert all(len(set(sources[b])) == 1 for b in batches)  # BatchNorm sees one source at a time
+    per_source = pd.Series([sources[b[0]] for b in batches]).value_counts()
+    assert per_source.max() - per_source.min() <= 1  # the sources in turn, not by their size
+    drawn = np.concatenate(batches)
+    for source in np.unique(sources):
+        covid = labels[drawn[sources[drawn] == source]].mean()
+        assert 0.4 < covid < 0.6, source  # classes alike within a source, whatever its own share
+    again = list(SourceBatches(sources, labels, 8, torch.Generator().manual_seed(0)))
+    assert batches == again  # seeded by the generator the loader's resume state holds
+
+
+def test_each_group_is_scored_on_its_own_statistics() -> None:
+    """A group's scores depend on its own images only, and are what adapting to it alone gives."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 200, size=(96, 32, 32), dtype=np.uint8)
+    groups = np.repeat(["a", "b", "c"], 32)
+    device, norm = torch.device("cpu"), ([0.5] * 3, [0.25] * 3)
+    model = build_classifier("efficientnet_b0")
+    first = predict_per_group(model, images, groups, device, *norm)
+    other = images.copy()
+    other[groups == "b"] += 40  # one site's window, shifted
+    second = predict_per_group(model, other, groups, device, *norm)
+    assert np.array_equal(first[groups != "b"], second[groups != "b"])
+    assert not np.allclose(first[groups == "b"], second[groups == "b"])
+    alone = adapt_batchnorm(copy.deepcopy(model), other[groups == "b"], *norm, device)
+    assert np.allclose(second[groups == "b"], predict_scores(alone, other[groups == "b"], device, *norm), atol=1e-6)
+
+
+def test_source_batchnorm_keeps_test_slices_out_of_validation(tmp_path: Path) -> None:
+    """Statistics are estimated per source and split, so a trained source's test slices never move
+    its validation scores (nor the checkpoint chosen on them), and too few slices are refused."""
+    rng = np.random.default_rng(0)
+    table = pd.DataFrame(
+        {
+            "source": np.repeat(["covid-ct", "cc-ccii"], 72),
+            "relpath": [f"{i}.png" for i in range(144)],
+            "label": [0, 1] * 72,
+            "split": (["train"] * 8 + ["val"] * 32 + ["test"] * 32) * 2,
+            "trained": True,
+        }
+    )
+    images = rng.integers(0, 200, size=(144, 32, 32), dtype=np.uint8)
+    other = images.copy()
+    test = (table["split"] == "test").to_numpy()
+    other[test] = 255 - other[test]
+    config = make_config(
+        "classifier", model="efficientnet_b0", image_size=32, epochs=2, batch_size=4, source_batchnorm=True
+    )
+    device, meta = torch.device("cpu"), {"model": config.model, "image_size": 32}
+    first = fit_and_predict(images, table, config, device, tmp_path / "a.safetensors", meta)
+    second = fit_and_predict(other, table, config, device, tmp_path / "b.safetensors", meta)
+    val = first[1]["split"] == "val"
+    assert first[2]["epoch"] == second[2]["epoch"]
+    assert np.array_equal(first[1].loc[val, "score"], second[1].loc[val, "score"])
+    assert not np.allclose(first[1].loc[~val, "score"], second[1].loc[~val, "score"])
+    with pytest.raises(ValueError, match="at least 32 scans of the site, got 8"):
+        fit_and_predict(images[:48], table[:48], config, device, tmp_path / "c.safetensors", meta)
 
 
 DECLARED = {

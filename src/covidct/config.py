@@ -185,6 +185,7 @@ class ClassifierConfig(Section):
     lung_mask: bool  # cropped variant: pixels outside the segmented lung set to 0
     standardise: bool  # cropped variant: grey levels z-scored inside the lung
     equalise: bool  # grey levels histogram-equalised (each source's window mapped to one distribution)
+    source_batchnorm: bool  # each batch from one source; BatchNorm statistics estimated on the scans being scored
     precision: Precision  # auto is fp32 on a CPU, where EfficientNet gains nothing from bf16
     seed: int
 

@@ -54,6 +54,7 @@ BASE: dict[str, dict[str, Any]] = {
         "lung_mask": False,
         "standardise": False,
         "equalise": False,
+        "source_batchnorm": False,
         "precision": "auto",
         "seed": 0,
     },

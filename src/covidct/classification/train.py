@@ -13,9 +13,10 @@ import numpy as np
 import pandas as pd
 import torch
 from timm.utils import ModelEmaV3
-from torch.utils.data import DataLoader, WeightedRandomSampler
+from torch.utils.data import DataLoader, Sampler, WeightedRandomSampler
 from tqdm.auto import tqdm
 
+from covidct.classification.adaptation import adapt_batchnorm
 from covidct.classification.data import CachedImages, Mixing, batch_mixing, paper_augmentation, to_model_input
 from covidct.classification.model import build_classifier, load_classifier, normalisation, zero_head
 from covidct.config import ClassifierConfig
@@ -26,6 +27,7 @@ from covidct.training_loop import TrainingRun, run_fingerprint, train_one_epoch
 # The code a resume state depends on: a state saved by other code is never picked up.
 TRAINING_CODE = (
     "covidct.classification.train",
+    "covidct.classification.adaptation",
     "covidct.classification.data",
     "covidct.classification.model",
     "covidct.training_loop",
@@ -59,6 +61,28 @@ def predict_scores(
                 probability = (probability + torch.sigmoid(model(inputs.flip(-1)).float()[:, 0])) / 2
         scores.append(probability.cpu().numpy())
     return np.concatenate(scores)
+
+
+def predict_per_group(
+    model: torch.nn.Module,
+    images: np.ndarray,
+    groups: np.ndarray,
+    device: torch.device,
+    mean,
+    std,
+    batch_size: int = 32,
+    tta: bool = False,
+    dtype: torch.dtype | None | str = "auto",
+) -> np.ndarray:
+    """:func:`predict_scores` with the BatchNorm statistics re-estimated on each group's own images
+    first (``classifier.source_batchnorm``): a source's scans are normalised by that source, as its
+    batches were in training, and a new site's by its own, which no label is needed for."""
+    scores = np.empty(len(images), dtype=np.float32)
+    for group in pd.unique(groups):
+        rows = groups == group
+        adapt_batchnorm(model, images[rows], mean, std, device, batch_size)
+        scores[rows] = predict_scores(model, images[rows], device, mean, std, batch_size, tta=tta, dtype=dtype)
+    return scores
 
 
 def classifier_epoch(
@@ -123,6 +147,35 @@ def balanced_sampler(groups: np.ndarray, labels: np.ndarray, seed: int) -> Weigh
     )
 
 
+class SourceBatches(Sampler[list[int]]):
+    """Batches that each hold one source, the sources in turn, both classes alike within each:
+    BatchNorm then normalises every batch by its own source's statistics, so what the network
+    learns is relative to its source, and a new site is normalised by its own scans
+    (:func:`predict_per_group`). Draws from ``generator``, which the data loader's resume state holds."""
+
+    def __init__(self, groups: np.ndarray, labels: np.ndarray, batch_size: int, generator: torch.Generator) -> None:
+        self.batch_size, self.generator, self.batches = batch_size, generator, max(1, len(labels) // batch_size)
+        cells = {
+            source: [(groups == source) & (labels == label) for label in np.unique(labels)]
+            for source in pd.unique(groups)
+        }
+        self.cells = [[torch.from_numpy(np.flatnonzero(c)) for c in cell if c.any()] for cell in cells.values()]
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def __iter__(self):
+        turns = torch.randperm(len(self.cells), generator=self.generator).repeat(self.batches // len(self.cells) + 1)
+        for turn in turns[: self.batches].tolist():
+            cells = self.cells[turn]
+            picks = torch.randint(len(cells), (self.batch_size,), generator=self.generator).tolist()
+            yield [int(cells[c][torch.randint(len(cells[c]), (1,), generator=self.generator)]) for c in picks]
+
+
+def _sources(sources: np.ndarray | None, labels: np.ndarray) -> np.ndarray:
+    return np.zeros(len(labels), dtype=int) if sources is None else sources
+
+
 def _selection_score(metrics: dict[str, float], val_loss: float, name: str) -> float:
     return -val_loss if name == "neg_loss" else metrics[name]
 
@@ -161,15 +214,21 @@ def _setup(
     model = model.to(device).to(memory_format=torch.channels_last)
     mean, std = normalisation(model)
     optimiser = torch.optim.Adam(model.parameters(), lr=config.lr)
-    sampler = balanced_sampler(train_sources, train[1], config.seed) if train_sources is not None else None
-    loader = DataLoader(
-        CachedImages(*train, paper_augmentation(config.augment, config.seed)),
-        batch_size=config.batch_size,
-        shuffle=sampler is None,
-        sampler=sampler,
-        generator=torch.Generator().manual_seed(config.seed),
-        drop_last=len(train[0]) > config.batch_size,  # a batch of 1 breaks batch norm
-    )
+    dataset = CachedImages(*train, paper_augmentation(config.augment, config.seed))
+    if config.source_batchnorm:
+        generator = torch.Generator().manual_seed(config.seed)
+        batches = SourceBatches(_sources(train_sources, train[1]), train[1], config.batch_size, generator)
+        loader = DataLoader(dataset, batch_sampler=batches, generator=generator)
+    else:
+        sampler = balanced_sampler(train_sources, train[1], config.seed) if train_sources is not None else None
+        loader = DataLoader(
+            dataset,
+            batch_size=config.batch_size,
+            shuffle=sampler is None,
+            sampler=sampler,
+            generator=torch.Generator().manual_seed(config.seed),
+            drop_last=len(train[0]) > config.batch_size,  # a batch of 1 breaks batch norm
+        )
     fingerprint = None
     if resume_dir is not None:
         settings = {"trainer": "classifier", "config": config.model_dump(), "meta": meta, "device": device.type}
@@ -217,9 +276,14 @@ def _validate(
     config: ClassifierConfig,
     setup: _Setup,
     device: torch.device,
+    val_sources: np.ndarray | None,
 ) -> tuple[float, dict[str, float], float]:
     """Validation loss, metrics, and the score that picks the checkpoint."""
-    scores = predict_scores(model, val[0], device, *setup.norm, config.batch_size * 2, dtype=setup.dtype)
+    if config.source_batchnorm:
+        groups = _sources(val_sources, val[1])
+        scores = predict_per_group(model, val[0], groups, device, *setup.norm, config.batch_size * 2, dtype=setup.dtype)
+    else:
+        scores = predict_scores(model, val[0], device, *setup.norm, config.batch_size * 2, dtype=setup.dtype)
     loss = float(
         torch.nn.functional.binary_cross_entropy(
             torch.from_numpy(scores).double().clamp(1e-7, 1 - 1e-7), torch.from_numpy(val[1]).double()
@@ -239,9 +303,12 @@ def train_classifier(
     on_epoch: Callable[[dict], None] = lambda row: None,
     resume_dir: Path | None = None,
     train_sources: np.ndarray | None = None,
+    val_sources: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """Train; keep the weights with the best validation ``config.select_metric``; return history.
-    ``train_sources`` (one name per training image) balances the sources, see :func:`balanced_sampler`.
+    ``train_sources`` (one name per training image) balances the sources, see :func:`balanced_sampler`;
+    with ``config.source_batchnorm`` they make the batches (:class:`SourceBatches`) and
+    ``val_sources`` the groups validation is normalised by.
 
     With ``resume_dir``, a resume state is saved there after every epoch and a run killed
     part-way carries on from it when started again with the same config, meta and data;
@@ -266,7 +333,7 @@ def train_classifier(
             mix=setup.mix,
         )
         train_seconds = time.perf_counter() - started
-        val_loss, val_metrics, score = _validate(run.scored, val, config, setup, device)
+        val_loss, val_metrics, score = _validate(run.scored, val, config, setup, device, val_sources)
         run.offer(
             score,
             meta
@@ -315,6 +382,7 @@ def fit_and_predict(
     trained = table["trained"].to_numpy(dtype=bool) if "trained" in table else np.ones(len(table), dtype=bool)
     part = {split: (table["split"] == split).to_numpy() for split in ("train", "val", "test")}
     fit, choose = part["train"] & trained, part["val"] & trained
+    sources = table["source"].to_numpy() if "source" in table else None
     history = train_classifier(
         (images[fit], labels[fit]),
         (images[choose], labels[choose]),
@@ -324,21 +392,21 @@ def fit_and_predict(
         meta,
         on_epoch,
         resume_dir,
-        table["source"].to_numpy()[fit] if "source" in table else None,
+        train_sources=None if sources is None else sources[fit],
+        val_sources=None if sources is None else sources[choose],
     )
     model, chosen = load_classifier(checkpoint, device)
     keep = part["val"] | part["test"] | ~trained
     dtype = autocast_dtype(device, chosen.get("precision", "auto"))
-    scores = predict_scores(
-        model,
-        images[keep],
-        device,
-        chosen["mean"],
-        chosen["std"],
-        progress="score val, test and held out",
-        tta=chosen.get("tta", False),
-        dtype=dtype,
-    )
+    score = {"tta": chosen.get("tta", False), "dtype": dtype}
+    if config.source_batchnorm:  # normalised per source and split; a held-out source by all of its slices
+        source = pd.Series(_sources(sources, labels)).astype(str)
+        groups = np.where(trained, source + "/" + table["split"].to_numpy(), source)
+        scores = predict_per_group(model, images[keep], groups[keep], device, chosen["mean"], chosen["std"], **score)
+    else:
+        scores = predict_scores(
+            model, images[keep], device, chosen["mean"], chosen["std"], progress="score val, test and held out", **score
+        )
     columns = [
         c for c in ("source", "relpath", "split", "label", "patient", "scan", "subclass", "trained") if c in table
     ]

@@ -17,12 +17,18 @@ from covidct.config import ClassifierConfig, declared_sources
 from covidct.paths import classifier_dir as model_dir
 from covidct.plots import plot_training_curves
 from covidct.runtime import configure_threads, select_device
+from covidct.schema import ConfigError
 from covidct.tracking import log_epoch, stage_run
 from covidct.training_loop import tracked_history
 
 
 def run(params: dict[str, Any], root: Path, variant: str) -> None:
     config = ClassifierConfig.of(params)
+    if config.source_batchnorm:  # the registered pipeline scores a scan on the statistics it was saved with
+        raise ConfigError(
+            "params.yaml: classifier.source_batchnorm is a lever-study candidate (docs/levers.md): the "
+            "registered pipeline does not estimate BatchNorm statistics per site, so it must be false here"
+        )
     device, threads = select_device(), configure_threads()
     table = classifier_table(root, config, declared_sources(params))
     images = load_classifier_inputs(root, table, variant, config, progress=f"decode {variant} images")
