@@ -33,8 +33,9 @@ from covidct.tracking import child_run, log_epoch
 def _fingerprint(params: dict[str, Any], images: np.ndarray) -> str:
     """The lever's settings and its input pixels: a finished lever is reused only while both hold.
 
-    ``ema_decay: 0``, ``precision: auto``, ``source_batchnorm: false`` and augmentations that are off train exactly as runs from
-    before the options did, so they are left out and those runs keep their fingerprints.
+    ``ema_decay: 0``, ``precision: auto``, ``source_batchnorm: false`` and augmentations that are off
+    train exactly as runs from before the options did, so they are left out and those runs keep
+    their fingerprints.
     """
     before = {"ema_decay": 0, "precision": "auto", "source_batchnorm": False}
     classifier = {k: v for k, v in params["classifier"].items() if not (k in before and v == before[k])}
